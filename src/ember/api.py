@@ -1,0 +1,141 @@
+"""The user's side of the contract: :class:`ModelAPI`.
+
+A model is a class. Ember calls its hooks in two places:
+
+* **Deploy time, once** (in a worker process): ``source_weights()`` and ``source_assets()`` read the
+  weights and small files (tokenizers, configs) from wherever they live. Ember writes them into its
+  store; no later start ever goes back to the source.
+* **Load time, every promotion** (in a worker process): ``setup(weights, assets, device)`` builds the
+  network around weights the store has already placed on ``device``. It must not read files: every
+  byte it needs arrives through its arguments, so every model gets the platform's fast loader.
+
+Then ``predict(batch)`` runs batches. A batch maps each input name to an array whose first
+dimension is the batch (requests are concatenated along it, Triton's convention); it returns a
+mapping of output names to arrays with the same first dimension. ``decode``/``encode`` optionally
+convert one request's inputs / outputs before and after batching.
+
+The smallest useful model::
+
+    class Double(ModelAPI):
+        inputs = (TensorSpec("x", "FP32", (-1, 4)),)
+        outputs = (TensorSpec("y", "FP32", (-1, 4)),)
+
+        def predict(self, batch):
+            return {"y": batch["x"] * 2}
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Batch", "ModelAPI", "TensorSpec"]
+
+Array = npt.NDArray[Any]
+Batch = Mapping[str, Array]
+
+_DATATYPES = frozenset(
+    {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+    | {"FP16", "FP32", "FP64", "BYTES"}
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name, Open Inference Protocol datatype and shape (-1 = any size).
+
+    The first dimension is the batch dimension.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"tensor name {self.name!r}: use letters, digits, '_' and '-'")
+        if self.datatype not in _DATATYPES:
+            raise ValueError(
+                f"tensor {self.name!r}: datatype {self.datatype!r} is not one of {sorted(_DATATYPES)}"
+            )
+        if not self.shape or any(d < -1 for d in self.shape):
+            raise ValueError(
+                f"tensor {self.name!r}: shape {self.shape} needs a batch dimension first and sizes >= -1"
+            )
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), str(data["datatype"]), tuple(int(d) for d in data["shape"]))
+
+
+class ModelAPI:
+    """Base class of every model Ember serves. Override ``predict``; the rest has defaults."""
+
+    #: Inputs and outputs, batch dimension first. Instances may set their own (built-in adapters do).
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    #: The most rows one ``predict`` call receives.
+    max_batch_size: int = 32
+    #: Which OpenAI-compatible route fits the model: ``"embeddings"`` (one BYTES input of texts, one
+    #: FP32 output of shape (-1, dim)) or ``None``.
+    task: str | None = None
+    #: Deploy-time sources, resolved against the folder of the file defining the class.
+    weights_file: ClassVar[str | None] = None
+    asset_files: ClassVar[tuple[str, ...]] = ()
+
+    # -- deploy time -------------------------------------------------------------------------------
+
+    def source_weights(self) -> Mapping[str, torch.Tensor]:
+        """Read the weights from their source. Called once, at deploy time.
+
+        The default reads ``weights_file`` (safetensors). A model with no weights returns ``{}``.
+        """
+        if self.weights_file is None:
+            return {}
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(self._resolve(self.weights_file))))
+
+    def source_assets(self) -> Mapping[str, bytes]:
+        """Small files the model needs at setup (tokenizer, config), read once at deploy time."""
+        return {Path(name).name: self._resolve(name).read_bytes() for name in self.asset_files}
+
+    # -- load time ---------------------------------------------------------------------------------
+
+    def setup(
+        self, weights: Mapping[str, torch.Tensor], assets: Mapping[str, bytes], device: torch.device
+    ) -> None:
+        """Build the network around ``weights`` (already on ``device``). Must not read files."""
+
+    # -- request time ------------------------------------------------------------------------------
+
+    def decode(self, inputs: Batch) -> Batch:
+        """Convert one request's inputs before batching (default: unchanged)."""
+        return inputs
+
+    def predict(self, batch: Batch) -> Batch:
+        raise NotImplementedError(f"{type(self).__name__}.predict(batch) is not written yet")
+
+    def encode(self, outputs: Batch) -> Batch:
+        """Convert one request's outputs after the batch is split (default: unchanged)."""
+        return outputs
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _resolve(self, name: str) -> Path:
+        path = Path(name).expanduser()
+        if path.is_absolute():
+            return path
+        return Path(inspect.getfile(type(self))).resolve().parent / path

@@ -1,0 +1,56 @@
+"""What the controller needs from a worker, wherever it runs.
+
+``LocalBackend`` implements it with subprocesses on this machine; a Ray backend implements the same
+two protocols with actors. Nothing above this seam knows which one runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ember.worker.protocol import Arrays, Batch
+
+__all__ = ["ClusterBackend", "WorkerHandle"]
+
+
+class WorkerHandle(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    async def import_model(self, model_ref: str, options: dict[str, Any], staging: str) -> dict[str, Any]: ...
+
+    async def load(
+        self, key: str, model_ref: str, options: dict[str, Any], weights_path: str, assets: dict[str, bytes]
+    ) -> float:
+        """Build the model on the worker's device; returns the seconds the worker spent."""
+        ...
+
+    async def unload(self, key: str) -> None: ...
+
+    async def infer(self, key: str, requests: list[Arrays]) -> Batch: ...
+
+
+class ClusterBackend(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def workers(self) -> tuple[WorkerHandle, ...]:
+        """The workers that are up and ready now."""
+        ...
+
+    def on_worker_lost(self, callback: Callable[[WorkerHandle], None]) -> None:
+        """Call ``callback`` once for each worker that dies; the backend replaces it."""
+        ...
+
+    def statistics(self) -> dict[str, Any]: ...

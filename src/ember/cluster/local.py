@@ -1,0 +1,285 @@
+"""Workers as subprocesses of this machine, started ahead and kept in a pool.
+
+Each worker is ``python -m ember.worker`` talking over a socketpair. The pool keeps ``size`` workers
+up: one that dies is reported to the controller (which re-places its models and retries its
+in-flight batches) and a fresh one is started in its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ember.errors import EmberError, InternalError, ModelFailed, WorkerCrashed
+from ember.worker.protocol import (
+    Arrays,
+    Batch,
+    Import,
+    Infer,
+    Load,
+    Message,
+    Reply,
+    Shutdown,
+    Unload,
+    WorkerReady,
+    read_frame,
+    write_frame,
+)
+
+__all__ = ["LocalBackend", "LocalWorker"]
+
+START_TIMEOUT_S = 300.0
+
+
+class LocalWorker:
+    """One worker process and the reader task that matches its replies to requests."""
+
+    def __init__(
+        self, worker_id: str, device: str, threads: int, preload: tuple[str, ...], log_path: Path
+    ) -> None:
+        self._id = worker_id
+        self._wanted_device = device
+        self._threads = threads
+        self._preload = preload
+        self._log_path = log_path
+        self._device = device
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._process: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._alive = False
+        self._closing = False
+        self._lost_callback: Callable[[LocalWorker], None] | None = None
+        self._write_lock = asyncio.Lock()
+        self.ready_info: WorkerReady | None = None
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def start(self, on_lost: Callable[[LocalWorker], None]) -> None:
+        parent, child = socket.socketpair()
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        args = [
+            sys.executable,
+            "-m",
+            "ember.worker",
+            "--fd",
+            str(child.fileno()),
+            "--device",
+            self._wanted_device,
+        ]
+        args += ["--threads", str(self._threads)]
+        for module in self._preload:
+            args += ["--preload", module]
+        with open(self._log_path, "ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                *args, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        child.close()
+        reader, self._writer = await asyncio.open_connection(sock=parent)
+        try:
+            first = await asyncio.wait_for(read_frame(reader), START_TIMEOUT_S)
+        except TimeoutError:
+            first = None
+        if not isinstance(first, WorkerReady):
+            await self._kill()
+            raise WorkerCrashed(f"worker {self._id} did not start; see {self._log_path}")
+        self.ready_info = first
+        self._device = first.device
+        self._alive = True
+        self._lost_callback = on_lost
+        self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"ember-worker-{self._id}")
+
+    async def import_model(self, model_ref: str, options: dict[str, Any], staging: str) -> dict[str, Any]:
+        reply = await self._call(lambda i: Import(i, model_ref, options, staging))
+        value: dict[str, Any] = reply.value
+        return value
+
+    async def load(
+        self, key: str, model_ref: str, options: dict[str, Any], weights_path: str, assets: dict[str, bytes]
+    ) -> float:
+        reply = await self._call(
+            lambda i: Load(i, key, model_ref, options, weights_path, assets, self._device)
+        )
+        return float(reply.value)
+
+    async def unload(self, key: str) -> None:
+        await self._call(lambda i: Unload(i, key))
+
+    async def infer(self, key: str, requests: list[Arrays]) -> Batch:
+        reply = await self._call(lambda i: Infer(i, key, requests))
+        batch: Batch = reply.value
+        return batch
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._alive and self._writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._call(lambda i: Shutdown(i)), 5.0)
+        await self._kill()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+
+    async def _call(self, make: Callable[[int], Message]) -> Reply:
+        if not self._alive or self._writer is None:
+            raise WorkerCrashed(f"worker {self._id} is not running")
+        msg_id = next(self._ids)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = future
+        try:
+            async with self._write_lock:
+                await write_frame(self._writer, make(msg_id))
+            reply = await future
+        except (ConnectionError, RuntimeError) as exc:
+            raise WorkerCrashed(f"worker {self._id} connection broke: {exc}") from exc
+        finally:
+            self._pending.pop(msg_id, None)
+        if not reply.ok:
+            raise _error_from(reply)
+        return reply
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                message = await read_frame(reader)
+                if message is None:
+                    break
+                if isinstance(message, Reply):
+                    future = self._pending.get(message.id)
+                    if future is not None and not future.done():
+                        future.set_result(message)
+        finally:
+            self._alive = False
+            crash = WorkerCrashed(f"worker {self._id} (pid {self.pid}) exited; see {self._log_path}")
+            for future in list(self._pending.values()):
+                if not future.done():
+                    future.set_exception(crash)
+            if not self._closing and self._lost_callback is not None:
+                self._lost_callback(self)
+
+    async def _kill(self) -> None:
+        self._alive = False
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            await self._process.wait()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _error_from(reply: Reply) -> EmberError:
+    if reply.error_kind in ("KeyError", "InternalError"):
+        return InternalError(f"worker: {reply.error}")
+    return ModelFailed(
+        f"the model raised {reply.error}; fix the model and redeploy it (`ember logs` shows more)"
+    )
+
+
+class LocalBackend:
+    """A pool of ``size`` local worker processes."""
+
+    def __init__(
+        self,
+        size: int,
+        log_dir: Path,
+        device: str = "auto",
+        threads: int = 0,
+        preload: tuple[str, ...] = ("numpy", "safetensors", "transformers"),
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"a worker pool needs at least one worker, not {size}")
+        self._size = size
+        self._log_dir = log_dir
+        self._device = device
+        self._threads = threads or max(1, (os.cpu_count() or 1) // size)
+        self._preload = preload
+        self._workers: dict[str, LocalWorker] = {}
+        self._callbacks: list[Callable[[LocalWorker], None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seq = itertools.count()
+        self._stopping = False
+        self.restarts = 0
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self._start_one() for _ in range(self._size)))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(w.stop() for w in list(self._workers.values())), return_exceptions=True)
+        self._workers.clear()
+
+    def workers(self) -> tuple[LocalWorker, ...]:
+        return tuple(w for w in self._workers.values() if w.alive)
+
+    def on_worker_lost(self, callback: Callable[[LocalWorker], None]) -> None:
+        self._callbacks.append(callback)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "backend": "local",
+            "size": self._size,
+            "ready": len(self.workers()),
+            "restarts": self.restarts,
+            "workers": [
+                {"id": w.id, "pid": w.pid, "device": w.device, "alive": w.alive, "in_flight": w.in_flight}
+                for w in self._workers.values()
+            ],
+        }
+
+    async def _start_one(self) -> None:
+        n = next(self._seq)
+        worker = LocalWorker(
+            f"w{n}", self._device, self._threads, self._preload, self._log_dir / f"worker-{n}.log"
+        )
+        await worker.start(self._lost)
+        self._workers[worker.id] = worker
+
+    def _lost(self, worker: LocalWorker) -> None:
+        self._workers.pop(worker.id, None)
+        for callback in self._callbacks:
+            callback(worker)
+        if self._stopping:
+            return
+        self.restarts += 1
+        task = asyncio.create_task(self._replace(), name="ember-worker-replace")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _replace(self) -> None:
+        # A worker that cannot start is retried: the pool must not shrink for good.
+        for attempt in range(5):
+            try:
+                await self._start_one()
+                return
+            except WorkerCrashed:
+                await asyncio.sleep(min(30.0, 2.0**attempt))  # clock-ok: back-off between restarts

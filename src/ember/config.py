@@ -1,0 +1,181 @@
+"""Settings validated at the edge (pydantic), handed inward as frozen dataclasses.
+
+``DeploySpec`` is what a user asks for (CLI flags, the admin API's JSON). ``resolve_source`` turns
+its ``source`` into the class a worker instantiates: a user's ``file.py:Class`` or ``module:Class``,
+or one of the built-in adapters for Hugging Face folders, ``torch.export`` programs and TorchScript.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ember.api import TensorSpec
+
+__all__ = [
+    "DEFAULT_KEEPALIVE_HOT_S",
+    "DEFAULT_KEEPALIVE_WARM_S",
+    "DEFAULT_SLO_MS",
+    "DeploySpec",
+    "Deployment",
+    "ModelMetadata",
+    "resolve_source",
+]
+
+#: How long a model stays on the device after its last request, then in host memory.
+DEFAULT_KEEPALIVE_HOT_S = 300.0
+DEFAULT_KEEPALIVE_WARM_S = 3600.0
+DEFAULT_SLO_MS = 100.0
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+Kind = Literal["class", "hf", "exported", "torchscript"]
+
+_ADAPTERS: dict[str, str] = {
+    "hf": "ember.models.embedding:SentenceEmbedding",
+    "exported": "ember.models.exported:ExportedProgram",
+    "torchscript": "ember.models.torchscript:TorchScript",
+}
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise ValueError(
+            f"model name {name!r} is not allowed: use 1-63 letters, digits, '_', '-' or '.', starting with a "
+            "letter or digit"
+        )
+    return name
+
+
+class DeploySpec(BaseModel):
+    """A deployment request, as the CLI and the admin API send it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, max_length=4096)
+    name: str | None = None
+    kind: Kind | None = None
+    slo_ms: float = Field(DEFAULT_SLO_MS, gt=0, le=3_600_000)
+    max_batch_size: int | None = Field(None, ge=1, le=4096)
+    max_batch_wait_ms: float = Field(0.0, ge=0, le=60_000)
+    keepalive_hot_s: float = Field(DEFAULT_KEEPALIVE_HOT_S, ge=0)
+    keepalive_warm_s: float = Field(DEFAULT_KEEPALIVE_WARM_S, ge=0)
+    max_queue: int = Field(1024, ge=1, le=1_000_000)
+    device: str = "auto"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"device {value!r}: use auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _kind(self) -> DeploySpec:
+        if self.kind is None:
+            object.__setattr__(self, "kind", detect_kind(self.source))
+        if self.name is None:
+            object.__setattr__(self, "name", check_name(default_name(self.source)))
+        return self
+
+
+def detect_kind(source: str) -> Kind:
+    if ":" in source and not Path(source).exists():
+        return "class"
+    path = Path(source)
+    if path.is_dir():
+        return "hf"
+    if path.suffix == ".pt2":
+        return "exported"
+    if path.suffix in (".pt", ".pth", ".ts", ".torchscript"):
+        return "torchscript"
+    raise ValueError(
+        f"cannot tell what {source!r} is: give file.py:Class or module:Class, a Hugging Face folder, "
+        "a .pt2 (torch.export) or .pt (TorchScript) file, or pass --kind"
+    )
+
+
+def default_name(source: str) -> str:
+    if ":" in source and not Path(source).exists():
+        return source.rsplit(":", 1)[1].lower()
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", Path(source.rstrip("/")).stem).lower() or "model"
+
+
+def resolve_source(spec: DeploySpec) -> tuple[str, dict[str, Any]]:
+    """The ``module:Class`` (or ``file.py:Class``) a worker instantiates, and its keyword options."""
+    if spec.kind == "class":
+        ref, _, attr = spec.source.rpartition(":")
+        if ref.endswith(".py"):
+            path = Path(ref).expanduser().resolve()
+            if not path.is_file():
+                raise ValueError(f"{ref} does not exist; give the path to the file that defines {attr}")
+            ref = str(path)
+        return f"{ref}:{attr}", dict(spec.options)
+    path = Path(spec.source).expanduser().resolve()
+    if not path.exists():
+        raise ValueError(f"{spec.source} does not exist")
+    return _ADAPTERS[str(spec.kind)], {"path": str(path), **spec.options}
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What the model says about itself at deploy time."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    task: str | None
+    bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "max_batch_size": self.max_batch_size,
+            "task": self.task,
+            "bytes": self.bytes,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelMetadata:
+        return cls(
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            max_batch_size=int(data["max_batch_size"]),
+            task=data.get("task"),
+            bytes=int(data.get("bytes", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A deployed model version, as everything inside Ember sees it."""
+
+    name: str
+    version: int
+    model_ref: str
+    options: dict[str, Any]
+    metadata: ModelMetadata
+    slo_ms: float
+    max_batch_size: int
+    max_batch_wait_ms: float
+    keepalive_hot_s: float
+    keepalive_warm_s: float
+    max_queue: int
+    device: str
+    created_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"

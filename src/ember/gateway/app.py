@@ -1,0 +1,109 @@
+"""The ASGI app: every route, one error mapping, and the service's lifetime.
+
+Parses and validates at the edge, hands work to the :class:`EmberService`, writes the answer. It
+never runs model code and never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from ember.errors import EmberError, InternalError
+from ember.gateway import admin, oip, openai
+from ember.gateway.edge import error_response
+from ember.service import EmberService
+
+__all__ = ["build_app"]
+
+log = logging.getLogger("ember.gateway")
+
+
+def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
+    """The app for ``service``; with ``manage_lifetime`` it starts and stops the service with the app."""
+
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def dashboard(request: Request) -> Response:
+        return HTMLResponse(_DASHBOARD)
+
+    async def ember_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, EmberError)
+        return error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = exc.detail if exc.status_code != 404 else f"no route {request.method} {request.url.path}"
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(
+            InternalError(f"internal error ({type(exc).__name__}); the server log has details")
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_lifetime:
+            await service.start()
+        try:
+            yield
+        finally:
+            if manage_lifetime:
+                await service.stop()
+
+    routes = [
+        Route("/", dashboard, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        *oip.routes(service),
+        *openai.routes(service),
+        *admin.routes(service),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={EmberError: ember_error, HTTPException: http_error, Exception: unexpected},
+    )
+
+
+_DASHBOARD = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Ember</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:2rem;color:#222}
+table{border-collapse:collapse}td,th{padding:.3rem .8rem;border-bottom:1px solid #ddd;text-align:left}
+.hot{color:#c0392b}.warm{color:#d68910}.cool{color:#2471a3}
+</style></head>
+<body><h1>Ember</h1><p id="status">loading…</p>
+<table><thead><tr><th>model</th><th>version</th><th>tier</th><th>instances</th><th>requests</th>
+<th>failed</th><th>queued</th><th>SLO (ms)</th><th>SLO met</th><th>last cold start</th></tr></thead>
+<tbody id="models"></tbody></table>
+<script>
+async function refresh(){
+  const [models,status]=await Promise.all([fetch('/admin/models').then(r=>r.json()),
+                                          fetch('/admin/status').then(r=>r.json())]);
+  document.getElementById('status').textContent=
+    `${status.models} models, ${status.workers.ready}/${status.workers.size} workers ready`;
+  const rows=models.map(m=>{
+    const att=m.slo_attainment==null?'-':(100*m.slo_attainment).toFixed(1)+'%';
+    const c=m.last_cold_start;
+    const cs=c?`${c.tier}, ${(1000*c.seconds).toFixed(0)} ms`:'-';
+    const cells=[m.name,m.version,m.tier,m.instances,m.requests,m.failed,m.queued,m.slo_ms,att,cs];
+    const tr=document.createElement('tr');
+    cells.forEach((c,i)=>{const td=document.createElement('td');td.textContent=c;
+      if(i===2)td.className=String(c);tr.appendChild(td);});
+    return tr;});
+  document.getElementById('models').replaceChildren(...rows);
+}
+refresh();setInterval(refresh,2000);
+</script></body></html>
+"""

@@ -1,0 +1,54 @@
+"""Placement: which worker gets a model that is being promoted to hot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["LeastLoaded", "Placement", "WorkerView"]
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    id: str
+    ready: bool
+    device: str
+    #: Models loaded there, and the bytes of their weights.
+    models: tuple[str, ...]
+    bytes_loaded: int
+    #: Batches sent and not yet answered.
+    in_flight: int
+
+
+class Placement(Protocol):
+    def choose(
+        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]
+    ) -> str | None:
+        """The id of the worker that should load ``model``, or None if none can."""
+        ...
+
+
+@dataclass(frozen=True)
+class LeastLoaded:
+    """Spread models: the ready worker with the fewest bytes loaded, then the fewest models.
+
+    ``device`` ``"auto"`` matches any worker; otherwise the worker's device kind must match
+    (``cuda`` matches ``cuda:N``). Ties break on the worker id, so the choice is repeatable.
+    """
+
+    def choose(
+        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]
+    ) -> str | None:
+        fits = [w for w in workers if w.ready and _device_fits(device, w.device)]
+        if not fits:
+            return None
+        best = min(fits, key=lambda w: (w.bytes_loaded, len(w.models), w.in_flight, w.id))
+        return best.id
+
+
+def _device_fits(wanted: str, have: str) -> bool:
+    if wanted == "auto":
+        return True
+    if ":" in wanted:
+        return wanted == have
+    return have.split(":", 1)[0] == wanted

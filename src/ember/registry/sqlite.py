@@ -1,0 +1,151 @@
+"""The registry in SQLite: deployments survive a restart of ``ember serve``.
+
+A deployment is written in two steps. ``begin`` records it as *importing*; ``finish`` marks it
+*ready* once its weights are in the store. A crash between the two leaves an *importing* row,
+which ``recover`` removes at the next start, so no half-deployed model is ever served.
+Versions count up per name and are never reused, even after ``remove``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ember.errors import ModelExists, ModelNotFound
+
+__all__ = ["DeploymentRecord", "Registry"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('importing', 'ready')),
+    spec TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT PRIMARY KEY,
+    last INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    name: str
+    version: int
+    state: str
+    spec: dict[str, Any]
+    metadata: dict[str, Any]
+    created_at: float
+
+    @property
+    def key(self) -> str:
+        """The store's key for this version's weights."""
+        return f"{self.name}@{self.version}"
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def begin(self, name: str, spec: dict[str, Any], created_at: float) -> DeploymentRecord:
+        with self._lock, self._transaction():
+            row = self._db.execute("SELECT state FROM deployments WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                what = "being deployed" if row[0] == "importing" else "deployed"
+                raise ModelExists(
+                    f"model '{name}' is already {what}; `ember rm {name}` first, or pick another --name"
+                )
+            last = self._db.execute("SELECT last FROM versions WHERE name = ?", (name,)).fetchone()
+            version = 1 if last is None else int(last[0]) + 1
+            self._db.execute("INSERT OR REPLACE INTO versions (name, last) VALUES (?, ?)", (name, version))
+            self._db.execute(
+                "INSERT INTO deployments VALUES (?, ?, 'importing', ?, '{}', ?)",
+                (name, version, json.dumps(spec), created_at),
+            )
+        return DeploymentRecord(name, version, "importing", dict(spec), {}, created_at)
+
+    def finish(self, name: str, metadata: dict[str, Any]) -> DeploymentRecord:
+        with self._lock, self._transaction():
+            cur = self._db.execute(
+                "UPDATE deployments SET state = 'ready', metadata = ? WHERE name = ? AND state = 'importing'",
+                (json.dumps(metadata), name),
+            )
+            if cur.rowcount != 1:
+                raise ModelNotFound(name)
+        return self.get(name)
+
+    def abort(self, name: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM deployments WHERE name = ? AND state = 'importing'", (name,))
+
+    def get(self, name: str) -> DeploymentRecord:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT name, version, state, spec, metadata, created_at FROM deployments "
+                "WHERE name = ? AND state = 'ready'",
+                (name,),
+            ).fetchone()
+        if row is None:
+            raise ModelNotFound(name)
+        return _record(row)
+
+    def all(self) -> list[DeploymentRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, version, state, spec, metadata, created_at FROM deployments "
+                "WHERE state = 'ready' ORDER BY name"
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def remove(self, name: str) -> DeploymentRecord:
+        record = self.get(name)
+        with self._lock:
+            self._db.execute("DELETE FROM deployments WHERE name = ?", (name,))
+        return record
+
+    def recover(self) -> list[DeploymentRecord]:
+        """Drop deployments a crash left half-imported; returns them so their files can go too."""
+        with self._lock, self._transaction():
+            rows = self._db.execute(
+                "SELECT name, version, state, spec, metadata, created_at FROM deployments "
+                "WHERE state = 'importing'"
+            ).fetchall()
+            self._db.execute("DELETE FROM deployments WHERE state = 'importing'")
+        return [_record(row) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _record(row: tuple[Any, ...]) -> DeploymentRecord:
+    name, version, state, spec, metadata, created_at = row
+    return DeploymentRecord(
+        str(name), int(version), str(state), json.loads(spec), json.loads(metadata), float(created_at)
+    )

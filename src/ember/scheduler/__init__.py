@@ -1,0 +1,6 @@
+"""Per-model queues ordered by deadline, and the loop that turns them into batches."""
+
+from ember.scheduler.queue import ModelQueue, Pending
+from ember.scheduler.runner import ModelRunner
+
+__all__ = ["ModelQueue", "ModelRunner", "Pending"]

@@ -1,0 +1,88 @@
+"""A bounded queue of one model's requests, earliest deadline first."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.errors import Overloaded
+from ember.worker.protocol import Arrays
+
+__all__ = ["ModelQueue", "Pending"]
+
+
+@dataclass(eq=False)
+class Pending:
+    """One admitted request, from admission until it is answered."""
+
+    inputs: Arrays
+    rows: int
+    arrival: float
+    #: When the answer is due: arrival + SLO, or the request's own timeout.
+    deadline: float
+    #: Set when the caller gave a timeout: past it the request is refused, not served.
+    hard: bool
+    future: asyncio.Future[Arrays]
+    retried: bool = False
+    dispatched_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> bool:
+        return self.future.done()
+
+
+class ModelQueue:
+    def __init__(self, model: str, capacity: int) -> None:
+        self.model = model
+        self.capacity = capacity
+        self._heap: list[tuple[float, int, Pending]] = []
+        self._seq = itertools.count()
+        self.changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def put(self, pending: Pending) -> None:
+        if len(self._heap) >= self.capacity:
+            raise Overloaded(
+                f"model '{self.model}' has {len(self._heap)} requests queued (its limit, --max-queue); "
+                "retry after the Retry-After delay or deploy it with a larger --max-queue",
+                retry_after_s=1.0,
+            )
+        self._push(pending)
+
+    def requeue(self, pending: Pending) -> None:
+        """Put back a request that was dispatched and must run again; never refused."""
+        self._push(pending)
+
+    def view(self, limit: int) -> tuple[tuple[float, int, float], ...]:
+        """The first ``limit`` live requests as (deadline, rows, arrival), in deadline order."""
+        self._drop_answered()
+        first = heapq.nsmallest(limit, self._heap)
+        return tuple((p.deadline, p.rows, p.arrival) for _, _, p in first)
+
+    def take(self, count: int) -> list[Pending]:
+        taken: list[Pending] = []
+        while self._heap and len(taken) < count:
+            _, _, pending = heapq.heappop(self._heap)
+            if not pending.answered:
+                taken.append(pending)
+        return taken
+
+    def drain(self) -> list[Pending]:
+        taken = [p for _, _, p in self._heap if not p.answered]
+        self._heap.clear()
+        return taken
+
+    def _push(self, pending: Pending) -> None:
+        heapq.heappush(self._heap, (pending.deadline, next(self._seq), pending))
+        self.changed.set()
+
+    def _drop_answered(self) -> None:
+        if any(p.answered for _, _, p in self._heap):
+            self._heap = [entry for entry in self._heap if not entry[2].answered]
+            heapq.heapify(self._heap)

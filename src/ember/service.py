@@ -1,0 +1,329 @@
+"""The Ember service: registry, store, workers, controller and one runner per model, wired together.
+
+The gateway is a thin layer over this object; so is an embedded use from Python::
+
+    async with EmberService(ServeOptions(home=Path("~/.ember"))) as ember:
+        await ember.deploy(DeploySpec(source="examples/minilm.py:MiniLM"))
+        out = await ember.infer("minilm", {"text": np.array([b"hello"], dtype=object)})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ember.clock import Clock, WallClock
+from ember.cluster.base import ClusterBackend
+from ember.cluster.local import LocalBackend
+from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
+from ember.controller import Controller
+from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ShuttingDown
+from ember.metrics import Metrics
+from ember.policies import DeadlineBatcher, FixedKeepAlive, LeastLoaded
+from ember.registry import DeploymentRecord, Registry
+from ember.scheduler import ModelRunner
+from ember.store import Store
+from ember.worker.protocol import Arrays
+
+__all__ = ["EmberService", "ModelInfo", "ServeOptions"]
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    home: Path
+    workers: int = 2
+    device: str = "auto"
+    threads: int = 0
+    tick_s: float = 1.0
+    preload: tuple[str, ...] = ("numpy", "safetensors", "transformers", "tokenizers")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``ember ls`` shows of one model."""
+
+    name: str
+    version: int
+    tier: str
+    instances: int
+    requests: int
+    succeeded: int
+    failed: int
+    queued: int
+    slo_ms: float
+    slo_attainment: float | None
+    cold_starts: int
+    last_cold_start: dict[str, Any] | None
+    bytes: int
+    source: str
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class EmberService:
+    def __init__(
+        self, options: ServeOptions, clock: Clock | None = None, backend: ClusterBackend | None = None
+    ):
+        self.options = options
+        self.clock: Clock = clock or WallClock()
+        home = options.home.expanduser()
+        home.mkdir(parents=True, exist_ok=True)
+        self.home = home
+        self.metrics = Metrics()
+        self.registry = Registry(home / "registry.sqlite")
+        self.store = Store(home / "store")
+        self.backend: ClusterBackend = backend or LocalBackend(
+            options.workers, home / "logs", options.device, options.threads, options.preload
+        )
+        self.controller = Controller(
+            self.clock,
+            self.store,
+            self.backend,
+            FixedKeepAlive(),
+            LeastLoaded(),
+            self.metrics,
+            options.tick_s,
+        )
+        self._runners: dict[str, ModelRunner] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._deploying: set[str] = set()
+        self._accepting = False
+        self.ready = False
+
+    async def __aenter__(self) -> EmberService:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        for record in self.registry.recover():
+            self._discard_files(record.key)
+        await self.backend.start()
+        for record in self.registry.all():
+            self._add(_deployment(record))
+        self._tasks["controller"] = asyncio.create_task(self.controller.run(), name="ember-controller")
+        self._accepting = True
+        self.ready = True
+
+    async def stop(self) -> None:
+        self._accepting = False
+        self.ready = False
+        draining = ShuttingDown("Ember is shutting down; retry against another instance or after the restart")
+        for runner in self._runners.values():
+            runner.fail_all(draining)
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+        await self.backend.stop()
+        self.store.close()
+        self.registry.close()
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def runner(self, name: str) -> ModelRunner:
+        runner = self._runners.get(name)
+        if runner is None:
+            raise ModelNotFound(name)
+        return runner
+
+    async def infer(self, name: str, inputs: Arrays, timeout_s: float | None = None) -> Arrays:
+        if not self._accepting:
+            raise ShuttingDown("Ember is shutting down; retry after the restart")
+        return await self.runner(name).submit(inputs, timeout_s)
+
+    # -- deployments -------------------------------------------------------------------------------
+
+    async def deploy(
+        self, spec: DeploySpec, progress: Progress | None = None, load: bool = True
+    ) -> ModelInfo:
+        say = progress or (lambda event: None)
+        name = str(spec.name)
+        if name in self._deploying:
+            raise InvalidInput(f"model '{name}' is being deployed right now; wait for that to finish")
+        try:
+            model_ref, options = resolve_source(spec)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+        self._deploying.add(name)
+        try:
+            record = self.registry.begin(name, spec.model_dump(), self.clock.wall())
+            deployment = await self._import(record, spec, model_ref, options, say)
+        finally:
+            self._deploying.discard(name)
+        self._add(deployment)
+        if load:
+            say({"stage": "loading", "model": name})
+            await self.controller.ensure_hot(name)
+            cold = self.controller.last_cold_start(name)
+            say({"stage": "ready", "model": name, "load_s": cold.seconds if cold else 0.0})
+        return self.info(name)
+
+    async def _import(
+        self,
+        record: DeploymentRecord,
+        spec: DeploySpec,
+        model_ref: str,
+        options: dict[str, Any],
+        say: Progress,
+    ) -> Deployment:
+        key = record.key
+        staging = self.store.staging(key)
+        try:
+            ref = model_ref
+            code_path, _, attr = model_ref.rpartition(":")
+            if code_path.endswith(".py"):
+                # Keep a copy of the user's file: later starts never go back to the source.
+                code_dir = self.home / "code" / key
+                code_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(code_path, code_dir / Path(code_path).name)
+                ref = f"{code_dir / Path(code_path).name}:{attr}"
+            say({"stage": "importing", "model": record.name, "source": spec.source})
+            worker = self.backend.workers()
+            if not worker:
+                raise ShuttingDown("no worker is ready to import the model; retry in a few seconds", 5.0)
+            chosen = min(worker, key=lambda w: w.in_flight)
+            try:
+                described = await chosen.import_model(ref, options, str(staging))
+            except ModelFailed as exc:
+                raise InvalidInput(f"importing {spec.source} failed: {exc.message}") from exc
+            stored = await asyncio.to_thread(self.store.commit, key, staging)
+            say({"stage": "stored", "model": record.name, "bytes": stored.bytes})
+            metadata = ModelMetadata.from_json({**described, "bytes": stored.bytes})
+            max_batch = min(spec.max_batch_size or metadata.max_batch_size, metadata.max_batch_size)
+            finished = self.registry.finish(
+                record.name,
+                {
+                    "model_ref": ref,
+                    "options": options,
+                    "model": metadata.to_json(),
+                    "max_batch_size": max_batch,
+                },
+            )
+        except BaseException:
+            self.registry.abort(record.name)
+            self.store.abort(staging)
+            self._discard_files(key)
+            raise
+        return _deployment(finished)
+
+    async def remove(self, name: str) -> None:
+        runner = self.runner(name)
+        record = self.registry.remove(name)
+        del self._runners[name]
+        task = self._tasks.pop(name, None)
+        runner.fail_all(ModelNotFound(name))
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.controller.remove(name)
+        await asyncio.to_thread(self._discard_files, record.key)
+
+    async def load(self, name: str) -> None:
+        self.runner(name)
+        await self.controller.ensure_hot(name)
+
+    async def unload(self, name: str) -> None:
+        from ember.store import Tier
+
+        self.runner(name)
+        await self.controller.demote(name, Tier.COOL)
+
+    # -- what is there -----------------------------------------------------------------------------
+
+    def deployment(self, name: str) -> Deployment:
+        return self.runner(name).deployment
+
+    def info(self, name: str) -> ModelInfo:
+        runner = self.runner(name)
+        d = runner.deployment
+        cold = self.controller.last_cold_start(name)
+        return ModelInfo(
+            name=d.name,
+            version=d.version,
+            tier=self.controller.tier(name).value,
+            instances=self.controller.instances(name),
+            requests=runner.stats.requests,
+            succeeded=runner.stats.succeeded,
+            failed=runner.stats.failed,
+            queued=len(runner.queue),
+            slo_ms=d.slo_ms,
+            slo_attainment=runner.stats.slo_attainment,
+            cold_starts=self.controller.cold_starts(name),
+            last_cold_start=None
+            if cold is None
+            else {"tier": cold.tier.value, "seconds": cold.seconds, "at": cold.at},
+            bytes=d.metadata.bytes,
+            source=str(d.extra.get("source", "")),
+            created_at=d.created_at,
+        )
+
+    def models(self) -> list[ModelInfo]:
+        return [self.info(name) for name in sorted(self._runners)]
+
+    def status(self) -> dict[str, Any]:
+        stats = self.store.statistics()
+        return {
+            "ready": self.ready,
+            "home": str(self.home),
+            "pid": os.getpid(),
+            "models": len(self._runners),
+            "workers": self.backend.statistics(),
+            "store": {
+                "warm": {"models": stats.warm.models, "bytes": stats.warm.bytes},
+                "cool": {"models": stats.cool.models, "bytes": stats.cool.bytes},
+            },
+        }
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _add(self, deployment: Deployment) -> None:
+        policy = DeadlineBatcher(max_wait_s=deployment.max_batch_wait_ms / 1000.0)
+        runner = ModelRunner(deployment, self.clock, policy, self.controller, self.metrics)
+        self._runners[deployment.name] = runner
+        self.controller.add(runner)
+        self._tasks[deployment.name] = asyncio.create_task(
+            runner.run(), name=f"ember-runner-{deployment.name}"
+        )
+
+    def _discard_files(self, key: str) -> None:
+        with contextlib.suppress(KeyError, EmberError, OSError):
+            self.store.remove(key)
+        shutil.rmtree(self.home / "code" / key, ignore_errors=True)
+
+
+def _deployment(record: DeploymentRecord) -> Deployment:
+    spec = DeploySpec.model_validate(record.spec)
+    meta = record.metadata
+    return Deployment(
+        name=record.name,
+        version=record.version,
+        model_ref=str(meta["model_ref"]),
+        options=dict(meta["options"]),
+        metadata=ModelMetadata.from_json(meta["model"]),
+        slo_ms=spec.slo_ms,
+        max_batch_size=int(meta["max_batch_size"]),
+        max_batch_wait_ms=spec.max_batch_wait_ms,
+        keepalive_hot_s=spec.keepalive_hot_s,
+        keepalive_warm_s=spec.keepalive_warm_s,
+        max_queue=spec.max_queue,
+        device=spec.device,
+        created_at=record.created_at,
+        extra={"source": spec.source},
+    )

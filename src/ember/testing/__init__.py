@@ -1,0 +1,12 @@
+"""Fakes shipped with Ember, for its own tests and for users' tests of code built on it.
+
+``VirtualClock`` moves only when told; ``FakeWorker``/``FakeBackend`` stand in for worker processes
+with a latency profile on that clock; ``stage_weights`` puts a model's bytes in a store;
+``poisson_arrivals`` builds a repeatable arrival trace.
+"""
+
+from ember.clock import VirtualClock
+from ember.testing.fakes import FakeBackend, FakeWorker, LatencyProfile, stage_weights
+from ember.testing.traces import poisson_arrivals
+
+__all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "VirtualClock", "poisson_arrivals", "stage_weights"]

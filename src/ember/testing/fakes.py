@@ -1,0 +1,166 @@
+"""Fake workers on an injected clock, implementing the ``ClusterBackend``/``WorkerHandle`` seam."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ember.clock import Clock
+from ember.errors import ModelFailed, WorkerCrashed
+from ember.store import Store, StoredModel
+from ember.worker.protocol import Arrays, Batch, rows_of
+
+__all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "stage_weights"]
+
+Model = Callable[[Arrays], Arrays]
+
+
+def _identity(batch: Arrays) -> Arrays:
+    return dict(batch)
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    """Seconds for a batch of ``rows``: ``base_s + per_row_s * rows``; loading takes ``load_s``."""
+
+    base_s: float = 0.005
+    per_row_s: float = 0.0
+    load_s: float = 0.05
+
+    def batch_s(self, rows: int) -> float:
+        return self.base_s + self.per_row_s * rows
+
+
+@dataclass
+class FakeWorker:
+    """A worker that runs ``model`` (a function of a batch) and takes time on ``clock``."""
+
+    id: str
+    clock: Clock
+    profile: LatencyProfile = field(default_factory=LatencyProfile)
+    model: Model = _identity
+    device: str = "cpu"
+    alive: bool = True
+    loaded: set[str] = field(default_factory=set)
+    batches: list[tuple[str, int]] = field(default_factory=list)
+    in_flight: int = 0
+    _on_lost: Callable[[FakeWorker], None] | None = None
+    _crash: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def import_model(self, model_ref: str, options: dict[str, Any], staging: str) -> dict[str, Any]:
+        (Path(staging) / "weights.safetensors").write_bytes(b"\0" * 64)
+        return {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+            "max_batch_size": 8,
+            "task": None,
+        }
+
+    async def load(
+        self, key: str, model_ref: str, options: dict[str, Any], weights_path: str, assets: dict[str, bytes]
+    ) -> float:
+        await self._take(self.profile.load_s)
+        self.loaded.add(key)
+        return self.profile.load_s
+
+    async def unload(self, key: str) -> None:
+        self._check()
+        self.loaded.discard(key)
+
+    async def infer(self, key: str, requests: list[Arrays]) -> Batch:
+        if key not in self.loaded:
+            raise ModelFailed(f"{key} is not loaded on {self.id}")
+        rows = sum(rows_of(r) for r in requests)
+        self.batches.append((key, rows))
+        seconds = self.profile.batch_s(rows)
+        await self._take(seconds)
+        return Batch([self.model(r) for r in requests], seconds)
+
+    def crash(self) -> None:
+        """Die now: batches in flight fail with WorkerCrashed and the backend is told."""
+        if not self.alive:
+            return
+        self.alive = False
+        self.loaded.clear()
+        self._crash.set()
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    def _check(self) -> None:
+        if not self.alive:
+            raise WorkerCrashed(f"fake worker {self.id} is dead")
+
+    async def _take(self, seconds: float) -> None:
+        self._check()
+        self.in_flight += 1
+        try:
+            sleep = asyncio.ensure_future(self.clock.sleep(seconds))
+            crashed = asyncio.ensure_future(self._crash.wait())
+            await asyncio.wait({sleep, crashed}, return_when=asyncio.FIRST_COMPLETED)
+            sleep.cancel()
+            crashed.cancel()
+        finally:
+            self.in_flight -= 1
+        self._check()
+
+
+class FakeBackend:
+    """A pool of fake workers; a crashed worker is replaced by a fresh one at once."""
+
+    def __init__(
+        self, clock: Clock, size: int = 1, profile: LatencyProfile | None = None, model: Model = _identity
+    ):
+        self.clock = clock
+        self.profile = profile or LatencyProfile()
+        self.model = model
+        self._size = size
+        self._seq = itertools.count()
+        self._workers: dict[str, FakeWorker] = {}
+        self._callbacks: list[Callable[[FakeWorker], None]] = []
+        self.restarts = 0
+
+    async def start(self) -> None:
+        for _ in range(self._size):
+            self._spawn()
+
+    async def stop(self) -> None:
+        self._workers.clear()
+
+    def workers(self) -> tuple[FakeWorker, ...]:
+        return tuple(w for w in self._workers.values() if w.alive)
+
+    def on_worker_lost(self, callback: Callable[[FakeWorker], None]) -> None:
+        self._callbacks.append(callback)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "backend": "fake",
+            "size": self._size,
+            "ready": len(self.workers()),
+            "restarts": self.restarts,
+        }
+
+    def _spawn(self) -> FakeWorker:
+        worker = FakeWorker(f"f{next(self._seq)}", self.clock, self.profile, self.model)
+        worker._on_lost = self._lost
+        self._workers[worker.id] = worker
+        return worker
+
+    def _lost(self, worker: FakeWorker) -> None:
+        self._workers.pop(worker.id, None)
+        for callback in self._callbacks:
+            callback(worker)
+        self.restarts += 1
+        self._spawn()
+
+
+def stage_weights(store: Store, key: str, size: int = 1024) -> StoredModel:
+    """Put ``size`` bytes under ``key`` in ``store``'s cool tier, as an import would."""
+    staging = store.staging(key)
+    (staging / "weights.safetensors").write_bytes(bytes(range(256)) * (size // 256) + b"\0" * (size % 256))
+    (staging / "assets").mkdir(exist_ok=True)
+    return store.commit(key, staging)

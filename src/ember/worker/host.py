@@ -1,0 +1,172 @@
+"""The model host: the models loaded in one worker, and how a batch runs through them.
+
+A batch arrives as a list of requests (each a mapping of input name to array, batch dimension
+first). The host runs each request's ``decode``, concatenates requests whose inputs agree in dtype
+and trailing shape, calls ``predict`` once per such group, splits the outputs back by rows and runs
+each request's ``encode``. A failure is confined to the group (or request) it happened in.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import importlib.util
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from ember.api import ModelAPI
+from ember.store.checkpoint import map_checkpoint, write_checkpoint
+from ember.worker.protocol import Arrays, Batch, rows_of
+
+__all__ = ["ModelHost", "instantiate", "resolve_class"]
+
+Array = npt.NDArray[Any]
+
+
+def resolve_class(model_ref: str) -> type[ModelAPI]:
+    """``path/to/file.py:Class`` or ``package.module:Class`` -> the class."""
+    ref, sep, attr = model_ref.rpartition(":")
+    if not sep or not attr:
+        raise ValueError(f"model reference {model_ref!r}: write it as file.py:Class or module:Class")
+    if ref.endswith(".py"):
+        path = Path(ref)
+        name = "ember_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise ValueError(f"cannot import {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.path.insert(0, str(path.parent))
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+    else:
+        module = importlib.import_module(ref)
+    cls = getattr(module, attr, None)
+    if not isinstance(cls, type) or not issubclass(cls, ModelAPI):
+        raise ValueError(f"{model_ref}: {attr} is not a subclass of ember.ModelAPI")
+    return cls
+
+
+def instantiate(model_ref: str, options: Mapping[str, Any]) -> ModelAPI:
+    return resolve_class(model_ref)(**options)
+
+
+def describe(model: ModelAPI) -> dict[str, Any]:
+    if not model.inputs or not model.outputs:
+        raise ValueError(f"{type(model).__name__} must declare its inputs and outputs (TensorSpec tuples)")
+    if model.task not in (None, "embeddings"):
+        raise ValueError(f"{type(model).__name__}.task = {model.task!r}: use 'embeddings' or None")
+    return {
+        "inputs": [t.to_json() for t in model.inputs],
+        "outputs": [t.to_json() for t in model.outputs],
+        "max_batch_size": int(model.max_batch_size),
+        "task": model.task,
+    }
+
+
+class ModelHost:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.models: dict[str, ModelAPI] = {}
+
+    def import_model(self, model_ref: str, options: Mapping[str, Any], staging: Path) -> dict[str, Any]:
+        model = instantiate(model_ref, options)
+        weights = model.source_weights()
+        assets = model.source_assets()
+        metadata = describe(model)
+        size = write_checkpoint(staging / "weights.safetensors", weights)
+        (staging / "assets").mkdir(exist_ok=True)
+        for name, data in assets.items():
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"asset name {name!r}: use a plain file name")
+            (staging / "assets" / name).write_bytes(data)
+        del model, weights
+        gc.collect()
+        return {**metadata, "bytes": size}
+
+    def load(
+        self,
+        key: str,
+        model_ref: str,
+        options: Mapping[str, Any],
+        weights_path: Path,
+        assets: Mapping[str, bytes],
+    ) -> float:
+        start = time.perf_counter()  # clock-ok: the worker measures its own work
+        model = instantiate(model_ref, options)
+        weights = map_checkpoint(weights_path, self.device)
+        model.setup(weights, assets, self.device)
+        self.models[key] = model
+        return time.perf_counter() - start  # clock-ok
+
+    def unload(self, key: str) -> None:
+        if self.models.pop(key, None) is not None:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def infer(self, key: str, requests: list[Arrays]) -> Batch:
+        model = self.models.get(key)
+        if model is None:
+            raise KeyError(f"model {key} is not loaded on this worker")
+        start = time.perf_counter()  # clock-ok
+        results: list[Arrays | str] = [""] * len(requests)
+        groups: dict[tuple[Any, ...], list[tuple[int, Arrays]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                decoded = dict(model.decode(request))
+            except Exception as exc:
+                results[i] = f"decode failed: {type(exc).__name__}: {exc}"
+                continue
+            groups.setdefault(_signature(decoded), []).append((i, decoded))
+        for members in groups.values():
+            self._run_group(model, members, results)
+        return Batch(results, time.perf_counter() - start)  # clock-ok
+
+    def _run_group(
+        self, model: ModelAPI, members: list[tuple[int, Arrays]], results: list[Arrays | str]
+    ) -> None:
+        rows = [rows_of(arrays) for _, arrays in members]
+        if len(members) == 1:
+            batch = members[0][1]
+        else:
+            batch = {name: np.concatenate([arrays[name] for _, arrays in members]) for name in members[0][1]}
+        try:
+            with torch.inference_mode():
+                outputs = {name: np.asarray(value) for name, value in model.predict(batch).items()}
+            total = sum(rows)
+            for name, value in outputs.items():
+                if value.ndim == 0 or value.shape[0] != total:
+                    raise ValueError(
+                        f"predict returned {name} with shape {value.shape}; expected {total} rows first"
+                    )
+        except Exception as exc:
+            message = f"predict failed: {type(exc).__name__}: {exc}"
+            for i, _ in members:
+                results[i] = message
+            return
+        offset = 0
+        for (i, _), n in zip(members, rows, strict=True):
+            part = {name: value[offset : offset + n] for name, value in outputs.items()}
+            offset += n
+            try:
+                results[i] = dict(model.encode(part))
+            except Exception as exc:
+                results[i] = f"encode failed: {type(exc).__name__}: {exc}"
+
+
+def _signature(arrays: Arrays) -> tuple[Any, ...]:
+    return tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in arrays.items()))

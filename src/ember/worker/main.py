@@ -1,0 +1,116 @@
+"""Entry point of a worker process: start the runtime, then serve messages one at a time.
+
+The parent passes one end of a socketpair as ``--fd``. The worker imports torch (and whatever
+``--preload`` names), creates the CUDA context on GPU hosts, says :class:`WorkerReady`, then answers
+each message in order: one batch at a time per device. When the parent goes away, it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from ember.worker.host import ModelHost
+from ember.worker.protocol import (
+    Import,
+    Infer,
+    Load,
+    Message,
+    Ping,
+    Reply,
+    Shutdown,
+    Unload,
+    WorkerReady,
+    recv_message,
+    send_message,
+)
+
+_STARTED = time.perf_counter()  # clock-ok: measures the worker's own start-up (after interpreter start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    start = _STARTED
+    parser = argparse.ArgumentParser(prog="ember-worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--preload", action="append", default=[])
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = _pick_device(args.device)
+    if device.type == "cuda":
+        torch.empty(1, device=device)  # creates the context now, not on the first request
+    for module in args.preload:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    sock = socket.socket(fileno=args.fd)
+    host = ModelHost(device)
+    send_message(
+        sock,
+        WorkerReady(os.getpid(), str(device), torch.__version__, time.perf_counter() - start),  # clock-ok
+    )
+    serve(sock, host)
+
+
+def serve(sock: socket.socket, host: ModelHost) -> None:
+    while True:
+        message = recv_message(sock)
+        if message is None or isinstance(message, Shutdown):
+            if isinstance(message, Shutdown):
+                send_message(sock, Reply(message.id, True))
+            return
+        send_message(sock, _handle(host, message))
+
+
+def _handle(host: ModelHost, message: Message) -> Reply:
+    msg_id = getattr(message, "id", -1)
+    try:
+        if isinstance(message, Infer):
+            return Reply(msg_id, True, host.infer(message.key, message.requests))
+        if isinstance(message, Load):
+            load_s = host.load(
+                message.key, message.model_ref, message.options, Path(message.weights_path), message.assets
+            )
+            return Reply(msg_id, True, load_s)
+        if isinstance(message, Unload):
+            host.unload(message.key)
+            return Reply(msg_id, True)
+        if isinstance(message, Import):
+            return Reply(
+                msg_id, True, host.import_model(message.model_ref, message.options, Path(message.staging))
+            )
+        if isinstance(message, Ping):
+            return Reply(msg_id, True, sorted(host.models))
+        return Reply(
+            msg_id, False, error=f"unknown message {type(message).__name__}", error_kind="InternalError"
+        )
+    except Exception as exc:
+        detail = "".join(traceback.format_exception_only(exc)).strip()
+        print(
+            f"ember worker {os.getpid()}: {type(message).__name__} failed:\n{traceback.format_exc()}",
+            file=sys.stderr,
+        )
+        return Reply(msg_id, False, error=detail, error_kind=type(exc).__name__)
+
+
+def _pick_device(wanted: str) -> torch.device:
+    if wanted == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The messages between the gateway process and a worker process, and how they are framed.
+
+Each frame is a 4-byte little-endian length followed by a pickle (protocol 5) of one message.
+Both ends are Ember's own code on the same machine, over a socketpair the parent created, so pickle
+is safe here; no user input is unpickled (request tensors arrive as numpy arrays built by the codec).
+Every request message carries an ``id``; the worker answers each with a :class:`Reply` of the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "Batch",
+    "Import",
+    "Infer",
+    "Load",
+    "Ping",
+    "Reply",
+    "Shutdown",
+    "Unload",
+    "WorkerReady",
+    "read_frame",
+    "recv_message",
+    "send_message",
+    "write_frame",
+]
+
+Arrays = dict[str, npt.NDArray[Any]]
+_HEADER = struct.Struct("<I")
+MAX_FRAME = 1 << 31
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """The first message a worker sends, once its runtime (Python, torch, CUDA) is up."""
+
+    pid: int
+    device: str
+    torch_version: str
+    startup_s: float
+
+
+@dataclass(frozen=True)
+class Import:
+    """Run the model's deploy-time hooks and write its weights and assets into ``staging``."""
+
+    id: int
+    model_ref: str
+    options: dict[str, Any]
+    staging: str
+
+
+@dataclass(frozen=True)
+class Load:
+    """Build the model around the weights at ``weights_path`` (a store tier) on ``device``."""
+
+    id: int
+    key: str
+    model_ref: str
+    options: dict[str, Any]
+    weights_path: str
+    assets: dict[str, bytes]
+    device: str
+
+
+@dataclass(frozen=True)
+class Unload:
+    id: int
+    key: str
+
+
+@dataclass(frozen=True)
+class Infer:
+    """One batch: each element is one request's inputs."""
+
+    id: int
+    key: str
+    requests: list[Arrays]
+
+
+@dataclass(frozen=True)
+class Ping:
+    id: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    id: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch's results, one entry per request: its outputs, or an error message."""
+
+    outputs: list[Arrays | str]
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: int
+    ok: bool
+    value: Any = None
+    error: str = ""
+    error_kind: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Message = WorkerReady | Import | Load | Unload | Infer | Ping | Shutdown | Reply
+
+
+def _dumps(message: Message) -> bytes:
+    return pickle.dumps(message, protocol=5)
+
+
+def send_message(sock: socket.socket, message: Message) -> None:
+    payload = _dumps(message)
+    sock.sendall(_HEADER.pack(len(payload)) + payload)
+
+
+def recv_message(sock: socket.socket) -> Message | None:
+    """The next message, or None when the peer has closed the connection."""
+    header = _recv_exactly(sock, _HEADER.size)
+    if header is None:
+        return None
+    (length,) = _HEADER.unpack(header)
+    payload = _recv_exactly(sock, length)
+    if payload is None:
+        return None
+    message: Message = pickle.loads(payload)
+    return message
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            return None
+        got += n
+    return bytes(buf)
+
+
+async def write_frame(writer: asyncio.StreamWriter, message: Message) -> None:
+    payload = _dumps(message)
+    writer.write(_HEADER.pack(len(payload)) + payload)
+    await writer.drain()
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Message | None:
+    try:
+        header = await reader.readexactly(_HEADER.size)
+        (length,) = _HEADER.unpack(header)
+        payload = await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    message: Message = pickle.loads(payload)
+    return message
+
+
+def rows_of(arrays: Arrays) -> int:
+    """Rows of a request: the length of its inputs' first dimension (all must agree)."""
+    for array in arrays.values():
+        return int(np.shape(array)[0]) if np.ndim(array) else 1
+    return 0
