@@ -63,13 +63,9 @@ class TensorSpec:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"tensor name {self.name!r}: use letters, digits, '_' and '-'")
         if self.datatype not in _DATATYPES:
-            raise ValueError(
-                f"tensor {self.name!r}: datatype {self.datatype!r} is not one of {sorted(_DATATYPES)}"
-            )
+            raise ValueError(f"tensor {self.name!r}: datatype {self.datatype!r} is not one of {sorted(_DATATYPES)}")
         if not self.shape or any(d < -1 for d in self.shape):
-            raise ValueError(
-                f"tensor {self.name!r}: shape {self.shape} needs a batch dimension first and sizes >= -1"
-            )
+            raise ValueError(f"tensor {self.name!r}: shape {self.shape} needs a batch dimension first and sizes >= -1")
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
     def to_json(self) -> dict[str, Any]:
@@ -114,9 +110,7 @@ class ModelAPI:
 
     # -- load time ---------------------------------------------------------------------------------
 
-    def setup(
-        self, weights: Mapping[str, torch.Tensor], assets: Mapping[str, bytes], device: torch.device
-    ) -> None:
+    def setup(self, weights: Mapping[str, torch.Tensor], assets: Mapping[str, bytes], device: torch.device) -> None:
         """Build the network around ``weights`` (already on ``device``). Must not read files."""
 
     # -- request time ------------------------------------------------------------------------------

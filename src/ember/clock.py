@@ -8,12 +8,16 @@ it is told to (``advance``) or, with ``autojump``, straight to the next deadline
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Clock", "VirtualClock", "WallClock"]
+__all__ = ["Clock", "VirtualClock", "WallClock", "run_blocking"]
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -55,6 +59,16 @@ class VirtualClock:
         self._epoch = epoch - start
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        self._holds = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """While held, autojump does not move time: real work (a thread) is under way."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
 
     def now(self) -> float:
         return self._now
@@ -86,6 +100,9 @@ class VirtualClock:
         while True:
             for _ in range(idle_rounds):
                 await asyncio.sleep(0)
+            if self._holds:
+                await asyncio.sleep(0.001)  # clock-ok: real time passes while a thread works
+                continue
             deadline = self.next_deadline()
             if deadline is not None and deadline > self._now:
                 self.advance(deadline - self._now)
@@ -101,3 +118,10 @@ class VirtualClock:
             _, _, fut = heapq.heappop(self._sleepers)
             if not fut.done():
                 fut.set_result(None)
+
+
+async def run_blocking(clock: Clock, fn: Callable[..., T], *args: object) -> T:
+    """Run blocking ``fn(*args)`` in a thread; a virtual clock stands still meanwhile."""
+    hold = clock.hold() if isinstance(clock, VirtualClock) else contextlib.nullcontext()
+    with hold:
+        return await asyncio.to_thread(fn, *args)

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ember.clock import Clock, WallClock
+from ember.clock import Clock, WallClock, run_blocking
 from ember.cluster.base import ClusterBackend
 from ember.cluster.local import LocalBackend
 from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
@@ -44,6 +44,8 @@ class ServeOptions:
     device: str = "auto"
     threads: int = 0
     tick_s: float = 1.0
+    #: Where the warm tier lives; None: shared memory (/dev/shm) when the host has it.
+    warm_root: Path | None = None
     preload: tuple[str, ...] = ("numpy", "safetensors", "transformers", "tokenizers")
 
 
@@ -59,6 +61,7 @@ class ModelInfo:
     succeeded: int
     failed: int
     queued: int
+    task: str | None
     slo_ms: float
     slo_attainment: float | None
     cold_starts: int
@@ -72,9 +75,7 @@ class ModelInfo:
 
 
 class EmberService:
-    def __init__(
-        self, options: ServeOptions, clock: Clock | None = None, backend: ClusterBackend | None = None
-    ):
+    def __init__(self, options: ServeOptions, clock: Clock | None = None, backend: ClusterBackend | None = None):
         self.options = options
         self.clock: Clock = clock or WallClock()
         home = options.home.expanduser()
@@ -82,7 +83,7 @@ class EmberService:
         self.home = home
         self.metrics = Metrics()
         self.registry = Registry(home / "registry.sqlite")
-        self.store = Store(home / "store")
+        self.store = Store(home / "store", options.warm_root)
         self.backend: ClusterBackend = backend or LocalBackend(
             options.workers, home / "logs", options.device, options.threads, options.preload
         )
@@ -96,7 +97,7 @@ class EmberService:
             options.tick_s,
         )
         self._runners: dict[str, ModelRunner] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._controller_task: asyncio.Task[None] | None = None
         self._deploying: set[str] = set()
         self._accepting = False
         self.ready = False
@@ -116,7 +117,7 @@ class EmberService:
         await self.backend.start()
         for record in self.registry.all():
             self._add(_deployment(record))
-        self._tasks["controller"] = asyncio.create_task(self.controller.run(), name="ember-controller")
+        self._controller_task = asyncio.create_task(self.controller.run(), name="ember-controller")
         self._accepting = True
         self.ready = True
 
@@ -124,12 +125,11 @@ class EmberService:
         self._accepting = False
         self.ready = False
         draining = ShuttingDown("Ember is shutting down; retry against another instance or after the restart")
-        for runner in self._runners.values():
-            runner.fail_all(draining)
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*(runner.stop(draining) for runner in self._runners.values()))
+        if self._controller_task is not None:
+            self._controller_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._controller_task
         await self.backend.stop()
         self.store.close()
         self.registry.close()
@@ -149,9 +149,7 @@ class EmberService:
 
     # -- deployments -------------------------------------------------------------------------------
 
-    async def deploy(
-        self, spec: DeploySpec, progress: Progress | None = None, load: bool = True
-    ) -> ModelInfo:
+    async def deploy(self, spec: DeploySpec, progress: Progress | None = None, load: bool = True) -> ModelInfo:
         say = progress or (lambda event: None)
         name = str(spec.name)
         if name in self._deploying:
@@ -202,7 +200,7 @@ class EmberService:
                 described = await chosen.import_model(ref, options, str(staging))
             except ModelFailed as exc:
                 raise InvalidInput(f"importing {spec.source} failed: {exc.message}") from exc
-            stored = await asyncio.to_thread(self.store.commit, key, staging)
+            stored = await run_blocking(self.clock, self.store.commit, key, staging)
             say({"stage": "stored", "model": record.name, "bytes": stored.bytes})
             metadata = ModelMetadata.from_json({**described, "bytes": stored.bytes})
             max_batch = min(spec.max_batch_size or metadata.max_batch_size, metadata.max_batch_size)
@@ -226,14 +224,9 @@ class EmberService:
         runner = self.runner(name)
         record = self.registry.remove(name)
         del self._runners[name]
-        task = self._tasks.pop(name, None)
-        runner.fail_all(ModelNotFound(name))
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await runner.stop(ModelNotFound(name))
         await self.controller.remove(name)
-        await asyncio.to_thread(self._discard_files, record.key)
+        await run_blocking(self.clock, self._discard_files, record.key)
 
     async def load(self, name: str) -> None:
         self.runner(name)
@@ -263,12 +256,11 @@ class EmberService:
             succeeded=runner.stats.succeeded,
             failed=runner.stats.failed,
             queued=len(runner.queue),
+            task=d.metadata.task,
             slo_ms=d.slo_ms,
             slo_attainment=runner.stats.slo_attainment,
             cold_starts=self.controller.cold_starts(name),
-            last_cold_start=None
-            if cold is None
-            else {"tier": cold.tier.value, "seconds": cold.seconds, "at": cold.at},
+            last_cold_start=None if cold is None else {"tier": cold.tier.value, "seconds": cold.seconds, "at": cold.at},
             bytes=d.metadata.bytes,
             source=str(d.extra.get("source", "")),
             created_at=d.created_at,
@@ -298,9 +290,7 @@ class EmberService:
         runner = ModelRunner(deployment, self.clock, policy, self.controller, self.metrics)
         self._runners[deployment.name] = runner
         self.controller.add(runner)
-        self._tasks[deployment.name] = asyncio.create_task(
-            runner.run(), name=f"ember-runner-{deployment.name}"
-        )
+        runner.start()
 
     def _discard_files(self, key: str) -> None:
         with contextlib.suppress(KeyError, EmberError, OSError):

@@ -115,9 +115,7 @@ def test_every_datatype_round_trips(name: str, binary: bool) -> None:
     for shaped in (array, array[:0], np.zeros((3, 0, 2), array.dtype), array[1, 1, ...]):
         body, header_length = encode_infer_request({"x": shaped}, binary=binary)
         assert_same(parse_infer_request(body, header_length).inputs["x"], shaped)
-        response, response_length = encode_infer_response(
-            "m", "1", None, {"y": shaped}, make_request({}, binary)
-        )
+        response, response_length = encode_infer_response("m", "1", None, {"y": shaped}, make_request({}, binary))
         assert_same(parse_infer_response(response, response_length)["y"], shaped)
 
 
@@ -125,9 +123,7 @@ def test_every_datatype_round_trips(name: str, binary: bool) -> None:
 @given(st.lists(tensors(), min_size=1, max_size=4), st.booleans(), st.data())
 def test_response_round_trip(arrays: list[Array], binary_output: bool, data: st.DataObject) -> None:
     outputs = {f"out{i}": a for i, a in enumerate(arrays)}
-    per_output = data.draw(
-        st.lists(st.sampled_from([None, True, False]), min_size=len(arrays), max_size=len(arrays))
-    )
+    per_output = data.draw(st.lists(st.sampled_from([None, True, False]), min_size=len(arrays), max_size=len(arrays)))
     requested = tuple(RequestedOutput(name, b) for name, b in zip(outputs, per_output, strict=True))
     request = make_request({}, binary_output, requested)
     body, header_length = encode_infer_response("m", "1", "abc", outputs, request)
@@ -338,9 +334,7 @@ def _binary(size: int, shape: list[int], datatype: str = "FP32") -> dict[str, An
     return {"name": "b", "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": size}}
 
 
-def _with_blob(
-    blob: bytes, *tensors: dict[str, Any], header_length: int | None = None
-) -> tuple[bytes, int | None]:
+def _with_blob(blob: bytes, *tensors: dict[str, Any], header_length: int | None = None) -> tuple[bytes, int | None]:
     header = _json_request(*tensors)
     return header + blob, len(header) if header_length is None else header_length
 
@@ -454,10 +448,7 @@ def test_limits() -> None:
     body, header_length = encode_infer_request({"s": np.array([b"abcd"], dtype=object)})
     with pytest.raises(InvalidInput, match="4 bytes, over the limit of 3"):
         parse_infer_request(body, header_length, tiny)
-    assert (
-        parse_infer_request(_json_request({**_X, "shape": [4], "data": [0] * 4}), None, tiny).inputs["x"].size
-        == 4
-    )
+    assert parse_infer_request(_json_request({**_X, "shape": [4], "data": [0] * 4}), None, tiny).inputs["x"].size == 4
 
 
 def test_encoders_reject_bad_values() -> None:

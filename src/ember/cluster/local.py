@@ -41,9 +41,7 @@ START_TIMEOUT_S = 300.0
 class LocalWorker:
     """One worker process and the reader task that matches its replies to requests."""
 
-    def __init__(
-        self, worker_id: str, device: str, threads: int, preload: tuple[str, ...], log_path: Path
-    ) -> None:
+    def __init__(self, worker_id: str, device: str, threads: int, preload: tuple[str, ...], log_path: Path) -> None:
         self._id = worker_id
         self._wanted_device = device
         self._threads = threads
@@ -101,11 +99,14 @@ class LocalWorker:
                 *args, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
             )
         child.close()
-        reader, self._writer = await asyncio.open_connection(sock=parent)
         try:
+            reader, self._writer = await asyncio.open_connection(sock=parent)
             first = await asyncio.wait_for(read_frame(reader), START_TIMEOUT_S)
         except TimeoutError:
             first = None
+        except BaseException:  # cancelled while starting: never leave the process behind
+            await asyncio.shield(self._kill())
+            raise
         if not isinstance(first, WorkerReady):
             await self._kill()
             raise WorkerCrashed(f"worker {self._id} did not start; see {self._log_path}")
@@ -123,9 +124,7 @@ class LocalWorker:
     async def load(
         self, key: str, model_ref: str, options: dict[str, Any], weights_path: str, assets: dict[str, bytes]
     ) -> float:
-        reply = await self._call(
-            lambda i: Load(i, key, model_ref, options, weights_path, assets, self._device)
-        )
+        reply = await self._call(lambda i: Load(i, key, model_ref, options, weights_path, assets, self._device))
         return float(reply.value)
 
     async def unload(self, key: str) -> None:
@@ -197,9 +196,7 @@ class LocalWorker:
 def _error_from(reply: Reply) -> EmberError:
     if reply.error_kind in ("KeyError", "InternalError"):
         return InternalError(f"worker: {reply.error}")
-    return ModelFailed(
-        f"the model raised {reply.error}; fix the model and redeploy it (`ember logs` shows more)"
-    )
+    return ModelFailed(f"the model raised {reply.error}; fix the model and redeploy it (`ember logs` shows more)")
 
 
 class LocalBackend:
@@ -258,9 +255,7 @@ class LocalBackend:
 
     async def _start_one(self) -> None:
         n = next(self._seq)
-        worker = LocalWorker(
-            f"w{n}", self._device, self._threads, self._preload, self._log_dir / f"worker-{n}.log"
-        )
+        worker = LocalWorker(f"w{n}", self._device, self._threads, self._preload, self._log_dir / f"worker-{n}.log")
         await worker.start(self._lost)
         self._workers[worker.id] = worker
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from ember.clock import Clock
+from ember.clock import Clock, run_blocking
 from ember.cluster.base import ClusterBackend, WorkerHandle
 from ember.config import Deployment
 from ember.errors import EmberError, ModelNotFound, ModelUnavailable, WorkerCrashed
@@ -127,7 +127,7 @@ class Controller:
             with contextlib.suppress(EmberError):
                 await worker.unload(model.deployment.key)
         if to is Tier.COOL:
-            await asyncio.to_thread(self._store.demote, model.deployment.key)
+            await run_blocking(self._clock, self._store.demote, model.deployment.key)
         self._metrics.set_tier(name, self.tier(name).value)
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -177,8 +177,8 @@ class Controller:
                 retry_after_s=60.0,
             )
         if from_tier is Tier.COOL:
-            await asyncio.to_thread(self._store.promote, key)
-        assets = await asyncio.to_thread(self._store.assets, key)
+            await run_blocking(self._clock, self._store.promote, key)
+        assets = await run_blocking(self._clock, self._store.assets, key)
         for attempt in range(2):
             worker = await self._choose_worker(deployment)
             try:
@@ -203,9 +203,7 @@ class Controller:
         while True:
             workers = {w.id: w for w in self._backend.workers()}
             views = tuple(self._worker_view(w) for w in workers.values())
-            choice = self._placement.choose(
-                deployment.name, deployment.metadata.bytes, deployment.device, views
-            )
+            choice = self._placement.choose(deployment.name, deployment.metadata.bytes, deployment.device, views)
             if choice is not None:
                 return workers[choice]
             if waited >= WORKER_WAIT_S:

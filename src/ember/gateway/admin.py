@@ -31,9 +31,7 @@ def parse_spec(body: Any) -> DeploySpec:
     try:
         return DeploySpec.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors())
         raise InvalidInput(f"invalid deployment: {problems}") from exc
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc

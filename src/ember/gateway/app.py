@@ -48,9 +48,7 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(
-            InternalError(f"internal error ({type(exc).__name__}); the server log has details")
-        )
+        return error_response(InternalError(f"internal error ({type(exc).__name__}); the server log has details"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

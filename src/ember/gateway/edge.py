@@ -33,9 +33,7 @@ def error_response(error: EmberError) -> Response:
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(
-            f"the body is {declared} bytes; the limit is {limit} bytes: send smaller requests"
-        )
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes: send smaller requests")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -87,16 +85,12 @@ def check_inputs(deployment: Deployment, inputs: Mapping[str, np.ndarray]) -> in
     rows: int | None = None
     for name, array in inputs.items():
         spec = declared[name]
-        if array.dtype != DATATYPES[spec.datatype] and not (
-            spec.datatype == "BYTES" and array.dtype == object
-        ):
+        if array.dtype != DATATYPES[spec.datatype] and not (spec.datatype == "BYTES" and array.dtype == object):
             raise InvalidInput(f"input '{name}' must be {spec.datatype}, not {_datatype_name(array)}")
         if array.ndim != len(spec.shape) or any(
             want != -1 and have != want for have, want in zip(array.shape[1:], spec.shape[1:], strict=False)
         ):
-            raise InvalidInput(
-                f"input '{name}' has shape {list(array.shape)}; the model takes {list(spec.shape)}"
-            )
+            raise InvalidInput(f"input '{name}' has shape {list(array.shape)}; the model takes {list(spec.shape)}")
         n = int(array.shape[0])
         if rows is None:
             rows = n

@@ -112,10 +112,7 @@ def routes(service: EmberService) -> list[Route]:
     async def repository_index(request: Request) -> Response:
         await read_json(request)
         return JSONResponse(
-            [
-                {"name": m.name, "version": str(m.version), "state": "READY", "reason": ""}
-                for m in service.models()
-            ]
+            [{"name": m.name, "version": str(m.version), "state": "READY", "reason": ""} for m in service.models()]
         )
 
     async def repository_load(request: Request) -> Response:

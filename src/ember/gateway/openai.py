@@ -33,9 +33,7 @@ def routes(service: EmberService) -> list[Route]:
             raise InvalidInput('the body must be a JSON object like {"model": "...", "input": ["text", ...]}')
         name = body.get("model")
         if not isinstance(name, str):
-            raise InvalidInput(
-                "'model' must be the name of a deployed embedding model (GET /v1/models lists them)"
-            )
+            raise InvalidInput("'model' must be the name of a deployed embedding model (GET /v1/models lists them)")
         d = service.deployment(name)
         if d.metadata.task != "embeddings":
             raise InvalidInput(f"model '{name}' is not an embedding model; use /v2/models/{name}/infer")
@@ -58,9 +56,7 @@ def routes(service: EmberService) -> list[Route]:
         vectors = np.asarray(outputs[vector_output.name], dtype=np.float32)
         if dimensions is not None:
             if not 0 < dimensions <= vectors.shape[1]:
-                raise InvalidInput(
-                    f"'dimensions' must be between 1 and {vectors.shape[1]} for model '{name}'"
-                )
+                raise InvalidInput(f"'dimensions' must be between 1 and {vectors.shape[1]} for model '{name}'")
             vectors = vectors[:, :dimensions]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         words = sum(len(t.split()) for t in texts)
@@ -68,8 +64,7 @@ def routes(service: EmberService) -> list[Route]:
             {
                 "object": "list",
                 "data": [
-                    {"object": "embedding", "index": i, "embedding": _encode(v, fmt)}
-                    for i, v in enumerate(vectors)
+                    {"object": "embedding", "index": i, "embedding": _encode(v, fmt)} for i, v in enumerate(vectors)
                 ],
                 "model": name,
                 "usage": {"prompt_tokens": words, "total_tokens": words},
@@ -89,9 +84,7 @@ def routes(service: EmberService) -> list[Route]:
 
     async def model(request: Request) -> Response:
         m = service.info(request.path_params["name"])
-        return JSONResponse(
-            {"id": m.name, "object": "model", "created": int(m.created_at), "owned_by": "ember"}
-        )
+        return JSONResponse({"id": m.name, "object": "model", "created": int(m.created_at), "owned_by": "ember"})
 
     return [
         Route("/v1/embeddings", embeddings, methods=["POST"]),
@@ -103,9 +96,7 @@ def routes(service: EmberService) -> list[Route]:
 def _texts(raw: Any) -> list[str]:
     texts = [raw] if isinstance(raw, str) else raw
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise InvalidInput(
-            "'input' must be a string or a non-empty list of strings (token arrays are not supported)"
-        )
+        raise InvalidInput("'input' must be a string or a non-empty list of strings (token arrays are not supported)")
     if len(texts) > MAX_TEXTS:
         raise InvalidInput(f"'input' has {len(texts)} strings; the limit is {MAX_TEXTS}")
     for t in texts:

@@ -179,8 +179,7 @@ def _flatten(data: object, where: str) -> tuple[list[Any], set[type]]:
             return flat, types
         if len(types) != 1:
             raise InvalidInput(
-                f"{where} 'data' mixes nested lists and scalars; "
-                "send a flat row-major list or evenly nested lists"
+                f"{where} 'data' mixes nested lists and scalars; send a flat row-major list or evenly nested lists"
             )
         flat = list(chain.from_iterable(flat))
 
@@ -208,8 +207,7 @@ def _from_json(data: object, datatype: str, count: int, where: str, limits: Limi
         if flat and (min(flat) < info.min or max(flat) > info.max):
             bad = min(flat) if min(flat) < info.min else max(flat)
             raise InvalidInput(
-                f"{where}: value {bad} is out of range for {datatype} [{info.min}, {info.max}]; "
-                "use a wider datatype"
+                f"{where}: value {bad} is out of range for {datatype} [{info.min}, {info.max}]; use a wider datatype"
             )
         return np.array(flat, dtype=dtype)
     if kind == "f":
@@ -232,19 +230,13 @@ def _from_json(data: object, datatype: str, count: int, where: str, limits: Limi
     try:
         items = [s.encode() for s in flat]
     except UnicodeEncodeError:
-        raise InvalidInput(
-            f"{where} holds a string that is not valid unicode; send it as binary data"
-        ) from None
+        raise InvalidInput(f"{where} holds a string that is not valid unicode; send it as binary data") from None
     if items and max(map(len, items)) > limits.max_bytes_element:
-        raise InvalidInput(
-            f"{where} has an element over {limits.max_bytes_element} bytes; send smaller elements"
-        )
+        raise InvalidInput(f"{where} has an element over {limits.max_bytes_element} bytes; send smaller elements")
     return _object_array(items)
 
 
-def _from_binary(
-    body: bytes, offset: int, size: int, datatype: str, count: int, where: str, limits: Limits
-) -> Array:
+def _from_binary(body: bytes, offset: int, size: int, datatype: str, count: int, where: str, limits: Limits) -> Array:
     dtype = DATATYPES[datatype]
     if datatype != "BYTES":
         if size != count * dtype.itemsize:
@@ -300,29 +292,21 @@ def _decode_tensors(
             raise InvalidInput(f"{where} appears more than once; {role} names must be unique")
         datatype = spec.get("datatype")
         if not isinstance(datatype, str) or datatype not in DATATYPES:
-            raise InvalidInput(
-                f"{where} has unsupported datatype {_show(datatype)}; use one of {', '.join(DATATYPES)}"
-            )
+            raise InvalidInput(f"{where} has unsupported datatype {_show(datatype)}; use one of {', '.join(DATATYPES)}")
         shape, count = _shape(spec.get("shape"), where, limits)
         params = _parameters(spec, where)
         if "shared_memory_region" in params:
-            raise InvalidInput(
-                f"{where} uses shared memory, which Ember does not support; send the data inline"
-            )
+            raise InvalidInput(f"{where} uses shared memory, which Ember does not support; send the data inline")
         size = params.get("binary_data_size")
         if size is None:
             if "data" not in spec:
-                raise InvalidInput(
-                    f"{where} has neither 'data' nor parameters.binary_data_size; give one of them"
-                )
+                raise InvalidInput(f"{where} has neither 'data' nor parameters.binary_data_size; give one of them")
             array = _from_json(spec["data"], datatype, count, where, limits)
         else:
             if "data" in spec:
                 raise InvalidInput(f"{where} has both 'data' and parameters.binary_data_size; give only one")
             if type(size) is not int or size < 0:
-                raise InvalidInput(
-                    f"{where} binary_data_size must be a non-negative integer, got {_show(size)}"
-                )
+                raise InvalidInput(f"{where} binary_data_size must be a non-negative integer, got {_show(size)}")
             if size > len(body) - offset:
                 hint = (
                     "no Inference-Header-Content-Length was given, so the body has no binary part"
@@ -401,15 +385,11 @@ def _byte_items(array: Array, where: str) -> list[bytes]:
             except UnicodeEncodeError:
                 raise InvalidInput(f"{where} holds a string that is not valid unicode") from None
         else:
-            raise InvalidInput(
-                f"{where} is BYTES but holds a {type(item).__name__}; use bytes or str elements"
-            )
+            raise InvalidInput(f"{where} is BYTES but holds a {type(item).__name__}; use bytes or str elements")
     return items
 
 
-def _encode_tensors(
-    tensors: Iterable[tuple[str, Array, bool]], role: str
-) -> tuple[list[dict[str, Any]], list[bytes]]:
+def _encode_tensors(tensors: Iterable[tuple[str, Array, bool]], role: str) -> tuple[list[dict[str, Any]], list[bytes]]:
     """JSON entries and binary blobs (in order); BYTES that are not utf-8 go binary even if JSON was asked."""
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
@@ -441,9 +421,7 @@ def _assemble(head: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | No
     try:
         header = json.dumps(head, separators=(",", ":")).encode()
     except (TypeError, ValueError) as e:
-        raise InvalidInput(
-            f"cannot write the message as JSON ({e}); parameters must be JSON values"
-        ) from None
+        raise InvalidInput(f"cannot write the message as JSON ({e}); parameters must be JSON values") from None
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
@@ -467,8 +445,7 @@ def encode_infer_response(
                 f"only: {', '.join(outputs) or 'nothing'}"
             )
         chosen = [
-            (r.name, outputs[r.name], request.binary_output if r.binary is None else r.binary)
-            for r in request.outputs
+            (r.name, outputs[r.name], request.binary_output if r.binary is None else r.binary) for r in request.outputs
         ]
     entries, blobs = _encode_tensors(chosen, "output")
     head: dict[str, Any] = {"model_name": model_name, "model_version": model_version}

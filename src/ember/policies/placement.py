@@ -21,9 +21,7 @@ class WorkerView:
 
 
 class Placement(Protocol):
-    def choose(
-        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]
-    ) -> str | None:
+    def choose(self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]) -> str | None:
         """The id of the worker that should load ``model``, or None if none can."""
         ...
 
@@ -36,9 +34,7 @@ class LeastLoaded:
     (``cuda`` matches ``cuda:N``). Ties break on the worker id, so the choice is repeatable.
     """
 
-    def choose(
-        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]
-    ) -> str | None:
+    def choose(self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]) -> str | None:
         fits = [w for w in workers if w.ready and _device_fits(device, w.device)]
         if not fits:
             return None

@@ -64,9 +64,7 @@ class Registry:
             row = self._db.execute("SELECT state FROM deployments WHERE name = ?", (name,)).fetchone()
             if row is not None:
                 what = "being deployed" if row[0] == "importing" else "deployed"
-                raise ModelExists(
-                    f"model '{name}' is already {what}; `ember rm {name}` first, or pick another --name"
-                )
+                raise ModelExists(f"model '{name}' is already {what}; `ember rm {name}` first, or pick another --name")
             last = self._db.execute("SELECT last FROM versions WHERE name = ?", (name,)).fetchone()
             version = 1 if last is None else int(last[0]) + 1
             self._db.execute("INSERT OR REPLACE INTO versions (name, last) VALUES (?, ?)", (name, version))
@@ -119,8 +117,7 @@ class Registry:
         """Drop deployments a crash left half-imported; returns them so their files can go too."""
         with self._lock, self._transaction():
             rows = self._db.execute(
-                "SELECT name, version, state, spec, metadata, created_at FROM deployments "
-                "WHERE state = 'importing'"
+                "SELECT name, version, state, spec, metadata, created_at FROM deployments WHERE state = 'importing'"
             ).fetchall()
             self._db.execute("DELETE FROM deployments WHERE state = 'importing'")
         return [_record(row) for row in rows]

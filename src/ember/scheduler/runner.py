@@ -69,6 +69,21 @@ class ModelRunner:
         self._metrics = metrics
         self._labels = (deployment.name, str(deployment.version))
         self._predicted_batch_s = 0.0
+        self._in_flight: list[Pending] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name=f"ember-runner-{self.deployment.name}")
+
+    async def stop(self, error: EmberError) -> None:
+        """Stop the loop and answer every request it holds, queued or running, with ``error``."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.fail_all(error)
 
     @property
     def busy(self) -> bool:
@@ -123,7 +138,7 @@ class ModelRunner:
             await self._dispatch(instance, self.queue.take(decision.take))
 
     def fail_all(self, error: EmberError) -> None:
-        for pending in self.queue.drain():
+        for pending in [*self._in_flight, *self.queue.drain()]:
             _answer_error(pending, error)
 
     async def _dispatch(self, instance: WorkerHandle, batch: list[Pending]) -> None:
@@ -138,9 +153,12 @@ class ModelRunner:
         if not live:
             return
         self.running += len(live)
+        self._in_flight = live
         try:
             result = await instance.infer(self.deployment.key, [p.inputs for p in live])
+            self._in_flight = []
         except WorkerCrashed as exc:
+            self._in_flight = []
             self._promoter.lost_instance(self.deployment.name, instance)
             for pending in live:
                 if pending.retried:
@@ -153,6 +171,7 @@ class ModelRunner:
                     self.queue.requeue(pending)
             return
         except EmberError as exc:
+            self._in_flight = []
             for pending in live:
                 _answer_error(pending, exc)
             return
@@ -161,6 +180,7 @@ class ModelRunner:
                 _answer_error(pending, InternalError(f"internal error while running a batch: {exc!r}"))
             raise
         finally:
+            # On cancellation ``_in_flight`` keeps the batch, so that ``stop`` answers it.
             self.running -= len(live)
             self.stats.last_active = self._clock.now()
         rows = sum(p.rows for p in live)

@@ -6,7 +6,15 @@ with a latency profile on that clock; ``stage_weights`` puts a model's bytes in 
 """
 
 from ember.clock import VirtualClock
-from ember.testing.fakes import FakeBackend, FakeWorker, LatencyProfile, stage_weights
+from ember.testing.fakes import FakeBackend, FakeWorker, LatencyProfile, run_in_virtual_time, stage_weights
 from ember.testing.traces import poisson_arrivals
 
-__all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "VirtualClock", "poisson_arrivals", "stage_weights"]
+__all__ = [
+    "FakeBackend",
+    "FakeWorker",
+    "LatencyProfile",
+    "VirtualClock",
+    "poisson_arrivals",
+    "run_in_virtual_time",
+    "stage_weights",
+]

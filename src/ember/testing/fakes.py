@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ember.clock import Clock
+from ember.clock import Clock, VirtualClock
 from ember.errors import ModelFailed, WorkerCrashed
 from ember.store import Store, StoredModel
 from ember.worker.protocol import Arrays, Batch, rows_of
 
-__all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "stage_weights"]
+__all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "run_in_virtual_time", "stage_weights"]
+
+T = TypeVar("T")
 
 Model = Callable[[Arrays], Arrays]
 
@@ -111,9 +114,7 @@ class FakeWorker:
 class FakeBackend:
     """A pool of fake workers; a crashed worker is replaced by a fresh one at once."""
 
-    def __init__(
-        self, clock: Clock, size: int = 1, profile: LatencyProfile | None = None, model: Model = _identity
-    ):
+    def __init__(self, clock: Clock, size: int = 1, profile: LatencyProfile | None = None, model: Model = _identity):
         self.clock = clock
         self.profile = profile or LatencyProfile()
         self.model = model
@@ -164,3 +165,19 @@ def stage_weights(store: Store, key: str, size: int = 1024) -> StoredModel:
     (staging / "weights.safetensors").write_bytes(bytes(range(256)) * (size // 256) + b"\0" * (size % 256))
     (staging / "assets").mkdir(exist_ok=True)
     return store.commit(key, staging)
+
+
+def run_in_virtual_time(main: Callable[[VirtualClock], Awaitable[T]]) -> T:
+    """Run ``main(clock)`` in a fresh event loop whose clock jumps to the next deadline when idle."""
+
+    async def runner() -> T:
+        clock = VirtualClock()
+        jumper = asyncio.create_task(clock.run_autojump())
+        try:
+            return await main(clock)
+        finally:
+            jumper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await jumper
+
+    return asyncio.run(runner())

@@ -7,9 +7,7 @@ import random
 __all__ = ["poisson_arrivals"]
 
 
-def poisson_arrivals(
-    rate_per_s: float, duration_s: float, seed: int = 0, start_s: float = 0.0
-) -> list[float]:
+def poisson_arrivals(rate_per_s: float, duration_s: float, seed: int = 0, start_s: float = 0.0) -> list[float]:
     """Arrival times of a Poisson process of ``rate_per_s`` over ``duration_s``, from a fixed seed."""
     if rate_per_s <= 0 or duration_s < 0:
         raise ValueError(f"need rate_per_s > 0 and duration_s >= 0, got {rate_per_s} and {duration_s}")

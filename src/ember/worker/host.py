@@ -136,9 +136,7 @@ class ModelHost:
             self._run_group(model, members, results)
         return Batch(results, time.perf_counter() - start)  # clock-ok
 
-    def _run_group(
-        self, model: ModelAPI, members: list[tuple[int, Arrays]], results: list[Arrays | str]
-    ) -> None:
+    def _run_group(self, model: ModelAPI, members: list[tuple[int, Arrays]], results: list[Arrays | str]) -> None:
         rows = [rows_of(arrays) for _, arrays in members]
         if len(members) == 1:
             batch = members[0][1]
@@ -150,9 +148,7 @@ class ModelHost:
             total = sum(rows)
             for name, value in outputs.items():
                 if value.ndim == 0 or value.shape[0] != total:
-                    raise ValueError(
-                        f"predict returned {name} with shape {value.shape}; expected {total} rows first"
-                    )
+                    raise ValueError(f"predict returned {name} with shape {value.shape}; expected {total} rows first")
         except Exception as exc:
             message = f"predict failed: {type(exc).__name__}: {exc}"
             for i, _ in members:

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(sock: socket.socket, host: ModelHost) -> None:
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent went away: so do we
+        _serve(sock, host)
+
+
+def _serve(sock: socket.socket, host: ModelHost) -> None:
     while True:
         message = recv_message(sock)
         if message is None or isinstance(message, Shutdown):
@@ -89,14 +94,10 @@ def _handle(host: ModelHost, message: Message) -> Reply:
             host.unload(message.key)
             return Reply(msg_id, True)
         if isinstance(message, Import):
-            return Reply(
-                msg_id, True, host.import_model(message.model_ref, message.options, Path(message.staging))
-            )
+            return Reply(msg_id, True, host.import_model(message.model_ref, message.options, Path(message.staging)))
         if isinstance(message, Ping):
             return Reply(msg_id, True, sorted(host.models))
-        return Reply(
-            msg_id, False, error=f"unknown message {type(message).__name__}", error_kind="InternalError"
-        )
+        return Reply(msg_id, False, error=f"unknown message {type(message).__name__}", error_kind="InternalError")
     except Exception as exc:
         detail = "".join(traceback.format_exception_only(exc)).strip()
         print(

@@ -1,0 +1,252 @@
+"""A thin synchronous client for scripts and the CLI: :class:`Client`.
+
+Ember's core is async; this is the one sync wrapper, over ``httpx``. It speaks the admin API
+(deploy with streamed progress, list, inspect, remove, load, unload, status), the Open Inference
+Protocol v2 with binary tensors (:meth:`Client.infer`) and the OpenAI embeddings route
+(:meth:`Client.embed`)::
+
+    with Client("http://127.0.0.1:8000") as ember:
+        ember.deploy("examples/minilm.py:MiniLM", slo_ms=50)
+        vectors = ember.embed("minilm", ["hello", "world"])
+
+An error answer from the server comes back as the matching :mod:`ember.errors` class (400
+``InvalidInput``, 404 ``ModelNotFound``, 409 ``ModelExists``, 429 ``DeadlineUnmeetable``, 503
+``Overloaded`` with ``retry_after_s``, anything else ``EmberError``). Transport failures (the server
+is not running, the connection dropped) stay ``httpx`` errors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from ember.clock import WallClock
+from ember.config import DeploySpec
+from ember.errors import (
+    DeadlineUnmeetable,
+    EmberError,
+    InvalidInput,
+    ModelExists,
+    ModelNotFound,
+    Overloaded,
+)
+from ember.gateway.tensors import encode_infer_request, parse_infer_response
+
+__all__ = ["Client"]
+
+Array = npt.NDArray[Any]
+Progress = Callable[[dict[str, Any]], None]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_DEPLOY_OPTIONS = frozenset(DeploySpec.model_fields) - {"source"}
+
+
+class Client:
+    """A synchronous client of one Ember server. Use it as a context manager, or call :meth:`close`."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout_s: float = 600,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- deployments -------------------------------------------------------------------------------
+
+    def deploy(
+        self, source: str, *, on_progress: Progress | None = None, load: bool = True, **options: Any
+    ) -> dict[str, Any]:
+        """Deploy ``source``; ``options`` are :class:`~ember.config.DeploySpec` fields (None = default).
+
+        ``on_progress`` gets every event the server streams (``importing``, ``stored``, ``loading``,
+        ``ready``, ``done``); returns the deployed model as ``ember ls --json`` shows it.
+        """
+        unknown = sorted(set(options) - _DEPLOY_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"deploy() got unknown option(s) {', '.join(unknown)}; use {', '.join(sorted(_DEPLOY_OPTIONS))}"
+            )
+        body = {"source": source, **{k: v for k, v in options.items() if v is not None}}
+        params = None if load else {"load": "false"}
+        with self._http.stream("POST", "/admin/models", json=body, params=params) as response:
+            if not response.is_success:
+                response.read()
+                raise _error_from_response(response)
+            return _read_deploy_stream(response.iter_lines(), on_progress)
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every deployed model, as ``ember ls`` shows them."""
+        result: list[dict[str, Any]] = self._json("GET", "/admin/models")
+        return result
+
+    def model(self, name: str) -> dict[str, Any]:
+        """One deployed model, as ``ember ls`` shows it."""
+        result: dict[str, Any] = self._json("GET", f"/admin/models/{_segment(name)}")
+        return result
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        """The model's Open Inference Protocol metadata: its inputs and outputs with their datatypes."""
+        result: dict[str, Any] = self._json("GET", f"/v2/models/{_segment(name)}")
+        return result
+
+    def remove(self, name: str) -> None:
+        """Remove a deployment and its stored weights."""
+        self._json("DELETE", f"/admin/models/{_segment(name)}")
+
+    def load(self, name: str) -> dict[str, Any]:
+        """Make the model hot now; returns it as ``ember ls`` shows it."""
+        result: dict[str, Any] = self._json("POST", f"/admin/models/{_segment(name)}/load")
+        return result
+
+    def unload(self, name: str) -> dict[str, Any]:
+        """Demote the model to the cool tier (it stays deployed and callable)."""
+        result: dict[str, Any] = self._json("POST", f"/admin/models/{_segment(name)}/unload")
+        return result
+
+    def status(self) -> dict[str, Any]:
+        """The server's status: workers and store tiers."""
+        result: dict[str, Any] = self._json("GET", "/admin/status")
+        return result
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def infer(self, name: str, inputs: Mapping[str, np.ndarray], timeout_s: float | None = None) -> dict[str, Array]:
+        """Run one request over the Open Inference Protocol v2, tensors in binary both ways.
+
+        ``timeout_s`` is the request's own deadline (sent as Triton's ``timeout`` parameter, in
+        microseconds); without it the model's SLO applies.
+        """
+        parameters = None if timeout_s is None else {"timeout": max(1, round(timeout_s * 1e6))}
+        body, header_length = encode_infer_request(inputs, binary=True, parameters=parameters)
+        headers = {"Content-Type": "application/json"}
+        if header_length is not None:
+            headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
+        response = self._http.post(f"/v2/models/{_segment(name)}/infer", content=body, headers=headers)
+        if not response.is_success:
+            raise _error_from_response(response)
+        raw_length = response.headers.get(HEADER_LENGTH)
+        if raw_length is not None and not raw_length.strip().isdigit():
+            raise EmberError(f"the server sent {HEADER_LENGTH}: {raw_length!r}, which is not a byte count")
+        return parse_infer_response(response.content, None if raw_length is None else int(raw_length))
+
+    def embed(self, name: str, texts: list[str]) -> Array:
+        """Embed ``texts`` with an embedding model (``POST /v1/embeddings``): one FP32 row per text."""
+        answer = self._json("POST", "/v1/embeddings", json={"model": name, "input": texts, "encoding_format": "float"})
+        rows = sorted(answer["data"], key=lambda item: int(item["index"]))
+        return np.asarray([row["embedding"] for row in rows], dtype=np.float32)
+
+    def wait_ready(self, timeout_s: float = 60.0, interval_s: float = 0.1) -> None:
+        """Wait until the server answers ``GET /v2/health/ready`` with 200; ``TimeoutError`` if it does not."""
+        clock = WallClock()
+        deadline = clock.now() + timeout_s
+        last = "no answer yet"
+        while True:
+            try:
+                response = self._http.get("/v2/health/ready", timeout=max(0.1, min(5.0, timeout_s)))
+                if response.is_success:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if clock.now() >= deadline:
+                raise TimeoutError(
+                    f"Ember at {self.url} was not ready after {timeout_s:g} s ({last}); is `ember serve` running there?"
+                )
+            time.sleep(min(interval_s, max(0.0, deadline - clock.now())))
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _json(self, method: str, path: str, json: Any = None) -> Any:
+        response = self._http.request(method, path, json=json)
+        if not response.is_success:
+            raise _error_from_response(response)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise EmberError(f"{method} {path} answered with something that is not JSON: {exc}") from exc
+
+
+def _segment(name: str) -> str:
+    """``name`` as one URL path segment."""
+    return quote(name, safe="")
+
+
+def _read_deploy_stream(lines: Iterator[str], on_progress: Progress | None) -> dict[str, Any]:
+    """Follow the NDJSON deploy progress; the ``done`` event's model, or the ``error`` event raised."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError as exc:
+            raise EmberError(f"the server sent a deploy progress line that is not JSON: {line[:200]!r}") from exc
+        if not isinstance(event, dict):
+            raise EmberError(f"the server sent a deploy progress line that is not an object: {line[:200]!r}")
+        stage = event.get("stage")
+        if stage == "error":
+            raise _error_from(int(event.get("status", 500)), str(event.get("error", "the deploy failed")))
+        if on_progress is not None:
+            on_progress(event)
+        if stage == "done":
+            model: dict[str, Any] = event["model"]
+            return model
+    raise EmberError(
+        "the server ended the deploy stream before it finished; `ember ls` shows whether the model was deployed"
+    )
+
+
+def _error_from_response(response: httpx.Response) -> EmberError:
+    try:
+        body = response.json()
+        message = str(body["error"]) if isinstance(body, dict) and "error" in body else response.text
+    except ValueError:
+        message = response.text
+    message = message.strip() or f"HTTP {response.status_code} {response.reason_phrase}"
+    return _error_from(response.status_code, message, response.headers.get("Retry-After"))
+
+
+def _error_from(status: int, message: str, retry_after: str | None = None) -> EmberError:
+    """The :mod:`ember.errors` class the server raised, rebuilt from its HTTP status and message."""
+    if status in (400, 413, 422):
+        return InvalidInput(message)
+    if status == 404:
+        # ModelNotFound builds its message from a name; here the server's message is already whole.
+        error = ModelNotFound.__new__(ModelNotFound)
+        EmberError.__init__(error, message)
+        error.name = ""
+        return error
+    if status == 409:
+        return ModelExists(message)
+    if status == 429:
+        return DeadlineUnmeetable(message, _retry_after_s(retry_after))
+    if status == 503:
+        return Overloaded(message, _retry_after_s(retry_after))
+    return EmberError(message)
+
+
+def _retry_after_s(header: str | None) -> float:
+    try:
+        return max(0.0, float(header)) if header is not None else 1.0
+    except ValueError:
+        return 1.0

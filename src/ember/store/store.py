@@ -1,0 +1,398 @@
+"""The weight store: a model's cool copy on local disk and its warm copy in host shared memory.
+
+    root/models/<key>/        cool: weights.safetensors, assets/<name>, manifest.json
+    root/staging/<random>/    an import in progress (or a model being removed)
+    warm_root/<key>/          warm: the same three, in /dev/shm where the host has it
+
+Every copy is built in a scratch folder and renamed into place with its ``manifest.json`` written
+last, so a folder under a key's name is always complete; a crash leaves only scratch folders, and
+the first ``Store`` opened on a root afterwards deletes them. A ``flock`` on ``root/.lock`` tells a
+store whether it is the only one open on the root: only then does it clean up at start, and only
+the last one to close removes the warm copies. Within a process, a lock per key serialises
+commit, promote, demote, remove and verify; ``tier()`` and the other reads take no lock.
+
+The store reports the warm, cool and cold tiers; hot (on the device) is the worker's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.errors import CorruptCheckpoint
+
+__all__ = ["Store", "StoreStats", "StoredModel", "Tier", "TierStats"]
+
+WEIGHTS = "weights.safetensors"
+ASSETS = "assets"
+MANIFEST = "manifest.json"
+CHUNK_BYTES = 8 << 20
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,199}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SCRATCH = (".promote-", ".trash-")
+_REPAIR = "remove it from the store and import it again from its source"
+_log = logging.getLogger(__name__)
+
+
+class Tier(enum.StrEnum):
+    """Where a model's weights are; hotter tiers serve the next request sooner."""
+
+    HOT = "hot"
+    WARM = "warm"
+    COOL = "cool"
+    COLD = "cold"
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A committed model: its key (``"name@version"``), its weights' size and hash, its assets."""
+
+    key: str
+    bytes: int
+    sha256: str
+    assets: tuple[str, ...]
+    path: Path
+
+
+@dataclass(frozen=True)
+class TierStats:
+    models: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Models and weight bytes per tier; a warm model also counts in cool (its disk copy stays)."""
+
+    warm: TierStats
+    cool: TierStats
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    key: str
+    size: int
+    sha256: str
+    assets: dict[str, str]  # asset name -> sha256
+
+    def to_json(self) -> bytes:
+        body = {"key": self.key, "bytes": self.size, "sha256": self.sha256, "assets": self.assets}
+        return json.dumps(body, indent=2).encode() + b"\n"
+
+    @classmethod
+    def load(cls, folder: Path) -> _Manifest:
+        """Read ``folder``'s manifest: FileNotFoundError if absent, CorruptCheckpoint if malformed."""
+        path = folder / MANIFEST
+        try:
+            raw = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptCheckpoint(f"{path} is not valid JSON ({exc}); {_REPAIR}") from None
+        ok = isinstance(raw, dict) and isinstance(raw.get("key"), str) and isinstance(raw.get("sha256"), str)
+        ok = ok and type(raw.get("bytes")) is int and raw["bytes"] >= 0 and bool(_SHA256.fullmatch(raw["sha256"]))
+        ok = ok and isinstance(raw.get("assets"), dict) and all(map(_is_asset_name, raw["assets"]))
+        if not ok or not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in raw["assets"].values()):
+            raise CorruptCheckpoint(f"{path} is not a manifest Ember wrote; {_REPAIR}")
+        return cls(raw["key"], raw["bytes"], raw["sha256"], dict(sorted(raw["assets"].items())))
+
+
+class Store:
+    """Committed models on disk (cool) and their copies in host shared memory (warm)."""
+
+    def __init__(self, root: Path, warm_root: Path | None = None) -> None:
+        self._root = Path(root).resolve()
+        self._models = self._root / "models"
+        self._staging = self._root / "staging"
+        self._models.mkdir(parents=True, exist_ok=True)
+        self._staging.mkdir(exist_ok=True)
+        self._warm_root = Path(warm_root) if warm_root is not None else _default_warm_root(self._root)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._lock_fd: int | None = os.open(self._root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        with contextlib.suppress(BlockingIOError):  # another store is open on root: leave its work be
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._clean()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+
+    def staging(self, key: str) -> Path:
+        """A fresh empty folder: write ``weights.safetensors`` and ``assets/<name>`` there, then commit."""
+        self._check_open(key)
+        folder = self._staging / f"{key}.{secrets.token_hex(8)}"
+        folder.mkdir()
+        return folder
+
+    def commit(self, key: str, staging: Path) -> StoredModel:
+        """Hash the staged files, write the manifest last and move the folder to the cool tier.
+
+        ValueError if ``key`` is already committed or the folder is not a complete staging folder;
+        the folder is then left as it was, for the caller to fix or ``abort``.
+        """
+        self._check_open(key)
+        folder = self._own_staging(staging)
+        weights, assets_dir = folder / WEIGHTS, folder / ASSETS
+        if not weights.is_file():
+            raise ValueError(f"{folder} holds no {WEIGHTS}; write it with write_checkpoint, then commit")
+        strays = [p.name for p in folder.iterdir() if p != weights and not (p == assets_dir and p.is_dir())]
+        if strays:
+            raise ValueError(f"{folder} holds {strays}; it may hold only {WEIGHTS} and an {ASSETS}/ folder")
+        names = sorted(p.name for p in assets_dir.iterdir()) if assets_dir.is_dir() else []
+        if bad := [n for n in names if not (_is_asset_name(n) and (assets_dir / n).is_file())]:
+            raise ValueError(f"assets {bad} in {assets_dir} are not plain files with plain names")
+        with self._lock(key):
+            cool = self._models / key
+            if cool.exists():
+                raise ValueError(f"model '{key}' is already in the store; remove it or use a new version")
+            sha256, size = _hash_file(weights, key, sync=True)
+            assets = {name: _hash_file(assets_dir / name, key, sync=True)[0] for name in names}
+            manifest = _Manifest(key, size, sha256, assets)
+            _write_atomic(folder / MANIFEST, manifest.to_json())
+            try:
+                os.rename(folder, cool)
+            except OSError as exc:  # another process committed the key in the meantime
+                raise ValueError(f"model '{key}' is already in the store ({exc})") from None
+            _fsync(self._models)
+        return self.get(key)
+
+    def abort(self, staging: Path) -> None:
+        """Delete a staging folder (nothing if it is already gone)."""
+        shutil.rmtree(self._own_staging(staging), ignore_errors=True)
+
+    def get(self, key: str) -> StoredModel:
+        """The committed model ``key``; KeyError if the store does not hold it."""
+        manifest = self._cool_manifest(key)
+        return StoredModel(key, manifest.size, manifest.sha256, tuple(manifest.assets), self._models / key)
+
+    def tier(self, key: str) -> Tier:
+        """WARM if a warm copy exists, COOL if only the disk copy does, COLD if neither."""
+        _check_key(key)
+        if (self._warm_root / key / MANIFEST).is_file():
+            return Tier.WARM
+        if (self._models / key / MANIFEST).is_file():
+            return Tier.COOL
+        return Tier.COLD
+
+    def weights_path(self, key: str) -> Path:
+        """The warm ``weights.safetensors`` if the model is warm, else the cool one."""
+        if self.tier(key) is Tier.WARM:
+            return self._warm_root / key / WEIGHTS
+        return self.get(key).path / WEIGHTS
+
+    def assets(self, key: str) -> dict[str, bytes]:
+        """The model's asset files by name, read from the warm copy if there is one."""
+        warm = self._warm_root / key
+        if self.tier(key) is Tier.WARM:
+            with contextlib.suppress(FileNotFoundError):  # demoted while we read: use the disk
+                return {name: (warm / ASSETS / name).read_bytes() for name in _Manifest.load(warm).assets}
+        cool = self._models / key
+        return {name: (cool / ASSETS / name).read_bytes() for name in self._cool_manifest(key).assets}
+
+    def keys(self) -> list[str]:
+        """The committed keys, sorted."""
+        return sorted(p.name for p in self._models.iterdir() if _KEY.fullmatch(p.name) and (p / MANIFEST).is_file())
+
+    def statistics(self) -> StoreStats:
+        warm_models = warm_bytes = cool_models = cool_bytes = 0
+        for key in self.keys():
+            with contextlib.suppress(KeyError, FileNotFoundError):  # removed while we counted
+                cool_bytes += self.get(key).bytes
+                cool_models += 1
+                if self.tier(key) is Tier.WARM:
+                    warm_bytes += _Manifest.load(self._warm_root / key).size
+                    warm_models += 1
+        return StoreStats(warm=TierStats(warm_models, warm_bytes), cool=TierStats(cool_models, cool_bytes))
+
+    def promote(self, key: str) -> Path:
+        """Copy the model to the warm tier, checking its hash on the way; return the warm folder.
+
+        Already warm: returns at once. On a hash mismatch raises CorruptCheckpoint, leaving no copy.
+        """
+        self._check_open(key)
+        warm = self._warm_root / key
+        with self._lock(key):
+            if (warm / MANIFEST).is_file():
+                return warm
+            manifest, cool = self._cool_manifest(key), self._models / key
+            scratch = self._warm_root / f".promote-{key}.{secrets.token_hex(8)}"
+            scratch.mkdir(parents=True)  # the warm root is made on first use, and closing removes it
+            try:
+                _check_hash(cool / WEIGHTS, manifest.sha256, key, copy_to=scratch / WEIGHTS)
+                (scratch / ASSETS).mkdir()
+                for name, digest in manifest.assets.items():
+                    _check_hash(cool / ASSETS / name, digest, key, copy_to=scratch / ASSETS / name)
+                (scratch / MANIFEST).write_bytes(manifest.to_json())
+                try:
+                    os.rename(scratch, warm)
+                except OSError:
+                    if not (warm / MANIFEST).is_file():  # not another process's promote winning
+                        raise
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return warm
+
+    def demote(self, key: str) -> None:
+        """Drop the warm copy; nothing if there is none."""
+        _check_key(key)
+        with self._lock(key):
+            _discard(self._warm_root / key, self._warm_root)
+
+    def remove(self, key: str) -> None:
+        """Drop the warm and cool copies; KeyError if the store does not hold ``key``."""
+        self._check_open(key)
+        with self._lock(key):
+            if not (self._models / key).exists():
+                raise KeyError(f"model '{key}' is not in the store; nothing to remove")
+            _discard(self._warm_root / key, self._warm_root)
+            _discard(self._models / key, self._staging)
+
+    def verify(self, key: str) -> None:
+        """Re-hash the cool copy, and the warm one if present; CorruptCheckpoint on any mismatch."""
+        with self._lock(key):
+            manifest = self._cool_manifest(key)
+            folders = [self._models / key] + ([self._warm_root / key] if self.tier(key) is Tier.WARM else [])
+            for folder in folders:
+                _check_hash(folder / WEIGHTS, manifest.sha256, key)
+                for name, digest in manifest.assets.items():
+                    _check_hash(folder / ASSETS / name, digest, key)
+
+    def close(self) -> None:
+        """Release the store; the last store open on this root removes the warm copies."""
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(BlockingIOError):  # another store is open on root: it may use them
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for entry in list(self._warm_root.glob("*")):
+                if entry.name.startswith(_SCRATCH) or (_KEY.fullmatch(entry.name) and (entry / MANIFEST).is_file()):
+                    shutil.rmtree(entry, ignore_errors=True)
+            with contextlib.suppress(OSError):  # leave a warm_root holding files that aren't ours
+                self._warm_root.rmdir()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def _check_open(self, key: str) -> None:
+        _check_key(key)
+        if self._lock_fd is None:
+            raise RuntimeError("this Store is closed; open a new one")
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _cool_manifest(self, key: str) -> _Manifest:
+        _check_key(key)
+        try:
+            return _Manifest.load(self._models / key)
+        except FileNotFoundError:
+            raise KeyError(f"model '{key}' is not in the store; import it (staging, then commit)") from None
+
+    def _own_staging(self, staging: Path) -> Path:
+        folder = Path(staging).resolve()
+        if folder.parent != self._staging:
+            raise ValueError(f"{staging} is not a staging folder of this store; get one from staging()")
+        return folder
+
+    def _clean(self) -> None:
+        """Delete what a crash may have left: staging folders, incomplete or orphaned copies."""
+        for entry in self._staging.iterdir():
+            _delete(entry)
+        for entry in self._models.iterdir():
+            if not (_KEY.fullmatch(entry.name) and _is_complete(entry, entry.name)):
+                _log.warning("deleting %s: not a complete model (a crash or damage)", entry)
+                _delete(entry)
+        for entry in self._warm_root.glob("*"):  # nothing if the warm root does not exist
+            if entry.name.startswith(_SCRATCH):
+                _delete(entry)
+            elif _KEY.fullmatch(entry.name) and entry.is_dir():
+                cool = self._models / entry.name
+                complete = _is_complete(entry, entry.name) and (cool / MANIFEST).is_file()
+                if not complete or _Manifest.load(entry) != _Manifest.load(cool):
+                    _delete(entry)
+
+
+def _default_warm_root(root: Path) -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return shm / f"ember-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
+    return root / "warm"
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(f"{key!r} is not a model key; use 'name@version' of letters, digits and ._+-")
+
+
+def _is_asset_name(name: object) -> bool:
+    return isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name
+
+
+def _is_complete(folder: Path, key: str) -> bool:
+    """A cheap structural check: manifest readable and naming ``key``, every file present, sizes right."""
+    try:
+        manifest = _Manifest.load(folder)
+        files_ok = all((folder / ASSETS / n).is_file() for n in manifest.assets)
+        return manifest.key == key and files_ok and (folder / WEIGHTS).stat().st_size == manifest.size
+    except (OSError, CorruptCheckpoint):
+        return False
+
+
+def _hash_file(path: Path, key: str, *, copy_to: Path | None = None, sync: bool = False) -> tuple[str, int]:
+    """The sha256 and size of ``path``, read in chunks and, with ``copy_to``, copied on the way."""
+    digest, size, buf = hashlib.sha256(), 0, bytearray(CHUNK_BYTES)
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as reader, contextlib.ExitStack() as stack:
+            writer = stack.enter_context(open(copy_to, "wb")) if copy_to else None
+            while n := reader.readinto(buf):
+                digest.update(view[:n])
+                size += n
+                if writer:
+                    writer.write(view[:n])
+            if sync:
+                os.fsync(reader.fileno())
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{path} of model '{key}' is missing; {_REPAIR}") from None
+    return digest.hexdigest(), size
+
+
+def _check_hash(path: Path, expected: str, key: str, *, copy_to: Path | None = None) -> None:
+    if _hash_file(path, key, copy_to=copy_to)[0] != expected:
+        raise CorruptCheckpoint(f"{path} of model '{key}' fails its sha256 check; {_REPAIR}")
+
+
+def _discard(folder: Path, scratch_parent: Path) -> None:
+    """Remove ``folder`` by first renaming it away, so no half-deleted copy is ever visible."""
+    trash = scratch_parent / f".trash-{folder.name}.{secrets.token_hex(8)}"
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _delete(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

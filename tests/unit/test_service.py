@@ -1,0 +1,205 @@
+"""The service's scheduling, tiers and fault handling, on fake workers in virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ember.clock import VirtualClock
+from ember.config import DeploySpec
+from ember.errors import DeadlineUnmeetable, ModelNotFound, Overloaded, WorkerCrashed
+from ember.service import EmberService, ServeOptions
+from ember.testing import FakeBackend, LatencyProfile, run_in_virtual_time
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> str:
+    # The fake workers never import it; the deploy path only needs the file to exist.
+    path = tmp_path / "model.py"
+    path.write_text("class M: ...\n")
+    return f"{path}:M"
+
+
+def _service(tmp_path: Path, clock: VirtualClock, **profile: float) -> tuple[EmberService, FakeBackend]:
+    backend = FakeBackend(clock, size=1, profile=LatencyProfile(**profile))
+    options = ServeOptions(home=tmp_path / "home", warm_root=tmp_path / "shm")
+    service = EmberService(options, clock=clock, backend=backend)
+    return service, backend
+
+
+def _x(value: float, rows: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.full((rows, 4), value, dtype=np.float32)}
+
+
+def _spec(source: str, **kw: object) -> DeploySpec:
+    return DeploySpec.model_validate({"source": source, "name": "m", **kw})
+
+
+def test_requests_are_answered_by_the_model(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock)
+        async with service:
+            info = await service.deploy(_spec(model_file))
+            assert info.tier == "hot" and info.cold_starts == 1
+            outs = await asyncio.gather(*(service.infer("m", _x(i)) for i in range(10)))
+            for i, out in enumerate(outs):
+                np.testing.assert_array_equal(out["x"], _x(i)["x"])
+            assert service.info("m").succeeded == 10
+
+    run_in_virtual_time(main)
+
+
+def test_batches_form_while_the_instance_is_busy_and_respect_the_batch_size(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, backend = _service(tmp_path, clock, base_s=0.05)
+        async with service:
+            await service.deploy(_spec(model_file))  # the fake model takes at most 8 rows
+            await asyncio.gather(*(service.infer("m", _x(i)) for i in range(30)))
+            (worker,) = backend.workers()
+            rows = [r for _, r in worker.batches]
+            assert sum(rows) == 30
+            assert max(rows) == 8  # full batches formed behind the first one
+            assert all(r <= 8 for r in rows)
+
+    run_in_virtual_time(main)
+
+
+def test_the_queue_serves_earliest_deadline_first(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        order: list[float] = []
+
+        service, backend = _service(tmp_path, clock, base_s=0.1)
+        backend.model = lambda batch: (order.append(float(batch["x"][0, 0])), dict(batch))[1]
+        async with service:
+            await service.deploy(_spec(model_file, max_batch_size=1))
+            first = asyncio.ensure_future(service.infer("m", _x(0)))
+            await clock.sleep(0.01)  # the first batch is running; the rest queue behind it
+            late = [asyncio.ensure_future(service.infer("m", _x(t), timeout_s=t)) for t in (9.0, 5.0, 7.0)]
+            await asyncio.gather(first, *late)
+        assert order == [0.0, 5.0, 7.0, 9.0]
+
+    run_in_virtual_time(main)
+
+
+def test_a_full_queue_refuses_at_once_and_loses_nothing_admitted(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock, base_s=0.1)
+        async with service:
+            await service.deploy(_spec(model_file, max_queue=2, max_batch_size=1))
+            running = asyncio.ensure_future(service.infer("m", _x(0)))
+            await clock.sleep(0.01)
+            queued = [asyncio.ensure_future(service.infer("m", _x(i))) for i in (1, 2)]
+            await asyncio.sleep(0)
+            with pytest.raises(Overloaded) as refused:
+                await service.infer("m", _x(3))
+            assert refused.value.retry_after_s > 0
+            results = await asyncio.gather(running, *queued)
+            assert [float(r["x"][0, 0]) for r in results] == [0.0, 1.0, 2.0]
+
+    run_in_virtual_time(main)
+
+
+def test_a_request_past_its_timeout_is_refused_not_served_late(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock, load_s=1.0)
+        async with service:
+            await service.deploy(_spec(model_file))
+            await service.unload("m")
+            start = clock.now()
+            with pytest.raises(DeadlineUnmeetable):
+                await service.infer("m", _x(1), timeout_s=0.2)
+            assert clock.now() - start == pytest.approx(0.2)
+            # A request without a timeout waits for the promotion instead of being dropped.
+            out = await service.infer("m", _x(2))
+            assert float(out["x"][0, 0]) == 2.0
+
+    run_in_virtual_time(main)
+
+
+def test_idle_models_are_demoted_tier_by_tier_and_come_back_on_demand(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock)
+        async with service:
+            await service.deploy(_spec(model_file, keepalive_hot_s=10, keepalive_warm_s=20))
+            await service.infer("m", _x(1))
+            await clock.sleep(5)
+            assert service.info("m").tier == "hot"
+            await clock.sleep(7)
+            assert service.info("m").tier == "warm"
+            await clock.sleep(20)
+            assert service.info("m").tier == "cool"
+            await service.infer("m", _x(1))
+            info = service.info("m")
+            assert info.tier == "hot"
+            assert info.last_cold_start is not None and info.last_cold_start["tier"] == "cool"
+            assert info.cold_starts == 2
+
+    run_in_virtual_time(main)
+
+
+def test_a_batch_lost_with_its_worker_is_retried_once_on_the_replacement(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, backend = _service(tmp_path, clock, base_s=0.5)
+        async with service:
+            await service.deploy(_spec(model_file))
+            calls = [asyncio.ensure_future(service.infer("m", _x(i))) for i in range(4)]
+            await clock.sleep(0.1)
+            backend.workers()[0].crash()
+            results = await asyncio.gather(*calls)
+            assert [float(r["x"][0, 0]) for r in results] == [0.0, 1.0, 2.0, 3.0]
+            assert backend.restarts == 1
+
+    run_in_virtual_time(main)
+
+
+def test_a_batch_that_kills_two_workers_is_answered_with_an_error(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, backend = _service(tmp_path, clock, base_s=0.5)
+        async with service:
+            await service.deploy(_spec(model_file))
+            call = asyncio.ensure_future(service.infer("m", _x(1)))
+            for _ in range(2):
+                # Crash the worker while it runs the batch (not while it loads the model).
+                while not any(w.in_flight and w.batches for w in backend.workers()):
+                    await clock.sleep(0.01)
+                backend.workers()[0].crash()
+            with pytest.raises(WorkerCrashed):
+                await call
+            assert (await service.infer("m", _x(5)))["x"][0, 0] == 5.0
+
+    run_in_virtual_time(main)
+
+
+def test_removed_models_are_gone_and_queued_requests_answered(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock, base_s=0.5)
+        async with service:
+            await service.deploy(_spec(model_file, max_batch_size=1))
+            calls = [asyncio.ensure_future(service.infer("m", _x(i))) for i in range(3)]
+            await clock.sleep(0.1)
+            await service.remove("m")
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert any(isinstance(r, ModelNotFound) for r in results)
+            assert all(isinstance(r, dict | ModelNotFound) for r in results)
+            with pytest.raises(ModelNotFound):
+                await service.infer("m", _x(1))
+            assert service.store.keys() == []
+
+    run_in_virtual_time(main)
+
+
+def test_deployments_survive_a_restart(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock)
+        async with service:
+            await service.deploy(_spec(model_file, slo_ms=42))
+        again, _ = _service(tmp_path, clock)
+        async with again:
+            info = again.info("m")
+            assert info.slo_ms == 42 and info.tier == "cool"
+            assert (await again.infer("m", _x(3)))["x"][0, 0] == 3.0
+
+    run_in_virtual_time(main)
