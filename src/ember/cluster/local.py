@@ -94,9 +94,11 @@ class LocalWorker:
         args += ["--threads", str(self._threads)]
         for module in self._preload:
             args += ["--preload", module]
+        # Ember never downloads weights at run time: keep Hugging Face libraries offline.
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **os.environ}
         with open(self._log_path, "ab") as log:
             self._process = await asyncio.create_subprocess_exec(
-                *args, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+                *args, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env
             )
         child.close()
         try:
