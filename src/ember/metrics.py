@@ -8,6 +8,8 @@ Ember's own: cold starts by tier, load-duration histogram, tier per model, SLO a
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -15,20 +17,83 @@ __all__ = ["Metrics"]
 _TIERS = ("hot", "warm", "cool", "cold")
 
 
+@dataclass
+class _Child:
+    value: float = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+@dataclass
+class _TritonFamily:
+    """A metric written exactly as Triton writes it: no ``_total`` suffix, no ``_created`` series.
+
+    prometheus_client renames counters to ``NAME_total``, which would break dashboards built on
+    Triton's names, so these few are rendered here.
+    """
+
+    name: str
+    doc: str
+    kind: str
+    labelnames: tuple[str, ...]
+    children: dict[tuple[str, ...], _Child] = field(default_factory=dict)
+
+    def labels(self, *values: str) -> _Child:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        return self.children.setdefault(values, _Child())
+
+    def render(self) -> str:
+        lines = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} {self.kind}"]
+        for values, child in sorted(self.children.items()):
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(self.labelnames, values, strict=True))
+            lines.append(f"{self.name}{{{labels}}} {_number(child.value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        labels = ["model", "version"]
+        labels = ("model", "version")
         r = self.registry
-        self.success = Counter("nv_inference_request_success", "Successful requests", labels, registry=r)
-        self.failure = Counter("nv_inference_request_failure", "Failed requests", [*labels, "reason"], registry=r)
-        self.count = Counter("nv_inference_count", "Inferences performed (rows)", labels, registry=r)
-        self.exec_count = Counter("nv_inference_exec_count", "Batches executed", labels, registry=r)
-        self.queue_us = Counter("nv_inference_queue_duration_us", "Cumulative queue time (us)", labels, registry=r)
-        self.compute_us = Counter(
-            "nv_inference_compute_infer_duration_us", "Cumulative compute time (us)", labels, registry=r
+        counter, gauge = "counter", "gauge"
+        self.success = _TritonFamily("nv_inference_request_success", "Successful requests", counter, labels)
+        self.failure = _TritonFamily("nv_inference_request_failure", "Failed requests", counter, (*labels, "reason"))
+        self.count = _TritonFamily("nv_inference_count", "Inferences performed (rows)", counter, labels)
+        self.exec_count = _TritonFamily("nv_inference_exec_count", "Batches executed", counter, labels)
+        self.queue_us = _TritonFamily("nv_inference_queue_duration_us", "Cumulative queue time (us)", counter, labels)
+        self.compute_us = _TritonFamily(
+            "nv_inference_compute_infer_duration_us", "Cumulative compute time (us)", counter, labels
         )
-        self.pending = Gauge("nv_inference_pending_request_count", "Requests queued or running", labels, registry=r)
+        self.pending = _TritonFamily("nv_inference_pending_request_count", "Requests queued or running", gauge, labels)
+        self._triton = (
+            self.success,
+            self.failure,
+            self.count,
+            self.exec_count,
+            self.queue_us,
+            self.compute_us,
+            self.pending,
+        )
         self.cold_starts = Counter(
             "ember_cold_starts",
             "Promotions to hot caused by demand, by the tier they started from",
@@ -45,6 +110,9 @@ class Metrics:
         self.tier = Gauge("ember_model_tier", "1 for the tier each model is in now", ["model", "tier"], registry=r)
         self.slo_met = Counter("ember_slo_met", "Requests answered within their SLO", ["model"], registry=r)
         self.slo_total = Counter("ember_slo_requests", "Requests counted for SLO attainment", ["model"], registry=r)
+        self.slo_attainment = Gauge(
+            "ember_slo_attainment", "Fraction of answered requests within their SLO", ["model"], registry=r
+        )
         self.latency = Histogram(
             "ember_request_duration_seconds",
             "Admission to answer",
@@ -63,4 +131,4 @@ class Metrics:
         self.pending.labels(model, version).set(0)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return "".join(f.render() for f in self._triton).encode() + generate_latest(self.registry)

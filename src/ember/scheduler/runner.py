@@ -218,6 +218,9 @@ class ModelRunner:
                 error = pending.future.exception()
                 reason = type(error).__name__ if error is not None else "UNKNOWN"
             self._metrics.failure.labels(*self._labels, reason).inc()
+        attainment = self.stats.slo_attainment
+        if attainment is not None:
+            self._metrics.slo_attainment.labels(model).set(attainment)
 
     async def _wait_until(self, future: asyncio.Future[Arrays], deadline: float) -> Arrays:
         timer: asyncio.Future[Any] = asyncio.ensure_future(self._clock.sleep(deadline - self._clock.now()))

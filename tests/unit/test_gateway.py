@@ -1,0 +1,174 @@
+"""The gateway's error mapping and edge checks, in process, on fake workers."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from ember.clock import VirtualClock
+from ember.config import DeploySpec
+from ember.errors import (
+    DeadlineUnmeetable,
+    EmberError,
+    InternalError,
+    InvalidInput,
+    ModelExists,
+    ModelFailed,
+    ModelNotFound,
+    Overloaded,
+    ShuttingDown,
+)
+from ember.gateway.app import build_app
+from ember.gateway.edge import error_response
+from ember.gateway.tensors import encode_infer_request, parse_infer_response
+from ember.service import EmberService, ServeOptions
+from ember.testing import FakeBackend, LatencyProfile, run_in_virtual_time
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "retry"),
+    [
+        (InvalidInput("bad"), 400, False),
+        (ModelNotFound("m"), 404, False),
+        (ModelExists("m exists"), 409, False),
+        (DeadlineUnmeetable("late", retry_after_s=2.5), 429, True),
+        (Overloaded("full"), 503, True),
+        (ShuttingDown("bye"), 503, True),
+        (ModelFailed("boom"), 500, False),
+        (InternalError("bug"), 500, False),
+    ],
+)
+def test_each_error_maps_to_its_status_once(error: EmberError, status: int, retry: bool):
+    response = error_response(error)
+    assert response.status_code == status
+    assert json.loads(bytes(response.body)) == {"error": error.message}
+    assert ("retry-after" in response.headers) == retry
+    if retry:
+        assert int(response.headers["retry-after"]) >= 1
+
+
+def _with_app(tmp_path: Path, test, **profile: float) -> None:
+    model = tmp_path / "model.py"
+    model.write_text("class M: ...\n")
+
+    async def main(clock: VirtualClock) -> None:
+        backend = FakeBackend(clock, profile=LatencyProfile(**profile))
+        service = EmberService(ServeOptions(home=tmp_path, warm_root=tmp_path / "shm"), clock=clock, backend=backend)
+        async with service:
+            spec = DeploySpec(source=f"{model}:M", name="m", max_queue=2, max_batch_size=1)
+            await service.deploy(spec)
+            transport = httpx.ASGITransport(app=build_app(service, manage_lifetime=False))
+            async with httpx.AsyncClient(transport=transport, base_url="http://ember") as client:
+                await test(client, clock)
+
+    run_in_virtual_time(main)
+
+
+def _json_request(rows: int = 1, name: str = "x") -> dict:
+    return {"inputs": [{"name": name, "datatype": "FP32", "shape": [rows, 4], "data": [1.5] * (4 * rows)}]}
+
+
+def test_infer_answers_json_and_binary(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.post("/v2/models/m/infer", json=_json_request())
+        assert r.status_code == 200
+        assert r.json()["outputs"][0]["data"] == [1.5] * 4
+        x = np.arange(4, dtype=np.float32).reshape(1, 4)
+        body, header = encode_infer_request({"x": x})
+        r = await client.post(
+            "/v2/models/m/infer", content=body, headers={"Inference-Header-Content-Length": str(header)}
+        )
+        outputs = parse_infer_response(r.content, int(r.headers["inference-header-content-length"]))
+        np.testing.assert_array_equal(outputs["x"], x)
+        r = await client.post(
+            "/v2/models/m/infer",
+            content=gzip.compress(json.dumps(_json_request()).encode()),
+            headers={"Content-Encoding": "gzip"},
+        )
+        assert r.status_code == 200
+
+    _with_app(tmp_path, test)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "fragment"),
+    [
+        ("/v2/models/ghost/infer", _json_request(), 404, "ghost"),
+        ("/v2/models/m/infer", b"{not json", 400, "JSON"),
+        ("/v2/models/m/infer", _json_request(name="y"), 400, "unknown: y"),
+        ("/v2/models/m/infer", _json_request(rows=2), 400, "at most 1"),
+        ("/v2/models/m/versions/7/infer", _json_request(), 404, "version 7"),
+        ("/v1/embeddings", {"model": "m", "input": "hi"}, 400, "not an embedding model"),
+        ("/v1/embeddings", {"model": "ghost", "input": "hi"}, 404, "ghost"),
+        ("/admin/models", {"source": "x.py:M", "slo_ms": -1}, 400, "slo_ms"),
+        ("/admin/models", [1, 2], 400, "JSON object"),
+    ],
+)
+def test_bad_requests_get_a_clear_error(tmp_path, path, body, status, fragment):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = await client.post(path, content=content)
+        assert r.status_code == status
+        assert fragment in r.json()["error"]
+
+    _with_app(tmp_path, test)
+
+
+def test_unknown_routes_and_methods_answer_json(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.get("/nowhere")
+        assert r.status_code == 404 and "no route" in r.json()["error"]
+        r = await client.delete("/v2/models/m/infer")
+        assert r.status_code == 405 and "DELETE" in r.json()["error"]
+
+    _with_app(tmp_path, test)
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_rest_succeed(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        calls = [asyncio.ensure_future(client.post("/v2/models/m/infer", json=_json_request())) for _ in range(6)]
+        answers = await asyncio.gather(*calls)
+        statuses = sorted(r.status_code for r in answers)
+        assert statuses.count(503) >= 1
+        assert set(statuses) == {200, 503}
+        assert all(int(r.headers["retry-after"]) >= 1 for r in answers if r.status_code == 503)
+
+    _with_app(tmp_path, test, base_s=1.0)
+
+
+def test_a_request_timeout_shorter_than_the_backlog_answers_429(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        slow = asyncio.ensure_future(client.post("/v2/models/m/infer", json=_json_request()))
+        await clock.sleep(0.1)
+        body = {**_json_request(), "parameters": {"timeout": 200_000}}  # 0.2 s, in microseconds
+        r = await client.post("/v2/models/m/infer", json=body)
+        assert r.status_code == 429 and "timeout" in r.json()["error"] and "retry-after" in r.headers
+        assert (await slow).status_code == 200
+
+    _with_app(tmp_path, test, base_s=1.0)
+
+
+def test_the_body_limit_is_enforced_before_reading(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.post("/v2/models/m/infer", content=b"{}", headers={"content-length": str(1 << 40)})
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+
+    _with_app(tmp_path, test)
+
+
+def test_metrics_use_tritons_names(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        await client.post("/v2/models/m/infer", json=_json_request())
+        text = (await client.get("/metrics")).text
+        assert 'nv_inference_request_success{model="m",version="1"} 1.0' in text
+        assert 'nv_inference_exec_count{model="m",version="1"} 1.0' in text
+        assert 'ember_cold_starts_total{model="m",tier="cool"} 1.0' in text
+        assert 'ember_model_tier{model="m",tier="hot"} 1.0' in text
+
+    _with_app(tmp_path, test)
