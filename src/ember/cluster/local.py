@@ -217,7 +217,9 @@ class LocalBackend:
         self._size = size
         self._log_dir = log_dir
         self._device = device
-        self._threads = threads or max(1, (os.cpu_count() or 1) // size)
+        # Leave a core to the gateway: oversubscribed OpenMP threads spin and collapse throughput
+        # (a MiniLM batch went from 25 ms to 800 ms with two threads on a busy 2-core host).
+        self._threads = threads or max(1, ((os.cpu_count() or 1) - 1) // size)
         self._preload = preload
         self._workers: dict[str, LocalWorker] = {}
         self._callbacks: list[Callable[[LocalWorker], None]] = []
