@@ -167,7 +167,11 @@ class EmberService:
         self._add(deployment)
         if load:
             say({"stage": "loading", "model": name})
-            await self.controller.ensure_hot(name)
+            try:
+                await self.controller.ensure_hot(name)
+            except EmberError as exc:  # a model that cannot load is not left deployed
+                await self.remove(name)
+                raise InvalidInput(f"{spec.source} was imported but could not be loaded: {exc.message}") from exc
             cold = self.controller.last_cold_start(name)
             say({"stage": "ready", "model": name, "load_s": cold.seconds if cold else 0.0})
         return self.info(name)

@@ -10,7 +10,7 @@ import pytest
 
 from ember.clock import VirtualClock
 from ember.config import DeploySpec
-from ember.errors import DeadlineUnmeetable, ModelNotFound, Overloaded, WorkerCrashed
+from ember.errors import DeadlineUnmeetable, InvalidInput, ModelNotFound, Overloaded, WorkerCrashed
 from ember.service import EmberService, ServeOptions
 from ember.testing import FakeBackend, LatencyProfile, run_in_virtual_time
 
@@ -201,5 +201,19 @@ def test_deployments_survive_a_restart(tmp_path, model_file):
             info = again.info("m")
             assert info.slo_ms == 42 and info.tier == "cool"
             assert (await again.infer("m", _x(3)))["x"][0, 0] == 3.0
+
+    run_in_virtual_time(main)
+
+
+def test_a_model_that_cannot_load_is_not_left_deployed(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, backend = _service(tmp_path, clock)
+        async with service:
+            for worker in backend.workers():
+                worker.load_error = "setup raised ValueError: no"
+            with pytest.raises(InvalidInput, match="could not be loaded: setup raised"):
+                await service.deploy(_spec(model_file))
+            assert service.models() == [] and service.store.keys() == []
+            assert service.registry.all() == []
 
     run_in_virtual_time(main)

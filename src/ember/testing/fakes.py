@@ -47,6 +47,8 @@ class FakeWorker:
     profile: LatencyProfile = field(default_factory=LatencyProfile)
     model: Model = _identity
     device: str = "cpu"
+    #: When set, every load fails with this message, as a model whose setup raises.
+    load_error: str | None = None
     alive: bool = True
     loaded: set[str] = field(default_factory=set)
     batches: list[tuple[str, int]] = field(default_factory=list)
@@ -67,6 +69,8 @@ class FakeWorker:
         self, key: str, model_ref: str, options: dict[str, Any], weights_path: str, assets: dict[str, bytes]
     ) -> float:
         await self._take(self.profile.load_s)
+        if self.load_error is not None:
+            raise ModelFailed(self.load_error)
         self.loaded.add(key)
         return self.profile.load_s
 
