@@ -46,6 +46,9 @@ class ServeOptions:
     tick_s: float = 1.0
     #: Where the warm tier lives; None: shared memory (/dev/shm) when the host has it.
     warm_root: Path | None = None
+    #: Byte budgets of the warm and cool tiers; None: unlimited. Promotion evicts the least recently used.
+    warm_budget_bytes: int | None = None
+    cool_budget_bytes: int | None = None
     preload: tuple[str, ...] = ("numpy", "safetensors", "transformers", "tokenizers")
 
 
@@ -83,7 +86,12 @@ class EmberService:
         self.home = home
         self.metrics = Metrics()
         self.registry = Registry(home / "registry.sqlite")
-        self.store = Store(home / "store", options.warm_root)
+        self.store = Store(
+            home / "store",
+            options.warm_root,
+            warm_budget_bytes=options.warm_budget_bytes,
+            cool_budget_bytes=options.cool_budget_bytes,
+        )
         self.backend: ClusterBackend = backend or LocalBackend(
             options.workers, home / "logs", options.device, options.threads, options.preload
         )
@@ -282,8 +290,8 @@ class EmberService:
             "models": len(self._runners),
             "workers": self.backend.statistics(),
             "store": {
-                "warm": {"models": stats.warm.models, "bytes": stats.warm.bytes},
-                "cool": {"models": stats.cool.models, "bytes": stats.cool.bytes},
+                "warm": {"models": stats.warm.models, "bytes": stats.warm.bytes, "budget": stats.warm.budget_bytes},
+                "cool": {"models": stats.cool.models, "bytes": stats.cool.bytes, "budget": stats.cool.budget_bytes},
             },
         }
 

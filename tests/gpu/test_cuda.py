@@ -18,8 +18,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def test_checkpoint_maps_onto_the_device(tmp_path):
     tensors = {"a": torch.randn(64, 64, dtype=torch.float16), "b": torch.arange(10)}
-    write_checkpoint(tmp_path / "w.safetensors", tensors)
-    mapped = map_checkpoint(tmp_path / "w.safetensors", "cuda:0")
+    write_checkpoint(tmp_path / "w.ember", tensors)
+    mapped = map_checkpoint(tmp_path / "w.ember", "cuda:0")
     for name, tensor in tensors.items():
         assert mapped[name].device.type == "cuda"
         assert torch.equal(mapped[name].cpu(), tensor)
@@ -29,7 +29,7 @@ def test_a_model_built_on_the_device_answers_like_on_the_cpu(tmp_path):
     ref = f"{EXAMPLES / 'linear.py'}:Linear"
     (tmp_path / "staging").mkdir()
     ModelHost(torch.device("cpu")).import_model(ref, {}, tmp_path / "staging")
-    weights = tmp_path / "staging" / "weights.safetensors"
+    weights = tmp_path / "staging" / "weights.ember"
     x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
     answers = []
     for device in ("cpu", "cuda:0"):

@@ -38,7 +38,7 @@ def test_the_readme_model_runs_as_the_platform_runs_it(tmp_path):
     (tmp_path / "staging").mkdir()
     described = host.import_model(ref, {}, tmp_path / "staging")
     assert described["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}]
-    host.load("linear@1", ref, {}, tmp_path / "staging" / "weights.safetensors", {})
+    host.load("linear@1", ref, {}, tmp_path / "staging" / "weights.ember", {})
     x = np.arange(48, dtype=np.float32).reshape(3, 16)
     batch = host.infer("linear@1", [{"x": x[:1]}, {"x": x[1:]}])
     torch.manual_seed(0)

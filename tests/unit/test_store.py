@@ -1,227 +1,19 @@
-"""Tests for ember.store: the safetensors checkpoint codec and the store's warm and cool tiers."""
+"""Tests for ember.store.store: the warm and cool tiers, their budgets and eviction order."""
 
 from __future__ import annotations
 
-import ast
-import gc
 import hashlib
-import json
-import math
 import os
 import shutil
-import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from ember.errors import CorruptCheckpoint
 from ember.store import Store, StoredModel, StoreStats, Tier, TierStats, map_checkpoint, write_checkpoint
-
-_NAMES = ["float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"]
-_NAMES += ["float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"]
-DTYPES: list[torch.dtype] = [getattr(torch, name) for name in _NAMES if hasattr(torch, name)]
-PROC_MAPS = Path("/proc/self/maps")
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes, so that NaNs and fp8 compare bit for bit."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-
-
-@st.composite
-def tensors(draw: st.DrawFn) -> torch.Tensor:
-    dtype = draw(st.sampled_from(DTYPES))
-    shape = tuple(draw(st.lists(st.integers(0, 5), max_size=4)))
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = torch.tensor(list(draw(st.binary(min_size=nbytes, max_size=nbytes))), dtype=torch.uint8)
-    if dtype is torch.bool:
-        raw &= 1
-    return raw.view(dtype).reshape(shape)
-
-
-def mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    ranges = []
-    for line in PROC_MAPS.read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == str(path.resolve()):
-            low, high = fields[0].split("-")
-            ranges.append((int(low, 16), int(high, 16)))
-    return ranges
-
-
-def sample(path: Path) -> Path:
-    write_checkpoint(path, {"w": torch.arange(12, dtype=torch.int32).reshape(3, 4) + 7, "b": torch.ones(5)})
-    return path
-
-
-def entry(dtype: str, shape: list[int], begin: int, end: int) -> dict[str, object]:
-    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
-
-
-def raw_file(path: Path, header: object, data: bytes) -> Path:
-    blob = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
-    return path
-
-
-# -- the checkpoint format -----------------------------------------------------------------------
-
-
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.text(min_size=1, max_size=8), tensors(), max_size=5))
-def test_round_trip_is_bitwise(tmp_path: Path, named: dict[str, torch.Tensor]) -> None:
-    path = tmp_path / "w.safetensors"
-    assert write_checkpoint(path, named) == path.stat().st_size
-    loaded = map_checkpoint(path)
-    assert sorted(loaded) == sorted(named)
-    assert all(same(loaded[name], tensor) for name, tensor in named.items())
-    assert not path.with_suffix(".tmp").exists()
-
-
-def test_views_sharing_storage_and_non_contiguous(tmp_path: Path) -> None:
-    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    named = {"base": base, "t": base.t(), "row": base[1], "col": base[:, 2], "scalar": base[0, 1]}
-    write_checkpoint(tmp_path / "w.safetensors", named)
-    loaded = map_checkpoint(tmp_path / "w.safetensors")
-    assert all(same(loaded[name], tensor.contiguous()) for name, tensor in named.items())
-    assert loaded["scalar"].shape == () and loaded["scalar"].item() == 1.0
-
-
-def test_interoperates_with_safetensors(tmp_path: Path) -> None:
-    named = {"a": torch.randn(3, 4).to(torch.bfloat16), "b": torch.arange(5), "c": torch.tensor(True)}
-    write_checkpoint(tmp_path / "ours.safetensors", named)
-    theirs = safetensors.torch.load_file(tmp_path / "ours.safetensors")
-    assert all(same(theirs[name], tensor) for name, tensor in named.items())
-    safetensors.torch.save_file(named, tmp_path / "theirs.safetensors")
-    ours = map_checkpoint(tmp_path / "theirs.safetensors")
-    assert all(same(ours[name], tensor) for name, tensor in named.items())
-
-
-def test_write_rejects_what_safetensors_cannot_hold(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="must be str"):
-        write_checkpoint(tmp_path / "w.safetensors", {1: torch.ones(1)})  # type: ignore[dict-item]
-    with pytest.raises(TypeError, match="complex"):
-        write_checkpoint(tmp_path / "w.safetensors", {"z": torch.ones(2, dtype=torch.complex64)})
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.skipif(not PROC_MAPS.exists(), reason="needs /proc/self/maps")
-def test_cpu_tensors_are_views_over_the_file(tmp_path: Path) -> None:
-    path = sample(tmp_path / "w.safetensors")
-    before = path.read_bytes()
-    loaded = map_checkpoint(path)
-    ranges = mapped_ranges(path)
-    assert ranges, "the file is not mapped"
-    for tensor in loaded.values():  # a copy would live on the heap, outside the file's mapping
-        start = tensor.data_ptr()
-        assert any(low <= start and start + tensor.nbytes <= high for low, high in ranges)
-    loaded["w"][0, 0] = -1  # copy-on-write: the file keeps its bytes
-    assert path.read_bytes() == before
-    assert map_checkpoint(path)["w"][0, 0] == 7
-
-
-@pytest.mark.skipif(not PROC_MAPS.exists(), reason="needs /proc/self/maps")
-def test_mapping_lives_exactly_as_long_as_the_tensors(tmp_path: Path) -> None:
-    path = sample(tmp_path / "w.safetensors")
-    loaded = map_checkpoint(path)
-    kept, expected = loaded["w"], loaded["w"].clone()
-    del loaded
-    gc.collect()
-    assert mapped_ranges(path) and torch.equal(kept, expected)
-    del kept
-    gc.collect()
-    assert mapped_ranges(path) == []
-
-
-def test_map_to_another_device(tmp_path: Path) -> None:
-    path = sample(tmp_path / "w.safetensors")
-    meta = map_checkpoint(path, device="meta")
-    assert meta["w"].device.type == "meta" and meta["w"].shape == (3, 4)
-    if torch.cuda.is_available():
-        cuda = map_checkpoint(path, torch.device("cuda"))
-        assert same(cuda["w"], map_checkpoint(path)["w"])
-
-
-def test_empty_checkpoint_and_misaligned_foreign_file(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path / "empty.safetensors", {})
-    assert map_checkpoint(tmp_path / "empty.safetensors") == {}
-    blob = json.dumps({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
-    blob += b" " * (len(blob) % 4 == 0)  # another writer's file, its data not 4-byte aligned
-    path = tmp_path / "odd.safetensors"
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + struct.pack("<2f", 1.5, -2.0))
-    assert (8 + len(blob)) % 4 and map_checkpoint(path)["x"].tolist() == [1.5, -2.0]
-
-
-def test_truncation_anywhere_is_corrupt(tmp_path: Path) -> None:
-    good = sample(tmp_path / "good.safetensors").read_bytes()
-    header_end = 8 + struct.unpack("<Q", good[:8])[0]
-    cuts = [0, 3, 7, 8, 9, header_end // 2, header_end - 1, header_end, header_end + 1, len(good) - 1]
-    for cut in cuts:
-        path = tmp_path / f"cut{cut}.safetensors"
-        path.write_bytes(good[:cut])
-        with pytest.raises(CorruptCheckpoint) as caught:
-            map_checkpoint(path)
-        assert str(path) in caught.value.message
-    (tmp_path / "long.safetensors").write_bytes(good + b"\0")
-    with pytest.raises(CorruptCheckpoint, match="belong to no tensor"):
-        map_checkpoint(tmp_path / "long.safetensors")
-
-
-def test_any_flipped_header_byte_is_corrupt(tmp_path: Path) -> None:
-    good = sample(tmp_path / "good.safetensors").read_bytes()
-    path = tmp_path / "bad.safetensors"
-    for position in range(8 + struct.unpack("<Q", good[:8])[0]):
-        bad = bytearray(good)
-        bad[position] ^= 0xFF
-        path.write_bytes(bad)
-        with pytest.raises(CorruptCheckpoint, match="damaged"):
-            map_checkpoint(path)
-
-
-@pytest.mark.parametrize(
-    ("header", "problem"),
-    [
-        ({"x": entry("C128", [1], 0, 16)}, "dtype"),
-        ({"x": entry("F32", [3], 0, 16)}, "spans"),
-        ({"x": entry("F32", [True], 0, 4)}, "shape"),
-        ({"x": entry("F32", [1], -4, 0)}, "data_offsets"),
-        ({"x": entry("I64", [2], 0, 16), "y": entry("U8", [8], 8, 16)}, "overlaps"),
-        ({"x": entry("I64", [1], 8, 16)}, "belong to no tensor"),
-        ({"x": [1, 2]}, "not an object"),
-        ({"__metadata__": {"k": 1}}, "__metadata__"),
-        ([], "not a JSON object"),
-    ],
-)
-def test_malformed_headers_are_corrupt(tmp_path: Path, header: object, problem: str) -> None:
-    with pytest.raises(CorruptCheckpoint, match=problem):
-        map_checkpoint(raw_file(tmp_path / "bad.safetensors", header, bytes(16)))
-
-
-def torch_imports(nodes: Iterable[ast.AST]) -> list[str]:
-    found: list[str] = []
-    for node in nodes:
-        if isinstance(node, ast.Import):
-            found += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            found.append(node.module or "")
-    return [name for name in found if name.split(".")[0] == "torch"]
-
-
-def test_torch_is_imported_only_inside_checkpoint_functions() -> None:
-    source = Path(__file__).parents[2] / "src" / "ember" / "store"
-    assert torch_imports(ast.walk(ast.parse((source / "store.py").read_text()))) == []
-    assert torch_imports(ast.parse((source / "checkpoint.py").read_text()).body) == []
-
 
 # -- the store -----------------------------------------------------------------------------------
 
@@ -235,7 +27,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 def add(store: Store, key: str, numel: int = 10, assets: dict[str, bytes] | None = None) -> StoredModel:
     folder = store.staging(key)
-    write_checkpoint(folder / "weights.safetensors", {"w": torch.arange(numel, dtype=torch.float32)})
+    write_checkpoint(folder / "weights.ember", {"w": torch.arange(numel, dtype=torch.float32)})
     if assets:
         (folder / "assets").mkdir()
         for name, data in assets.items():
@@ -246,7 +38,7 @@ def add(store: Store, key: str, numel: int = 10, assets: dict[str, bytes] | None
 def test_tiers_from_cold_to_warm_and_back(store: Store, tmp_path: Path) -> None:
     assert store.tier("m@1") is Tier.COLD and store.keys() == []
     model = add(store, "m@1", assets={"vocab.txt": b"a b", "config.json": b"{}"})
-    weights = model.path / "weights.safetensors"
+    weights = model.path / "weights.ember"
     assert model == store.get("m@1")
     assert (model.key, model.bytes, model.assets) == (
         "m@1",
@@ -258,7 +50,7 @@ def test_tiers_from_cold_to_warm_and_back(store: Store, tmp_path: Path) -> None:
     warm = store.promote("m@1")
     assert warm == tmp_path / "shm" / "m@1" and store.tier("m@1") is Tier.WARM
     assert store.promote("m@1") == warm
-    assert store.weights_path("m@1") == warm / "weights.safetensors"
+    assert store.weights_path("m@1") == warm / "weights.ember"
     assert torch.equal(map_checkpoint(store.weights_path("m@1"))["w"], torch.arange(10.0))
     assert store.assets("m@1") == {"config.json": b"{}", "vocab.txt": b"a b"}
     store.verify("m@1")
@@ -278,7 +70,7 @@ def test_commit_checks_its_input(store: Store) -> None:
     folder = store.staging("m@1")
     with pytest.raises(ValueError, match="holds no weights"):
         store.commit("m@1", folder)
-    write_checkpoint(folder / "weights.safetensors", {"w": torch.ones(1)})
+    write_checkpoint(folder / "weights.ember", {"w": torch.ones(1)})
     with pytest.raises(ValueError, match="already in the store"):
         store.commit("m@1", folder)
     (folder / "stray").write_bytes(b"")
@@ -293,11 +85,11 @@ def test_commit_checks_its_input(store: Store) -> None:
 
 def test_promote_refuses_a_damaged_copy(store: Store, tmp_path: Path) -> None:
     model = add(store, "m@1", assets={"vocab.txt": b"abc"})
-    weights = model.path / "weights.safetensors"
+    weights = model.path / "weights.ember"
     damaged = bytearray(weights.read_bytes())
     damaged[-1] ^= 0x01
     weights.write_bytes(damaged)
-    with pytest.raises(CorruptCheckpoint, match=r"weights\.safetensors of model 'm@1'"):
+    with pytest.raises(CorruptCheckpoint, match=r"weights\.ember of model 'm@1' is damaged: its index"):
         store.promote("m@1")
     assert store.tier("m@1") is Tier.COOL and list((tmp_path / "shm").iterdir()) == []
     with pytest.raises(CorruptCheckpoint, match="m@1"):
@@ -312,7 +104,7 @@ def test_verify_checks_assets_and_the_warm_copy(store: Store) -> None:
         store.verify("m@1")
     store.demote("m@1")
     store.verify("m@1")
-    (store.get("m@1").path / "weights.safetensors").unlink()
+    (store.get("m@1").path / "weights.ember").unlink()
     with pytest.raises(CorruptCheckpoint, match="missing"):
         store.verify("m@1")
 
@@ -324,9 +116,9 @@ def test_construction_deletes_what_a_crash_left(tmp_path: Path) -> None:
     root, shm = tmp_path / "root", tmp_path / "shm"
     shutil.copytree(cool, shm / "good@1")  # a complete warm copy survives
     (root / "staging" / "import.123").mkdir()
-    (root / "staging" / "import.123" / "weights.safetensors").write_bytes(b"partial")
+    (root / "staging" / "import.123" / "weights.ember").write_bytes(b"partial")
     (root / "models" / "half@1").mkdir()
-    (root / "models" / "half@1" / "weights.safetensors").write_bytes(b"no manifest")
+    (root / "models" / "half@1" / "weights.ember").write_bytes(b"no manifest")
     (shm / ".promote-good@1.abc").mkdir()
     (shm / "half@1").mkdir()  # warm, but its manifest never written
     shutil.copytree(cool, shm / "gone@1")  # warm copy of a model no longer on disk
@@ -398,3 +190,85 @@ def test_default_warm_root_is_shared_memory_and_close_removes_it(tmp_path: Path)
     assert not warm_root.exists()
     with pytest.raises(RuntimeError, match="closed"):
         opened.promote("m@1")
+
+
+# -- budgets and eviction ------------------------------------------------------------------------
+
+
+def test_warm_budget_evicts_least_recently_used_first(tmp_path: Path) -> None:
+    opened = Store(tmp_path / "root", warm_root=tmp_path / "shm", warm_budget_bytes=1)
+    try:
+        sizes = {key: add(opened, key, numel=4096).bytes for key in ("a@1", "b@1", "c@1", "big@1")}
+        opened.remove("big@1")
+        opened.close()
+        budget = 2 * sizes["a@1"]  # two of the three fit
+        store = Store(tmp_path / "root", warm_root=tmp_path / "shm", warm_budget_bytes=budget)
+        assert store.evictable(Tier.WARM) == [] and store.evictable(Tier.COOL) == ["a@1", "b@1", "c@1"]
+        store.promote("a@1")
+        store.promote("b@1")
+        store.weights_path("a@1")  # a use: b is now the least recently used
+        assert store.evictable() == ["b@1", "a@1"]
+        store.promote("c@1")
+        assert store.tier("b@1") is Tier.COOL and store.evictable() == ["a@1", "c@1"]
+        stats = store.statistics()
+        assert stats.warm == TierStats(2, 2 * sizes["a@1"], budget)
+        assert stats.cool == TierStats(3, 3 * sizes["a@1"], None)
+        assert store.make_room(sizes["a@1"], keep={"a@1"}) == ["c@1"]
+        assert store.make_room(0) == [] and store.evictable() == ["a@1"]
+        store.close()
+    finally:
+        opened.close()
+
+
+def test_a_model_larger_than_the_warm_budget_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "root", warm_root=tmp_path / "shm", warm_budget_bytes=100)
+    try:
+        add(store, "m@1")
+        with pytest.raises(ValueError, match="exceeds the warm budget"):
+            store.promote("m@1")
+        assert store.tier("m@1") is Tier.COOL
+    finally:
+        store.close()
+
+
+def test_cool_budget_refuses_a_commit_and_make_room_removes_cool_models(tmp_path: Path) -> None:
+    probe = Store(tmp_path / "probe", warm_root=tmp_path / "probe-shm")
+    size = add(probe, "x@1").bytes
+    probe.close()
+    store = Store(tmp_path / "root", warm_root=tmp_path / "shm", cool_budget_bytes=2 * size)
+    try:
+        add(store, "a@1")
+        add(store, "b@1")
+        with pytest.raises(ValueError, match="cool tier's budget"):
+            add(store, "c@1")
+        store.promote("a@1")  # warm models are not evictable from cool
+        assert store.evictable(Tier.COOL) == ["b@1"]
+        assert store.make_room(size, Tier.COOL) == ["b@1"]
+        assert store.tier("b@1") is Tier.COLD
+        add(store, "c@1")
+        assert store.statistics().cool == TierStats(2, 2 * size, 2 * size)
+        with pytest.raises(ValueError, match="no budget"):
+            store.evictable(Tier.HOT)
+    finally:
+        store.close()
+
+
+def test_verify_finds_a_flipped_data_byte(store: Store) -> None:
+    model = add(store, "m@1", numel=10_000)
+    weights = model.path / "weights.ember"
+    damaged = bytearray(weights.read_bytes())
+    damaged[4096 + 100] ^= 0x01
+    weights.write_bytes(damaged)
+    with pytest.raises(CorruptCheckpoint, match=r"weights\.ember of model 'm@1' is damaged: 1 data chunk"):
+        store.verify("m@1")
+    with pytest.raises(CorruptCheckpoint, match="m@1"):
+        store.promote("m@1")
+    assert store.tier("m@1") is Tier.COOL
+
+
+def test_commit_refuses_weights_that_are_not_an_ember_checkpoint(store: Store) -> None:
+    folder = store.staging("m@1")
+    (folder / "weights.ember").write_bytes(b"not a checkpoint" * 300)
+    with pytest.raises(CorruptCheckpoint, match="magic"):
+        store.commit("m@1", folder)
+    assert store.tier("m@1") is Tier.COLD

@@ -1,18 +1,32 @@
-"""Ember's store: the checkpoint format and the warm and cool tiers of a model's weights.
+"""Ember's store: the checkpoint format, the loader, and the warm and cool tiers of a model's weights.
 
-See DESIGN.md sections 2 and 5. Importing this package does not import torch; the checkpoint
-functions import it when called.
+See DESIGN.md sections 2 and 5. Importing this package does not import torch; the checkpoint,
+conversion and loader functions import it when called.
 """
 
-from ember.store.checkpoint import map_checkpoint, write_checkpoint
+from ember.store.convert import export_safetensors, import_source, read_source, write_checkpoint
+from ember.store.format import Index, TensorEntry, read_index, verify_chunks
+from ember.store.loader import LoaderConfig, load_checkpoint, map_checkpoint
+from ember.store.safetensors_io import map_safetensors, write_safetensors
 from ember.store.store import Store, StoredModel, StoreStats, Tier, TierStats
 
 __all__ = [
+    "Index",
+    "LoaderConfig",
     "Store",
     "StoreStats",
     "StoredModel",
+    "TensorEntry",
     "Tier",
     "TierStats",
+    "export_safetensors",
+    "import_source",
+    "load_checkpoint",
     "map_checkpoint",
+    "map_safetensors",
+    "read_index",
+    "read_source",
+    "verify_chunks",
     "write_checkpoint",
+    "write_safetensors",
 ]

@@ -1,6 +1,6 @@
 """The weight store: a model's cool copy on local disk and its warm copy in host shared memory.
 
-    root/models/<key>/        cool: weights.safetensors, assets/<name>, manifest.json
+    root/models/<key>/        cool: weights.ember, assets/<name>, manifest.json
     root/staging/<random>/    an import in progress (or a model being removed)
     warm_root/<key>/          warm: the same three, in /dev/shm where the host has it
 
@@ -11,6 +11,16 @@ store whether it is the only one open on the root: only then does it clean up at
 the last one to close removes the warm copies. Within a process, a lock per key serialises
 commit, promote, demote, remove and verify; ``tier()`` and the other reads take no lock.
 
+Weights are Ember checkpoints (:mod:`ember.store.format`): commit, promote and ``verify`` check
+every chunk's crc32 (a promote checks the warm copy it made, so what workers map has been checked).
+
+Each tier may have a byte budget. The store remembers the order in which models were used
+(committed, promoted, or their weights path asked for; a logical counter, not the clock) and
+``evictable`` lists a tier's models least recently used first; ``make_room`` demotes (warm) or
+removes (cool) in that order until the bytes fit, and returns what it moved. ``promote`` makes room
+in the warm tier itself; ``commit`` refuses a model the cool budget cannot hold, since dropping a
+cool copy loses the model until it is imported again: that is the controller's call.
+
 The store reports the warm, cool and cold tiers; hot (on the device) is the worker's business.
 """
 
@@ -20,6 +30,7 @@ import contextlib
 import enum
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -27,14 +38,17 @@ import re
 import secrets
 import shutil
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import CorruptCheckpoint
+from ember.store.format import REPAIR as _FORMAT_REPAIR
+from ember.store.format import read_index, verify_chunks
 
 __all__ = ["Store", "StoreStats", "StoredModel", "Tier", "TierStats"]
 
-WEIGHTS = "weights.safetensors"
+WEIGHTS = "weights.ember"
 ASSETS = "assets"
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 8 << 20
@@ -67,8 +81,11 @@ class StoredModel:
 
 @dataclass(frozen=True)
 class TierStats:
+    """A tier's models and weight bytes, and its byte budget (None: unlimited)."""
+
     models: int
     bytes: int
+    budget_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +126,23 @@ class _Manifest:
 class Store:
     """Committed models on disk (cool) and their copies in host shared memory (warm)."""
 
-    def __init__(self, root: Path, warm_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        warm_root: Path | None = None,
+        *,
+        warm_budget_bytes: int | None = None,
+        cool_budget_bytes: int | None = None,
+        verify_threads: int = 4,
+    ) -> None:
+        for name, budget in (("warm_budget_bytes", warm_budget_bytes), ("cool_budget_bytes", cool_budget_bytes)):
+            if budget is not None and budget < 0:
+                raise ValueError(f"{name}={budget}: use a byte count of 0 or more, or None for no limit")
+        self._budgets = {Tier.WARM: warm_budget_bytes, Tier.COOL: cool_budget_bytes}
+        self._verify_threads = max(1, verify_threads)
+        self._ticks = itertools.count(1)
+        self._last_use: dict[str, int] = {}
+        self._room_lock = threading.Lock()
         self._root = Path(root).resolve()
         self._models = self._root / "models"
         self._staging = self._root / "staging"
@@ -125,17 +158,18 @@ class Store:
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
     def staging(self, key: str) -> Path:
-        """A fresh empty folder: write ``weights.safetensors`` and ``assets/<name>`` there, then commit."""
+        """A fresh empty folder: write ``weights.ember`` and ``assets/<name>`` there, then commit."""
         self._check_open(key)
         folder = self._staging / f"{key}.{secrets.token_hex(8)}"
         folder.mkdir()
         return folder
 
     def commit(self, key: str, staging: Path) -> StoredModel:
-        """Hash the staged files, write the manifest last and move the folder to the cool tier.
+        """Check and hash the staged files, write the manifest last and move the folder to the cool tier.
 
-        ValueError if ``key`` is already committed or the folder is not a complete staging folder;
-        the folder is then left as it was, for the caller to fix or ``abort``.
+        ValueError if ``key`` is already committed, the folder is not a complete staging folder or
+        the cool budget cannot hold it; CorruptCheckpoint if the weights are not a sound Ember
+        checkpoint. The folder is then left as it was, for the caller to fix or ``abort``.
         """
         self._check_open(key)
         folder = self._own_staging(staging)
@@ -152,7 +186,14 @@ class Store:
             cool = self._models / key
             if cool.exists():
                 raise ValueError(f"model '{key}' is already in the store; remove it or use a new version")
+            verify_chunks(read_index(weights), self._verify_threads)
             sha256, size = _hash_file(weights, key, sync=True)
+            budget = self._budgets[Tier.COOL]
+            if budget is not None and self.statistics().cool.bytes + size > budget:
+                raise ValueError(
+                    f"model '{key}' ({size} bytes) does not fit the cool tier's budget of {budget} bytes; "
+                    f"make_room({size}, Tier.COOL) or raise cool_budget_bytes"
+                )
             assets = {name: _hash_file(assets_dir / name, key, sync=True)[0] for name in names}
             manifest = _Manifest(key, size, sha256, assets)
             _write_atomic(folder / MANIFEST, manifest.to_json())
@@ -161,6 +202,7 @@ class Store:
             except OSError as exc:  # another process committed the key in the meantime
                 raise ValueError(f"model '{key}' is already in the store ({exc})") from None
             _fsync(self._models)
+        self.touch(key)
         return self.get(key)
 
     def abort(self, staging: Path) -> None:
@@ -182,7 +224,8 @@ class Store:
         return Tier.COLD
 
     def weights_path(self, key: str) -> Path:
-        """The warm ``weights.safetensors`` if the model is warm, else the cool one."""
+        """The warm ``weights.ember`` if the model is warm, else the cool one; counts as a use."""
+        self.touch(key)
         if self.tier(key) is Tier.WARM:
             return self._warm_root / key / WEIGHTS
         return self.get(key).path / WEIGHTS
@@ -200,6 +243,46 @@ class Store:
         """The committed keys, sorted."""
         return sorted(p.name for p in self._models.iterdir() if _KEY.fullmatch(p.name) and (p / MANIFEST).is_file())
 
+    def touch(self, key: str) -> None:
+        """Record a use of ``key``: it becomes the last of its tier to be evicted."""
+        _check_key(key)
+        self._last_use[key] = next(self._ticks)
+
+    def evictable(self, tier: Tier = Tier.WARM) -> list[str]:
+        """The models ``make_room`` may move out of ``tier`` (WARM, or COOL: those not also warm), LRU first."""
+        if tier not in (Tier.WARM, Tier.COOL):
+            raise ValueError(f"{tier} has no budget here; evict from Tier.WARM or Tier.COOL")
+        keys = [k for k in self.keys() if (self.tier(k) is Tier.WARM) == (tier is Tier.WARM)]
+        return sorted(keys, key=lambda k: (self._last_use.get(k, 0), k))
+
+    def make_room(self, num_bytes: int, tier: Tier = Tier.WARM, keep: Collection[str] = ()) -> list[str]:
+        """Move models out of ``tier``, least recently used first, until ``num_bytes`` more fit its budget.
+
+        WARM models are demoted to cool; COOL ones are removed (cold: only at their source). Models
+        in ``keep`` stay. Returns the keys moved, in order; it may fall short if ``keep`` holds the rest.
+        """
+        budget = self._budgets.get(tier)
+        moved: list[str] = []
+        if budget is None:
+            return moved
+        with self._room_lock:
+            stats = self.statistics()
+            used = stats.warm.bytes if tier is Tier.WARM else stats.cool.bytes
+            for key in self.evictable(tier):
+                if used + num_bytes <= budget:
+                    break
+                if key in keep:
+                    continue
+                with contextlib.suppress(KeyError):  # removed meanwhile: its bytes are gone anyway
+                    size = self.get(key).bytes
+                    if tier is Tier.WARM:
+                        self.demote(key)
+                    else:
+                        self.remove(key)
+                    used -= size
+                    moved.append(key)
+        return moved
+
     def statistics(self) -> StoreStats:
         warm_models = warm_bytes = cool_models = cool_bytes = 0
         for key in self.keys():
@@ -209,15 +292,26 @@ class Store:
                 if self.tier(key) is Tier.WARM:
                     warm_bytes += _Manifest.load(self._warm_root / key).size
                     warm_models += 1
-        return StoreStats(warm=TierStats(warm_models, warm_bytes), cool=TierStats(cool_models, cool_bytes))
+        return StoreStats(
+            warm=TierStats(warm_models, warm_bytes, self._budgets[Tier.WARM]),
+            cool=TierStats(cool_models, cool_bytes, self._budgets[Tier.COOL]),
+        )
 
     def promote(self, key: str) -> Path:
-        """Copy the model to the warm tier, checking its hash on the way; return the warm folder.
+        """Copy the model to the warm tier and check the copy's checksums; return the warm folder.
 
-        Already warm: returns at once. On a hash mismatch raises CorruptCheckpoint, leaving no copy.
+        Already warm: returns at once. First makes room under the warm budget (least recently used
+        out first); ValueError if the model alone exceeds it. On a checksum mismatch raises
+        CorruptCheckpoint, leaving no copy.
         """
         self._check_open(key)
         warm = self._warm_root / key
+        self.touch(key)
+        if not (warm / MANIFEST).is_file():
+            size, budget = self.get(key).bytes, self._budgets[Tier.WARM]
+            if budget is not None and size > budget:
+                raise ValueError(f"model '{key}' ({size} bytes) exceeds the warm budget of {budget} bytes; raise it")
+            self.make_room(size, Tier.WARM, keep={key})
         with self._lock(key):
             if (warm / MANIFEST).is_file():
                 return warm
@@ -225,7 +319,8 @@ class Store:
             scratch = self._warm_root / f".promote-{key}.{secrets.token_hex(8)}"
             scratch.mkdir(parents=True)  # the warm root is made on first use, and closing removes it
             try:
-                _check_hash(cool / WEIGHTS, manifest.sha256, key, copy_to=scratch / WEIGHTS)
+                shutil.copyfile(cool / WEIGHTS, scratch / WEIGHTS)
+                _check_weights(scratch / WEIGHTS, manifest.size, self._verify_threads, key, cool / WEIGHTS)
                 (scratch / ASSETS).mkdir()
                 for name, digest in manifest.assets.items():
                     _check_hash(cool / ASSETS / name, digest, key, copy_to=scratch / ASSETS / name)
@@ -255,12 +350,14 @@ class Store:
             _discard(self._models / key, self._staging)
 
     def verify(self, key: str) -> None:
-        """Re-hash the cool copy, and the warm one if present; CorruptCheckpoint on any mismatch."""
+        """Check the chunks of the cool copy, and the warm one if present, and the assets' hashes.
+
+        CorruptCheckpoint on any mismatch, naming the file."""
         with self._lock(key):
             manifest = self._cool_manifest(key)
             folders = [self._models / key] + ([self._warm_root / key] if self.tier(key) is Tier.WARM else [])
             for folder in folders:
-                _check_hash(folder / WEIGHTS, manifest.sha256, key)
+                _check_weights(folder / WEIGHTS, manifest.size, self._verify_threads, key)
                 for name, digest in manifest.assets.items():
                     _check_hash(folder / ASSETS / name, digest, key)
 
@@ -366,6 +463,21 @@ def _hash_file(path: Path, key: str, *, copy_to: Path | None = None, sync: bool 
 def _check_hash(path: Path, expected: str, key: str, *, copy_to: Path | None = None) -> None:
     if _hash_file(path, key, copy_to=copy_to)[0] != expected:
         raise CorruptCheckpoint(f"{path} of model '{key}' fails its sha256 check; {_REPAIR}")
+
+
+def _check_weights(path: Path, size: int, threads: int, key: str, copy_of: Path | None = None) -> None:
+    """The checkpoint at ``path`` (a copy of ``copy_of``) is ``size`` bytes, its index and chunks sound."""
+    shown = copy_of or path
+    if not path.is_file():
+        raise CorruptCheckpoint(f"{shown} of model '{key}' is missing; {_REPAIR}")
+    try:
+        index = read_index(path)
+        if index.file_bytes != size:
+            raise CorruptCheckpoint(f"it is {index.file_bytes} bytes but its manifest says {size}")
+        verify_chunks(index, threads)
+    except CorruptCheckpoint as exc:
+        problem = exc.message.removeprefix(f"checkpoint {path} is damaged: ").removesuffix(f"; {_FORMAT_REPAIR}")
+        raise CorruptCheckpoint(f"{shown} of model '{key}' is damaged: {problem}; {_REPAIR}") from None
 
 
 def _discard(folder: Path, scratch_parent: Path) -> None:

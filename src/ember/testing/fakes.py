@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 from ember.clock import Clock, VirtualClock
 from ember.errors import ModelFailed, WorkerCrashed
 from ember.store import Store, StoredModel
+from ember.store.format import write_raw
+from ember.store.store import WEIGHTS
 from ember.worker.protocol import Arrays, Batch, rows_of
 
 __all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "run_in_virtual_time", "stage_weights"]
@@ -57,7 +59,7 @@ class FakeWorker:
     _crash: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def import_model(self, model_ref: str, options: dict[str, Any], staging: str) -> dict[str, Any]:
-        (Path(staging) / "weights.safetensors").write_bytes(b"\0" * 64)
+        write_raw(Path(staging) / WEIGHTS, [("w", "uint8", (64,), bytes(64))])
         return {
             "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
             "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
@@ -164,9 +166,10 @@ class FakeBackend:
 
 
 def stage_weights(store: Store, key: str, size: int = 1024) -> StoredModel:
-    """Put ``size`` bytes under ``key`` in ``store``'s cool tier, as an import would."""
+    """Put a checkpoint of ``size`` bytes of weights under ``key`` in ``store``'s cool tier, as an import would."""
     staging = store.staging(key)
-    (staging / "weights.safetensors").write_bytes(bytes(range(256)) * (size // 256) + b"\0" * (size % 256))
+    data = bytes(range(256)) * (size // 256) + b"\0" * (size % 256)
+    write_raw(staging / WEIGHTS, [("w", "uint8", (size,), data)])
     (staging / "assets").mkdir(exist_ok=True)
     return store.commit(key, staging)
 

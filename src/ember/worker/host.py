@@ -12,8 +12,10 @@ import gc
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,9 @@ import numpy.typing as npt
 import torch
 
 from ember.api import ModelAPI
-from ember.store.checkpoint import map_checkpoint, write_checkpoint
+from ember.store.convert import write_checkpoint
+from ember.store.loader import LoaderConfig, load_checkpoint
+from ember.store.store import WEIGHTS
 from ember.worker.protocol import Arrays, Batch, rows_of
 
 __all__ = ["ModelHost", "instantiate", "resolve_class"]
@@ -78,8 +82,9 @@ def describe(model: ModelAPI) -> dict[str, Any]:
 
 
 class ModelHost:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, loader: LoaderConfig | None = None) -> None:
         self.device = device
+        self.loader = loader or LoaderConfig()
         self.models: dict[str, ModelAPI] = {}
 
     def import_model(self, model_ref: str, options: Mapping[str, Any], staging: Path) -> dict[str, Any]:
@@ -87,7 +92,7 @@ class ModelHost:
         weights = model.source_weights()
         assets = model.source_assets()
         metadata = describe(model)
-        size = write_checkpoint(staging / "weights.safetensors", weights)
+        size = write_checkpoint(staging / WEIGHTS, weights)
         (staging / "assets").mkdir(exist_ok=True)
         for name, data in assets.items():
             if "/" in name or name.startswith("."):
@@ -107,7 +112,7 @@ class ModelHost:
     ) -> float:
         start = time.perf_counter()  # clock-ok: the worker measures its own work
         model = instantiate(model_ref, options)
-        weights = map_checkpoint(weights_path, self.device)
+        weights = load_checkpoint(weights_path, self.device, self.loader)
         model.setup(weights, assets, self.device)
         self.models[key] = model
         return time.perf_counter() - start  # clock-ok
@@ -130,13 +135,16 @@ class ModelHost:
                 decoded = dict(model.decode(request))
             except Exception as exc:
                 results[i] = f"decode failed: {type(exc).__name__}: {exc}"
+                _log_failure(key, "decode")
                 continue
             groups.setdefault(_signature(decoded), []).append((i, decoded))
         for members in groups.values():
-            self._run_group(model, members, results)
+            self._run_group(key, model, members, results)
         return Batch(results, time.perf_counter() - start)  # clock-ok
 
-    def _run_group(self, model: ModelAPI, members: list[tuple[int, Arrays]], results: list[Arrays | str]) -> None:
+    def _run_group(
+        self, key: str, model: ModelAPI, members: list[tuple[int, Arrays]], results: list[Arrays | str]
+    ) -> None:
         rows = [rows_of(arrays) for _, arrays in members]
         if len(members) == 1:
             batch = members[0][1]
@@ -150,6 +158,7 @@ class ModelHost:
                 if value.ndim == 0 or value.shape[0] != total:
                     raise ValueError(f"predict returned {name} with shape {value.shape}; expected {total} rows first")
         except Exception as exc:
+            _log_failure(key, "predict")
             message = f"predict failed: {type(exc).__name__}: {exc}"
             for i, _ in members:
                 results[i] = message
@@ -161,7 +170,13 @@ class ModelHost:
             try:
                 results[i] = dict(model.encode(part))
             except Exception as exc:
+                _log_failure(key, "encode")
                 results[i] = f"encode failed: {type(exc).__name__}: {exc}"
+
+
+def _log_failure(key: str, hook: str) -> None:
+    """Write the model's traceback to the worker log (``ember logs`` shows it)."""
+    print(f"ember worker {os.getpid()}: {key}: {hook} raised:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
 
 
 def _signature(arrays: Arrays) -> tuple[Any, ...]:

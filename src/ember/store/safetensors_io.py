@@ -1,11 +1,12 @@
-"""Ember's checkpoint format: plain safetensors, written atomically and mapped without a copy.
+"""The safetensors codec: how Ember imports safetensors files and exports its checkpoints back.
 
 A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes of JSON naming each
 tensor's dtype, shape and ``[begin, end)`` byte range within the data that follows, then the data.
-Users are never locked in: any safetensors reader opens what :func:`write_checkpoint` writes, and
-:func:`map_checkpoint` opens what any safetensors writer wrote.
+Users are never locked in: any safetensors reader opens what :func:`write_safetensors` writes, and
+:func:`map_safetensors` opens what any safetensors writer wrote. Ember stores weights in its own
+format (:mod:`ember.store.format`); this module is the door in and out.
 
-:func:`map_checkpoint` checks the whole header before it builds a single tensor, so a damaged file
+:func:`map_safetensors` checks the whole header before it builds a single tensor, so a damaged file
 raises :class:`~ember.errors.CorruptCheckpoint` instead of returning part of its tensors. On the CPU
 the tensors are views over one private (copy-on-write) memory map of the file: loading costs page
 faults, not copies, and writing into a tensor never reaches the file. ``torch.frombuffer`` holds a
@@ -32,7 +33,7 @@ from ember.errors import CorruptCheckpoint
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["map_checkpoint", "write_checkpoint"]
+__all__ = ["map_safetensors", "write_safetensors"]
 
 # safetensors dtype code -> name of the torch dtype; codes this torch lacks are left out at run time.
 _DTYPE_NAMES = {
@@ -73,7 +74,7 @@ class _Entry:
     end: int
 
 
-def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     """Write ``tensors`` to ``path`` as safetensors, atomically; return the bytes written.
 
     The file appears complete or not at all: it is written to ``path.with_suffix(".tmp")``, synced
@@ -132,7 +133,7 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     return 8 + len(blob) + data_bytes
 
 
-def map_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def map_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Return the tensors of the safetensors file at ``path``, in the file's order.
 
     On the CPU they are zero-copy views over a private memory map of the file (writes to them stay

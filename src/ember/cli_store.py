@@ -1,0 +1,185 @@
+"""``ember store ...``: the weight store, worked on directly in ``--home`` (no server needed).
+
+    ember store ls                         the stored models: tier, size, sha256; each tier's budget
+    ember store import SOURCE --out FILE   convert a .safetensors/.pt/.bin file or HF folder to a checkpoint
+    ember store import SOURCE --key K      ... or into the home's store as K (name@version; weights only,
+                                           `ember deploy` is what registers a model)
+    ember store verify [KEY|FILE]          check every chunk's crc32 (all models when none is named)
+    ember store export KEY|FILE --out F    write a checkpoint back out as safetensors
+    ember store bench                      the load benchmark (benchmarks/load.py) on a temporary checkpoint
+
+Errors print ``error: <what to do>`` and exit 1, as the rest of the CLI does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ember.errors import EmberError
+from ember.store import Store
+
+__all__ = ["store_app"]
+
+store_app = typer.Typer(
+    name="store", help="Inspect, import, verify and benchmark the weight store.", no_args_is_help=True
+)
+_console = Console(soft_wrap=True)
+_err = Console(stderr=True, soft_wrap=True)
+
+HomeOption = Annotated[
+    Path,
+    typer.Option("--home", envvar="EMBER_HOME", help="Ember's home: registry, store, logs.", show_envvar=True),
+]
+_DEFAULT_HOME = Path("~/.ember")
+
+
+def _fail(message: str) -> NoReturn:
+    _err.print(Text(f"error: {message}", style="red"))
+    raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _store(home: Path) -> Iterator[Store]:
+    try:
+        store = Store(home.expanduser() / "store")
+    except OSError as exc:
+        _fail(f"cannot open the store under {home}: {exc}")
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except EmberError as exc:
+        _fail(exc.message)
+    except FileNotFoundError as exc:
+        _fail(f"{exc.filename} does not exist; check the path")
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        _fail(str(exc).strip("'\""))
+
+
+@store_app.command("ls")
+def list_stored(home: HomeOption = _DEFAULT_HOME) -> None:
+    """List the models in the store with their tier and size, and each tier's budget."""
+    with _errors(), _store(home) as opened:
+        table = Table("model", "tier", "MB", "assets", "sha256")
+        keys = opened.keys()
+        for key in keys:
+            model = opened.get(key)
+            table.add_row(
+                key, str(opened.tier(key)), f"{model.bytes / 1e6:.1f}", str(len(model.assets)), model.sha256[:12]
+            )
+        _console.print(table)
+        stats = opened.statistics()
+        for name, tier in (("warm", stats.warm), ("cool", stats.cool)):
+            budget = "unlimited" if tier.budget_bytes is None else f"{tier.budget_bytes / 1e6:.1f} MB"
+            _console.print(f"{name}: {tier.models} models, {tier.bytes / 1e6:.1f} MB of {budget}")
+
+
+@store_app.command("import")
+def import_weights(
+    source: Annotated[Path, typer.Argument(help="A .safetensors, .pt/.bin/.pth file, or a (HF) folder of them.")],
+    out: Annotated[Path | None, typer.Option(help="Write the checkpoint to this file.")] = None,
+    key: Annotated[str | None, typer.Option(help="Import into the home's store as this name@version.")] = None,
+    home: HomeOption = _DEFAULT_HOME,
+) -> None:
+    """Convert weights into Ember's checkpoint format: to a file (--out) or into the store (--key)."""
+    from ember.store import import_source
+    from ember.store.store import WEIGHTS
+
+    if (out is None) == (key is None):
+        _fail("give exactly one of --out FILE or --key name@version")
+    with _errors():
+        if out is not None:
+            size = import_source(source, out)
+            _console.print(f"wrote {out}: {size / 1e6:.1f} MB")
+            return
+        assert key is not None
+        with _store(home) as opened:
+            staging = opened.staging(key)
+            try:
+                import_source(source, staging / WEIGHTS)
+                model = opened.commit(key, staging)
+            except BaseException:
+                opened.abort(staging)
+                raise
+            _console.print(f"stored {model.key}: {model.bytes / 1e6:.1f} MB in the cool tier")
+
+
+@store_app.command("verify")
+def verify(
+    target: Annotated[
+        str | None, typer.Argument(help="A model key, or a checkpoint file; all models if absent.")
+    ] = None,
+    home: HomeOption = _DEFAULT_HOME,
+) -> None:
+    """Check every chunk's crc32 (and the assets' sha256) of one model, a file, or every stored model."""
+    from ember.store import read_index, verify_chunks
+
+    with _errors():
+        if target is not None and Path(target).is_file():
+            verify_chunks(read_index(Path(target)))
+            _console.print(f"{target}: ok")
+            return
+        with _store(home) as opened:
+            keys = [target] if target is not None else opened.keys()
+            damaged = []
+            for key in keys:
+                try:
+                    opened.verify(key)
+                    _console.print(f"{key}: ok")
+                except EmberError as exc:
+                    damaged.append(key)
+                    _err.print(Text(f"{key}: {exc.message}", style="red"))
+            if damaged:
+                raise typer.Exit(1)
+
+
+@store_app.command("export")
+def export(
+    target: Annotated[str, typer.Argument(help="A model key or a checkpoint file.")],
+    out: Annotated[Path, typer.Option(help="The safetensors file to write.")],
+    home: HomeOption = _DEFAULT_HOME,
+) -> None:
+    """Write a stored model (or a checkpoint file) out as safetensors."""
+    from ember.store import export_safetensors
+
+    with _errors():
+        if Path(target).is_file():
+            size = export_safetensors(Path(target), out)
+        else:
+            with _store(home) as opened:
+                size = export_safetensors(opened.weights_path(target), out)
+        _console.print(f"wrote {out}: {size / 1e6:.1f} MB")
+
+
+@store_app.command("bench")
+def bench(
+    size_gb: Annotated[float, typer.Option(min=0.001, help="Checkpoint size in GB.")] = 1.0,
+    repeat: Annotated[int, typer.Option(min=1, help="Rounds; each method's best counts.")] = 3,
+    threads: Annotated[int, typer.Option(min=1, help="Reader threads.")] = 4,
+    cold: Annotated[bool, typer.Option(help="Also measure from cold disk (evicting the page cache).")] = True,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows here.")] = None,
+) -> None:
+    """Measure Ember's loader beside torch.load, safetensors and the raw link (benchmarks/load.py)."""
+    from ember.store.bench import format_table, run_benchmark
+
+    with _errors():
+        rows, notes = run_benchmark(size_gb, repeat, threads, cold, say=_console.print)
+        _console.print(format_table(rows), highlight=False)
+        _console.print(json.dumps(notes), highlight=False)
+        if json_path is not None:
+            json_path.write_text(json.dumps({"rows": [r.to_json() for r in rows], "notes": notes}, indent=2) + "\n")
