@@ -37,7 +37,7 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
 
     async def ember_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, EmberError)
-        return error_response(exc)
+        return error_response(exc, openai=request.url.path.startswith("/v1/"))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -48,7 +48,8 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(InternalError(f"internal error ({type(exc).__name__}); the server log has details"))
+        error = InternalError(f"internal error ({type(exc).__name__}); the server log has details")
+        return error_response(error, openai=request.url.path.startswith("/v1/"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

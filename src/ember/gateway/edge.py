@@ -25,9 +25,23 @@ class PayloadTooLarge(InvalidInput):
     http_status = 413
 
 
-def error_response(error: EmberError) -> Response:
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def error_response(error: EmberError, openai: bool = False) -> Response:
+    """``{"error": message}``; on the OpenAI routes, the OpenAI client's error object instead."""
     headers = {"Retry-After": error.retry_after_header} if isinstance(error, Refused) else None
-    return JSONResponse(error.to_json(), status_code=error.http_status, headers=headers)
+    body: dict[str, object] = dict(error.to_json())
+    if openai:
+        body = {
+            "error": {
+                "message": error.message,
+                "type": _OPENAI_TYPES.get(error.http_status, "server_error"),
+                "param": None,
+                "code": type(error).__name__,
+            }
+        }
+    return JSONResponse(body, status_code=error.http_status, headers=headers)
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:

@@ -99,6 +99,10 @@ def routes(service: EmberService) -> list[Route]:
             raise InvalidInput(f"Inference-Header-Content-Length must be a byte count, not {header!r}")
         parsed = parse_infer_request(body, int(header) if header is not None else None)
         check_inputs(d, parsed.inputs)
+        unknown = sorted({o.name for o in parsed.outputs or ()} - {t.name for t in d.metadata.outputs})
+        if unknown:
+            names = ", ".join(t.name for t in d.metadata.outputs)
+            raise InvalidInput(f"model '{d.name}' has no output {', '.join(unknown)}; its outputs are {names}")
         outputs = await service.infer(d.name, parsed.inputs, _timeout_s(parsed.parameters))
         payload, header_length = encode_infer_response(d.name, str(d.version), parsed.id, outputs, parsed)
         if header_length is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ class Pending:
     future: asyncio.Future[Arrays]
     retried: bool = False
     dispatched_at: float = 0.0
+    #: In a queue's heap and not answered yet: what counts against the queue's capacity.
+    queued: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -41,15 +44,17 @@ class ModelQueue:
         self.capacity = capacity
         self._heap: list[tuple[float, int, Pending]] = []
         self._seq = itertools.count()
+        self._live = 0
         self.changed = asyncio.Event()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        """Requests waiting and not yet answered (a timed-out or abandoned one no longer counts)."""
+        return self._live
 
     def put(self, pending: Pending) -> None:
-        if len(self._heap) >= self.capacity:
+        if self._live >= self.capacity:
             raise Overloaded(
-                f"model '{self.model}' has {len(self._heap)} requests queued (its limit, --max-queue); "
+                f"model '{self.model}' has {self._live} requests queued (its limit, --max-queue); "
                 "retry after the Retry-After delay or deploy it with a larger --max-queue",
                 retry_after_s=1.0,
             )
@@ -69,18 +74,35 @@ class ModelQueue:
         taken: list[Pending] = []
         while self._heap and len(taken) < count:
             _, _, pending = heapq.heappop(self._heap)
+            self._leave(pending)
             if not pending.answered:
                 taken.append(pending)
         return taken
 
     def drain(self) -> list[Pending]:
         taken = [p for _, _, p in self._heap if not p.answered]
+        for _, _, pending in self._heap:
+            self._leave(pending)
         self._heap.clear()
         return taken
 
     def _push(self, pending: Pending) -> None:
+        if not pending.queued:
+            pending.queued = True
+            self._live += 1
+        pending.future.add_done_callback(functools.partial(self._answered, pending))
         heapq.heappush(self._heap, (pending.deadline, next(self._seq), pending))
+        if len(self._heap) > 2 * self.capacity:  # answered entries wait for their turn; cap them
+            self._drop_answered()
         self.changed.set()
+
+    def _answered(self, pending: Pending, future: asyncio.Future[Arrays]) -> None:
+        self._leave(pending)
+
+    def _leave(self, pending: Pending) -> None:
+        if pending.queued:
+            pending.queued = False
+            self._live -= 1
 
     def _drop_answered(self) -> None:
         if any(p.answered for _, _, p in self._heap):
