@@ -266,3 +266,12 @@ def verify_chunks(index: Index, threads: int = 4) -> None:
 
 def _corrupt(path: Path, problem: str) -> CorruptCheckpoint:
     return CorruptCheckpoint(f"checkpoint {path} is damaged: {problem}; {REPAIR}")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a folder after a rename in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

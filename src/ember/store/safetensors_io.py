@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.errors import CorruptCheckpoint
+from ember.store.format import fsync_path
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +130,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return 8 + len(blob) + data_bytes
 
 
@@ -241,11 +242,3 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _corrupt(path: Path, problem: str) -> CorruptCheckpoint:
     return CorruptCheckpoint(f"checkpoint {path} is damaged: {problem}; {_REPAIR}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

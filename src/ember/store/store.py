@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ember.errors import CorruptCheckpoint
 from ember.store.format import REPAIR as _FORMAT_REPAIR
-from ember.store.format import read_index, verify_chunks
+from ember.store.format import fsync_path, read_index, verify_chunks
 
 __all__ = ["Store", "StoreStats", "StoredModel", "Tier", "TierStats"]
 
@@ -201,7 +201,7 @@ class Store:
                 os.rename(folder, cool)
             except OSError as exc:  # another process committed the key in the meantime
                 raise ValueError(f"model '{key}' is already in the store ({exc})") from None
-            _fsync(self._models)
+            fsync_path(self._models)
         self.touch(key)
         return self.get(key)
 
@@ -497,14 +497,6 @@ def _delete(path: Path) -> None:
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
