@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import re
@@ -224,6 +225,8 @@ async def _serve(options: ServeOptions, sock: socket.socket, specs: Sequence[Dep
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
         if server.started:
+            # What start-up built lives as long as the server: keep it out of every full collection.
+            gc.freeze()
             url = _url(sock)
             console.print(f"Ember serving on {url} ({options.workers} workers)", highlight=False)
             if specs:

@@ -118,10 +118,11 @@ class ModelHost:
         return time.perf_counter() - start  # clock-ok
 
     def unload(self, key: str) -> None:
-        if self.models.pop(key, None) is not None:
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        # No gc.collect() here: a full collection in a process holding torch and transformers takes
+        # 0.3-0.5 s, and the next message (maybe a promotion) would wait behind it. Reference
+        # counting frees the model's tensors as soon as the last reference goes.
+        if self.models.pop(key, None) is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def infer(self, key: str, requests: list[Arrays]) -> Batch:
         model = self.models.get(key)

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     host = ModelHost(device)
     send_message(
         sock,
-        WorkerReady(os.getpid(), str(device), torch.__version__, time.perf_counter() - start),  # clock-ok
+        WorkerReady(os.getpid(), str(device), str(torch.__version__), time.perf_counter() - start),  # clock-ok
     )
     serve(sock, host)
 
