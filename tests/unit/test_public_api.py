@@ -45,3 +45,24 @@ def test_the_readme_model_runs_as_the_platform_runs_it(tmp_path):
     expected = torch.nn.Linear(16, 16)(torch.from_numpy(x)).detach().numpy()
     got = np.concatenate([out["y"] for out in batch.outputs if not isinstance(out, str)])
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_talking_to_a_worker_does_not_import_torch_into_the_gateway(tmp_path):
+    code = f"""
+import asyncio, sys
+from pathlib import Path
+from ember.cluster.local import LocalBackend
+
+async def main():
+    backend = LocalBackend(1, Path({str(tmp_path)!r}), preload=())
+    await backend.start()
+    try:
+        print(backend.workers()[0].ready_info.torch_version, "torch" in sys.modules)
+    finally:
+        await backend.stop()
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    version, imported = out.stdout.split()
+    assert version == torch.__version__ and imported == "False"
