@@ -129,8 +129,11 @@ def session_cpu_s(sid: int) -> dict[int, float]:
     return found
 
 
+LOAD_NOTE = "(this benchmark keeps 1 to 3 processes busy; more than that means other work shared the CPUs)"
+
+
 def load_average() -> float:
-    """The one-minute load average: more than the core count means something else competes."""
+    """The one-minute load average, to tell a quiet machine from a shared one."""
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except (OSError, ValueError, IndexError):

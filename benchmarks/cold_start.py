@@ -272,7 +272,7 @@ def main() -> None:
     load_average.append(c.load_average())
     rows = report(samples, baseline)
     averages = " -> ".join(f"{x:.2f}" for x in load_average)
-    print(f"load average during the run: {averages} (above {c.machine()['cpus']}: something else competed)")
+    print(f"one-minute load average during the run: {averages} {c.LOAD_NOTE}")
     c.write_json(
         args.json,
         {

@@ -424,7 +424,7 @@ def report(results: dict[str, Any]) -> list[dict[str, Any]]:
             ],
         )
     averages = " -> ".join(f"{x:.2f}" for x in results["load_average"])
-    print(f"\nload average during the run: {averages} (above {c.machine()['cpus']}: something else competed)")
+    print(f"\none-minute load average during the run: {averages} {c.LOAD_NOTE}")
     return ratios
 
 
