@@ -62,10 +62,10 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
                 await service.stop()
 
     routes = [
+        *oip.routes(service),  # first: Starlette tries routes in order, and infer is the hot one
+        *openai.routes(service),
         Route("/", dashboard, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        *oip.routes(service),
-        *openai.routes(service),
         *admin.routes(service),
     ]
     return Starlette(

@@ -132,6 +132,8 @@ def routes(service: EmberService) -> list[Route]:
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     return [
+        Route(f"{model}/infer", infer, methods=["POST"]),
+        Route(f"{versioned}/infer", infer, methods=["POST"]),
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
@@ -141,8 +143,6 @@ def routes(service: EmberService) -> list[Route]:
         Route(f"{versioned}/ready", model_ready, methods=["GET"]),
         Route(f"{model}/config", model_config, methods=["GET"]),
         Route(f"{versioned}/config", model_config, methods=["GET"]),
-        Route(f"{model}/infer", infer, methods=["POST"]),
-        Route(f"{versioned}/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", repository_unload, methods=["POST"]),

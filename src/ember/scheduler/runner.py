@@ -67,7 +67,19 @@ class ModelRunner:
         self._policy = policy
         self._promoter = promoter
         self._metrics = metrics
-        self._labels = (deployment.name, str(deployment.version))
+        self._labels = labels = (deployment.name, str(deployment.version))
+        # Each metric's child for this model, looked up once: labels() costs microseconds per call.
+        name = deployment.name
+        self._pending_gauge = metrics.pending.labels(*labels)
+        self._exec_count = metrics.exec_count.labels(*labels)
+        self._count = metrics.count.labels(*labels)
+        self._compute_us = metrics.compute_us.labels(*labels)
+        self._queue_us = metrics.queue_us.labels(*labels)
+        self._success = metrics.success.labels(*labels)
+        self._slo_total = metrics.slo_total.labels(name)
+        self._latency = metrics.latency.labels(name)
+        self._slo_met = metrics.slo_met.labels(name)
+        self._slo_attainment = metrics.slo_attainment.labels(name)
         self._predicted_batch_s = 0.0
         self._in_flight: list[Pending] = []
         self._task: asyncio.Task[None] | None = None
@@ -99,7 +111,7 @@ class ModelRunner:
         self.queue.put(pending)  # raises Overloaded when full: nothing was admitted
         self.stats.requests += 1
         self.stats.last_active = now
-        self._metrics.pending.labels(*self._labels).inc()
+        self._pending_gauge.inc()
         try:
             if hard:
                 return await self._wait_until(future, deadline)
@@ -107,7 +119,7 @@ class ModelRunner:
         finally:
             if not future.done():  # the caller went away: the queue skips it from now on
                 future.cancel()
-            self._metrics.pending.labels(*self._labels).dec()
+            self._pending_gauge.dec()
             self._account(pending)
 
     async def run(self) -> None:
@@ -187,11 +199,11 @@ class ModelRunner:
         self.stats.batches += 1
         self.stats.rows += rows
         self._predicted_batch_s = max(result.compute_s, 0.9 * self._predicted_batch_s)
-        self._metrics.exec_count.labels(*self._labels).inc()
-        self._metrics.count.labels(*self._labels).inc(rows)
-        self._metrics.compute_us.labels(*self._labels).inc(result.compute_s * 1e6)
+        self._exec_count.inc()
+        self._count.inc(rows)
+        self._compute_us.inc(result.compute_s * 1e6)
         for pending, output in zip(live, result.outputs, strict=True):
-            self._metrics.queue_us.labels(*self._labels).inc((pending.dispatched_at - pending.arrival) * 1e6)
+            self._queue_us.inc((pending.dispatched_at - pending.arrival) * 1e6)
             if pending.answered:
                 continue
             if isinstance(output, str):
@@ -202,15 +214,14 @@ class ModelRunner:
     def _account(self, pending: Pending) -> None:
         now = self._clock.now()
         ok = pending.future.done() and not pending.future.cancelled() and pending.future.exception() is None
-        model = self.deployment.name
-        self._metrics.slo_total.labels(model).inc()
-        self._metrics.latency.labels(model).observe(now - pending.arrival)
+        self._slo_total.inc()
+        self._latency.observe(now - pending.arrival)
         if ok:
             self.stats.succeeded += 1
-            self._metrics.success.labels(*self._labels).inc()
+            self._success.inc()
             if now - pending.arrival <= self.deployment.slo_ms / 1000.0:
                 self.stats.slo_met += 1
-                self._metrics.slo_met.labels(model).inc()
+                self._slo_met.inc()
         else:
             self.stats.failed += 1
             reason = "CANCELLED"
@@ -220,7 +231,7 @@ class ModelRunner:
             self._metrics.failure.labels(*self._labels, reason).inc()
         attainment = self.stats.slo_attainment
         if attainment is not None:
-            self._metrics.slo_attainment.labels(model).set(attainment)
+            self._slo_attainment.set(attainment)
 
     async def _wait_until(self, future: asyncio.Future[Arrays], deadline: float) -> Arrays:
         timer: asyncio.Future[Any] = asyncio.ensure_future(self._clock.sleep(deadline - self._clock.now()))
