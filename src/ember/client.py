@@ -173,7 +173,7 @@ class Client:
                 raise TimeoutError(
                     f"Ember at {self.url} was not ready after {timeout_s:g} s ({last}); is `ember serve` running there?"
                 )
-            time.sleep(min(interval_s, max(0.0, deadline - clock.now())))
+            time.sleep(min(interval_s, max(0.0, deadline - clock.now())))  # clock-ok: a client polling a server
 
     # -- internals ---------------------------------------------------------------------------------
 
