@@ -25,17 +25,18 @@ torch is imported inside the functions: only worker code imports it at module le
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ember.errors import CorruptCheckpoint
 
@@ -128,7 +129,6 @@ def write_raw(
     if chunk_bytes <= 0 or chunk_bytes % PREAMBLE_BYTES:
         raise ValueError(f"chunk_bytes={chunk_bytes}: use a positive multiple of {PREAMBLE_BYTES}")
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     entries: list[list[object]] = []
     crcs: list[int] = []
     crc, filled, cursor, names = 0, 0, 0, set()
@@ -146,34 +146,27 @@ def write_raw(
                 crcs.append(crc)
                 crc, filled = 0, 0
 
-    try:
-        with open(tmp, "wb") as out:
-            out.write(bytes(PREAMBLE_BYTES))
-            for name, dtype, shape, raw in tensors:
-                if not isinstance(name, str) or name in names:
-                    raise ValueError(f"tensor name {name!r} is not a string or appears twice; rename it")
-                names.add(name)
-                data = memoryview(raw).cast("B")
-                feed(out, memoryview(bytes(-cursor % TENSOR_ALIGN)))
-                entries.append([name, dtype, list(shape), cursor, len(data)])
-                feed(out, data)
-            if filled:
-                crcs.append(crc)
-            blob = json.dumps(
-                {"tensors": entries, "chunk_bytes": chunk_bytes, "chunks": crcs, "metadata": dict(metadata or {})},
-                separators=(",", ":"),
-            ).encode()
-            out.write(blob)
-            fields = (MAGIC, VERSION, TENSOR_ALIGN, chunk_bytes, PREAMBLE_BYTES, cursor)
-            head = _PREAMBLE.pack(*fields, PREAMBLE_BYTES + cursor, len(blob), zlib.crc32(blob))
-            out.seek(0)
-            out.write(head + struct.pack("<I", zlib.crc32(head)))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as out:
+        out.write(bytes(PREAMBLE_BYTES))
+        for name, dtype, shape, raw in tensors:
+            if not isinstance(name, str) or name in names:
+                raise ValueError(f"tensor name {name!r} is not a string or appears twice; rename it")
+            names.add(name)
+            data = memoryview(raw).cast("B")
+            feed(out, memoryview(bytes(-cursor % TENSOR_ALIGN)))
+            entries.append([name, dtype, list(shape), cursor, len(data)])
+            feed(out, data)
+        if filled:
+            crcs.append(crc)
+        blob = json.dumps(
+            {"tensors": entries, "chunk_bytes": chunk_bytes, "chunks": crcs, "metadata": dict(metadata or {})},
+            separators=(",", ":"),
+        ).encode()
+        out.write(blob)
+        fields = (MAGIC, VERSION, TENSOR_ALIGN, chunk_bytes, PREAMBLE_BYTES, cursor)
+        head = _PREAMBLE.pack(*fields, PREAMBLE_BYTES + cursor, len(blob), zlib.crc32(blob))
+        out.seek(0)
+        out.write(head + struct.pack("<I", zlib.crc32(head)))
     return PREAMBLE_BYTES + cursor + len(blob)
 
 
@@ -275,3 +268,22 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """Write ``path`` all or nothing: into a temporary file, flushed to disk, then renamed over it.
+
+    On any error the temporary file is removed and ``path`` is untouched.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w+b") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)

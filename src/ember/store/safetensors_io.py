@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.errors import CorruptCheckpoint
-from ember.store.format import fsync_path
+from ember.store.format import atomic_file
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,7 @@ class _Entry:
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     """Write ``tensors`` to ``path`` as safetensors, atomically; return the bytes written.
 
-    The file appears complete or not at all: it is written to ``path.with_suffix(".tmp")``, synced
+    The file appears complete or not at all: it is written to ``path`` + ``".tmp"``, synced
     and renamed. Tensors are moved to the CPU and made contiguous; views that share storage are
     fine (each is written as its own bytes). Tensors are laid out widest element first, so every
     tensor starts aligned to its element size and a CPU mapping of the file needs no copy.
@@ -115,22 +115,12 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % _HEADER_ALIGN)
 
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            for _, tensor in prepared:
-                if tensor.numel():
-                    out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    with atomic_file(Path(path)) as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for _, tensor in prepared:
+            if tensor.numel():
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return 8 + len(blob) + data_bytes
 
 

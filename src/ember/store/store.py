@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ember.errors import CorruptCheckpoint
 from ember.store.format import REPAIR as _FORMAT_REPAIR
-from ember.store.format import fsync_path, read_index, verify_chunks
+from ember.store.format import atomic_file, fsync_path, read_index, verify_chunks
 
 __all__ = ["Store", "StoreStats", "StoredModel", "Tier", "TierStats"]
 
@@ -495,8 +495,5 @@ def _delete(path: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    with atomic_file(path) as out:
+        out.write(data)
