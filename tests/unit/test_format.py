@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tensor_cases import same, tensors
 
 from ember.errors import CorruptCheckpoint
 from ember.store import (
@@ -31,27 +32,6 @@ DTYPES: list[torch.dtype] = [getattr(torch, n) for n in ITEMSIZE if isinstance(g
 SMALL_READS = LoaderConfig(threads=3, chunk_bytes=4096, map_on_cpu=False, verify=True)
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes, so that NaNs, fp8 and bf16 compare bit for bit."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-
-
-@st.composite
-def tensors(draw: st.DrawFn) -> torch.Tensor:
-    dtype = draw(st.sampled_from(DTYPES))
-    shape = tuple(draw(st.lists(st.integers(0, 6), max_size=4)))
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = torch.tensor(list(draw(st.binary(min_size=nbytes, max_size=nbytes))), dtype=torch.uint8)
-    if dtype is torch.bool:
-        raw &= 1
-    return raw.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
-
-
 def sample(path: Path, numel: int = 5000) -> dict[str, torch.Tensor]:
     named = {
         "w": torch.arange(numel, dtype=torch.float32).reshape(-1, 10),
@@ -65,7 +45,7 @@ def sample(path: Path, numel: int = 5000) -> dict[str, torch.Tensor]:
 
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.text(min_size=1, max_size=8), tensors(), max_size=5))
+@given(st.dictionaries(st.text(min_size=1, max_size=8), tensors(DTYPES, 6), max_size=5))
 def test_round_trip_is_bitwise_through_every_load_path(tmp_path: Path, named: dict[str, torch.Tensor]) -> None:
     path = tmp_path / "w.ember"
     assert write_checkpoint(path, named) == path.stat().st_size
