@@ -227,6 +227,23 @@ def test_nested_data_scalars_and_request_fields() -> None:
     assert_same(request.inputs["f"], np.array([1, 0.5, 65504], dtype=np.float16))
 
 
+def test_json_floats_round_to_the_narrow_type_and_only_finite_overflow_is_refused() -> None:
+    # 65519 rounds down to FP16's largest value, 65520 rounds up to infinity; NaN and infinities (as
+    # Python's json writes them) pass as they are.
+    body = b'{"inputs": [{"name": "f", "datatype": "FP16", "shape": [4], "data": [65519, NaN, -Infinity, 1e-9]}]}'
+    assert_same(parse_infer_request(body, None).inputs["f"], np.array([65504, np.nan, -np.inf, 0], dtype=np.float16))
+    for value in (65520, -1e300):
+        with pytest.raises(InvalidInput, match="out of range for FP16"):
+            parse_infer_request(_json_request({"name": "f", "datatype": "FP16", "shape": [1], "data": [value]}), None)
+
+
+def test_a_response_with_non_finite_floats_stays_readable() -> None:
+    outputs = {"y": np.array([np.nan, np.inf, -np.inf, 1.5], dtype=np.float32)}
+    body, header_length = encode_infer_response("m", "1", None, outputs, make_request({}))
+    assert header_length is None
+    assert_same(parse_infer_response(body, None)["y"], outputs["y"])
+
+
 def test_binary_inputs_decode_from_after_the_header() -> None:
     header = json.dumps(
         {

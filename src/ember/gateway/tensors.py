@@ -1,6 +1,7 @@
 """Open Inference Protocol v2 (KServe v2 / Triton HTTP) infer codec: JSON tensors and binary tensor data.
 
-A pure codec (numpy + stdlib ``json``): no web framework, no torch. Byte formats match ``tritonclient.http``:
+A pure codec (numpy, ``orjson`` with the stdlib ``json`` behind it): no web framework, no torch. Byte
+formats match ``tritonclient.http``:
 
 * A body is a JSON object, optionally followed by raw tensor bytes. The HTTP header
   ``Inference-Header-Content-Length`` gives the JSON part's length; without it the whole body is JSON.
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from ember.errors import InvalidInput
 
@@ -65,6 +67,12 @@ DATATYPES: Mapping[str, np.dtype[Any]] = MappingProxyType(
 )
 _BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items() if name != "BYTES"}
 _U32 = struct.Struct("<I")
+# The smallest float64 magnitude that rounds to infinity in each narrower float type: its largest
+# finite value plus half a unit in the last place.
+_OVERFLOW = {
+    dt: float(np.finfo(dt).max) + (float(np.finfo(dt).max) - float(np.nextafter(np.finfo(dt).max, dt.type(0)))) / 2
+    for dt in (np.dtype("<f2"), np.dtype("<f4"))
+}
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
 
 
@@ -136,13 +144,19 @@ def _load_json(body: bytes, header_length: int | None, what: str) -> tuple[dict[
                 "it must be the length of the JSON part at the start of the body"
             )
         end = header_length
+    text = body if end == len(body) else body[:end]
     try:
-        obj = json.loads(body if end == len(body) else body[:end])
-    except (ValueError, RecursionError) as e:
-        raise InvalidInput(
-            f"the {what} is not valid JSON ({e}); send a JSON object, followed by binary tensor data "
-            "only when Inference-Header-Content-Length says where the JSON ends"
-        ) from None
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # orjson takes strict JSON only. The stdlib also takes what Python clients write (NaN,
+        # Infinity, integers wider than 64 bits, UTF-16) and, when it fails too, says where.
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InvalidInput(
+                f"the {what} is not valid JSON ({e}); send a JSON object, followed by binary tensor data "
+                "only when Inference-Header-Content-Length says where the JSON ends"
+            ) from None
     if not isinstance(obj, dict):
         raise InvalidInput(f"the {what} must be a JSON object, got a JSON {_json_names([type(obj)])}")
     return obj, end
@@ -217,14 +231,17 @@ def _from_json(data: object, datatype: str, count: int, where: str, limits: Limi
             wide = np.array(flat, dtype=np.float64)
         except OverflowError:
             raise InvalidInput(f"{where}: an integer is too large for {datatype}") from None
-        with np.errstate(over="ignore"):
-            array = wide.astype(dtype)
-        if dtype.itemsize < 8 and bool(np.any(np.isinf(array) & np.isfinite(wide))):
+        if dtype.itemsize == 8:
+            return wide
+        # A finite value that would round to infinity in the narrow type is out of range (NaN and
+        # infinities pass as they are); checking first keeps the cast free of overflow warnings.
+        over = np.abs(wide) >= _OVERFLOW[dtype]
+        if over.any() and np.isfinite(wide[over]).any():
             raise InvalidInput(
                 f"{where}: a value is out of range for {datatype} (max {float(np.finfo(dtype).max)}); "
                 "use a wider datatype"
             )
-        return array
+        return wide.astype(dtype)
     if not types <= {str}:
         raise InvalidInput(f"{where} is BYTES; its data must be strings, got {_json_names(types)}")
     try:
@@ -419,9 +436,16 @@ def _encode_tensors(tensors: Iterable[tuple[str, Array, bool]], role: str) -> tu
 
 def _assemble(head: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
     try:
-        header = json.dumps(head, separators=(",", ":")).encode()
-    except (TypeError, ValueError) as e:
-        raise InvalidInput(f"cannot write the message as JSON ({e}); parameters must be JSON values") from None
+        header = orjson.dumps(head)
+    except TypeError:
+        header = b"null"
+    if b"null" in header:
+        # orjson writes NaN and infinities as null and refuses integers wider than 64 bits; the stdlib
+        # writes them as Python's clients read them (and a message with a real null comes out the same).
+        try:
+            header = json.dumps(head, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"cannot write the message as JSON ({e}); parameters must be JSON values") from None
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
