@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ember.errors import EmberError, InternalError
 from ember.gateway import admin, oip, openai
@@ -26,8 +27,13 @@ __all__ = ["build_app"]
 log = logging.getLogger("ember.gateway")
 
 
-def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
-    """The app for ``service``; with ``manage_lifetime`` it starts and stops the service with the app."""
+def build_app(service: EmberService, manage_lifetime: bool = True) -> ASGIApp:
+    """The app for ``service``; with ``manage_lifetime`` it starts and stops the service with the app.
+
+    ``POST .../infer`` goes straight to :func:`oip.serve_infer`; Starlette serves every other route
+    (and the lifespan). The infer route is the hot path: a router, two middlewares and a request and
+    a response object cost about as much as the rest of a small request's trip through the gateway.
+    """
 
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -68,11 +74,27 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         *admin.routes(service),
     ]
-    return Starlette(
+    starlette = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={EmberError: ember_error, HTTPException: http_error, Exception: unexpected},
     )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = oip.infer_target(scope["path"])
+            if target is not None:
+                try:
+                    await oip.serve_infer(service, *target, scope, receive, send)
+                except Exception as exc:
+                    log.exception("internal error on POST %s", scope["path"])
+                    error = InternalError(f"internal error ({type(exc).__name__}); the server log has details")
+                    with contextlib.suppress(Exception):  # unless the answer had already begun
+                        await error_response(error)(scope, receive, send)
+                return
+        await starlette(scope, receive, send)
+
+    return app
 
 
 _DASHBOARD = """<!doctype html>

@@ -9,14 +9,24 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
 
 from ember.config import Deployment
 from ember.errors import EmberError, InvalidInput, Refused
 from ember.gateway.tensors import DATATYPES
 
-__all__ = ["MAX_BODY_BYTES", "check_inputs", "error_response", "read_body", "read_json"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "ClientGone",
+    "check_inputs",
+    "decode_body",
+    "error_response",
+    "read_body",
+    "read_json",
+    "receive_body",
+]
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
 
@@ -45,18 +55,50 @@ def error_response(error: EmberError, openai: bool = False) -> Response:
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes: send smaller requests")
+    headers = request.headers
+    try:
+        return await receive_body(
+            request.receive, headers.get("content-length"), headers.get("content-encoding", ""), limit
+        )
+    except ClientGone:
+        raise ClientDisconnect from None
+
+
+async def receive_body(receive: Receive, declared: str | None, encoding: str, limit: int = MAX_BODY_BYTES) -> bytes:
+    """:func:`read_body` for a raw ASGI handler; raises :class:`ClientGone` if the client hangs up."""
+    check_declared_length(declared, limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes: send smaller requests")
+            raise _over_limit(limit)
         chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "").strip().lower()
+        if not message.get("more_body", False):
+            break
+    return decode_body(chunks[0] if len(chunks) == 1 else b"".join(chunks), encoding, limit)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request arrived whole: there is nobody to answer."""
+
+
+def check_declared_length(declared: str | None, limit: int) -> None:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes: send smaller requests")
+
+
+def _over_limit(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the body is over the limit of {limit} bytes: send smaller requests")
+
+
+def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body as sent, or inflated from gzip or deflate within ``limit``."""
+    encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):

@@ -13,14 +13,16 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ember import __version__
-from ember.errors import InvalidInput, ModelNotFound
-from ember.gateway.edge import check_inputs, read_body, read_json
+from ember.config import Deployment
+from ember.errors import EmberError, InvalidInput, ModelNotFound
+from ember.gateway.edge import ClientGone, check_inputs, error_response, read_body, read_json, receive_body
 from ember.gateway.tensors import encode_infer_response, parse_infer_request
 from ember.service import EmberService
 
-__all__ = ["routes"]
+__all__ = ["infer_target", "routes", "serve_infer"]
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -92,19 +94,9 @@ def routes(service: EmberService) -> list[Route]:
         )
 
     async def infer(request: Request) -> Response:
-        d = _deployment(service, request)
         body = await read_body(request)
-        header = request.headers.get(HEADER_LENGTH)
-        if header is not None and not header.strip().isdigit():
-            raise InvalidInput(f"Inference-Header-Content-Length must be a byte count, not {header!r}")
-        parsed = parse_infer_request(body, int(header) if header is not None else None)
-        check_inputs(d, parsed.inputs)
-        unknown = sorted({o.name for o in parsed.outputs or ()} - {t.name for t in d.metadata.outputs})
-        if unknown:
-            names = ", ".join(t.name for t in d.metadata.outputs)
-            raise InvalidInput(f"model '{d.name}' has no output {', '.join(unknown)}; its outputs are {names}")
-        outputs = await service.infer(d.name, parsed.inputs, _timeout_s(parsed.parameters))
-        payload, header_length = encode_infer_response(d.name, str(d.version), parsed.id, outputs, parsed)
+        name, version = request.path_params["name"], request.path_params.get("version")
+        payload, header_length = await _infer(service, name, version, body, request.headers.get(HEADER_LENGTH))
         if header_length is None:
             return Response(payload, media_type="application/json")
         return Response(
@@ -149,10 +141,72 @@ def routes(service: EmberService) -> list[Route]:
     ]
 
 
+def infer_target(path: str) -> tuple[str, str | None] | None:
+    """``(model, version)`` if ``path`` is an infer route (``/v2/models/{name}[/versions/{v}]/infer``)."""
+    if not (path.startswith("/v2/models/") and path.endswith("/infer")):
+        return None
+    parts = path[11:-6].split("/")
+    if len(parts) == 1 and parts[0]:
+        return parts[0], None
+    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
+        return parts[0], parts[2]
+    return None
+
+
+async def serve_infer(
+    service: EmberService, model: str, version: str | None, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """The infer route as a raw ASGI handler: the hot path, without a router, middleware or objects per
+    request. Errors are answered as the app's handlers would."""
+    declared = encoding = header = None
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            declared = value.decode("latin-1")
+        elif key == b"content-encoding":
+            encoding = value.decode("latin-1")
+        elif key == b"inference-header-content-length":
+            header = value.decode("latin-1")
+    try:
+        body = await receive_body(receive, declared, encoding or "")
+        payload, header_length = await _infer(service, model, version, body, header)
+    except ClientGone:
+        return
+    except EmberError as exc:
+        await error_response(exc)(scope, receive, send)
+        return
+    headers = [(b"content-length", b"%d" % len(payload))]
+    if header_length is None:
+        headers.append((b"content-type", b"application/json"))
+    else:
+        headers.append((b"content-type", b"application/octet-stream"))
+        headers.append((b"inference-header-content-length", b"%d" % header_length))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _infer(
+    service: EmberService, name: str, version: str | None, body: bytes, header: str | None
+) -> tuple[bytes, int | None]:
+    """Parse, check, run and encode one infer request: ``(body, json_header_length)``."""
+    d = _checked_deployment(service, name, version)
+    if header is not None and not header.strip().isdigit():
+        raise InvalidInput(f"Inference-Header-Content-Length must be a byte count, not {header!r}")
+    parsed = parse_infer_request(body, int(header) if header is not None else None)
+    check_inputs(d, parsed.inputs)
+    unknown = sorted({o.name for o in parsed.outputs or ()} - {t.name for t in d.metadata.outputs})
+    if unknown:
+        names = ", ".join(t.name for t in d.metadata.outputs)
+        raise InvalidInput(f"model '{d.name}' has no output {', '.join(unknown)}; its outputs are {names}")
+    outputs = await service.infer(d.name, parsed.inputs, _timeout_s(parsed.parameters))
+    return encode_infer_response(d.name, str(d.version), parsed.id, outputs, parsed)
+
+
 def _deployment(service: EmberService, request: Request) -> Any:
-    name = request.path_params["name"]
+    return _checked_deployment(service, request.path_params["name"], request.path_params.get("version"))
+
+
+def _checked_deployment(service: EmberService, name: str, version: str | None) -> Deployment:
     d = service.deployment(name)
-    version = request.path_params.get("version")
     if version not in (None, "", str(d.version)):
         raise ModelNotFound(f"{name} version {version}")
     return d
