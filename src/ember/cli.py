@@ -109,6 +109,16 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="Torch threads per worker (0: torch's default).")] = 0,
     tick_s: Annotated[float, typer.Option(min=0.01, help="Seconds between control-loop ticks.")] = 1.0,
+    batch_timeout_s: Annotated[
+        float, typer.Option(min=0.001, help="A batch running longer fails and its worker is replaced.")
+    ] = 120.0,
+    worker_memory_mb: Annotated[
+        int,
+        typer.Option(
+            min=-1,
+            help="Replace a worker after a batch once its peak memory passes this (-1: 3/4 of RAM / workers; 0: off).",
+        ),
+    ] = -1,
     deploy: Annotated[
         list[str] | None,
         typer.Option("--deploy", help="Deploy SOURCE at startup unless a model of its name exists (repeatable)."),
@@ -120,7 +130,15 @@ def serve(
     if not _DEVICE.fullmatch(device):
         raise typer.BadParameter(f"{device!r}: use auto, cpu, cuda or cuda:N", param_hint="--device")
     specs = [_startup_spec(source) for source in deploy or ()]
-    options = ServeOptions(home=home.expanduser(), workers=workers, device=device, threads=threads, tick_s=tick_s)
+    options = ServeOptions(
+        home=home.expanduser(),
+        workers=workers,
+        device=device,
+        threads=threads,
+        tick_s=tick_s,
+        batch_timeout_s=batch_timeout_s,
+        worker_memory_bytes=None if worker_memory_mb < 0 else worker_memory_mb << 20,
+    )
     try:
         sock = _bind(host, port)
     except OSError as exc:

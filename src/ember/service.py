@@ -21,7 +21,7 @@ from typing import Any
 
 from ember.clock import Clock, WallClock, run_blocking
 from ember.cluster.base import ClusterBackend
-from ember.cluster.local import LocalBackend
+from ember.cluster.local import LocalBackend, WorkerLimits
 from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ShuttingDown
@@ -50,6 +50,11 @@ class ServeOptions:
     warm_budget_bytes: int | None = None
     cool_budget_bytes: int | None = None
     preload: tuple[str, ...] = ("numpy", "safetensors", "transformers", "tokenizers")
+    #: A batch running longer is answered with an error and its worker replaced.
+    batch_timeout_s: float = 120.0
+    #: A worker whose peak resident memory passes this is replaced after its batch; None: three
+    #: quarters of the host's memory shared among the workers; 0: no limit.
+    worker_memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,8 +97,13 @@ class EmberService:
             warm_budget_bytes=options.warm_budget_bytes,
             cool_budget_bytes=options.cool_budget_bytes,
         )
+        memory = options.worker_memory_bytes
+        limits = WorkerLimits(
+            options.batch_timeout_s,
+            WorkerLimits.default_memory_bytes(options.workers) if memory is None else memory,
+        )
         self.backend: ClusterBackend = backend or LocalBackend(
-            options.workers, home / "logs", options.device, options.threads, options.preload
+            options.workers, home / "logs", options.device, options.threads, options.preload, limits
         )
         self.controller = Controller(
             self.clock,

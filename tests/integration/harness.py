@@ -86,10 +86,13 @@ def process_running(pid: int) -> bool:
 class Server:
     """One ``ember serve`` subprocess with its own home; restartable on the same home."""
 
-    def __init__(self, home: Path, workers: int = 2, tick_s: float | None = None) -> None:
+    def __init__(
+        self, home: Path, workers: int = 2, tick_s: float | None = None, options: tuple[str, ...] = ()
+    ) -> None:
         self.home = home
         self.workers = workers
         self.tick_s = tick_s
+        self.options = options  # more `ember serve` options
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._terminated = False
@@ -115,6 +118,7 @@ class Server:
         ]  # fmt: skip
         if self.tick_s is not None:
             command += ["--tick-s", str(self.tick_s)]
+        command += self.options
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 command,

@@ -24,6 +24,7 @@ from ember.errors import (
     Overloaded,
     ShuttingDown,
 )
+from ember.gateway import edge
 from ember.gateway.app import build_app
 from ember.gateway.edge import error_response
 from ember.gateway.tensors import encode_infer_request, parse_infer_response
@@ -176,3 +177,35 @@ def test_metrics_use_tritons_names(tmp_path):
         assert 'ember_model_tier{model="m",tier="hot"} 1.0' in text
 
     _with_app(tmp_path, test)
+
+
+def _receiver(*messages: dict) -> object:
+    """An ASGI ``receive`` that hands out ``messages``, then waits for ever (a client gone quiet)."""
+    queue = list(messages)
+
+    async def receive() -> dict:
+        if queue:
+            return queue.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return receive
+
+
+def test_a_body_that_stops_arriving_is_cut_off_with_408(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(edge, "BODY_TIMEOUT_S", 0.01)
+    first = {"type": "http.request", "body": b'{"inputs": [', "more_body": True}
+    with pytest.raises(edge.BodyTimeout, match=r"did not arrive within 0\.01 s") as caught:
+        asyncio.run(edge.receive_body(_receiver(first), "100", ""))
+    assert caught.value.http_status == 408
+
+
+def test_a_body_in_parts_is_joined_and_a_client_that_hangs_up_is_not_answered() -> None:
+    parts = [
+        {"type": "http.request", "body": chunk, "more_body": more} for chunk, more in ((b"ab", True), (b"c", False))
+    ]
+    assert asyncio.run(edge.receive_body(_receiver(*parts), None, "")) == b"abc"
+    with pytest.raises(edge.ClientGone):
+        asyncio.run(edge.receive_body(_receiver(parts[0], {"type": "http.disconnect"}), None, ""))
+    with pytest.raises(edge.PayloadTooLarge):
+        asyncio.run(edge.receive_body(_receiver(*parts), None, "", limit=2))

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +34,48 @@ from ember.worker.protocol import (
     write_frame,
 )
 
-__all__ = ["LocalBackend", "LocalWorker"]
+__all__ = ["LocalBackend", "LocalWorker", "WorkerLimits"]
 
 START_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """What one worker may take before Ember stops it: a model that hangs or leaks cannot take the
+    worker's other models (or the host) with it.
+
+    ``batch_timeout_s``: a batch running longer is answered with an error and its worker is killed
+    and replaced. ``memory_bytes``: a worker whose resident memory grows past it finishes the batch
+    at hand, then exits and is replaced (0: no limit).
+    """
+
+    batch_timeout_s: float = 120.0
+    memory_bytes: int = 0
+
+    @staticmethod
+    def default_memory_bytes(workers: int) -> int:
+        """Three quarters of the host's memory, shared among ``workers``."""
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return 0
+        return int(0.75 * total) // max(1, workers)
 
 
 class LocalWorker:
     """One worker process and the reader task that matches its replies to requests."""
 
-    def __init__(self, worker_id: str, device: str, threads: int, preload: tuple[str, ...], log_path: Path) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        device: str,
+        threads: int,
+        preload: tuple[str, ...],
+        log_path: Path,
+        limits: WorkerLimits = WorkerLimits(),
+    ) -> None:
         self._id = worker_id
+        self._limits = limits
         self._wanted_device = device
         self._threads = threads
         self._preload = preload
@@ -91,7 +124,7 @@ class LocalWorker:
             "--device",
             self._wanted_device,
         ]
-        args += ["--threads", str(self._threads)]
+        args += ["--threads", str(self._threads), "--max-memory-bytes", str(self._limits.memory_bytes)]
         for module in self._preload:
             args += ["--preload", module]
         # Ember never downloads weights at run time: keep Hugging Face libraries offline.
@@ -133,7 +166,17 @@ class LocalWorker:
         await self._call(lambda i: Unload(i, key))
 
     async def infer(self, key: str, requests: list[Arrays]) -> Batch:
-        reply = await self._call(lambda i: Infer(i, key, requests))
+        timeout_s = self._limits.batch_timeout_s
+        try:
+            reply = await self._call(lambda i: Infer(i, key, requests), timeout_s)
+        except TimeoutError:
+            # The worker is stuck in the model's code: stop it (the pool replaces it, and the
+            # controller re-places its models). This batch is not retried: it would hang again.
+            await self._kill()
+            raise ModelFailed(
+                f"model '{key.partition('@')[0]}' ran a batch for over {timeout_s:g} s, the batch timeout; "
+                "its worker was stopped and replaced. Fix the model, or raise `ember serve --batch-timeout-s`"
+            ) from None
         batch: Batch = reply.value
         return batch
 
@@ -148,7 +191,7 @@ class LocalWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader_task
 
-    async def _call(self, make: Callable[[int], Message]) -> Reply:
+    async def _call(self, make: Callable[[int], Message], timeout_s: float | None = None) -> Reply:
         if not self._alive or self._writer is None:
             raise WorkerCrashed(f"worker {self._id} is not running")
         msg_id = next(self._ids)
@@ -157,7 +200,7 @@ class LocalWorker:
         try:
             async with self._write_lock:
                 await write_frame(self._writer, make(msg_id))
-            reply = await future
+            reply = await (future if timeout_s is None else asyncio.wait_for(future, timeout_s))  # clock-ok
         except (ConnectionError, RuntimeError) as exc:
             raise WorkerCrashed(f"worker {self._id} connection broke: {exc}") from exc
         finally:
@@ -211,6 +254,7 @@ class LocalBackend:
         device: str = "auto",
         threads: int = 0,
         preload: tuple[str, ...] = ("numpy", "safetensors", "transformers"),
+        limits: WorkerLimits | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a worker pool needs at least one worker, not {size}")
@@ -221,6 +265,7 @@ class LocalBackend:
         # (a MiniLM batch went from 25 ms to 800 ms with two threads on a busy 2-core host).
         self._threads = threads or max(1, ((os.cpu_count() or 1) - 1) // size)
         self._preload = preload
+        self._limits = limits or WorkerLimits(memory_bytes=WorkerLimits.default_memory_bytes(size))
         self._workers: dict[str, LocalWorker] = {}
         self._callbacks: list[Callable[[LocalWorker], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -259,7 +304,8 @@ class LocalBackend:
 
     async def _start_one(self) -> None:
         n = next(self._seq)
-        worker = LocalWorker(f"w{n}", self._device, self._threads, self._preload, self._log_dir / f"worker-{n}.log")
+        log_path = self._log_dir / f"worker-{n}.log"
+        worker = LocalWorker(f"w{n}", self._device, self._threads, self._preload, log_path, self._limits)
         await worker.start(self._lost)
         self._workers[worker.id] = worker
 

@@ -3,6 +3,7 @@ model's declared tensors, and turning Ember's errors into HTTP answers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 from collections.abc import Mapping
@@ -31,8 +32,17 @@ __all__ = [
 MAX_BODY_BYTES = 256 * 1024 * 1024
 
 
+#: A body that has begun must arrive whole within this many seconds: a client that trickles it holds
+#: a connection and the bytes so far, and is cut off with 408.
+BODY_TIMEOUT_S = 30.0
+
+
 class PayloadTooLarge(InvalidInput):
     http_status = 413
+
+
+class BodyTimeout(InvalidInput):
+    http_status = 408
 
 
 _OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
@@ -67,11 +77,29 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 async def receive_body(receive: Receive, declared: str | None, encoding: str, limit: int = MAX_BODY_BYTES) -> bytes:
     """:func:`read_body` for a raw ASGI handler; raises :class:`ClientGone` if the client hangs up."""
     check_declared_length(declared, limit)
-    chunks: list[bytes] = []
-    size = 0
+    message = await receive()
+    if message["type"] != "http.request":  # http.disconnect
+        raise ClientGone
+    body: bytes = message.get("body", b"")
+    if message.get("more_body", False):  # the body comes in parts: the rest within BODY_TIMEOUT_S
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):  # clock-ok: a bound on a real socket
+                body = await _rest_of_body(receive, body, limit)
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the request body did not arrive within {BODY_TIMEOUT_S:g} s; send it faster, or smaller"
+            ) from None
+    if len(body) > limit:
+        raise _over_limit(limit)
+    return decode_body(body, encoding, limit)
+
+
+async def _rest_of_body(receive: Receive, first: bytes, limit: int) -> bytes:
+    chunks = [first]
+    size = len(first)
     while True:
         message = await receive()
-        if message["type"] != "http.request":  # http.disconnect
+        if message["type"] != "http.request":
             raise ClientGone
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
@@ -79,8 +107,7 @@ async def receive_body(receive: Receive, declared: str | None, encoding: str, li
             raise _over_limit(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
-            break
-    return decode_body(chunks[0] if len(chunks) == 1 else b"".join(chunks), encoding, limit)
+            return b"".join(chunks)
 
 
 class ClientGone(Exception):

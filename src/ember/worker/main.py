@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import resource
 import signal
 import socket
 import sys
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--preload", action="append", default=[])
+    parser.add_argument("--max-memory-bytes", type=int, default=0)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
 
@@ -62,15 +64,15 @@ def main(argv: list[str] | None = None) -> None:
         sock,
         WorkerReady(os.getpid(), str(device), str(torch.__version__), time.perf_counter() - start),  # clock-ok
     )
-    serve(sock, host)
+    serve(sock, host, args.max_memory_bytes)
 
 
-def serve(sock: socket.socket, host: ModelHost) -> None:
+def serve(sock: socket.socket, host: ModelHost, max_memory_bytes: int = 0) -> None:
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent went away: so do we
-        _serve(sock, host)
+        _serve(sock, host, max_memory_bytes)
 
 
-def _serve(sock: socket.socket, host: ModelHost) -> None:
+def _serve(sock: socket.socket, host: ModelHost, max_memory_bytes: int) -> None:
     while True:
         message = recv_message(sock)
         if message is None or isinstance(message, Shutdown):
@@ -78,6 +80,24 @@ def _serve(sock: socket.socket, host: ModelHost) -> None:
                 send_message(sock, Reply(message.id, True))
             return
         send_message(sock, _handle(host, message))
+        if max_memory_bytes and isinstance(message, Infer):
+            rss = resident_bytes()
+            if rss > max_memory_bytes:
+                # The batch was answered; the parent sees the exit and starts a fresh worker.
+                mb = 1 << 20
+                print(
+                    f"ember worker {os.getpid()}: peak resident memory {rss // mb} MiB is over the worker limit of "
+                    f"{max_memory_bytes // mb} MiB (a model may leak memory); exiting to be replaced",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
+
+
+def resident_bytes() -> int:
+    """The most resident memory this process has held (``getrusage``: a syscall, where reading /proc
+    costs about 100 us in a VM)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _handle(host: ModelHost, message: Message) -> Reply:
