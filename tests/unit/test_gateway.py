@@ -50,6 +50,7 @@ def test_each_error_maps_to_its_status_once(error: EmberError, status: int, retr
     assert response.status_code == status
     assert json.loads(bytes(response.body)) == {"error": error.message}
     assert ("retry-after" in response.headers) == retry
+    assert response.headers["ember-error"] == type(error).__name__
     if retry:
         assert int(response.headers["retry-after"]) >= 1
 

@@ -49,8 +49,14 @@ _OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413
 
 
 def error_response(error: EmberError, openai: bool = False) -> Response:
-    """``{"error": message}``; on the OpenAI routes, the OpenAI client's error object instead."""
-    headers = {"Retry-After": error.retry_after_header} if isinstance(error, Refused) else None
+    """``{"error": message}``; on the OpenAI routes, the OpenAI client's error object instead.
+
+    The ``Ember-Error`` header names the error's class, so that clients and dashboards can count
+    refusals and failures by reason without parsing messages; a refusal carries ``Retry-After``.
+    """
+    headers = {"Ember-Error": type(error).__name__}
+    if isinstance(error, Refused):
+        headers["Retry-After"] = error.retry_after_header
     body: dict[str, object] = dict(error.to_json())
     if openai:
         body = {
