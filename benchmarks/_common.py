@@ -141,7 +141,12 @@ def load_average() -> float:
 
 
 def ember_server(
-    home: Path, port: int, workers: int = 1, tick_s: float | None = None, threads: int | None = None
+    home: Path,
+    port: int,
+    workers: int = 1,
+    tick_s: float | None = None,
+    threads: int | None = None,
+    options: Sequence[str] = (),
 ) -> Server:
     """``python -m ember.cli serve`` on ``port`` with its own ``home``; its log is ``home/serve.log``."""
     home.mkdir(parents=True, exist_ok=True)
@@ -150,7 +155,7 @@ def ember_server(
         args += ["--tick-s", str(tick_s)]
     if threads is not None:
         args += ["--threads", str(threads)]
-    return Server(args, home / "serve.log", port)
+    return Server([*args, *options], home / "serve.log", port)
 
 
 # -- the load generator ----------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class LocalWorker:
         self._closing = False
         self._lost_callback: Callable[[LocalWorker], None] | None = None
         self._write_lock = asyncio.Lock()
+        self._last_reply_at = 0.0
         self.ready_info: WorkerReady | None = None
 
     @property
@@ -192,6 +193,8 @@ class LocalWorker:
                 await self._reader_task
 
     async def _call(self, make: Callable[[int], Message], timeout_s: float | None = None) -> Reply:
+        """Send a message and wait for its reply; with ``timeout_s``, raise TimeoutError once the worker
+        has spent that long on this message itself (not on the ones it answers first)."""
         if not self._alive or self._writer is None:
             raise WorkerCrashed(f"worker {self._id} is not running")
         msg_id = next(self._ids)
@@ -200,7 +203,9 @@ class LocalWorker:
         try:
             async with self._write_lock:
                 await write_frame(self._writer, make(msg_id))
-            reply = await (future if timeout_s is None else asyncio.wait_for(future, timeout_s))  # clock-ok
+            if timeout_s is not None:
+                self._watch(msg_id, future, timeout_s)
+            reply = await future
         except (ConnectionError, RuntimeError) as exc:
             raise WorkerCrashed(f"worker {self._id} connection broke: {exc}") from exc
         finally:
@@ -209,6 +214,39 @@ class LocalWorker:
             raise _error_from(reply)
         return reply
 
+    def _watch(self, msg_id: int, future: asyncio.Future[Reply], timeout_s: float) -> None:
+        """Fail ``future`` with TimeoutError once the worker has run message ``msg_id`` for ``timeout_s``.
+
+        A worker answers its messages one at a time, in order: a message starts when the one before
+        it is answered. Time spent waiting behind another message (a hung batch of another model, a
+        long load) does not count against this one.
+        """
+        loop = asyncio.get_running_loop()  # clock-ok: a watchdog on a real process
+        sent = loop.time()
+        handle: list[asyncio.TimerHandle] = []
+
+        def check() -> None:
+            if future.done():
+                return
+            if any(earlier < msg_id for earlier in self._pending):  # not its turn yet
+                handle[0] = loop.call_later(timeout_s, check)
+                return
+            left = max(sent, self._last_reply_at) + timeout_s - loop.time()
+            if left > 0:
+                handle[0] = loop.call_later(left, check)
+                return
+            # Stuck: whatever else was sent to this worker will never run there. Fail it now, as a
+            # crash (its runner retries it on another worker); the caller kills the process.
+            self._alive = False
+            lost = WorkerCrashed(f"worker {self._id} was stopped: a batch ahead of this one hung")
+            for other in self._pending.values():
+                if other is not future and not other.done():
+                    other.set_exception(lost)
+            future.set_exception(TimeoutError())
+
+        handle.append(loop.call_later(timeout_s, check))
+        future.add_done_callback(lambda _: handle[0].cancel())
+
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
@@ -216,6 +254,7 @@ class LocalWorker:
                 if message is None:
                     break
                 if isinstance(message, Reply):
+                    self._last_reply_at = asyncio.get_running_loop().time()  # clock-ok: for _watch
                     future = self._pending.get(message.id)
                     if future is not None and not future.done():
                         future.set_result(message)
