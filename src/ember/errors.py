@@ -12,6 +12,7 @@
     ├── WorkerCrashed               500  the worker running the batch died (after one retry)
     ├── ModelFailed                 500  the model's own code raised
     ├── CorruptCheckpoint           500  stored weights fail their checksum
+    ├── StorageFull                 507  the disk under Ember's home has no room for the weights
     └── InternalError               500  a bug in Ember
 
 Every message says what happened and what to do next. The gateway turns an error into
@@ -35,6 +36,7 @@ __all__ = [
     "Overloaded",
     "Refused",
     "ShuttingDown",
+    "StorageFull",
     "WorkerCrashed",
 ]
 
@@ -108,6 +110,10 @@ class ModelFailed(EmberError):
 
 class CorruptCheckpoint(EmberError):
     http_status = 500
+
+
+class StorageFull(EmberError):
+    http_status = 507
 
 
 class InternalError(EmberError):

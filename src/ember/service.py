@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 
 from ember.clock import Clock, WallClock, run_blocking
 from ember.cluster.base import ClusterBackend
-from ember.cluster.local import LocalBackend, WorkerLimits
+from ember.cluster.local import LocalBackend, WorkerLimits, storage_full
 from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ShuttingDown
@@ -222,7 +223,12 @@ class EmberService:
                 described = await chosen.import_model(ref, options, str(staging))
             except ModelFailed as exc:
                 raise InvalidInput(f"importing {spec.source} failed: {exc.message}") from exc
-            stored = await run_blocking(self.clock, self.store.commit, key, staging)
+            try:
+                stored = await run_blocking(self.clock, self.store.commit, key, staging)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                raise storage_full(str(exc)) from exc
             say({"stage": "stored", "model": record.name, "bytes": stored.bytes})
             metadata = ModelMetadata.from_json({**described, "bytes": stored.bytes})
             max_batch = min(spec.max_batch_size or metadata.max_batch_size, metadata.max_batch_size)

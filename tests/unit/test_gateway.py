@@ -23,6 +23,7 @@ from ember.errors import (
     ModelNotFound,
     Overloaded,
     ShuttingDown,
+    StorageFull,
 )
 from ember.gateway import edge
 from ember.gateway.app import build_app
@@ -42,6 +43,7 @@ from ember.testing import FakeBackend, LatencyProfile, run_in_virtual_time
         (Overloaded("full"), 503, True),
         (ShuttingDown("bye"), 503, True),
         (ModelFailed("boom"), 500, False),
+        (StorageFull("disk full"), 507, False),
         (InternalError("bug"), 500, False),
     ],
 )

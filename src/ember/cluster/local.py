@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import os
 import socket
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.errors import EmberError, InternalError, ModelFailed, WorkerCrashed
+from ember.errors import EmberError, InternalError, ModelFailed, StorageFull, WorkerCrashed
 from ember.worker.protocol import (
     Arrays,
     Batch,
@@ -280,7 +281,16 @@ class LocalWorker:
 def _error_from(reply: Reply) -> EmberError:
     if reply.error_kind in ("KeyError", "InternalError"):
         return InternalError(f"worker: {reply.error}")
+    if reply.extra.get("errno") == errno.ENOSPC:
+        return storage_full(reply.error)
     return ModelFailed(f"the model raised {reply.error}; fix the model and redeploy it (`ember logs` shows more)")
+
+
+def storage_full(detail: str) -> StorageFull:
+    return StorageFull(
+        f"the disk under Ember's home is full ({detail}); free space there (or lower the store's budgets) "
+        "and try again. Nothing was kept of this attempt"
+    )
 
 
 class LocalBackend:

@@ -124,7 +124,8 @@ def _handle(host: ModelHost, message: Message) -> Reply:
             f"ember worker {os.getpid()}: {type(message).__name__} failed:\n{traceback.format_exc()}",
             file=sys.stderr,
         )
-        return Reply(msg_id, False, error=detail, error_kind=type(exc).__name__)
+        extra = {"errno": exc.errno} if isinstance(exc, OSError) else {}
+        return Reply(msg_id, False, error=detail, error_kind=type(exc).__name__, extra=extra)
 
 
 def _pick_device(wanted: str) -> torch.device:
