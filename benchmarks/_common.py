@@ -171,7 +171,8 @@ def http_request(host: str, port: int, method: str, path: str, body: bytes, cont
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """One answer: its status and its body (the body must have a ``Content-Length``)."""
+    """One answer: its status and its body (the body must have a ``Content-Length``); the load
+    generator's fast path, which looks at no other header."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     lower = head.lower()
@@ -181,6 +182,21 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     end = lower.index(b"\r\n", at + 2)
     body = await reader.readexactly(int(lower[at + 17 : end]))
     return status, body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One answer: its status, its headers (lower-case names) and its body (it needs a ``Content-Length``)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    headers = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name:
+            headers[name.strip().lower()] = value.strip()
+    if "content-length" not in headers:
+        raise RuntimeError(f"answer without Content-Length: {head[:200]!r}")
+    body = await reader.readexactly(int(headers["content-length"]))
+    return status, headers, body
 
 
 async def request_once(host: str, port: int, raw: bytes) -> tuple[int, bytes, float]:

@@ -7,10 +7,11 @@ Claim (issue 5): whatever happens, every request Ember accepted gets an answer, 
 error. **Lost** (no HTTP answer at all: the connection broke or the client's 60 s timeout passed)
 must be 0; the script exits 1 otherwise.
 
-* **Server.** ``ember serve --workers 2 --batch-timeout-s 3 --worker-memory-mb 1200``.
+* **Server.** ``ember serve --workers 2 --batch-timeout-s 3 --worker-memory-mb 1200`` (and the
+  default spare worker).
 * **Models.** ``steady`` (sleepy, 5 ms a batch, up to 8 rows), ``linear`` (examples/linear.py),
   ``faulty`` (raises on a marker row), ``hangs`` (never returns on a marker row), ``leaks`` (keeps
-  48 MiB more after every batch) and ``churn`` (sleepy with 1 s / 2 s keep-alives, so it falls to the
+  16 MiB more after every batch) and ``churn`` (sleepy with 1 s / 2 s keep-alives, so it falls to the
   warm and cool tiers between requests and is promoted again).
 * **Mixed phase.** Open-loop Poisson arrivals at ``--rate`` across the models. Every
   ``--fault-every-s`` one fault at random: SIGKILL a worker; a poisoned request (the model raises);
@@ -238,32 +239,88 @@ async def mixed_phase(server: c.Server, args: argparse.Namespace) -> tuple[Tally
     return tally, faults
 
 
+class RawSender:
+    """Open-loop requests over a pool of keep-alive connections, with prepared bytes: a client light
+    enough to offer ten times a model's capacity from this machine without queueing on its own side."""
+
+    def __init__(self, port: int, raw: bytes, tally: Tally, expect: list[float]) -> None:
+        self.port = port
+        self.raw = raw
+        self.tally = tally
+        self.expect = expect
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def fire(self) -> None:
+        task = asyncio.create_task(self._one())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _one(self) -> None:
+        tally = self.tally
+        tally.sent += 1
+        start = time.perf_counter()
+        try:
+            reader, writer = await self._connection()
+            writer.write(self.raw)
+            status, headers, body = await asyncio.wait_for(c.read_answer(reader), CLIENT_TIMEOUT_S)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            tally.lost += 1
+            tally.lost_examples.append(f"slow: {type(exc).__name__}: {exc}")
+            return
+        elapsed = time.perf_counter() - start
+        self.idle.append((reader, writer, time.perf_counter()))
+        tally.answered += 1
+        if status == 200:
+            tally.succeeded += 1
+            tally.ok_latencies_s.append(elapsed)
+            if json.loads(body)["outputs"][0]["data"] != self.expect:
+                tally.wrong += 1
+        elif status in (429, 503):
+            tally.refused[f"{status} {headers.get('ember-error', '?')}"] += 1
+            tally.refused_latencies_s.append(elapsed)
+            tally.refused_without_retry_after += "retry-after" not in headers
+        else:
+            tally.failed[f"{status} {headers.get('ember-error', '?')}"] += 1
+            tally.failed_examples.setdefault(f"slow {status}", body[:300].decode(errors="replace"))
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """An idle keep-alive connection, or a new one. Like any HTTP client, it does not reuse one
+        that has been idle long enough for the server to close it (uvicorn's keep-alive is 5 s)."""
+        while self.idle:
+            reader, writer, last_used = self.idle.pop()
+            if time.perf_counter() - last_used < 4.0 and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def drain(self) -> None:
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks))
+        for _, writer, _ in self.idle:
+            writer.close()
+
+
 async def overload_phase(server: c.Server, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed + 1)
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=server.url, timeout=CLIENT_TIMEOUT_S, limits=limits) as client:
-        # Capacity: closed loop, as many in flight as the queue holds.
-        probe = Tally()
-        end = time.perf_counter() + 4.0
-
-        async def closed_loop() -> None:
-            while time.perf_counter() < end:
-                await send(client, probe, "slow", infer_body(1), [1], False)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(closed_loop() for _ in range(4)))
-        capacity = probe.succeeded / (time.perf_counter() - start)
-        offered = args.overload_factor * capacity
+    body = json.dumps(infer_body(3)).encode()
+    raw = c.http_request("127.0.0.1", server.port, "POST", "/v2/models/slow/infer", body, "application/json")
+    # Capacity: closed loop, as many in flight as the queue holds.
+    probe = await c.run_load("127.0.0.1", server.port, raw, 4, 4.0, 10**6)
+    capacity = probe.rps
+    offered = args.overload_factor * capacity
+    async with httpx.AsyncClient(base_url=server.url, timeout=CLIENT_TIMEOUT_S) as admin:
         rss_before = gateway_rss_mib(server)
-        met_before, answered_before = await slo_counts(client, "slow")
+        met_before, answered_before = await slo_counts(admin, "slow")
         tally = Tally()
-        traffic = Traffic(client, tally, rng)
+        sender = RawSender(server.port, raw, tally, [3])
+        traffic = Traffic(admin, tally, rng)
         start = time.perf_counter()
-        await traffic.poisson(offered, args.overload_s, lambda: traffic.fire("slow", infer_body(3), [3]))
-        await traffic.drain()
+        await traffic.poisson(offered, args.overload_s, sender.fire)
+        await sender.drain()
         seconds = time.perf_counter() - start
         rss_after = gateway_rss_mib(server)
-        met_after, answered_after = await slo_counts(client, "slow")
+        met_after, answered_after = await slo_counts(admin, "slow")
     met = sum(1 for s in tally.ok_latencies_s if s <= SLOW_SLO_MS / 1000)
     return {
         "capacity_rps": capacity,
@@ -289,7 +346,7 @@ def deploy_all(url: str) -> None:
         client.deploy(f"{c.ROOT / 'examples' / 'linear.py'}:Linear", name="linear")
         client.deploy(f"{MODELS / 'faulty.py'}:Faulty", name="faulty")
         client.deploy(f"{MODELS / 'hostile.py'}:Hangs", name="hangs")
-        client.deploy(f"{MODELS / 'hostile.py'}:Leaks", name="leaks", options={"leak_mb": 48})
+        client.deploy(f"{MODELS / 'hostile.py'}:Leaks", name="leaks", options={"leak_mb": 16})
         client.deploy(sleepy, name="churn", keepalive_hot_s=1, keepalive_warm_s=2)
         client.deploy(sleepy, name="slow", max_batch_size=1, max_queue=8, slo_ms=SLOW_SLO_MS, options={"seconds": 0.05})
 
@@ -318,7 +375,7 @@ def main() -> None:
         with c.step(mixed_step):
             mixed, faults = asyncio.run(mixed_phase(server, args))
         with c.step(f"overload phase: {args.overload_factor:g}x capacity for {args.overload_s:g} s"):
-            overload = asyncio.run(overload_phase(server, args))
+            overload = c.run_async(lambda: overload_phase(server, args))
         status = httpx.get(server.url + "/admin/status", timeout=30).json()
 
     results = {

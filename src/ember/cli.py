@@ -109,6 +109,9 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="Torch threads per worker (0: torch's default).")] = 0,
     tick_s: Annotated[float, typer.Option(min=0.01, help="Seconds between control-loop ticks.")] = 1.0,
+    spare_workers: Annotated[
+        int, typer.Option(min=0, help="Workers started ahead to replace a dead one at once (0: none).")
+    ] = 1,
     batch_timeout_s: Annotated[
         float, typer.Option(min=0.001, help="A batch running longer fails and its worker is replaced.")
     ] = 120.0,
@@ -136,6 +139,7 @@ def serve(
         device=device,
         threads=threads,
         tick_s=tick_s,
+        spare_workers=spare_workers,
         batch_timeout_s=batch_timeout_s,
         worker_memory_bytes=None if worker_memory_mb < 0 else worker_memory_mb << 20,
     )

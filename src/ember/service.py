@@ -51,6 +51,8 @@ class ServeOptions:
     warm_budget_bytes: int | None = None
     cool_budget_bytes: int | None = None
     preload: tuple[str, ...] = ("numpy", "safetensors", "transformers", "tokenizers")
+    #: Workers started ahead beyond ``workers``, to take a dead worker's place at once.
+    spare_workers: int = 1
     #: A batch running longer is answered with an error and its worker replaced.
     batch_timeout_s: float = 120.0
     #: A worker whose peak resident memory passes this is replaced after its batch; None: three
@@ -104,7 +106,13 @@ class EmberService:
             WorkerLimits.default_memory_bytes(options.workers) if memory is None else memory,
         )
         self.backend: ClusterBackend = backend or LocalBackend(
-            options.workers, home / "logs", options.device, options.threads, options.preload, limits
+            options.workers,
+            home / "logs",
+            options.device,
+            options.threads,
+            options.preload,
+            limits,
+            options.spare_workers,
         )
         self.controller = Controller(
             self.clock,

@@ -151,7 +151,9 @@ class Server:
         if self._terminated or self.proc.poll() is not None:
             return
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-            self._worker_pids = [int(w["pid"]) for w in self.status()["workers"]["workers"] if w["pid"]]
+            workers = self.status()["workers"]
+            everyone = [*workers["workers"], *workers.get("spare_workers", [])]
+            self._worker_pids = [int(w["pid"]) for w in everyone if w["pid"]]
         self.proc.send_signal(signal.SIGTERM)
         self._terminated = True
 

@@ -1,4 +1,5 @@
-"""A worker killed with SIGKILL mid-batch, on its own server (2 workers): no request is lost."""
+"""A worker killed with SIGKILL mid-batch, on its own server (2 workers and a spare): no request is lost,
+and the spare takes the dead worker's place."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def test_killed_worker_loses_no_request(own: Server, tmp_path: Path) -> None:
     url = f"{own.url}/v2/models/steady/infer"
     inputs = [np.array([[i]], dtype=np.int64) for i in range(1, SENT + 1)]
     assert len(own.worker_pids()) == 2
+    # The spare, started ahead, is the one that takes the dead worker's place.
+    (spare,) = wait_until(lambda: own.status()["workers"]["spare_workers"], 120, "the spare worker to start")
     cold_starts = own.model("steady")["cold_starts"]
 
     with (
@@ -82,9 +85,10 @@ def test_killed_worker_loses_no_request(own: Server, tmp_path: Path) -> None:
     def pool_restored() -> bool:
         workers = own.status()["workers"]
         pids = {w["pid"] for w in workers["workers"] if w["alive"]}
-        return workers["ready"] == 2 and len(pids) == 2 and victim not in pids
+        return workers["ready"] == 2 and len(pids) == 2 and victim not in pids and spare["pid"] in pids
 
-    wait_until(pool_restored, 120, "the pool to be back to 2 ready workers")
+    wait_until(pool_restored, 120, "the pool to be back to 2 ready workers, the spare among them")
+    wait_until(lambda: own.status()["workers"]["spares"] == 1, 120, "a new spare")
     x = np.array([[3]], dtype=np.int64)
     np.testing.assert_array_equal(json_output(own.infer_json("steady", {"x": x}), "y"), x)
     after = own.model("steady")

@@ -14,7 +14,7 @@ import itertools
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,7 +294,13 @@ def storage_full(detail: str) -> StorageFull:
 
 
 class LocalBackend:
-    """A pool of ``size`` local worker processes."""
+    """A pool of ``size`` local worker processes, and ``spares`` more started ahead.
+
+    A spare has its runtime imported and nothing loaded. When a worker dies (killed, hung, recycled
+    for its memory), a spare takes its place at once, so its models are re-placed without waiting
+    seconds for a Python runtime to start; a new spare is then started in the background. Spares
+    are started once the pool is up, so they do not slow the server's start.
+    """
 
     def __init__(
         self,
@@ -304,6 +310,7 @@ class LocalBackend:
         threads: int = 0,
         preload: tuple[str, ...] = ("numpy", "safetensors", "transformers"),
         limits: WorkerLimits | None = None,
+        spares: int = 1,
     ) -> None:
         if size < 1:
             raise ValueError(f"a worker pool needs at least one worker, not {size}")
@@ -316,6 +323,8 @@ class LocalBackend:
         self._preload = preload
         self._limits = limits or WorkerLimits(memory_bytes=WorkerLimits.default_memory_bytes(size))
         self._workers: dict[str, LocalWorker] = {}
+        self._spares_wanted = spares
+        self._spares: list[LocalWorker] = []
         self._callbacks: list[Callable[[LocalWorker], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
@@ -324,14 +333,18 @@ class LocalBackend:
 
     async def start(self) -> None:
         await asyncio.gather(*(self._start_one() for _ in range(self._size)))
+        for _ in range(self._spares_wanted):
+            self._background(self._replace(spare=True))
 
     async def stop(self) -> None:
         self._stopping = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(w.stop() for w in list(self._workers.values())), return_exceptions=True)
+        everyone = [*self._workers.values(), *self._spares]
+        await asyncio.gather(*(w.stop() for w in everyone), return_exceptions=True)
         self._workers.clear()
+        self._spares.clear()
 
     def workers(self) -> tuple[LocalWorker, ...]:
         return tuple(w for w in self._workers.values() if w.alive)
@@ -345,35 +358,53 @@ class LocalBackend:
             "size": self._size,
             "ready": len(self.workers()),
             "restarts": self.restarts,
+            "spares": len(self._spares),
+            "spare_workers": [{"id": w.id, "pid": w.pid} for w in self._spares],
             "workers": [
                 {"id": w.id, "pid": w.pid, "device": w.device, "alive": w.alive, "in_flight": w.in_flight}
                 for w in self._workers.values()
             ],
         }
 
-    async def _start_one(self) -> None:
+    async def _start_one(self, spare: bool = False) -> None:
         n = next(self._seq)
         log_path = self._log_dir / f"worker-{n}.log"
         worker = LocalWorker(f"w{n}", self._device, self._threads, self._preload, log_path, self._limits)
         await worker.start(self._lost)
-        self._workers[worker.id] = worker
+        if spare and len(self._workers) >= self._size:
+            self._spares.append(worker)
+        else:  # a worker died while this one started: it is needed now
+            self._workers[worker.id] = worker
 
     def _lost(self, worker: LocalWorker) -> None:
+        if worker in self._spares:
+            self._spares.remove(worker)
+            if not self._stopping:
+                self._background(self._replace(spare=True))
+            return
         self._workers.pop(worker.id, None)
+        if self._spares and not self._stopping:
+            # Before the callbacks, so that the controller can place the lost models on it.
+            spare = self._spares.pop(0)
+            self._workers[spare.id] = spare
         for callback in self._callbacks:
             callback(worker)
         if self._stopping:
             return
         self.restarts += 1
-        task = asyncio.create_task(self._replace(), name="ember-worker-replace")
+        replacing_spare = len(self._workers) >= self._size
+        self._background(self._replace(spare=replacing_spare))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name="ember-worker-start")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _replace(self) -> None:
+    async def _replace(self, spare: bool = False) -> None:
         # A worker that cannot start is retried: the pool must not shrink for good.
         for attempt in range(5):
             try:
-                await self._start_one()
+                await self._start_one(spare)
                 return
             except WorkerCrashed:
                 await asyncio.sleep(min(30.0, 2.0**attempt))  # clock-ok: back-off between restarts
