@@ -159,10 +159,14 @@ class ModelHost:
                 if value.ndim == 0 or value.shape[0] != total:
                     raise ValueError(f"predict returned {name} with shape {value.shape}; expected {total} rows first")
         except Exception as exc:
+            if len(members) > 1:
+                # One request may have broken the whole batch: run each alone, so that only the
+                # requests that fail by themselves are answered with the error.
+                for member in members:
+                    self._run_group(key, model, [member], results)
+                return
             _log_failure(key, "predict")
-            message = f"predict failed: {type(exc).__name__}: {exc}"
-            for i, _ in members:
-                results[i] = message
+            results[members[0][0]] = f"predict failed: {type(exc).__name__}: {exc}"
             return
         offset = 0
         for (i, _), n in zip(members, rows, strict=True):
