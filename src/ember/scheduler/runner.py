@@ -144,6 +144,7 @@ class ModelRunner:
         deadline = now + (timeout_s if timeout_s is not None else slo_s)
         rows = rows_of(inputs)
         if (hard or self._refuse) and not admits(now, deadline, rows, self.latency, self._start_delay(now)):
+            self._count_refusal()
             raise self._unmeetable(now, deadline, rows, hard)
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         pending = Pending(inputs, rows, now, deadline, hard, future)
@@ -324,6 +325,16 @@ class ModelRunner:
             self.latency = self.latency.observe_batch(size, result.compute_s)
             measured += 1
         return measured
+
+    def _count_refusal(self) -> None:
+        """Count a request refused at admission: a failure against the SLO, as one refused later is."""
+        self.stats.requests += 1
+        self.stats.failed += 1
+        self._slo_total.inc()
+        self._metrics.failure.labels(*self._labels, DeadlineUnmeetable.__name__).inc()
+        attainment = self.stats.slo_attainment
+        if attainment is not None:
+            self._slo_attainment.set(attainment)
 
     def _account(self, pending: Pending) -> None:
         now = self._clock.now()
