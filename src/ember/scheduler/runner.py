@@ -206,12 +206,16 @@ class ModelRunner:
                             _answer_error(pending, exc)
                     continue
                 idle = [w for w in instances if w.id not in self._running]
+                if not idle:  # decide when an instance frees: O(1) per arrival, not a queue scan
+                    self.queue.changed.clear()
+                    await self.queue.changed.wait()
+                    continue
                 now = self._clock.now()
                 peek = self.queue.peek(self.deployment.max_batch_size)
                 snapshot = QueueSnapshot(
                     now=now,
                     queued=tuple((p.deadline, p.rows, p.arrival) for p in peek),
-                    instance_idle=bool(idle),
+                    instance_idle=True,
                     max_batch_size=self.deployment.max_batch_size,
                     latency=self.latency,
                     start_delay_s=self._start_delay(now),
