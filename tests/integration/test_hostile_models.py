@@ -25,7 +25,8 @@ LEAK_MB = 200
 def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     options = ("--batch-timeout-s", str(BATCH_TIMEOUT_S), "--worker-memory-mb", str(WORKER_MEMORY_MB))
     with served(Server(tmp_path_factory.mktemp("hostile") / "home", workers=1, options=options)) as running:
-        running.deploy(f"{MODELS / 'echo.py'}:Echo", "--name", "bystander")
+        # A long SLO: a request that waited behind a hung batch is retried, not refused as late.
+        running.deploy(f"{MODELS / 'echo.py'}:Echo", "--name", "bystander", "--slo-ms", "60000")
         yield running
 
 
@@ -64,7 +65,9 @@ def test_a_hung_predict_is_answered_and_its_worker_replaced(own: Server) -> None
 
 
 def test_a_leaking_model_is_recycled_and_every_request_is_served(own: Server) -> None:
-    own.deploy(f"{MODELS / 'hostile.py'}:Leaks", "--name", "leaks", "--option", f"leak_mb={LEAK_MB}")
+    own.deploy(
+        f"{MODELS / 'hostile.py'}:Leaks", "--name", "leaks", "--option", f"leak_mb={LEAK_MB}", "--slo-ms", "60000"
+    )
     before = restarts(own)
     # Enough batches to pass the limit from any starting size: each keeps LEAK_MB more.
     sent = WORKER_MEMORY_MB // LEAK_MB + 2

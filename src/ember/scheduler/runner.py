@@ -182,6 +182,13 @@ class ModelRunner:
         if loading:
             self._promoter.prewarm(name)
         retry = max(delay, 0.001)
+        if budget_ms <= 0:  # e.g. a retry after its worker died under it
+            return DeadlineUnmeetable(
+                f"model '{name}' could not answer within {what}: it ran out {-budget_ms:.0f} ms ago, before "
+                "the request could run; retry after the Retry-After delay, with a longer timeout, or deploy it "
+                "with --on-unmeetable best-effort",
+                retry_after_s=retry,
+            )
         return DeadlineUnmeetable(
             f"model '{name}' is predicted to answer in {predicted_ms:.0f} ms"
             f"{' (it is being loaded)' if loading else ''}, past {what}: {budget_ms:.0f} ms; retry after the "
