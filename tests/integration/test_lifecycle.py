@@ -34,8 +34,8 @@ def test_keepalive_demotes_hot_warm_cool_and_a_request_promotes(own: Server, tmp
         *SLEEPY,
         "--option", f"gate_dir={json.dumps(str(gates))}",
     )  # fmt: skip
-    assert own.tier("brief") == "hot"
-    wait_until(lambda: own.tier("brief") == "warm", 30, "brief to be demoted to warm")
+    # Deployed hot; with a 1 s keep-alive it may be warm already by the time this asks (a busy host).
+    wait_until(lambda: own.tier("brief") in ("warm", "cool"), 30, "brief to be demoted to warm")
     wait_until(lambda: own.tier("brief") == "cool", 30, "brief to be demoted to cool")
     assert own.status()["store"]["warm"]["models"] == 0
     cold_starts = own.model("brief")["cold_starts"]
