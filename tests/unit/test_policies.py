@@ -1,4 +1,4 @@
-"""Invariants of the pure policies: batching, keep-alive, placement."""
+"""Invariants of the baseline policies: plain EDF batching, fixed keep-alive, least-loaded placement."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from ember.policies import (
     DeadlineBatcher,
     FixedKeepAlive,
+    LatencyModel,
     LeastLoaded,
     ModelView,
     QueueSnapshot,
@@ -57,7 +58,8 @@ def test_batcher_fills_a_batch_before_the_wait_runs_out():
 
 def test_batcher_wait_is_cut_by_the_predicted_latency():
     queue = ((0.3, 1, 0.0),)
-    decision = DeadlineBatcher(max_wait_s=1.0).decide(QueueSnapshot(0.0, queue, True, 8, predicted_batch_s=0.1))
+    latency = LatencyModel().observe_batch(8, 0.1)
+    decision = DeadlineBatcher(max_wait_s=1.0).decide(QueueSnapshot(0.0, queue, True, 8, latency))
     assert decision.wake_at is not None and abs(decision.wake_at - 0.2) < 1e-9
 
 

@@ -18,7 +18,7 @@ from ember.cluster.base import ClusterBackend, WorkerHandle
 from ember.config import Deployment
 from ember.errors import EmberError, ModelNotFound, ModelUnavailable, WorkerCrashed
 from ember.metrics import Metrics
-from ember.policies.keepalive import KeepAlive, ModelView
+from ember.policies.keepalive import Demotion, KeepAlive, ModelView
 from ember.policies.placement import Placement, WorkerView
 from ember.scheduler.runner import ModelRunner
 from ember.store import Store, Tier
@@ -141,6 +141,8 @@ class Controller:
         now = self._clock.now()
         views = tuple(self._view(model, now) for model in list(self._models.values()))
         for demotion in self._keepalive.decide(views):
+            if not isinstance(demotion, Demotion):
+                continue
             model = self._models.get(demotion.name)
             if model is not None and not model.runner.busy and model.promoting is None:
                 await self.demote(demotion.name, demotion.to)

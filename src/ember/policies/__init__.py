@@ -1,23 +1,85 @@
 """Pure decisions over frozen snapshots: they do no I/O, read no clock and log nothing.
 
 The loops that apply them live in ``scheduler/`` and ``controller/``; the simulator imports the same
-functions, so each decision has one implementation.
+functions, so each decision has one implementation. Stateful policies take their previous state
+and return the next one (``LatencyModel.observe_*``, ``IdleHistogram.observe``, ``ScaleState``).
+
+- ``latency``: per-model batch latency (windowed high quantile per batch-size bucket) and load time.
+- ``batching``: SLO-aware earliest deadline first (``SloBatcher``), refusal of unmeetable requests.
+- ``devices``: which model's batch a shared device runs next (Clockwork-like, swap-in counted).
+- ``autoscaler``: instances per model from arrival rate, latency and SLO, with hysteresis.
+- ``keepalive``: the hybrid idle-time histogram policy (ATC'20) with pre-warm; the fixed baseline.
+- ``placement``: memory-aware packing, warm weights first; the least-loaded baseline.
+- ``eviction``: expected reload cost x probability of reuse; the LRU baseline.
 """
 
-from ember.policies.batching import BatchDecision, BatchPolicy, DeadlineBatcher, QueueSnapshot
-from ember.policies.keepalive import Demotion, FixedKeepAlive, KeepAlive, ModelView
-from ember.policies.placement import LeastLoaded, Placement, WorkerView
+from ember.policies.autoscaler import Autoscaler, ScaleState, ScaleView, SloAutoscaler, instance_capacity
+from ember.policies.batching import (
+    BatchDecision,
+    BatchPolicy,
+    DeadlineBatcher,
+    OnUnmeetable,
+    QueueSnapshot,
+    SloBatcher,
+    admits,
+)
+from ember.policies.devices import Candidate, DeviceScheduler, LatestStartFirst
+from ember.policies.eviction import (
+    Eviction,
+    EvictionCandidate,
+    ExpectedCostEviction,
+    LruEviction,
+    reuse_probability,
+)
+from ember.policies.keepalive import (
+    Demotion,
+    FixedKeepAlive,
+    HybridHistogramKeepAlive,
+    IdleHistogram,
+    KeepAlive,
+    KeepAliveWindows,
+    ModelView,
+    Prewarm,
+)
+from ember.policies.latency import Bandwidths, LatencyModel, warmup_batch_sizes, windowed_quantile
+from ember.policies.placement import LeastLoaded, MemoryAwarePlacement, Placement, WorkerView, device_fits
 
 __all__ = [
+    "Autoscaler",
+    "Bandwidths",
     "BatchDecision",
     "BatchPolicy",
+    "Candidate",
     "DeadlineBatcher",
     "Demotion",
+    "DeviceScheduler",
+    "Eviction",
+    "EvictionCandidate",
+    "ExpectedCostEviction",
     "FixedKeepAlive",
+    "HybridHistogramKeepAlive",
+    "IdleHistogram",
     "KeepAlive",
+    "KeepAliveWindows",
+    "LatencyModel",
+    "LatestStartFirst",
     "LeastLoaded",
+    "LruEviction",
+    "MemoryAwarePlacement",
     "ModelView",
+    "OnUnmeetable",
     "Placement",
+    "Prewarm",
     "QueueSnapshot",
+    "ScaleState",
+    "ScaleView",
+    "SloAutoscaler",
+    "SloBatcher",
     "WorkerView",
+    "admits",
+    "device_fits",
+    "instance_capacity",
+    "reuse_probability",
+    "warmup_batch_sizes",
+    "windowed_quantile",
 ]

@@ -1,17 +1,37 @@
-"""Batching: when to dispatch, and how many of the queued requests.
+"""Batching: which of a model's queued requests to send now, which to refuse, or how long to wait.
 
-The scheduler hands the policy a :class:`QueueSnapshot` (the queue in deadline order, as
-``(deadline, rows)`` pairs, plus what it knows of the instance) and gets back a
-:class:`BatchDecision`: take the first ``take`` requests now, or wait until ``wake_at`` (or the next
-arrival or completion, whichever comes first).
+The scheduler hands the policy a :class:`QueueSnapshot` (the queue in earliest-deadline-first
+order, what the latency model predicts, and how long before a batch could start: a load when the
+model is not hot) and gets back a :class:`BatchDecision`.
+
+Decision rule of :class:`SloBatcher`:
+
+1. A request is *meetable* if, served alone, it finishes by its deadline:
+   ``now + start_delay_s + predict(rows) <= deadline``. With ``on_unmeetable="refuse"`` an
+   unmeetable request is refused at once (a hard deadline, the caller's own timeout, always is);
+   with ``"best_effort"`` it is served, late.
+2. The batch is the longest EDF prefix (at most ``max_batch_size`` rows) such that every meetable
+   request in it still finishes by its deadline when the whole prefix runs as one batch. Predicted
+   latency does not fall as a batch grows and deadlines rise along the prefix, so the first prefix
+   that breaks a deadline ends the search: one pass, at most ``max_batch_size`` steps.
+3. With ``max_wait_s > 0`` a batch that is not full may wait for more requests, up to
+   ``max_wait_s`` after its oldest arrival, and never past the last moment it still meets every
+   deadline in it.
+
+:func:`admits` is rule 1 for one arriving request: the O(1) check the scheduler runs at admission,
+so an unmeetable request is refused before it is queued.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
-__all__ = ["BatchDecision", "BatchPolicy", "DeadlineBatcher", "QueueSnapshot"]
+from ember.policies.latency import LatencyModel
+
+__all__ = ["BatchDecision", "BatchPolicy", "DeadlineBatcher", "OnUnmeetable", "QueueSnapshot", "SloBatcher", "admits"]
+
+OnUnmeetable = Literal["refuse", "best_effort"]
 
 
 @dataclass(frozen=True)
@@ -22,28 +42,97 @@ class QueueSnapshot:
     #: Whether an instance can take a batch now.
     instance_idle: bool
     max_batch_size: int
-    #: Predicted seconds to run a full batch (0 while nothing is known).
-    predicted_batch_s: float = 0.0
+    #: Predicts seconds per batch of ``rows``; an empty model predicts ``default_s`` (0: optimistic).
+    latency: LatencyModel = field(default_factory=LatencyModel)
+    #: Seconds before a batch sent now could start running: the predicted load if the model is not hot.
+    start_delay_s: float = 0.0
+    #: Per queued request, whether its deadline is hard (the caller's timeout); empty: none is.
+    hard: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
 class BatchDecision:
+    #: Send the first ``take`` requests (after removing ``refuse``) as one batch now.
     take: int
+    #: Nothing to send: look again at ``wake_at`` (or at the next arrival or completion).
     wake_at: float | None = None
+    #: Positions in ``queued`` to refuse now, as unmeetable.
+    refuse: tuple[int, ...] = ()
 
 
 class BatchPolicy(Protocol):
     def decide(self, snapshot: QueueSnapshot) -> BatchDecision: ...
 
 
+def admits(
+    now: float,
+    deadline: float,
+    rows: int,
+    latency: LatencyModel,
+    start_delay_s: float = 0.0,
+) -> bool:
+    """Whether a request of ``rows`` due at ``deadline`` can finish in time if served alone."""
+    return now + start_delay_s + latency.predict(rows) <= deadline
+
+
+@dataclass(frozen=True)
+class SloBatcher:
+    """SLO-aware earliest deadline first: the largest batch that keeps every meetable deadline."""
+
+    on_unmeetable: OnUnmeetable = "refuse"
+    max_wait_s: float = 0.0
+
+    def decide(self, snapshot: QueueSnapshot) -> BatchDecision:
+        queued = snapshot.queued
+        if not queued:
+            return BatchDecision(0)
+        latency = snapshot.latency
+        start = snapshot.now + snapshot.start_delay_s
+        refuse_all = self.on_unmeetable == "refuse"
+        hard = snapshot.hard
+        refused: list[int] = []
+        take = 0
+        rows = 0
+        earliest = float("inf")  # the earliest deadline among meetable requests in the batch
+        oldest = float("inf")
+        stopped = False
+        for index, (deadline, request_rows, arrival) in enumerate(queued):
+            meetable = start + latency.predict(request_rows) <= deadline
+            if not meetable and (refuse_all or (index < len(hard) and hard[index])):
+                refused.append(index)
+                continue
+            if stopped or not snapshot.instance_idle:
+                continue  # only looking for requests to refuse now
+            if take and rows + request_rows > snapshot.max_batch_size:
+                stopped = True
+                continue
+            bound = min(earliest, deadline) if meetable else earliest
+            if take and start + latency.predict(rows + request_rows) > bound:
+                stopped = True
+                continue
+            take += 1
+            rows += request_rows
+            earliest = bound
+            oldest = min(oldest, arrival)
+        refuse = tuple(refused)
+        if take == 0:
+            return BatchDecision(0, refuse=refuse)
+        full = stopped or rows >= snapshot.max_batch_size
+        if full or self.max_wait_s <= 0:
+            return BatchDecision(take, refuse=refuse)
+        wake_at = min(oldest + self.max_wait_s, earliest - snapshot.start_delay_s - latency.predict(rows))
+        if snapshot.now >= wake_at:
+            return BatchDecision(take, refuse=refuse)
+        return BatchDecision(0, wake_at, refuse=refuse)
+
+
 @dataclass(frozen=True)
 class DeadlineBatcher:
-    """Earliest deadline first; up to ``max_batch_size`` rows; a wait bounded by the slack.
+    """The plain EDF batcher (a baseline): up to ``max_batch_size`` rows, never refuses.
 
-    With ``max_wait_s == 0`` (the default) a batch leaves as soon as an instance is idle, so batches
-    form only while the instance is busy: the lowest latency at light load, full batches at heavy
-    load. A positive ``max_wait_s`` holds a partial batch up to that long after its oldest arrival,
-    but never past the point where the earliest deadline would be missed.
+    With ``max_wait_s == 0`` a batch leaves as soon as an instance is idle; a positive ``max_wait_s``
+    holds a partial batch up to that long after its oldest arrival, but never past the point where
+    the earliest deadline would be missed under the predicted latency of a full batch.
     """
 
     max_wait_s: float = 0.0
@@ -62,7 +151,8 @@ class DeadlineBatcher:
             return BatchDecision(take)
         oldest = min(arrival for _, _, arrival in snapshot.queued)
         earliest_deadline = snapshot.queued[0][0]
-        wake_at = min(oldest + self.max_wait_s, earliest_deadline - snapshot.predicted_batch_s)
+        predicted = snapshot.latency.predict(snapshot.max_batch_size)
+        wake_at = min(oldest + self.max_wait_s, earliest_deadline - snapshot.start_delay_s - predicted)
         if snapshot.now >= wake_at:
             return BatchDecision(take)
         return BatchDecision(0, wake_at)

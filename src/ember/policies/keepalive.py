@@ -1,18 +1,94 @@
-"""Keep-alive: how long a model stays in each tier after its last request.
+"""Keep-alive and pre-warm: when a model leaves each tier after its last request, and when it comes back.
 
 Scaling down demotes one tier at a time: hot (on the device) -> warm (host memory, runtime ready)
--> cool (local disk). Each step waits for its own keep-alive, counted from the last time the model
-was busy. The controller asks every tick and applies the demotions it gets back.
+-> cool (local disk). The controller asks every tick and applies the actions it gets back.
+
+:class:`HybridHistogramKeepAlive` is the hybrid histogram policy of "Serverless in the Wild"
+(Shahrad et al., ATC'20), per model and applied to the hot tier. Each model keeps a histogram of
+its idle times (from the end of one busy period to the next arrival; :class:`IdleHistogram`, bins
+growing geometrically so one histogram covers seconds to hours). Decision rule, with ``lo`` the
+``prewarm_percentile`` (5th) of the idle times and ``hi`` the ``keepalive_percentile`` (99th):
+
+- While the histogram is *not representative* (fewer than ``min_samples`` idle times, or more than
+  ``max_out_of_range`` of them past its last bin), fall back to the deployment's fixed keep-alive.
+- Otherwise the hot keep-alive is ``hi * (1 + margin)``, clamped to ``[min_keepalive_s,
+  max_keepalive_s]``. If ``lo * (1 - margin)`` is longer than ``min_gap_s``, the next request is
+  predictably far away: the model is demoted to warm as soon as it goes idle, and pre-warmed back
+  to hot ``load_s`` (its predicted load time) before ``lo * (1 - margin)``.
+  A model pre-warmed during an idle period is not demoted early again in that period.
+- The warm tier keeps the fixed ``keepalive_warm_s`` after the hot keep-alive (host memory is cheap).
+
+:class:`FixedKeepAlive` is the baseline: fixed idle times per tier, no pre-warm. Both are pure:
+the histogram is a frozen value that ``observe`` replaces.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ember.store import Tier
 
-__all__ = ["Demotion", "FixedKeepAlive", "KeepAlive", "ModelView"]
+__all__ = [
+    "Demotion",
+    "FixedKeepAlive",
+    "HybridHistogramKeepAlive",
+    "IdleHistogram",
+    "KeepAlive",
+    "KeepAliveWindows",
+    "ModelView",
+    "Prewarm",
+]
+
+
+@dataclass(frozen=True)
+class IdleHistogram:
+    """Counts of idle times in geometric bins: bin ``i`` holds ``[edge(i-1), edge(i))``, edge(-1) = 0."""
+
+    first_edge_s: float = 0.5
+    growth: float = 1.25
+    num_bins: int = 48
+    counts: tuple[int, ...] = ()
+    out_of_range: int = 0
+
+    def edge(self, index: int) -> float:
+        """The upper edge of bin ``index``."""
+        return self.first_edge_s * self.growth**index
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts) + self.out_of_range
+
+    def observe(self, idle_s: float) -> IdleHistogram:
+        """The histogram with one more idle time."""
+        if not math.isfinite(idle_s) or idle_s < 0:
+            return self
+        counts = list(self.counts) or [0] * self.num_bins
+        if idle_s >= self.edge(self.num_bins - 1):
+            return IdleHistogram(self.first_edge_s, self.growth, self.num_bins, tuple(counts), self.out_of_range + 1)
+        index = 0 if idle_s < self.first_edge_s else int(math.log(idle_s / self.first_edge_s, self.growth)) + 1
+        index = min(index, self.num_bins - 1)
+        # Guard the float edge: idle_s must lie below the bin's upper edge.
+        while index < self.num_bins - 1 and idle_s >= self.edge(index):
+            index += 1
+        counts[index] += 1
+        return IdleHistogram(self.first_edge_s, self.growth, self.num_bins, tuple(counts), self.out_of_range)
+
+    def percentile(self, quantile: float, upper: bool) -> float:
+        """The ``quantile`` of the idle times, as its bin's upper edge (``upper``) or lower edge."""
+        total = self.total
+        if total == 0:
+            return 0.0
+        rank = max(1, math.ceil(quantile * total))
+        seen = 0
+        for index, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank:
+                if upper:
+                    return self.edge(index)
+                return 0.0 if index == 0 else self.edge(index - 1)
+        return math.inf
 
 
 @dataclass(frozen=True)
@@ -25,6 +101,12 @@ class ModelView:
     busy: bool
     keepalive_hot_s: float
     keepalive_warm_s: float
+    #: The model's idle-time histogram (empty for a model never seen idle).
+    histogram: IdleHistogram = field(default_factory=IdleHistogram)
+    #: Predicted seconds to bring the model to hot from its current tier (from warm when it is hot).
+    load_s: float = 0.0
+    #: Whether a pre-warm brought the model up during this idle period (it is not demoted early again).
+    prewarmed: bool = False
 
 
 @dataclass(frozen=True)
@@ -33,8 +115,25 @@ class Demotion:
     to: Tier
 
 
+@dataclass(frozen=True)
+class Prewarm:
+    """Bring ``name`` to hot now: its next request is expected soon."""
+
+    name: str
+
+
 class KeepAlive(Protocol):
-    def decide(self, models: tuple[ModelView, ...]) -> tuple[Demotion, ...]: ...
+    def decide(self, models: tuple[ModelView, ...]) -> tuple[Demotion | Prewarm, ...]: ...
+
+
+@dataclass(frozen=True)
+class KeepAliveWindows:
+    #: Idle seconds after which the model leaves the hot tier.
+    keepalive_s: float
+    #: Idle seconds before which the model need not be hot (0: stay hot from the start).
+    prewarm_s: float
+    #: Whether these came from the histogram (False: the fixed fallback).
+    from_histogram: bool
 
 
 @dataclass(frozen=True)
@@ -45,13 +144,60 @@ class FixedKeepAlive:
     ``keepalive_hot_s + keepalive_warm_s`` is cool.
     """
 
-    def decide(self, models: tuple[ModelView, ...]) -> tuple[Demotion, ...]:
-        out: list[Demotion] = []
+    def decide(self, models: tuple[ModelView, ...]) -> tuple[Demotion | Prewarm, ...]:
+        out: list[Demotion | Prewarm] = []
         for model in models:
             if model.busy:
                 continue
             if model.tier is Tier.HOT and model.idle_s >= model.keepalive_hot_s:
                 out.append(Demotion(model.name, Tier.WARM))
             elif model.tier is Tier.WARM and model.idle_s >= model.keepalive_hot_s + model.keepalive_warm_s:
+                out.append(Demotion(model.name, Tier.COOL))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class HybridHistogramKeepAlive:
+    """Per-model keep-alive and pre-warm windows from the idle-time histogram; fixed fallback."""
+
+    prewarm_percentile: float = 0.05
+    keepalive_percentile: float = 0.99
+    margin: float = 0.1
+    min_samples: int = 10
+    max_out_of_range: float = 0.5
+    min_keepalive_s: float = 1.0
+    max_keepalive_s: float = 4 * 3600.0
+    #: A predicted gap shorter than this is not worth demoting for.
+    min_gap_s: float = 10.0
+
+    def windows(self, model: ModelView) -> KeepAliveWindows:
+        """The hot tier's keep-alive and pre-warm windows for ``model``."""
+        hist = model.histogram
+        total = hist.total
+        if total < self.min_samples or hist.out_of_range > self.max_out_of_range * total:
+            return KeepAliveWindows(model.keepalive_hot_s, 0.0, False)
+        high = hist.percentile(self.keepalive_percentile, upper=True) * (1 + self.margin)
+        keepalive = min(max(high, self.min_keepalive_s), self.max_keepalive_s)
+        low = hist.percentile(self.prewarm_percentile, upper=False) * (1 - self.margin)
+        prewarm = low if low > self.min_gap_s and low < keepalive else 0.0
+        return KeepAliveWindows(keepalive, prewarm, True)
+
+    def decide(self, models: tuple[ModelView, ...]) -> tuple[Demotion | Prewarm, ...]:
+        out: list[Demotion | Prewarm] = []
+        for model in models:
+            if model.busy:
+                continue
+            w = self.windows(model)
+            idle = model.idle_s
+            if model.tier is Tier.HOT:
+                early = w.prewarm_s and not model.prewarmed and idle < w.prewarm_s - model.load_s
+                if idle >= w.keepalive_s or early:
+                    out.append(Demotion(model.name, Tier.WARM))
+            elif model.tier in (Tier.WARM, Tier.COOL) and w.prewarm_s and w.prewarm_s - model.load_s <= idle:
+                if idle < w.keepalive_s:
+                    out.append(Prewarm(model.name))
+                elif model.tier is Tier.WARM and idle >= w.keepalive_s + model.keepalive_warm_s:
+                    out.append(Demotion(model.name, Tier.COOL))
+            elif model.tier is Tier.WARM and idle >= w.keepalive_s + model.keepalive_warm_s:
                 out.append(Demotion(model.name, Tier.COOL))
         return tuple(out)

@@ -20,6 +20,7 @@ from ember.config import Deployment
 from ember.errors import DeadlineUnmeetable, EmberError, InternalError, ModelFailed, WorkerCrashed
 from ember.metrics import Metrics
 from ember.policies.batching import BatchPolicy, QueueSnapshot
+from ember.policies.latency import LatencyModel
 from ember.scheduler.queue import ModelQueue, Pending
 from ember.worker.protocol import Arrays, rows_of
 
@@ -80,7 +81,7 @@ class ModelRunner:
         self._latency = metrics.latency.labels(name)
         self._slo_met = metrics.slo_met.labels(name)
         self._slo_attainment = metrics.slo_attainment.labels(name)
-        self._predicted_batch_s = 0.0
+        self.latency = LatencyModel()
         self._in_flight: list[Pending] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -140,7 +141,7 @@ class ModelRunner:
                 queued=self.queue.view(self.deployment.max_batch_size),
                 instance_idle=True,
                 max_batch_size=self.deployment.max_batch_size,
-                predicted_batch_s=self._predicted_batch_s,
+                latency=self.latency,
             )
             decision = self._policy.decide(snapshot)
             if decision.take == 0:
@@ -198,7 +199,7 @@ class ModelRunner:
         rows = sum(p.rows for p in live)
         self.stats.batches += 1
         self.stats.rows += rows
-        self._predicted_batch_s = max(result.compute_s, 0.9 * self._predicted_batch_s)
+        self.latency = self.latency.observe_batch(rows, result.compute_s)
         self._exec_count.inc()
         self._count.inc(rows)
         self._compute_us.inc(result.compute_s * 1e6)

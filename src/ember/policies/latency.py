@@ -1,0 +1,170 @@
+"""The latency model: how long a batch of ``rows`` takes, and how long a load takes, per model.
+
+Decision rule. Batch sizes are grouped in power-of-two buckets (1, 2, 3-4, 5-8, ...). Each bucket
+keeps the last ``window`` measured batch times and estimates their ``quantile`` (p90 by default): a
+windowed order statistic, so one outlier moves it by at most one rank, and it forgets a regime
+after ``window`` batches. A prediction for ``rows`` is the estimate of its bucket, made monotone in
+the batch size (never below a smaller bucket's); a bucket not measured yet borrows the next larger
+measured one (conservative), or scales the largest measured one linearly by rows.
+
+Load time per tier: the high quantile of this model's own measured loads from that tier once it
+has any; before that, its bytes over the measured link bandwidths (:class:`Bandwidths`) plus a
+fixed set-up cost.
+
+The model is a frozen value: ``observe_*`` returns a new model, so the loops (and the simulator)
+fold measurements in and replay them exactly. A warm-up sweep at deploy time seeds it with a few
+small batch sizes (:func:`warmup_batch_sizes`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ember.store import Tier
+
+__all__ = ["Bandwidths", "LatencyModel", "warmup_batch_sizes", "windowed_quantile"]
+
+#: Buckets 0..MAX_BUCKET cover batch sizes up to 2**MAX_BUCKET rows.
+MAX_BUCKET = 16
+
+
+def bucket_of(rows: int) -> int:
+    """The power-of-two bucket of a batch of ``rows`` (1 -> 0, 2 -> 1, 3..4 -> 2, 5..8 -> 3, ...)."""
+    return min(max(rows, 1) - 1, 1 << MAX_BUCKET).bit_length()
+
+
+def windowed_quantile(samples: tuple[float, ...], quantile: float) -> float:
+    """The nearest-rank ``quantile`` of ``samples`` (which must not be empty)."""
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(quantile * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def warmup_batch_sizes(max_batch_size: int, count: int = 4) -> tuple[int, ...]:
+    """The batch sizes a deploy-time warm-up measures: 1, 2, 4, ... (``count`` of them, capped)."""
+    sizes: list[int] = []
+    size = 1
+    while len(sizes) < count and size <= max_batch_size:
+        sizes.append(size)
+        size *= 2
+    if max_batch_size not in sizes and len(sizes) < count:
+        sizes.append(max_batch_size)
+    return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Measured link speeds, in bytes per second, and the fixed cost of building a model on a worker.
+
+    The defaults are conservative figures for a CPU host (local SSD, memory copy); a GPU host and the
+    simulator pass measured ones (``calibration/h200.json``: 55 GB/s pinned host->device, 2.2 GB/s
+    cold disk).
+    """
+
+    #: Cool -> warm: local disk (or page cache) into host memory.
+    disk_bytes_per_s: float = 1.0e9
+    #: Warm -> hot: host memory onto the device.
+    host_to_device_bytes_per_s: float = 5.0e9
+    #: Building the model around its weights, per load.
+    setup_s: float = 0.05
+
+    def load_s(self, num_bytes: int, tier: Tier) -> float:
+        """Seconds to bring a model of ``num_bytes`` from ``tier`` to hot (0 when already hot)."""
+        if tier is Tier.HOT:
+            return 0.0
+        seconds = self.setup_s + num_bytes / self.host_to_device_bytes_per_s
+        if tier is not Tier.WARM:  # cool (and cold, whose import is not counted here)
+            seconds += num_bytes / self.disk_bytes_per_s
+        return seconds
+
+
+@dataclass(frozen=True)
+class _Samples:
+    values: tuple[float, ...] = ()
+    estimate: float = 0.0
+
+    def add(self, seconds: float, window: int, quantile: float) -> _Samples:
+        values = (*self.values, seconds)[-window:]
+        return _Samples(values, windowed_quantile(values, quantile))
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Per-bucket windowed quantiles of batch times, and per-tier quantiles of load times."""
+
+    quantile: float = 0.9
+    window: int = 32
+    #: What a batch is predicted to take while nothing is measured.
+    default_s: float = 0.0
+    #: Bucket index -> its samples; a sorted tuple of pairs, so the value is hashable and ordered.
+    batches: tuple[tuple[int, _Samples], ...] = ()
+    loads: tuple[tuple[Tier, _Samples], ...] = ()
+    #: Predicted seconds per bucket, monotone; rebuilt on every observation so ``predict`` is O(1).
+    _table: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.quantile <= 1.0:
+            raise ValueError(f"quantile must be in (0, 1], not {self.quantile}")
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, not {self.window}")
+
+    @property
+    def known(self) -> bool:
+        """Whether any batch has been measured."""
+        return bool(self.batches)
+
+    def observe_batch(self, rows: int, seconds: float) -> LatencyModel:
+        """The model with one more measured batch of ``rows`` that took ``seconds``."""
+        if rows < 1 or not math.isfinite(seconds) or seconds < 0:
+            return self
+        bucket = bucket_of(rows)
+        current = dict(self.batches)
+        current[bucket] = current.get(bucket, _Samples()).add(seconds, self.window, self.quantile)
+        batches = tuple(sorted(current.items()))
+        return replace(self, batches=batches, _table=_monotone_table(batches))
+
+    def observe_load(self, tier: Tier, seconds: float) -> LatencyModel:
+        """The model with one more measured load from ``tier`` to hot that took ``seconds``."""
+        if tier is Tier.HOT or not math.isfinite(seconds) or seconds < 0:
+            return self
+        current = dict(self.loads)
+        current[tier] = current.get(tier, _Samples()).add(seconds, self.window, self.quantile)
+        return replace(self, loads=tuple(sorted(current.items())))
+
+    def predict(self, rows: int) -> float:
+        """Predicted seconds for a batch of ``rows`` (``default_s`` while nothing is measured)."""
+        table = self._table
+        if not table:
+            return self.default_s
+        bucket = bucket_of(rows)
+        if bucket < len(table):
+            return table[bucket]
+        # Past every measurement: scale the largest measured bucket by rows (pessimistic on GPUs).
+        largest = len(table) - 1
+        return table[largest] * rows / (1 << largest)
+
+    def predict_load(self, tier: Tier, num_bytes: int, bandwidths: Bandwidths) -> float:
+        """Predicted seconds to bring the model from ``tier`` to hot."""
+        if tier is Tier.HOT:
+            return 0.0
+        for known_tier, samples in self.loads:
+            if known_tier is tier:
+                return samples.estimate
+        return bandwidths.load_s(num_bytes, tier)
+
+
+def _monotone_table(batches: tuple[tuple[int, _Samples], ...]) -> tuple[float, ...]:
+    """Prediction per bucket up to the largest measured one: non-decreasing, gaps filled upwards."""
+    measured = dict(batches)
+    largest = max(measured)
+    table: list[float] = []
+    floor = 0.0
+    for bucket in range(largest + 1):
+        if bucket in measured:
+            value = measured[bucket].estimate
+        else:
+            value = min(measured[b].estimate for b in measured if b > bucket)
+        floor = max(floor, value)
+        table.append(floor)
+    return tuple(table)

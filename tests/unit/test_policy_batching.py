@@ -1,0 +1,153 @@
+"""The SLO-aware EDF batcher: deadline order, no broken predicted deadline, refusal, waiting."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ember.policies import DeadlineBatcher, LatencyModel, QueueSnapshot, SloBatcher, admits
+
+
+def _linear(base_s: float, per_row_s: float, up_to: int = 64) -> LatencyModel:
+    model = LatencyModel()
+    rows = 1
+    while rows <= up_to:
+        model = model.observe_batch(rows, base_s + per_row_s * rows)
+        rows *= 2
+    return model
+
+
+latencies = st.builds(_linear, st.floats(0.0, 0.05), st.floats(0.0, 0.01))
+queues = st.lists(st.tuples(st.floats(0, 1), st.integers(1, 8), st.floats(0, 1)), min_size=1, max_size=40).map(
+    lambda q: tuple(sorted(q))
+)
+
+
+def _kept(queue, decision):
+    """The requests a decision keeps in the queue, in order, and those it sends."""
+    refused = set(decision.refuse)
+    kept = [r for i, r in enumerate(queue) if i not in refused]
+    return kept[: decision.take]
+
+
+@given(
+    queue=queues,
+    latency=latencies,
+    max_batch=st.integers(1, 32),
+    delay=st.floats(0, 0.2),
+    mode=st.sampled_from(["refuse", "best_effort"]),
+    wait=st.sampled_from([0.0, 0.01, 1.0]),
+)
+def test_no_batch_breaks_a_deadline_the_model_predicted_it_could_meet(queue, latency, max_batch, delay, mode, wait):
+    snap = QueueSnapshot(0.0, queue, True, max_batch, latency, delay)
+    decision = SloBatcher(mode, wait).decide(snap)
+    batch = _kept(queue, decision)
+    rows = sum(r for _, r, _ in batch)
+    assert len(batch) == decision.take
+    if decision.take > 1:
+        assert rows <= max_batch
+    finish = delay + latency.predict(rows)
+    for deadline, request_rows, _ in batch:
+        meetable = delay + latency.predict(request_rows) <= deadline
+        if meetable:
+            assert finish <= deadline
+        else:
+            assert mode == "best_effort"
+
+
+@given(queue=queues, latency=latencies, max_batch=st.integers(1, 32), delay=st.floats(0, 0.2))
+def test_refuse_mode_refuses_exactly_the_requests_unmeetable_alone(queue, latency, max_batch, delay):
+    decision = SloBatcher("refuse").decide(QueueSnapshot(0.0, queue, True, max_batch, latency, delay))
+    unmeetable = {i for i, (d, r, _) in enumerate(queue) if not admits(0.0, d, r, latency, delay)}
+    assert set(decision.refuse) == unmeetable
+    assert decision.refuse == tuple(sorted(decision.refuse))
+    if len(unmeetable) < len(queue):
+        assert decision.take >= 1  # an idle instance never sits out a meetable request without waiting
+
+
+@given(queue=queues, latency=latencies, max_batch=st.integers(1, 32))
+def test_the_batch_is_an_edf_prefix_and_as_large_as_the_deadlines_allow(queue, latency, max_batch):
+    decision = SloBatcher("best_effort").decide(QueueSnapshot(0.0, queue, True, max_batch, latency))
+    assert decision.refuse == ()
+    batch = list(queue[: decision.take])
+    if decision.take < len(queue):
+        # One more request would overflow the batch or break a meetable deadline.
+        grown = [*batch, queue[decision.take]]
+        rows = sum(r for _, r, _ in grown)
+        finish = latency.predict(rows)
+        meetable_deadlines = [d for d, r, _ in grown if latency.predict(r) <= d]
+        assert rows > max_batch or any(finish > d for d in meetable_deadlines)
+
+
+@given(queue=queues, latency=latencies)
+def test_a_busy_instance_gets_nothing_but_refusals(queue, latency):
+    decision = SloBatcher("refuse").decide(QueueSnapshot(0.0, queue, False, 8, latency))
+    assert decision.take == 0
+
+
+@given(queue=queues, latency=latencies, wait=st.floats(0.001, 1.0))
+def test_waiting_never_outlasts_the_slack_of_the_batch(queue, latency, wait):
+    decision = SloBatcher("best_effort", wait).decide(QueueSnapshot(0.0, queue, True, 10_000, latency))
+    if decision.take == 0 and decision.wake_at is not None:
+        rows = sum(r for _, r, _ in queue)
+        meetable = [d for d, r, _ in queue if latency.predict(r) <= d]
+        assert decision.wake_at > 0.0
+        assert all(decision.wake_at + latency.predict(rows) <= d + 1e-9 for d in meetable)
+
+
+def test_known_answer_a_batch_stops_where_the_first_deadline_would_break():
+    # 10 ms + 10 ms per row: 1 row 20 ms, 2 rows 30 ms, 4 rows 50 ms, 8 rows 90 ms.
+    latency = _linear(0.010, 0.010)
+    queue = ((0.05, 1, 0.0), (0.06, 1, 0.0), (0.07, 1, 0.0), (0.08, 1, 0.0), (0.09, 1, 0.0))
+    decision = SloBatcher().decide(QueueSnapshot(0.0, queue, True, 8, latency))
+    assert decision == type(decision)(4)  # 4 rows finish at 50 ms; a fifth would need 90 ms (bucket 8)
+
+
+def test_known_answer_a_cold_model_counts_its_load():
+    latency = _linear(0.010, 0.0)
+    queue = ((0.1, 1, 0.0), (0.5, 1, 0.0))
+    decision = SloBatcher().decide(QueueSnapshot(0.0, queue, True, 8, latency, start_delay_s=0.2))
+    assert decision.refuse == (0,) and decision.take == 1
+    late = SloBatcher("best_effort").decide(QueueSnapshot(0.0, queue, True, 8, latency, start_delay_s=0.2))
+    assert late.refuse == () and late.take == 2
+
+
+def test_a_hard_deadline_is_refused_even_in_best_effort_mode():
+    latency = _linear(0.010, 0.0)
+    queue = ((0.005, 1, 0.0), (0.006, 1, 0.0))
+    snap = QueueSnapshot(0.0, queue, True, 8, latency, hard=(True, False))
+    decision = SloBatcher("best_effort").decide(snap)
+    assert decision.refuse == (0,) and decision.take == 1
+
+
+def test_an_unknown_model_refuses_nothing():
+    queue = ((0.001, 1, 0.0),)
+    assert SloBatcher().decide(QueueSnapshot(0.0, queue, True, 8)).take == 1
+
+
+def test_a_partial_batch_waits_for_more_until_its_slack_runs_out():
+    latency = _linear(0.010, 0.0)
+    queue = ((0.1, 1, 0.0),)
+    waiting = SloBatcher(max_wait_s=0.5).decide(QueueSnapshot(0.0, queue, True, 8, latency))
+    assert waiting.take == 0 and waiting.wake_at is not None
+    assert abs(waiting.wake_at - 0.09) < 1e-9
+    assert SloBatcher(max_wait_s=0.5).decide(QueueSnapshot(waiting.wake_at, queue, True, 8, latency)).take == 1
+
+
+# -- the plain EDF baseline ---------------------------------------------------------------------------
+
+
+@given(queue=queues, max_batch=st.integers(1, 32), now=st.floats(0, 2), wait=st.sampled_from([0.0, 0.005, 1.0]))
+def test_baseline_takes_a_deadline_ordered_prefix_within_the_batch_size(queue, max_batch, now, wait):
+    decision = DeadlineBatcher(max_wait_s=wait).decide(QueueSnapshot(now, queue, True, max_batch))
+    assert 0 <= decision.take <= len(queue)
+    if decision.take > 1:
+        assert sum(r for _, r, _ in queue[: decision.take]) <= max_batch
+    if decision.take == 0:
+        assert wait > 0
+        assert decision.wake_at is not None and now < decision.wake_at <= queue[0][0]
+
+
+@given(queue=queues)
+def test_baseline_never_dispatches_to_a_busy_instance(queue):
+    assert DeadlineBatcher().decide(QueueSnapshot(0.0, queue, False, 8)).take == 0

@@ -1,0 +1,150 @@
+"""Keep-alive: the hybrid idle-time histogram policy, its fallback and bounds, and the fixed baseline."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ember.policies import (
+    Demotion,
+    FixedKeepAlive,
+    HybridHistogramKeepAlive,
+    IdleHistogram,
+    ModelView,
+    Prewarm,
+)
+from ember.store import Tier
+from ember.testing import poisson_arrivals
+
+
+def _hist(idle_times: list[float]) -> IdleHistogram:
+    hist = IdleHistogram()
+    for t in idle_times:
+        hist = hist.observe(t)
+    return hist
+
+
+def _view(tier: Tier, idle_s: float, hist: IdleHistogram, **kw: object) -> ModelView:
+    fields: dict[str, object] = {"keepalive_hot_s": 300.0, "keepalive_warm_s": 600.0, "histogram": hist}
+    fields.update(kw)
+    return ModelView("m", tier, idle_s, False, **fields)  # type: ignore[arg-type]
+
+
+@given(st.lists(st.floats(0, 1e5), max_size=50))
+def test_the_histogram_counts_every_idle_time_in_the_right_bin(idle_times):
+    hist = _hist(idle_times)
+    assert hist.total == len(idle_times)
+    for t in idle_times:
+        if t < hist.edge(hist.num_bins - 1):
+            upper = hist.percentile(1.0, upper=True)
+            assert upper >= min(t, upper)
+
+
+def test_percentiles_are_bin_edges():
+    hist = _hist([60.0] * 99 + [1000.0])
+    assert hist.percentile(0.05, upper=False) <= 60.0 < hist.percentile(0.05, upper=True)
+    assert hist.percentile(0.99, upper=True) > 60.0
+    assert hist.percentile(1.0, upper=True) > 1000.0
+
+
+@given(
+    idle_times=st.lists(st.floats(0, 1e5), max_size=60),
+    hot_s=st.floats(0, 1e4),
+    lo=st.floats(0.1, 100),
+    span=st.floats(0, 1e5),
+)
+def test_the_keepalive_window_stays_within_its_bounds(idle_times, hot_s, lo, span):
+    policy = HybridHistogramKeepAlive(min_keepalive_s=lo, max_keepalive_s=lo + span)
+    windows = policy.windows(_view(Tier.HOT, 0.0, _hist(idle_times), keepalive_hot_s=hot_s))
+    if windows.from_histogram:
+        assert lo <= windows.keepalive_s <= lo + span
+        assert 0.0 <= windows.prewarm_s < windows.keepalive_s
+    else:
+        assert windows.keepalive_s == hot_s and windows.prewarm_s == 0.0
+
+
+def test_a_histogram_that_is_not_representative_falls_back_to_the_fixed_keepalive():
+    policy = HybridHistogramKeepAlive(min_samples=10)
+    few = _view(Tier.HOT, 0.0, _hist([5.0] * 9))
+    assert not policy.windows(few).from_histogram
+    mostly_out = _view(Tier.HOT, 0.0, _hist([5.0] * 10 + [1e9] * 11))
+    assert not policy.windows(mostly_out).from_histogram
+    assert policy.windows(_view(Tier.HOT, 0.0, _hist([5.0] * 10))).from_histogram
+
+
+def test_a_model_called_every_few_seconds_stays_hot_just_past_its_longest_gap():
+    policy = HybridHistogramKeepAlive()
+    hist = _hist([2.0, 3.0, 4.0] * 10)
+    w = policy.windows(_view(Tier.HOT, 0.0, hist))
+    assert 4.0 < w.keepalive_s < 10.0 and w.prewarm_s == 0.0  # far below the fixed 300 s
+    assert policy.decide((_view(Tier.HOT, 3.0, hist),)) == ()
+    assert policy.decide((_view(Tier.HOT, w.keepalive_s, hist),)) == (Demotion("m", Tier.WARM),)
+
+
+def test_a_periodic_model_is_demoted_at_once_and_prewarmed_before_its_next_call():
+    policy = HybridHistogramKeepAlive()
+    hist = _hist([600.0] * 30)  # a timer every ten minutes
+    w = policy.windows(_view(Tier.HOT, 0.0, hist))
+    assert 400.0 < w.prewarm_s < 600.0 < w.keepalive_s
+    assert policy.decide((_view(Tier.HOT, 1.0, hist, load_s=2.0),)) == (Demotion("m", Tier.WARM),)
+    assert policy.decide((_view(Tier.WARM, w.prewarm_s - 3.0, hist, load_s=2.0),)) == ()
+    assert policy.decide((_view(Tier.WARM, w.prewarm_s - 2.0, hist, load_s=2.0),)) == (Prewarm("m"),)
+    # Once pre-warmed it stays hot until the keep-alive runs out, then leaves.
+    assert policy.decide((_view(Tier.HOT, w.prewarm_s - 1.5, hist, load_s=2.0, prewarmed=True),)) == ()
+    assert policy.decide((_view(Tier.HOT, w.keepalive_s, hist, prewarmed=True),)) == (Demotion("m", Tier.WARM),)
+    assert policy.decide((_view(Tier.WARM, w.keepalive_s + 600.0, hist),)) == (Demotion("m", Tier.COOL),)
+
+
+views = st.builds(
+    ModelView,
+    name=st.sampled_from(["a", "b", "c"]),
+    tier=st.sampled_from([Tier.HOT, Tier.WARM, Tier.COOL]),
+    idle_s=st.floats(0, 10_000),
+    busy=st.booleans(),
+    keepalive_hot_s=st.floats(0, 1000),
+    keepalive_warm_s=st.floats(0, 5000),
+    histogram=st.lists(st.floats(0, 3000), max_size=40).map(_hist),
+    load_s=st.floats(0, 30),
+    prewarmed=st.booleans(),
+)
+
+
+@given(models=st.lists(views, max_size=10))
+def test_no_busy_model_is_touched_and_each_action_moves_one_tier(models):
+    for policy in (FixedKeepAlive(), HybridHistogramKeepAlive()):
+        by_name = {m.name: m for m in models}
+        actions = policy.decide(tuple(by_name.values()))
+        assert len({a.name for a in actions}) == len(actions)
+        for action in actions:
+            model = by_name[action.name]
+            assert not model.busy
+            if isinstance(action, Demotion):
+                assert (model.tier, action.to) in ((Tier.HOT, Tier.WARM), (Tier.WARM, Tier.COOL))
+            else:
+                assert model.tier in (Tier.WARM, Tier.COOL)
+
+
+@given(model=views)
+def test_a_prewarmed_model_is_not_demoted_before_its_keepalive(model):
+    policy = HybridHistogramKeepAlive()
+    hot = ModelView(**{**model.__dict__, "tier": Tier.HOT, "busy": False, "prewarmed": True})
+    demoted = policy.decide((hot,)) != ()
+    assert demoted == (hot.idle_s >= policy.windows(hot).keepalive_s)
+
+
+def test_fixed_keepalive_known_answer_on_a_poisson_model():
+    # A Poisson model at rate r with a fixed keep-alive k starts cold when the gap before a request
+    # exceeds k: probability exp(-r k).
+    rate, keepalive = 0.1, 10.0
+    arrivals = poisson_arrivals(rate, 200_000.0, seed=7)
+    policy = FixedKeepAlive()
+    cold = 0
+    for previous, arrival in itertools.pairwise(arrivals):
+        view = ModelView("m", Tier.HOT, arrival - previous, False, keepalive, 1e9)
+        cold += policy.decide((view,)) == (Demotion("m", Tier.WARM),)
+    expected = math.exp(-rate * keepalive)
+    assert cold / (len(arrivals) - 1) == pytest.approx(expected, abs=0.01)
