@@ -7,9 +7,12 @@ taken in event order, so a run is a pure function of its inputs: the same scenar
 the same event log, bit for bit.
 
 The engine is the loop of DESIGN.md principle 1: it builds each policy's snapshot, calls it and
-applies the decision. Devices run one batch at a time; when one frees it offers itself to the
-resident models with queued requests in deadline order, each asking its batching policy. Loads on
-a device are serialised (one host link); they overlap the device's compute.
+applies the decision, and folds measurements back into the per-model state the policies keep
+(``LatencyModel``, ``IdleHistogram``, ``ScaleState``). A device runs one batch at a time: when it
+frees, each resident model with queued requests asks its batching policy for a batch and the device
+scheduler picks which one runs. Loads on a device are serialised (one host link) and overlap its
+compute. Control ticks run on the grid ``k * tick_s`` while anything is up: the hot keep-alive every
+tick; the warm tier's keep-alive and pre-warm, and the autoscaler, every ``warm_tick_s``.
 """
 
 from __future__ import annotations
@@ -19,12 +22,25 @@ import itertools
 import math
 import random
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ember.errors import InvalidInput
-from ember.policies import ModelView, QueueSnapshot, WorkerView
-from ember.policies.baselines import ResidentView, ScaleState, ScaleView
+from ember.policies import (
+    Bandwidths,
+    Candidate,
+    Demotion,
+    EvictionCandidate,
+    IdleHistogram,
+    LatencyModel,
+    ModelView,
+    QueueSnapshot,
+    ScaleState,
+    ScaleView,
+    WorkerView,
+    admits,
+    warmup_batch_sizes,
+)
 from ember.sim.cluster import ClusterSpec, ModelSpec
 from ember.sim.policysets import PolicySet
 from ember.sim.workload import Workload
@@ -33,6 +49,8 @@ from ember.store import Tier
 __all__ = ["Engine", "RunResult"]
 
 _LOAD, _DONE, _WAKE, _TICK = 0, 1, 2, 3
+#: When a device frees, at most this many models (those due first) propose a batch to its scheduler.
+MAX_CANDIDATES = 8
 _HOT, _WARM, _COOL = Tier.HOT, Tier.WARM, Tier.COOL
 
 Request = tuple[float, int, float]  # (deadline, rows, arrival)
@@ -53,32 +71,41 @@ class RunResult:
     instance_seconds: float
     num_devices: int
     batches: int
+    #: Requests served past their SLO, per model.
+    missed: dict[str, int] = field(default_factory=dict)
     events: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 class _Model:
-    __slots__ = ("idx", "instances", "last_used", "max_batch", "name", "next_key", "predicted_s", "queue", "running",
-                 "scale_state", "slo_s", "spec", "wake_at")  # fmt: skip
+    __slots__ = ("arrivals", "histogram", "idx", "instances", "last_used", "latency", "max_batch", "name", "next_key",
+                 "prewarmed", "queue", "rate", "running", "scale_state", "slo_s", "spec", "wake_at")  # fmt: skip
 
     def __init__(self, idx: int, spec: ModelSpec, max_batch: int) -> None:
         self.idx, self.spec, self.name = idx, spec, spec.name
         self.slo_s, self.max_batch = spec.slo_s, max_batch
-        self.predicted_s = spec.curve.batch_s(max_batch) * spec.work_per_request
+        latency = LatencyModel()
+        for rows in warmup_batch_sizes(max_batch):  # the deploy-time warm-up sweep
+            latency = latency.observe_batch(rows, spec.curve.batch_s(rows) * spec.work_per_request)
+        self.latency = latency
+        self.histogram = IdleHistogram()
         self.queue: deque[Request] = deque()
         self.running = 0
         self.instances: list[_Instance] = []
         self.last_used = 0.0
+        self.prewarmed = False
         self.scale_state = ScaleState()
         self.wake_at: float | None = None
         self.next_key = 0
+        self.arrivals = 0
+        self.rate = 0.0
 
 
 class _Instance:
-    __slots__ = ("bytes", "device", "key", "last_used", "model", "ready_at", "running", "source")
+    __slots__ = ("bytes", "device", "key", "last_used", "load_s", "model", "ready_at", "running", "source")
 
-    def __init__(self, key: str, model: _Model, device: _Device, ready_at: float, source: Tier) -> None:
+    def __init__(self, key: str, model: _Model, device: _Device, ready_at: float, load_s: float, source: Tier) -> None:
         self.key, self.model, self.device = key, model, device
-        self.ready_at, self.source = ready_at, source
+        self.ready_at, self.load_s, self.source = ready_at, load_s, source
         self.bytes = model.spec.weights_bytes
         self.last_used = ready_at
         self.running = False
@@ -120,11 +147,15 @@ class Engine:
         self.cluster, self.workload, self.p = cluster, workload, policies
         self.duration_s, self.tick_s = duration_s, tick_s
         self.warm_every = max(1, round(warm_tick_s / tick_s))
+        self.window_s = self.warm_every * tick_s
         self.rng = random.Random(seed)
+        self.learns = policies.learns
         self.models = [_Model(i, s, policies.max_batch_size or s.max_batch_size) for i, s in enumerate(models)]
         per = cluster.devices_per_node
         self.devices = [_Device(i, i // per, cluster.device_memory_bytes) for i in range(cluster.num_devices)]
         self.by_id = {d.id: d for d in self.devices}
+        cal = cluster.calibration
+        self.bandwidths = Bandwidths(cal.disk_read_bytes_per_s, cal.h2d_pinned_bytes_per_s, 0.0)
         self.warm: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(cluster.nodes)]
         self.warm_bytes = [0] * cluster.nodes
         self.instances: dict[str, _Instance] = {}
@@ -135,14 +166,14 @@ class Engine:
         self.record = record_events
         self.events: list[tuple[Any, ...]] = []
         self.latencies: list[float] = []
-        self.met = self.refused = self.batches = 0
+        self.met = self.refused = self.batches = self.outstanding = 0
         self.cold = {_WARM.value: 0, _COOL.value: 0}
+        self.missed: dict[str, int] = {}
+        self.tick_armed = False
         # Integrals over time: devices held, bytes resident, instances up.
         self._t_acc = 0.0
         self.held = self.used_total = 0
         self.gpu_s = self.byte_s = self.inst_s = 0.0
-        self.tick_armed = False
-        self.outstanding = 0
         if start_warm and policies.warm_tier:
             for node in range(cluster.nodes):
                 for m in self.models:
@@ -181,55 +212,108 @@ class Engine:
         self._account()
         return RunResult(
             self.p.name, end, self.latencies, self.met, self.refused, dict(self.cold), self.gpu_s, self.byte_s,
-            self.inst_s, len(self.devices), self.batches, self.events,
+            self.inst_s, len(self.devices), self.batches, self.missed, self.events,
         )  # fmt: skip
 
+    def _push(self, t: float, kind: int, obj: Any) -> None:
+        heapq.heappush(self.heap, (t, next(self.seq), kind, obj))
+
     def _arm_tick(self) -> None:
-        """Ticks run on the grid ``k * tick_s`` while anything is up, warm or waiting; they stop when nothing is."""
         if not self.tick_armed:
             k = math.floor(self.now / self.tick_s) + 1
             self.tick_armed = True
             self._push(k * self.tick_s, _TICK, k)
 
-    def _push(self, t: float, kind: int, obj: Any) -> None:
-        heapq.heappush(self.heap, (t, next(self.seq), kind, obj))
-
     # -- requests ---------------------------------------------------------------------------------
 
     def _arrive(self, m: _Model, rows: int) -> None:
         now = self.now
-        m.queue.append((now + m.slo_s, rows, now))
+        m.arrivals += 1
+        if self.learns and not m.queue and not m.running:
+            m.histogram = m.histogram.observe(now - m.last_used)  # an idle period ends
+            m.prewarmed = False
+        deadline = now + m.slo_s
+        if self.p.admission and not admits(now, deadline, rows, m.latency, self._start_delay(m)):
+            self.refused += 1
+            if self.record:
+                self.events.append((now, "refuse", m.name))
+            self._scale(m)
+            return
+        m.queue.append((deadline, rows, now))
         self.outstanding += 1
-        self._scale(m)
+        if len(m.queue) + m.running > len(m.instances):  # more work than instances: the autoscaler may act now
+            self._scale(m)
         for inst in m.instances:
             dev = inst.device
             dev.pending[m.idx] = m
             if not dev.busy and inst.ready_at <= now:
                 self._offer(dev)
 
+    def _start_delay(self, m: _Model) -> float:
+        """Seconds before a batch of ``m`` could start: 0 when an instance is up, else the soonest load."""
+        if not m.instances:
+            warm = self.p.warm_tier and any(m.idx in w for w in self.warm)
+            return m.latency.predict_load(_WARM if warm else _COOL, m.spec.weights_bytes, self.bandwidths)
+        return max(0.0, min(x.ready_at for x in m.instances) - self.now)
+
     def _offer(self, dev: _Device) -> None:
-        """The device is free: the resident model with the earliest deadline whose policy takes a batch runs."""
+        """The device is free: every resident model with work proposes a batch; the device scheduler picks one."""
         if dev.busy or not dev.pending:
             return
-        now = self.now
-        order = sorted(dev.pending.values(), key=lambda m: (m.queue[0][0], m.idx) if m.queue else (math.inf, m.idx))
-        for m in order:
-            if not m.queue:
-                del dev.pending[m.idx]
-                continue
-            inst = next((x for x in m.instances if x.device is dev and x.ready_at <= now), None)
-            if inst is None:
-                del dev.pending[m.idx]  # put back when an instance here finishes loading
-                continue
+        now, batcher = self.now, self.p.batcher
+        proposals: list[tuple[_Model, _Instance, int]] = []
+        pending = list(dev.pending.values())
+        if len(pending) > MAX_CANDIDATES:  # ask the models due first; a busy device may hold hundreds
+            pending.sort(key=lambda m: (m.queue[0][0], m.idx) if m.queue else (math.inf, m.idx))
+        for m in pending:
+            if len(proposals) == MAX_CANDIDATES:
+                break
             q = m.queue
+            inst = None
+            if q:
+                for x in m.instances:
+                    if x.device is dev and x.ready_at <= now:
+                        inst = x
+                        break
+            if inst is None:
+                del dev.pending[m.idx]  # put back on the next arrival, or when an instance here is ready
+                continue
             queued = tuple(q) if len(q) <= m.max_batch else tuple(itertools.islice(q, m.max_batch + 1))
-            decision = self.p.batcher.decide(QueueSnapshot(now, queued, True, m.max_batch, m.predicted_s))
-            if decision.take > 0:
-                self._start_batch(dev, inst, [q.popleft() for _ in range(min(decision.take, len(q)))])
-                return
-            if decision.wake_at is not None and (m.wake_at is None or decision.wake_at < m.wake_at):
+            decision = batcher.decide(QueueSnapshot(now, queued, True, m.max_batch, m.latency))
+            if decision.refuse:
+                self._refuse(m, decision.refuse)
+            if decision.take > 0 and q:
+                proposals.append((m, inst, min(decision.take, len(q))))
+            elif decision.wake_at is not None and (m.wake_at is None or decision.wake_at < m.wake_at):
                 m.wake_at = decision.wake_at
                 self._push(decision.wake_at, _WAKE, m)
+            if not q:
+                dev.pending.pop(m.idx, None)
+        if not proposals:
+            return
+        if len(proposals) > 1:
+            by_name = {m.name: (m, inst, take) for m, inst, take in proposals}
+            candidates = tuple(
+                Candidate(m.name, m.queue[0][0], m.latency.predict(sum(m.queue[j][1] for j in range(take))), 0.0, take)
+                for m, _, take in proposals
+            )
+            chosen = self.p.devices.choose(now, candidates)
+            if chosen is None:
+                return
+            m, inst, take = by_name[chosen.model]
+        else:
+            m, inst, take = proposals[0]
+        q = m.queue
+        self._start_batch(dev, inst, [q.popleft() for _ in range(take)])
+
+    def _refuse(self, m: _Model, positions: tuple[int, ...]) -> None:
+        for j in sorted(set(positions), reverse=True):
+            if j < len(m.queue):
+                del m.queue[j]
+                self.refused += 1
+                self.outstanding -= 1
+        if self.record:
+            self.events.append((self.now, "refuse", m.name, len(positions)))
 
     def _start_batch(self, dev: _Device, inst: _Instance, batch: list[Request]) -> None:
         m = inst.model
@@ -241,18 +325,22 @@ class Engine:
         self.batches += 1
         if self.record:
             self.events.append((self.now, "batch", inst.key, dev.id, len(batch), rows, seconds))
-        self._push(self.now + seconds, _DONE, (inst, batch))
+        self._push(self.now + seconds, _DONE, (inst, batch, rows, seconds))
 
-    def _done(self, obj: tuple[_Instance, list[Request]]) -> None:
-        inst, batch = obj
+    def _done(self, obj: tuple[_Instance, list[Request], int, float]) -> None:
+        inst, batch, rows, seconds = obj
         now, m, dev = self.now, inst.model, inst.device
-        lat, cold = self.latencies, self.cold
+        lat, cold, missed = self.latencies, self.cold, self.missed
         for deadline, _, arrival in batch:
             lat.append(now - arrival)
             if now <= deadline:
                 self.met += 1
+            else:
+                missed[m.name] = missed.get(m.name, 0) + 1
             if arrival < inst.ready_at:
                 cold[inst.source.value] += 1
+        if self.learns:
+            m.latency = m.latency.observe_batch(rows, seconds)
         m.running -= len(batch)
         self.outstanding -= len(batch)
         inst.running, inst.last_used, m.last_used = False, now, now
@@ -268,20 +356,23 @@ class Engine:
             self._offer(inst.device)
 
     def _loaded(self, inst: _Instance) -> None:
-        dev = inst.device
+        dev, m = inst.device, inst.model
         dev.loading_bytes -= inst.bytes
+        if self.learns:
+            m.latency = m.latency.observe_load(inst.source, inst.load_s)
         if self.record:
             self.events.append((self.now, "ready", inst.key, dev.id))
-        if inst.model.queue:
-            dev.pending[inst.model.idx] = inst.model
+        if m.queue:
+            dev.pending[m.idx] = m
         self._offer(dev)
 
     # -- instances --------------------------------------------------------------------------------
 
     def _scale(self, m: _Model) -> None:
-        have = len(m.instances)
-        view = ScaleView(m.name, self.now, have, len(m.queue) + m.running)
-        want, m.scale_state = self.p.scaler.decide(view, m.scale_state)
+        rate = max(m.rate, m.arrivals / self.window_s)
+        view = ScaleView(m.name, rate, len(m.queue) + m.running, len(m.instances), m.slo_s, m.max_batch, m.latency,
+                         0, len(self.devices))  # fmt: skip
+        want, m.scale_state = self.p.scaler.decide(self.now, view, m.scale_state)
         while len(m.instances) < want:
             if not self._start_instance(m):
                 self.blocked[m.idx] = m
@@ -289,41 +380,32 @@ class Engine:
                 return
         self.blocked.pop(m.idx, None)
         if want < len(m.instances):
-            idle = sorted(
-                (x for x in m.instances if not x.running and x.ready_at <= self.now), key=lambda x: x.last_used
-            )
+            idle = [x for x in m.instances if not x.running and x.ready_at <= self.now]
+            idle.sort(key=lambda x: x.last_used)
             for inst in idle[: len(m.instances) - want]:
                 self._remove(inst, _WARM)
 
     def _start_instance(self, m: _Model, preloaded: bool = False) -> bool:
         need = m.spec.weights_bytes
-        views = tuple(self._view(d) for d in self.devices if d.capacity - d.loading_bytes - d.running_bytes >= need)
-        chosen = self.p.placement.choose(m.name, need, "cuda", views)
-        if chosen is None:
-            return False
+        hosts = [d for d in self.devices if d.capacity - d.loading_bytes - d.running_bytes >= need]
+        chosen = self.p.placement.choose(m.name, need, "cuda", tuple(self._view(d, m) for d in hosts))
+        if chosen is None:  # no room anywhere: choose again as if every idle resident could be evicted
+            chosen = self.p.placement.choose(m.name, need, "cuda", tuple(self._view(d, m, True) for d in hosts))
+            if chosen is None:
+                return False
         dev = self.by_id[chosen]
         short = dev.used + need - dev.capacity
-        if short > 0:
-            residents = tuple(
-                ResidentView(x.key, x.bytes, self.now - x.last_used, x.running or x.ready_at > self.now)
-                for x in dev.instances.values()
-            )  # fmt: skip
-            victims = self.p.eviction.choose(short, residents)
-            if not victims.enough:
-                return False
-            for key in victims.names:
-                self._remove(dev.instances[key], _WARM)
+        if short > 0 and not self._evict(dev, short):
+            return False
         node, warm = dev.node, self.warm[dev.node]
         source = _HOT if preloaded else (_WARM if self.p.warm_tier and m.idx in warm else _COOL)
-        if preloaded:
-            ready = self.now
-        else:
-            load_s = self.cluster.load_s(m.spec, source is _WARM, self.p.loader, self.rng)
-            ready = max(self.now, dev.load_free_at) + load_s
+        load_s = 0.0 if preloaded else self.cluster.load_s(m.spec, source is _WARM, self.p.loader, self.rng)
+        ready = self.now if preloaded else max(self.now, dev.load_free_at) + load_s
+        if not preloaded:
             dev.load_free_at = ready
         key = f"{m.name}#{m.next_key}"
         m.next_key += 1
-        inst = _Instance(key, m, dev, ready, source)
+        inst = _Instance(key, m, dev, ready, load_s, source)
         self._account()
         if not dev.instances:
             self.held += 1
@@ -341,6 +423,20 @@ class Engine:
         if not preloaded:
             dev.loading_bytes += need
             self._push(ready, _LOAD, inst)
+        return True
+
+    def _evict(self, dev: _Device, need: int) -> bool:
+        now, bw = self.now, self.bandwidths
+        candidates = tuple(
+            EvictionCandidate(x.key, x.bytes, x.model.latency.predict_load(_WARM if self.p.warm_tier else _COOL,
+                              x.bytes, bw), x.model.rate, x.last_used, x.running or x.ready_at > now)
+            for x in dev.instances.values()
+        )  # fmt: skip
+        names = self.p.eviction.choose(need, candidates)
+        if not names:
+            return False
+        for key in names:
+            self._remove(dev.instances[key], _WARM)
         return True
 
     def _remove(self, inst: _Instance, to: Tier) -> None:
@@ -368,22 +464,34 @@ class Engine:
         self.warm_bytes[node] += m.spec.weights_bytes
         over = self.warm_bytes[node] - self.cluster.host_memory_bytes
         if over > 0:
-            residents = tuple(
-                ResidentView(str(i), self.models[i].spec.weights_bytes, self.now - self.models[i].last_used, i == m.idx)
+            candidates = tuple(
+                EvictionCandidate(str(i), self.models[i].spec.weights_bytes, 0.0, self.models[i].rate,
+                                  self.models[i].last_used, i == m.idx)
                 for i in warm
             )  # fmt: skip
-            for name in self.p.eviction.choose(over, residents).names:
+            for name in self.p.eviction.choose(over, candidates):
                 self._drop_warm(node, int(name))
 
     def _drop_warm(self, node: int, idx: int) -> None:
         del self.warm[node][idx]
         self.warm_bytes[node] -= self.models[idx].spec.weights_bytes
 
-    def _view(self, dev: _Device) -> WorkerView:
-        if dev.view is None:
+    def _view(self, dev: _Device, model: _Model, evictable_gone: bool = False) -> WorkerView:
+        """The device as placement sees it, optionally as if its idle residents were gone.
+
+        ``warm_models`` holds the model being placed when its weights sit in this node's host memory:
+        placement asks only about that model, and a node can hold thousands of warm ones.
+        """
+        view = dev.view
+        if view is None or evictable_gone:
             names = tuple(x.model.name for x in dev.instances.values())
-            dev.view = WorkerView(dev.id, True, dev.id.split("/", 1)[1], names, dev.used, int(dev.busy))
-        return dev.view
+            loaded = dev.loading_bytes + dev.running_bytes if evictable_gone else dev.used
+            view = WorkerView(dev.id, True, dev.id.split("/", 1)[1], names, loaded, int(dev.busy), dev.capacity)
+            if not evictable_gone:
+                dev.view = view
+        if self.p.warm_tier and model.idx in self.warm[dev.node]:
+            view = replace(view, warm_models=(model.name,))
+        return view
 
     def _pin_all(self) -> None:
         for m in self.models:
@@ -396,21 +504,21 @@ class Engine:
     # -- control ticks ----------------------------------------------------------------------------
 
     def _tick(self, n: int) -> None:
-        """Every ``tick_s``: hot keep-alive; every ``warm_tick_s``: warm keep-alive and the autoscaler."""
         now, p = self.now, self.p
         if p.keepalive is not None:
-            views = tuple(
-                ModelView(x.key, _HOT, now - x.last_used, x.running or bool(x.model.queue), p.keepalive_hot_s,
-                          p.keepalive_warm_s)
-                for x in self.instances.values() if x.ready_at <= now
-            )  # fmt: skip
-            for d in p.keepalive.decide(views):
-                inst = self.instances.get(d.name)
-                if inst is not None and not inst.running:
-                    self._remove(inst, d.to)
+            views = tuple(self._hot_view(x) for x in self.instances.values() if x.ready_at <= now)
+            for action in p.keepalive.decide(views):
+                inst = self.instances.get(action.name)
+                if isinstance(action, Demotion) and inst is not None and not inst.running:
+                    self._remove(inst, action.to)
         slow = n % self.warm_every == 0
-        if slow and p.warm_tier and p.keepalive is not None:
-            self._warm_tick()
+        if slow:
+            for m in self.models:
+                if m.arrivals or m.rate:
+                    m.rate = 0.5 * m.rate + 0.5 * m.arrivals / self.window_s
+                    m.arrivals = 0
+            if p.warm_tier and p.keepalive is not None:
+                self._warm_tick()
         active = self.blocked.copy()
         if slow:
             active |= {x.model.idx: x.model for x in self.instances.values()}
@@ -425,24 +533,36 @@ class Engine:
         if live and (now < self.duration_s or self.outstanding):
             self._arm_tick()
 
+    def _hot_view(self, x: _Instance) -> ModelView:
+        m, p = x.model, self.p
+        load_s = m.latency.predict_load(_WARM, x.bytes, self.bandwidths)
+        return ModelView(x.key, _HOT, self.now - x.last_used, x.running or bool(m.queue), p.keepalive_hot_s,
+                         p.keepalive_warm_s, m.histogram, load_s, m.prewarmed)  # fmt: skip
+
     def _warm_tick(self) -> None:
-        now, p = self.now, self.p
+        now, p, bw = self.now, self.p, self.bandwidths
         views = []
+        hot_nodes = {(x.device.node, x.model.idx) for x in self.instances.values()}
         for node, warm in enumerate(self.warm):
             for idx in warm:
-                m = self.models[idx]
-                if any(x.device.node == node for x in m.instances):
+                if (node, idx) in hot_nodes:
                     continue
+                m = self.models[idx]
                 busy = bool(m.queue) or m.running > 0
+                load_s = m.latency.predict_load(_WARM, m.spec.weights_bytes, bw)
                 views.append(ModelView(f"{idx}@{node}", _WARM, now - m.last_used, busy, p.keepalive_hot_s,
-                                       p.keepalive_warm_s))  # fmt: skip
+                                       p.keepalive_warm_s, m.histogram, load_s, m.prewarmed))  # fmt: skip
         assert p.keepalive is not None
-        for d in p.keepalive.decide(tuple(views)):
-            idx, node = (int(s) for s in d.name.split("@"))
-            if d.to is not _HOT and d.to is not _WARM and idx in self.warm[node]:
+        for action in p.keepalive.decide(tuple(views)):
+            idx, node = (int(s) for s in action.name.split("@"))
+            m = self.models[idx]
+            if not isinstance(action, Demotion):  # pre-warm: bring it up before its next expected request
+                if not m.instances and self._start_instance(m):
+                    m.prewarmed = True
+            elif action.to is _COOL and idx in self.warm[node]:
                 self._drop_warm(node, idx)
                 if self.record:
-                    self.events.append((now, "demote", f"{self.models[idx].name}@{node}", "host", d.to.value))
+                    self.events.append((now, "demote", f"{m.name}@{node}", "host", action.to.value))
 
     def _account(self) -> None:
         dt = self.now - self._t_acc

@@ -63,10 +63,11 @@ def summarise(result: RunResult, wall_s: float, always_on_gpu_s: float | None) -
 
 
 def table(scenario: str, reports: list[PolicyReport]) -> Table:
-    t = Table(title=f"ember sim: {scenario}")
-    for col in ("policy set", "requests", "SLO met", "p50 ms", "p99 ms", "cold (warm/cool)", "instances",
-                "GPU-s", "vs always-on", "GB-s", "models/GPU"):  # fmt: skip
-        t.add_column(col, justify="left" if col == "policy set" else "right")
+    t = Table(title=f"ember sim: {scenario}", caption="cold: requests that waited for a load from warm/cool; "
+              "xAO: GPU-seconds over always-on's; inst: mean instances up")  # fmt: skip
+    t.add_column("policy set", no_wrap=True)
+    for col in ("requests", "SLO met", "p50 ms", "p99 ms", "cold w/c", "inst", "GPU-s", "xAO", "GB-s", "models/GPU"):
+        t.add_column(col, justify="right")
     for r in reports:
         ratio = "-" if r.gpu_seconds_vs_always_on is None else f"{r.gpu_seconds_vs_always_on:.3f}"
         t.add_row(

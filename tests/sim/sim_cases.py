@@ -1,18 +1,16 @@
+"""The small scenario the simulator tests share: 34 models on 2 devices, 15 minutes, every policy set."""
+
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
-
-from ember.sim.scenario import Scenario, parse_scenario
 
 HERE = Path(__file__).resolve().parent
 
 SMALL = """
 name: small
 seed: 3
-duration_s: 1800
-tick_s: 1
+duration_s: 900
+tick_s: 5
 warm_tick_s: 30
 start_warm: false
 cluster: {nodes: 1, devices_per_node: 2, host_memory_gb: 100}
@@ -21,15 +19,10 @@ models:
   - {name: bert, count: 10, profile: bert_base, slo_ms: 100, max_batch_size: 64}
   - {name: llama, count: 4, profile: llama1b_decode, work_per_request: 8, slo_ms: 1000}
 workload:
-  synthetic: {total_rate_per_s: 8, zipf_s: 1.1, burst_off_s: 300, timer_periods_s: [30, 120]}
+  synthetic: {total_rate_per_s: 6, zipf_s: 1.1, burst_off_s: 300, timer_periods_s: [30, 120]}
 policy_sets:
   - always_on
   - {name: classic_faas, options: {keepalive_s: 60}}
   - ray_serve
   - {name: ember, options: {keepalive_hot_s: 30, keepalive_warm_s: 600}}
 """
-
-
-@pytest.fixture
-def small() -> Scenario:
-    return parse_scenario(SMALL, HERE, origin="small")
