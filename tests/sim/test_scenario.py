@@ -72,10 +72,18 @@ def test_a_missing_scenario_lists_the_built_in_ones(tmp_path: Path) -> None:
         load_scenario(tmp_path / "nope.yaml")
 
 
+def test_a_model_larger_than_a_device_is_refused() -> None:
+    from ember.sim.runner import run_policy_set
+
+    s = parse_scenario(SMALL.replace("devices_per_node: 2", "devices_per_node: 2, device_memory_gb: 1"), HERE)
+    with pytest.raises(InvalidInput, match=r"model 'llama-0000' .* does not fit a device of 1.0 GB"):
+        run_policy_set(s, "ember", {}, s.workload())
+
+
 def test_always_on_refuses_models_that_do_not_fit() -> None:
     from ember.sim.runner import run_policy_set
 
-    text = SMALL.replace("devices_per_node: 2", "devices_per_node: 1, device_memory_gb: 1")
+    text = SMALL.replace("devices_per_node: 2", "devices_per_node: 1, device_memory_gb: 3")
     s = parse_scenario(text, HERE)
     with pytest.raises(InvalidInput, match="always-on cannot pin"):
         run_policy_set(s, "always_on", {}, s.workload())

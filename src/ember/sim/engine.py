@@ -144,6 +144,12 @@ class Engine:
     ) -> None:
         if tick_s <= 0 or warm_tick_s <= 0 or duration_s <= 0:
             raise InvalidInput("tick_s, warm_tick_s and duration_s must be positive")
+        too_big = next((m for m in models if m.weights_bytes > cluster.device_memory_bytes), None)
+        if too_big is not None:
+            raise InvalidInput(
+                f"model '{too_big.name}' ({too_big.weights_bytes / 1e9:.1f} GB) does not fit a device of"
+                f" {cluster.device_memory_bytes / 1e9:.1f} GB; give the cluster more device memory"
+            )
         self.cluster, self.workload, self.p = cluster, workload, policies
         self.duration_s, self.tick_s = duration_s, tick_s
         self.warm_every = max(1, round(warm_tick_s / tick_s))
@@ -395,7 +401,7 @@ class Engine:
                 return False
         dev = self.by_id[chosen]
         short = dev.used + need - dev.capacity
-        if short > 0 and not self._evict(dev, short):
+        if short > 0 and (preloaded or not self._evict(dev, short)):  # pinning evicts nothing
             return False
         node, warm = dev.node, self.warm[dev.node]
         source = _HOT if preloaded else (_WARM if self.p.warm_tier and m.idx in warm else _COOL)
@@ -454,6 +460,9 @@ class Engine:
             self._keep_warm(dev.node, m)
         if self.record:
             self.events.append((self.now, "demote", inst.key, dev.id, to.value if self.p.warm_tier else "cool"))
+        if m.queue and not m.instances:  # evicted with work waiting: bring it back at the next tick
+            self.blocked[m.idx] = m
+            self._arm_tick()
 
     def _keep_warm(self, node: int, m: _Model) -> None:
         warm = self.warm[node]
