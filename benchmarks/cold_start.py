@@ -180,7 +180,10 @@ def run(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, list[dict[st
     with server, Client(server.url) as client:
         with c.step("starting Ember (1 worker), deploying MiniLM, one unmeasured fresh process (page cache)"):
             server.wait_ready("/v2/health/ready", timeout_s=180)
-            deployed = client.deploy(SOURCE, name=MODEL, keepalive_hot_s=0.5, keepalive_warm_s=3600.0)
+            # Best effort: the benchmark times the cold start itself, which may exceed the SLO.
+            deployed = client.deploy(
+                SOURCE, name=MODEL, keepalive_hot_s=0.5, keepalive_warm_s=3600.0, on_unmeetable="best_effort"
+            )
             fresh_process(path, args.baseline_timeout_s)
         for round_ in range(max(args.repeats, args.baseline_repeats)):
             with c.step(f"round {round_ + 1}"):

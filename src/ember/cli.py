@@ -86,6 +86,11 @@ class Kind(StrEnum):
     TORCHSCRIPT = "torchscript"
 
 
+class OnUnmeetable(StrEnum):
+    REFUSE = "refuse"
+    BEST_EFFORT = "best-effort"
+
+
 def main() -> None:
     """The ``ember`` console entry point."""
     app()
@@ -336,6 +341,17 @@ def deploy(
     max_queue: Annotated[
         int | None, typer.Option(min=1, help="Queued requests before refusing (default: 1024).")
     ] = None,
+    on_unmeetable: Annotated[
+        OnUnmeetable | None,
+        typer.Option(
+            help="A request predicted to miss its SLO even alone: refuse it at once (429 + Retry-After) "
+            "or serve it late (default: refuse)."
+        ),
+    ] = None,
+    warmup: Annotated[bool, typer.Option(help="Time a few small batches at deploy to seed the latency model.")] = True,
+    max_instances: Annotated[
+        int | None, typer.Option(min=1, help="Most workers holding the model at once (default: 1).")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: auto).")] = None,
     option: Annotated[
         list[str] | None, typer.Option("--option", help="KEY=JSON passed to the model class (repeatable).")
@@ -373,6 +389,9 @@ def deploy(
             keepalive_hot_s=keepalive_hot_s,
             keepalive_warm_s=keepalive_warm_s,
             max_queue=max_queue,
+            on_unmeetable=None if on_unmeetable is None else on_unmeetable.value.replace("-", "_"),
+            warmup=None if warmup else False,
+            max_instances=max_instances,
             device=device,
             options=options or None,
         )

@@ -23,6 +23,7 @@ __all__ = [
     "DeploySpec",
     "Deployment",
     "ModelMetadata",
+    "OnUnmeetable",
     "resolve_source",
 ]
 
@@ -34,6 +35,8 @@ DEFAULT_SLO_MS = 100.0
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 Kind = Literal["class", "hf", "exported", "torchscript"]
+#: What to do with a request whose deadline cannot be met even if served alone.
+OnUnmeetable = Literal["refuse", "best_effort"]
 
 _ADAPTERS: dict[str, str] = {
     "hf": "ember.models.embedding:SentenceEmbedding",
@@ -65,6 +68,12 @@ class DeploySpec(BaseModel):
     keepalive_hot_s: float = Field(DEFAULT_KEEPALIVE_HOT_S, ge=0)
     keepalive_warm_s: float = Field(DEFAULT_KEEPALIVE_WARM_S, ge=0)
     max_queue: int = Field(1024, ge=1, le=1_000_000)
+    #: ``refuse``: answer an unmeetable request at once with 429 + Retry-After; ``best_effort``: serve it late.
+    on_unmeetable: OnUnmeetable = "refuse"
+    #: Measure a few small batch sizes at deploy time to seed the latency model.
+    warmup: bool = True
+    #: Most instances (workers holding the model) the autoscaler may run.
+    max_instances: int = Field(1, ge=1, le=1024)
     device: str = "auto"
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -174,6 +183,9 @@ class Deployment:
     max_queue: int
     device: str
     created_at: float = 0.0
+    on_unmeetable: OnUnmeetable = "refuse"
+    warmup: bool = True
+    max_instances: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -26,15 +26,24 @@ from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ShuttingDown
 from ember.metrics import Metrics
-from ember.policies import DeadlineBatcher, FixedKeepAlive, LeastLoaded
+from ember.policies import (
+    HybridHistogramKeepAlive,
+    LatestStartFirst,
+    MemoryAwarePlacement,
+    SloBatcher,
+    warmup_batch_sizes,
+)
 from ember.registry import DeploymentRecord, Registry
-from ember.scheduler import ModelRunner
+from ember.scheduler import DeviceArbiter, ModelRunner
 from ember.store import Store
 from ember.worker.protocol import Arrays
 
 __all__ = ["EmberService", "ModelInfo", "ServeOptions"]
 
 Progress = Callable[[dict[str, Any]], None]
+
+#: Batch sizes the deploy-time warm-up measures (1, 2, 4), to seed each model's latency model.
+WARMUP_SIZES = 3
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,8 @@ class ServeOptions:
     warm_budget_bytes: int | None = None
     cool_budget_bytes: int | None = None
     preload: tuple[str, ...] = ("numpy", "safetensors", "transformers", "tokenizers")
+    #: Memory for weights per worker; None: unknown, placement never counts it full.
+    device_memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,11 +110,13 @@ class EmberService:
             self.clock,
             self.store,
             self.backend,
-            FixedKeepAlive(),
-            LeastLoaded(),
+            HybridHistogramKeepAlive(),
+            MemoryAwarePlacement(),
             self.metrics,
             options.tick_s,
+            device_memory_bytes=options.device_memory_bytes,
         )
+        self.arbiter = DeviceArbiter(LatestStartFirst(), self.clock)
         self._runners: dict[str, ModelRunner] = {}
         self._controller_task: asyncio.Task[None] | None = None
         self._deploying: set[str] = set()
@@ -176,12 +189,16 @@ class EmberService:
         if load:
             say({"stage": "loading", "model": name})
             try:
-                await self.controller.ensure_hot(name)
+                instance = await self.controller.ensure_hot(name)
             except EmberError as exc:  # a model that cannot load is not left deployed
                 await self.remove(name)
                 raise InvalidInput(f"{spec.source} was imported but could not be loaded: {exc.message}") from exc
             cold = self.controller.last_cold_start(name)
             say({"stage": "ready", "model": name, "load_s": cold.seconds if cold else 0.0})
+            if deployment.warmup:
+                sizes = warmup_batch_sizes(deployment.max_batch_size, WARMUP_SIZES)
+                measured = await self.runner(name).warm_up(instance, sizes)
+                say({"stage": "warmed", "model": name, "batch_sizes": list(sizes[:measured])})
         return self.info(name)
 
     async def _import(
@@ -298,8 +315,8 @@ class EmberService:
     # -- internals ---------------------------------------------------------------------------------
 
     def _add(self, deployment: Deployment) -> None:
-        policy = DeadlineBatcher(max_wait_s=deployment.max_batch_wait_ms / 1000.0)
-        runner = ModelRunner(deployment, self.clock, policy, self.controller, self.metrics)
+        policy = SloBatcher(deployment.on_unmeetable, max_wait_s=deployment.max_batch_wait_ms / 1000.0)
+        runner = ModelRunner(deployment, self.clock, policy, self.controller, self.metrics, self.arbiter)
         self._runners[deployment.name] = runner
         self.controller.add(runner)
         runner.start()
@@ -327,5 +344,8 @@ def _deployment(record: DeploymentRecord) -> Deployment:
         max_queue=spec.max_queue,
         device=spec.device,
         created_at=record.created_at,
+        on_unmeetable=spec.on_unmeetable,
+        warmup=spec.warmup,
+        max_instances=spec.max_instances,
         extra={"source": spec.source},
     )

@@ -25,6 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 MODELS = Path(__file__).resolve().parent / "models"
 
+#: Deploy flags of every gated Sleepy: its batches wait for gates a test opens, so a warm-up batch would
+#: hang on gate 0, and the backlogs the tests build on purpose are to be served late, not refused.
+SLEEPY = ("--no-warmup", "--on-unmeetable", "best-effort")
+
 #: Per-request limit for the tests' own HTTP calls; generous, because a cold start imports a model.
 HTTP_TIMEOUT_S = 120.0
 

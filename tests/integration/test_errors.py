@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from harness import MODELS, Server, error_of, json_output, json_request, wait_until
+from harness import MODELS, SLEEPY, Server, error_of, json_output, json_request, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 MARKER = -999.0
@@ -37,11 +37,11 @@ def gated(server: Server, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     """
     gates = {name: Gates(tmp_path_factory.mktemp(name)) for name in ("sleepy-queue", "sleepy-timeout")}
     sleepy = f"{MODELS / 'sleepy.py'}:Sleepy"
-    limits = ("--max-queue", "1", "--max-batch-size", "1")
+    limits = ("--max-queue", "1", "--max-batch-size", "1", *SLEEPY)
     server.deploy_many(
         {
             "sleepy-queue": (sleepy, "--name", "sleepy-queue", *limits, "--option", gate(gates["sleepy-queue"])),
-            "sleepy-timeout": (sleepy, "--name", "sleepy-timeout", "--option", gate(gates["sleepy-timeout"])),
+            "sleepy-timeout": (sleepy, "--name", "sleepy-timeout", *SLEEPY, "--option", gate(gates["sleepy-timeout"])),
             "faulty": (f"{MODELS / 'faulty.py'}:Faulty", "--name", "faulty", "--option", f"marker={MARKER}"),
         }
     )

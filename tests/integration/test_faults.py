@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from harness import MODELS, Server, error_of, json_output, json_request, served, wait_until
+from harness import MODELS, SLEEPY, Server, error_of, json_output, json_request, served, wait_until
 
 SENT = 40
 
@@ -28,7 +28,7 @@ def test_killed_worker_loses_no_request(own: Server, tmp_path: Path) -> None:
     gates.mkdir()
     own.deploy(
         f"{MODELS / 'sleepy.py'}:Sleepy",
-        "--name", "steady", "--max-batch-size", "4",
+        "--name", "steady", "--max-batch-size", "4", *SLEEPY,
         "--option", f"gate_dir={json.dumps(str(gates))}", "--option", "seconds=0.01",
     )  # fmt: skip
     url = f"{own.url}/v2/models/steady/infer"

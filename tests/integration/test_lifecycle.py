@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import EXAMPLES, MODELS, Server, json_output, linear_weights, served, wait_until
+from harness import EXAMPLES, MODELS, SLEEPY, Server, json_output, linear_weights, served, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def test_keepalive_demotes_hot_warm_cool_and_a_request_promotes(own: Server, tmp
         f"{MODELS / 'sleepy.py'}:Sleepy",
         "--name", "brief",
         "--keepalive-hot-s", "1", "--keepalive-warm-s", "1",
+        *SLEEPY,
         "--option", f"gate_dir={json.dumps(str(gates))}",
     )  # fmt: skip
     assert own.tier("brief") == "hot"
@@ -61,7 +62,9 @@ def test_sigterm_finishes_in_flight_work_and_a_restart_keeps_deployments(own: Se
     gates = tmp_path / "gates"
     gates.mkdir()
     own.deploy(EXAMPLES / "linear.py:Linear", "--name", "keeper")
-    own.deploy(f"{MODELS / 'sleepy.py'}:Sleepy", "--name", "held", "--option", f"gate_dir={json.dumps(str(gates))}")
+    own.deploy(
+        f"{MODELS / 'sleepy.py'}:Sleepy", "--name", "held", *SLEEPY, "--option", f"gate_dir={json.dumps(str(gates))}"
+    )
     before = ls_json(own)
     x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
     answer = json_output(own.infer_json("keeper", {"x": x}), "y")

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from ember import cli
 from ember.client import Client, _error_from
+from ember.config import DeploySpec
 from ember.errors import (
     DeadlineUnmeetable,
     EmberError,
@@ -491,6 +492,28 @@ def test_deploy_sends_an_absolute_path_and_prints_a_summary(
     ]
     assert "stored 2.5 MB" in result.output and "ready in 12 ms" in result.output
     assert "deployed double v1: hot, 2.5 MB, SLO 50 ms" in result.output
+
+
+def test_deploy_sends_the_slo_policy_options(
+    serve_with: Callable[[Handler], None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "double.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, content=ndjson({"stage": "done", "model": MODEL}))
+
+    serve_with(handler)
+    args = ["deploy", "double.py:Double", "--on-unmeetable", "best-effort", "--no-warmup", "--max-instances", "2"]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert bodies[0]["on_unmeetable"] == "best_effort"
+    assert bodies[0]["warmup"] is False and bodies[0]["max_instances"] == 2
+    DeploySpec.model_validate(bodies[0])  # what the CLI sends, the server accepts
+    bad = runner.invoke(cli.app, ["deploy", "double.py:Double", "--on-unmeetable", "drop"])
+    assert bad.exit_code != 0
 
 
 def test_deploy_error_event_prints_one_red_line(serve_with: Callable[[Handler], None]) -> None:

@@ -37,11 +37,15 @@ def test_the_estimate_is_the_windowed_p90_and_ignores_one_outlier():
     assert model.predict(1) == pytest.approx(0.020)
 
 
-def test_a_bucket_not_measured_borrows_the_next_larger_one_or_scales_the_largest():
+def test_a_bucket_not_measured_borrows_the_next_larger_one_or_extends_the_largest():
     model = _fold([(1, 0.01), (8, 0.04)])
     assert model.predict(2) == pytest.approx(0.04)
     assert model.predict(5) == pytest.approx(0.04)
-    assert model.predict(16) == pytest.approx(0.08)  # past every measurement: linear in rows
+    # Past every measurement: the line through the two largest measured buckets.
+    assert model.predict(16) == pytest.approx(0.04 + 8 * 0.03 / 7)
+    # A flat profile stays flat; a single measured size scales with rows.
+    assert _fold([(1, 0.05), (2, 0.05), (4, 0.05)]).predict(64) == pytest.approx(0.05)
+    assert _fold([(4, 0.02)]).predict(16) == pytest.approx(0.08)
 
 
 @given(observations=samples, a=st.integers(1, 600), b=st.integers(1, 600))

@@ -1,31 +1,49 @@
-"""The control loop: tiers, keep-alive and placement, applied.
+"""The control loop: tiers, keep-alive and pre-warm, autoscaling, placement and eviction, applied.
 
-Every tick the controller builds a frozen view of each model (tier, idle time, busy) and asks the
-keep-alive policy what to demote; it applies the answer. Promotion is on demand: the first request
-for a model that is not hot calls :meth:`Controller.ensure_hot`, which brings it up one tier at a
-time (cool -> warm: the store copies the weights into host memory; warm -> hot: a worker chosen by
-the placement policy builds the model around them). Concurrent callers share one promotion.
+Every tick the controller folds what the runners measured (idle periods into each model's idle-time
+histogram, arrivals into its arrival rate), builds a frozen view of each model and asks the pure
+policies (``ember.policies``) what to do:
+
+- keep-alive (``HybridHistogramKeepAlive`` by default): demote idle models one tier, or pre-warm a
+  model whose next request is expected soon;
+- autoscaler (``SloAutoscaler``): how many instances a hot model needs, up to its ``max_instances``;
+  the loop adds one instance at a time and removes idle ones.
+
+Promotion is on demand: the first request for a model that is not hot calls :meth:`ensure_hot`,
+which brings it up one tier at a time (cool -> warm: the store copies the weights into host memory;
+warm -> hot: a worker chosen by the placement policy builds the model around them). Concurrent
+callers share one promotion. When no worker has device memory for the model, the eviction policy
+names the hot models to demote from the fullest fitting worker. Every load's measured time feeds
+the model's latency model, which predicts the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 from ember.clock import Clock, run_blocking
 from ember.cluster.base import ClusterBackend, WorkerHandle
 from ember.config import Deployment
 from ember.errors import EmberError, ModelNotFound, ModelUnavailable, WorkerCrashed
 from ember.metrics import Metrics
-from ember.policies.keepalive import Demotion, KeepAlive, ModelView
-from ember.policies.placement import Placement, WorkerView
+from ember.policies.autoscaler import Autoscaler, ScaleState, ScaleView, SloAutoscaler
+from ember.policies.eviction import Eviction, EvictionCandidate, ExpectedCostEviction
+from ember.policies.keepalive import Demotion, IdleHistogram, KeepAlive, ModelView
+from ember.policies.latency import Bandwidths
+from ember.policies.placement import Placement, WorkerView, device_fits
 from ember.scheduler.runner import ModelRunner
 from ember.store import Store, Tier
 
 __all__ = ["ColdStart", "Controller"]
 
 WORKER_WAIT_S = 120.0
+#: Weight of the newest tick in the arrival-rate average.
+RATE_SMOOTHING = 0.3
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,10 +59,20 @@ class ColdStart:
 class _Model:
     deployment: Deployment
     runner: ModelRunner
-    worker: WorkerHandle | None = None
+    workers: list[WorkerHandle] = field(default_factory=list)
     promoting: asyncio.Task[WorkerHandle] | None = None
+    scaling: asyncio.Task[None] | None = None
     last_cold_start: ColdStart | None = None
     cold_starts: int = 0
+    histogram: IdleHistogram = field(default_factory=IdleHistogram)
+    prewarmed: bool = False
+    scale_state: ScaleState = field(default_factory=ScaleState)
+    arrival_rate: float = 0.0
+    requests_seen: int = 0
+    rate_since: float = 0.0
+
+    def alive(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.alive]
 
 
 class Controller:
@@ -57,12 +85,21 @@ class Controller:
         placement: Placement,
         metrics: Metrics,
         tick_s: float = 1.0,
+        *,
+        autoscaler: Autoscaler | None = None,
+        eviction: Eviction | None = None,
+        bandwidths: Bandwidths | None = None,
+        device_memory_bytes: int | None = None,
     ) -> None:
         self._clock = clock
         self._store = store
         self._backend = backend
         self._keepalive = keepalive
         self._placement = placement
+        self._autoscaler = autoscaler or SloAutoscaler()
+        self._eviction = eviction or ExpectedCostEviction()
+        self._bandwidths = bandwidths or Bandwidths()
+        self._device_memory_bytes = device_memory_bytes
         self._metrics = metrics
         self._tick_s = tick_s
         self._models: dict[str, _Model] = {}
@@ -72,32 +109,44 @@ class Controller:
 
     def add(self, runner: ModelRunner) -> None:
         name = runner.deployment.name
-        self._models[name] = _Model(runner.deployment, runner)
+        self._models[name] = _Model(runner.deployment, runner, rate_since=self._clock.now())
         self._metrics.set_tier(name, self.tier(name).value)
 
     async def remove(self, name: str) -> None:
         model = self._models.pop(name, None)
         if model is None:
             return
-        if model.promoting is not None:
-            model.promoting.cancel()
-            with contextlib.suppress(BaseException):
-                await model.promoting
-        if model.worker is not None:
+        for task in (model.promoting, model.scaling):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        for worker in model.workers:
             with contextlib.suppress(EmberError):
-                await model.worker.unload(model.deployment.key)
+                await worker.unload(model.deployment.key)
+        model.workers.clear()
         self._metrics.forget(name, str(model.deployment.version))
 
     # -- what the rest asks ------------------------------------------------------------------------
 
     def tier(self, name: str) -> Tier:
         model = self._get(name)
-        if model.worker is not None and model.worker.alive:
+        if model.alive():
             return Tier.HOT
         return self._store.tier(model.deployment.key)
 
     def instances(self, name: str) -> int:
-        return 1 if self.tier(name) is Tier.HOT else 0
+        return len(self._get(name).alive())
+
+    def hot_instances(self, name: str) -> tuple[WorkerHandle, ...]:
+        model = self._models.get(name)
+        return () if model is None else tuple(model.alive())
+
+    def start_delay_s(self, name: str) -> float:
+        model = self._models.get(name)
+        if model is None or model.alive():
+            return 0.0
+        return self._load_s(model, self._store.tier(model.deployment.key))
 
     def last_cold_start(self, name: str) -> ColdStart | None:
         return self._get(name).last_cold_start
@@ -107,23 +156,27 @@ class Controller:
 
     async def ensure_hot(self, name: str) -> WorkerHandle:
         model = self._get(name)
-        if model.worker is not None and model.worker.alive:
-            return model.worker
-        if model.promoting is None or model.promoting.done():
-            model.promoting = asyncio.create_task(self._promote(model), name=f"ember-promote-{name}")
-        return await asyncio.shield(model.promoting)
+        alive = model.alive()
+        if alive:
+            return alive[0]
+        return await asyncio.shield(self._start_promotion(model))
+
+    def prewarm(self, name: str) -> None:
+        model = self._models.get(name)
+        if model is not None and not model.alive():
+            self._start_promotion(model)
 
     def lost_instance(self, name: str, worker: WorkerHandle) -> None:
         model = self._models.get(name)
-        if model is not None and model.worker is worker:
-            model.worker = None
+        if model is not None and worker in model.workers:
+            model.workers.remove(worker)
             self._metrics.set_tier(name, self.tier(name).value)
 
     async def demote(self, name: str, to: Tier) -> None:
         """Move ``name`` down to tier ``to`` (warm or cool) now."""
         model = self._get(name)
-        if model.worker is not None:
-            worker, model.worker = model.worker, None  # from here on, new requests promote again
+        workers, model.workers = model.workers, []  # from here on, new requests promote again
+        for worker in workers:
             with contextlib.suppress(EmberError):
                 await worker.unload(model.deployment.key)
         if to is Tier.COOL:
@@ -139,27 +192,110 @@ class Controller:
 
     async def tick(self) -> None:
         now = self._clock.now()
-        views = tuple(self._view(model, now) for model in list(self._models.values()))
-        for demotion in self._keepalive.decide(views):
-            if not isinstance(demotion, Demotion):
+        models = list(self._models.values())
+        for model in models:
+            self._measure(model, now)
+        views = tuple(self._view(model, now) for model in models)
+        for action in self._keepalive.decide(views):
+            target = self._models.get(action.name)
+            if target is None or target.runner.busy or self._promoting(target):
                 continue
-            model = self._models.get(demotion.name)
-            if model is not None and not model.runner.busy and model.promoting is None:
-                await self.demote(demotion.name, demotion.to)
+            if isinstance(action, Demotion):
+                await self.demote(action.name, action.to)
+            else:
+                target.prewarmed = True
+                self._start_promotion(target)
+        for model in models:
+            if model.deployment.max_instances > 1 and model.deployment.name in self._models:
+                await self._autoscale(model, now)
+
+    def _measure(self, model: _Model, now: float) -> None:
+        runner = model.runner
+        for gap in runner.idle_gaps:
+            model.histogram = model.histogram.observe(gap)
+        if runner.idle_gaps:
+            model.prewarmed = False  # a new busy period began
+        runner.idle_gaps.clear()
+        elapsed = now - model.rate_since
+        if elapsed > 0:
+            rate = (runner.stats.requests - model.requests_seen) / elapsed
+            model.arrival_rate += RATE_SMOOTHING * (rate - model.arrival_rate)
+            model.requests_seen = runner.stats.requests
+            model.rate_since = now
 
     def _view(self, model: _Model, now: float) -> ModelView:
         name = model.deployment.name
-        busy = model.runner.busy or (model.promoting is not None and not model.promoting.done())
+        busy = model.runner.busy or self._promoting(model)
+        tier = self.tier(name)
         return ModelView(
             name=name,
-            tier=self.tier(name),
+            tier=tier,
             idle_s=0.0 if busy else max(0.0, now - model.runner.stats.last_active),
             busy=busy,
             keepalive_hot_s=model.deployment.keepalive_hot_s,
             keepalive_warm_s=model.deployment.keepalive_warm_s,
+            histogram=model.histogram,
+            load_s=self._load_s(model, Tier.WARM if tier is Tier.HOT else tier),
+            prewarmed=model.prewarmed,
         )
 
+    def _load_s(self, model: _Model, tier: Tier) -> float:
+        return model.runner.latency.predict_load(tier, model.deployment.metadata.bytes, self._bandwidths)
+
+    # -- autoscaling -------------------------------------------------------------------------------
+
+    async def _autoscale(self, model: _Model, now: float) -> None:
+        alive = model.alive()
+        if not alive or self._promoting(model) or (model.scaling is not None and not model.scaling.done()):
+            return
+        d = model.deployment
+        view = ScaleView(
+            name=d.name,
+            arrival_rate=model.arrival_rate,
+            queued=len(model.runner.queue) + model.runner.running,
+            current=len(alive),
+            slo_s=d.slo_ms / 1000.0,
+            max_batch_size=d.max_batch_size,
+            latency=model.runner.latency,
+            min_instances=1,
+            max_instances=d.max_instances,
+        )
+        count, model.scale_state = self._autoscaler.decide(now, view, model.scale_state)
+        if count > len(alive):
+            model.scaling = asyncio.create_task(self._add_instance(model), name=f"ember-scale-{d.name}")
+        elif count < len(alive):
+            busy = model.runner.busy_instances()
+            idle = [w for w in reversed(alive) if w.id not in busy]
+            for worker in idle[: len(alive) - count]:
+                model.workers.remove(worker)
+                with contextlib.suppress(EmberError):
+                    await worker.unload(d.key)
+
+    async def _add_instance(self, model: _Model) -> None:
+        d = model.deployment
+        try:
+            worker = await self._choose_worker(d, exclude={w.id for w in model.workers}, wait=False)
+            if worker is None:
+                return
+            assets = await run_blocking(self._clock, self._store.assets, d.key)
+            await worker.load(d.key, d.model_ref, d.options, str(self._store.weights_path(d.key)), assets)
+        except EmberError as exc:
+            _log.warning("could not add an instance of %s: %s", d.name, exc.message)
+            return
+        if d.name in self._models:
+            model.workers.append(worker)
+
     # -- promotion ---------------------------------------------------------------------------------
+
+    def _promoting(self, model: _Model) -> bool:
+        return model.promoting is not None and not model.promoting.done()
+
+    def _start_promotion(self, model: _Model) -> asyncio.Task[WorkerHandle]:
+        if model.promoting is None or model.promoting.done():
+            task = asyncio.create_task(self._promote(model), name=f"ember-promote-{model.deployment.name}")
+            task.add_done_callback(_consume)
+            model.promoting = task
+        return model.promoting
 
     async def _promote(self, model: _Model) -> WorkerHandle:
         try:
@@ -181,8 +317,11 @@ class Controller:
         if from_tier is Tier.COOL:
             await run_blocking(self._clock, self._store.promote, key)
         assets = await run_blocking(self._clock, self._store.assets, key)
+        worker: WorkerHandle | None = None
         for attempt in range(2):
             worker = await self._choose_worker(deployment)
+            if worker is None:  # only when told not to wait
+                raise ModelUnavailable(f"no worker can take '{deployment.name}' now", retry_after_s=10.0)
             try:
                 await worker.load(
                     key, deployment.model_ref, deployment.options, str(self._store.weights_path(key)), assets
@@ -191,8 +330,10 @@ class Controller:
             except WorkerCrashed:
                 if attempt == 1:
                     raise
-        model.worker = worker
+        assert worker is not None
+        model.workers.append(worker)
         seconds = self._clock.now() - start
+        model.runner.latency = model.runner.latency.observe_load(from_tier, seconds)
         model.last_cold_start = ColdStart(from_tier, seconds, self._clock.wall())
         model.cold_starts += 1
         self._metrics.cold_starts.labels(deployment.name, from_tier.value).inc()
@@ -200,25 +341,68 @@ class Controller:
         self._metrics.set_tier(deployment.name, Tier.HOT.value)
         return worker
 
-    async def _choose_worker(self, deployment: Deployment) -> WorkerHandle:
+    # -- placement and eviction --------------------------------------------------------------------
+
+    async def _choose_worker(
+        self, deployment: Deployment, exclude: set[str] | None = None, wait: bool = True
+    ) -> WorkerHandle | None:
         waited = 0.0
         while True:
-            workers = {w.id: w for w in self._backend.workers()}
-            views = tuple(self._worker_view(w) for w in workers.values())
+            workers = {w.id: w for w in self._backend.workers() if not exclude or w.id not in exclude}
+            views = tuple(self._worker_view(w, deployment) for w in workers.values())
             choice = self._placement.choose(deployment.name, deployment.metadata.bytes, deployment.device, views)
             if choice is not None:
                 return workers[choice]
+            if await self._evict_for(deployment, views, workers):
+                continue
+            if not wait:
+                return None
             if waited >= WORKER_WAIT_S:
                 raise ModelUnavailable(
-                    f"no worker for device '{deployment.device}' is ready for '{deployment.name}'; "
-                    "check `ember status` and the worker logs",
+                    f"no worker for device '{deployment.device}' is ready for '{deployment.name}' or has "
+                    f"{deployment.metadata.bytes} bytes free; check `ember status` and the worker logs",
                     retry_after_s=10.0,
                 )
             await self._clock.sleep(0.05)
             waited += 0.05
 
-    def _worker_view(self, worker: WorkerHandle) -> WorkerView:
-        hosted = [m for m in self._models.values() if m.worker is worker]
+    async def _evict_for(
+        self, deployment: Deployment, views: tuple[WorkerView, ...], workers: dict[str, WorkerHandle]
+    ) -> bool:
+        """Demote what the eviction policy names from the fitting worker with the most room; True if any."""
+        fitting = [
+            v for v in views if v.ready and device_fits(deployment.device, v.device) and v.free_bytes is not None
+        ]
+        if not fitting:
+            return False
+        target = max(fitting, key=lambda v: (v.free_bytes or 0, v.id))
+        need = deployment.metadata.bytes - (target.free_bytes or 0)
+        hosted = [m for m in self._models.values() if workers[target.id] in m.workers]
+        candidates = tuple(
+            EvictionCandidate(
+                name=m.deployment.name,
+                bytes=m.deployment.metadata.bytes,
+                reload_s=self._load_s(m, Tier.WARM),
+                arrival_rate=m.arrival_rate,
+                last_used=m.runner.stats.last_active,
+                busy=m.runner.busy,
+            )
+            for m in hosted
+        )
+        victims = self._eviction.choose(need, candidates)
+        for name in victims:
+            victim = self._models[name]
+            worker = workers[target.id]
+            if worker in victim.workers:
+                victim.workers.remove(worker)
+            with contextlib.suppress(EmberError):
+                await worker.unload(victim.deployment.key)
+            self._metrics.set_tier(name, self.tier(name).value)
+        return bool(victims)
+
+    def _worker_view(self, worker: WorkerHandle, deployment: Deployment) -> WorkerView:
+        hosted = [m for m in self._models.values() if worker in m.workers]
+        warm = self._store.tier(deployment.key) is Tier.WARM  # the warm tier is host memory, shared
         return WorkerView(
             id=worker.id,
             ready=worker.alive,
@@ -226,12 +410,14 @@ class Controller:
             models=tuple(m.deployment.name for m in hosted),
             bytes_loaded=sum(m.deployment.metadata.bytes for m in hosted),
             in_flight=worker.in_flight,
+            capacity_bytes=self._device_memory_bytes,
+            warm_models=(deployment.name,) if warm else (),
         )
 
     def _worker_lost(self, worker: WorkerHandle) -> None:
         for name, model in self._models.items():
-            if model.worker is worker:
-                model.worker = None
+            if worker in model.workers:
+                model.workers.remove(worker)
                 self._metrics.set_tier(name, self.tier(name).value)
 
     def _get(self, name: str) -> _Model:
@@ -239,3 +425,9 @@ class Controller:
         if model is None:
             raise ModelNotFound(name)
         return model
+
+
+def _consume(task: asyncio.Task[WorkerHandle]) -> None:
+    """Retrieve a promotion's error: a pre-warm nobody awaits must not warn; awaiting callers see it."""
+    if not task.cancelled():
+        task.exception()

@@ -5,7 +5,8 @@ keeps the last ``window`` measured batch times and estimates their ``quantile`` 
 windowed order statistic, so one outlier moves it by at most one rank, and it forgets a regime
 after ``window`` batches. A prediction for ``rows`` is the estimate of its bucket, made monotone in
 the batch size (never below a smaller bucket's); a bucket not measured yet borrows the next larger
-measured one (conservative), or scales the largest measured one linearly by rows.
+measured one (conservative); past the largest measured bucket the line through the two largest
+measured ones is extended (never falling), or with only one measured, it is scaled by rows.
 
 Load time per tier: the high quantile of this model's own measured loads from that tier once it
 has any; before that, its bytes over the measured link bandwidths (:class:`Bandwidths`) plus a
@@ -102,6 +103,8 @@ class LatencyModel:
     loads: tuple[tuple[Tier, _Samples], ...] = ()
     #: Predicted seconds per bucket, monotone; rebuilt on every observation so ``predict`` is O(1).
     _table: tuple[float, ...] = ()
+    #: Seconds per row between the two largest measured buckets (None: fewer than two measured).
+    _slope_per_row: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.quantile <= 1.0:
@@ -122,7 +125,7 @@ class LatencyModel:
         current = dict(self.batches)
         current[bucket] = current.get(bucket, _Samples()).add(seconds, self.window, self.quantile)
         batches = tuple(sorted(current.items()))
-        return replace(self, batches=batches, _table=_monotone_table(batches))
+        return replace(self, batches=batches, _table=_monotone_table(batches), _slope_per_row=_slope(batches))
 
     def observe_load(self, tier: Tier, seconds: float) -> LatencyModel:
         """The model with one more measured load from ``tier`` to hot that took ``seconds``."""
@@ -137,12 +140,16 @@ class LatencyModel:
         table = self._table
         if not table:
             return self.default_s
-        bucket = bucket_of(rows)
+        bucket = (rows - 1).bit_length() if rows > 1 else 0  # bucket_of, inlined: called per request
         if bucket < len(table):
             return table[bucket]
-        # Past every measurement: scale the largest measured bucket by rows (pessimistic on GPUs).
+        # Past every measurement: extend the line through the two largest measured buckets (never
+        # falling), or scale the only one linearly by rows (pessimistic on GPUs, corrected by traffic).
         largest = len(table) - 1
-        return table[largest] * rows / (1 << largest)
+        top = 1 << largest
+        if self._slope_per_row is None:
+            return table[largest] * rows / top
+        return table[largest] + self._slope_per_row * (rows - top)
 
     def predict_load(self, tier: Tier, num_bytes: int, bandwidths: Bandwidths) -> float:
         """Predicted seconds to bring the model from ``tier`` to hot."""
@@ -152,6 +159,14 @@ class LatencyModel:
             if known_tier is tier:
                 return samples.estimate
         return bandwidths.load_s(num_bytes, tier)
+
+
+def _slope(batches: tuple[tuple[int, _Samples], ...]) -> float | None:
+    if len(batches) < 2:
+        return None
+    (low, low_samples), (high, high_samples) = batches[-2:]
+    rise = high_samples.estimate - low_samples.estimate
+    return max(0.0, rise / ((1 << high) - (1 << low)))
 
 
 def _monotone_table(batches: tuple[tuple[int, _Samples], ...]) -> tuple[float, ...]:

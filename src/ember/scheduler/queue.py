@@ -66,9 +66,22 @@ class ModelQueue:
 
     def view(self, limit: int) -> tuple[tuple[float, int, float], ...]:
         """The first ``limit`` live requests as (deadline, rows, arrival), in deadline order."""
+        return tuple((p.deadline, p.rows, p.arrival) for p in self.peek(limit))
+
+    def peek(self, limit: int) -> list[Pending]:
+        """The first ``limit`` live requests, in deadline order, left in the queue."""
         self._drop_answered()
-        first = heapq.nsmallest(limit, self._heap)
-        return tuple((p.deadline, p.rows, p.arrival) for _, _, p in first)
+        return [p for _, _, p in heapq.nsmallest(limit, self._heap)]
+
+    def remove(self, requests: list[Pending]) -> None:
+        """Take ``requests`` out of the queue (the caller answers them); O(n), for rare refusals."""
+        if not requests:
+            return
+        gone = {id(p) for p in requests}
+        for pending in requests:
+            self._leave(pending)
+        self._heap = [entry for entry in self._heap if id(entry[2]) not in gone]
+        heapq.heapify(self._heap)
 
     def take(self, count: int) -> list[Pending]:
         taken: list[Pending] = []

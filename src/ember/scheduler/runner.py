@@ -1,35 +1,63 @@
-"""The batching loop of one model: admit, wait for the policy, dispatch, answer.
+"""The batching loop of one model: admit, ask the batching policy, dispatch, answer.
 
-``submit`` admits a request into the model's bounded queue (or refuses it at once) and waits for
-its answer. ``run`` is the loop: it makes sure the model is hot (the promoter may have to bring it
-up from a colder tier; requests wait, they are not dropped), asks the batching policy what to send,
-and sends it to the model's instance. A batch lost with its worker is retried once, then answered
-with an error; every admitted request gets an answer.
+``submit`` admits a request into the model's bounded queue, or refuses it at once: when the queue
+is full (``Overloaded``), or when the latency model predicts that even alone it cannot finish by its
+deadline (``DeadlineUnmeetable``, 429 with ``Retry-After``; for SLO deadlines only when the
+deployment says ``on_unmeetable="refuse"``, for a caller's own timeout always). A refusal for a
+model that is not hot starts its promotion, so the retry finds it loaded.
+
+``run`` is the loop: it makes sure the model has a hot instance (the promoter may have to bring it
+up from a colder tier; requests wait, they are not dropped), snapshots the queue for the batching
+policy (``policies.SloBatcher``), refuses what the policy refuses and sends the batch to an idle
+instance. With several instances, batches run concurrently, one per instance. Every batch's
+measured compute time feeds the model's latency model. A batch lost with its worker is retried
+once, then answered with an error; every admitted request gets an answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import numpy as np
 
 from ember.clock import Clock
 from ember.cluster.base import WorkerHandle
 from ember.config import Deployment
 from ember.errors import DeadlineUnmeetable, EmberError, InternalError, ModelFailed, WorkerCrashed
+from ember.gateway.tensors import DATATYPES
 from ember.metrics import Metrics
-from ember.policies.batching import BatchPolicy, QueueSnapshot
+from ember.policies.batching import BatchPolicy, QueueSnapshot, admits
+from ember.policies.devices import Candidate
 from ember.policies.latency import LatencyModel
+from ember.scheduler.device import DeviceArbiter
 from ember.scheduler.queue import ModelQueue, Pending
 from ember.worker.protocol import Arrays, rows_of
 
 __all__ = ["ModelRunner", "Promoter", "RunnerStats"]
 
+#: Idle gaps kept between two controller ticks; more are dropped (one per idle period at most).
+MAX_IDLE_GAPS = 256
+
 
 class Promoter(Protocol):
     async def ensure_hot(self, name: str) -> WorkerHandle:
-        """The instance that serves ``name``, promoting the model to hot first if it is not."""
+        """An instance that serves ``name``, promoting the model to hot first if it has none."""
+        ...
+
+    def hot_instances(self, name: str) -> tuple[WorkerHandle, ...]:
+        """The instances holding ``name`` now (none while it is not hot)."""
+        ...
+
+    def start_delay_s(self, name: str) -> float:
+        """Predicted seconds before ``name`` could start a batch: its load time when not hot, else 0."""
+        ...
+
+    def prewarm(self, name: str) -> None:
+        """Start bringing ``name`` to hot without waiting for it."""
         ...
 
     def lost_instance(self, name: str, worker: WorkerHandle) -> None: ...
@@ -59,6 +87,7 @@ class ModelRunner:
         policy: BatchPolicy,
         promoter: Promoter,
         metrics: Metrics,
+        arbiter: DeviceArbiter | None = None,
     ) -> None:
         self.deployment = deployment
         self.queue = ModelQueue(deployment.name, deployment.max_queue)
@@ -67,6 +96,7 @@ class ModelRunner:
         self._clock = clock
         self._policy = policy
         self._promoter = promoter
+        self._arbiter = arbiter
         self._metrics = metrics
         self._labels = labels = (deployment.name, str(deployment.version))
         # Each metric's child for this model, looked up once: labels() costs microseconds per call.
@@ -81,8 +111,13 @@ class ModelRunner:
         self._latency = metrics.latency.labels(name)
         self._slo_met = metrics.slo_met.labels(name)
         self._slo_attainment = metrics.slo_attainment.labels(name)
+        #: The latency model, folded from every measured batch (and loads, by the controller).
         self.latency = LatencyModel()
-        self._in_flight: list[Pending] = []
+        #: Idle periods that ended (seconds), for the keep-alive histogram; the controller drains it.
+        self.idle_gaps: list[float] = []
+        self._refuse = deployment.on_unmeetable == "refuse"
+        #: Batches running now, by instance id: when each is predicted to end, and its requests.
+        self._running: dict[str, tuple[float, list[Pending]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -98,6 +133,10 @@ class ModelRunner:
             self._task = None
         self.fail_all(error)
 
+    def busy_instances(self) -> set[str]:
+        """The ids of the instances running one of this model's batches now."""
+        return set(self._running)
+
     @property
     def busy(self) -> bool:
         return bool(self.running or len(self.queue))
@@ -107,9 +146,16 @@ class ModelRunner:
         slo_s = self.deployment.slo_ms / 1000.0
         hard = timeout_s is not None
         deadline = now + (timeout_s if timeout_s is not None else slo_s)
+        rows = rows_of(inputs)
+        if (hard or self._refuse) and not admits(now, deadline, rows, self.latency, self._start_delay(now)):
+            self._count_refusal()
+            raise self._unmeetable(now, deadline, rows, hard)
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        pending = Pending(inputs, rows_of(inputs), now, deadline, hard, future)
+        pending = Pending(inputs, rows, now, deadline, hard, future)
+        idle = not self.busy
         self.queue.put(pending)  # raises Overloaded when full: nothing was admitted
+        if idle and self.stats.requests and len(self.idle_gaps) < MAX_IDLE_GAPS:
+            self.idle_gaps.append(now - self.stats.last_active)
         self.stats.requests += 1
         self.stats.last_active = now
         self._pending_gauge.inc()
@@ -123,38 +169,98 @@ class ModelRunner:
             self._pending_gauge.dec()
             self._account(pending)
 
+    def _start_delay(self, now: float) -> float:
+        """Predicted seconds before a request arriving now could start running, served alone."""
+        delay = self._promoter.start_delay_s(self.deployment.name)
+        if self._running and len(self._running) >= max(1, len(self._promoter.hot_instances(self.deployment.name))):
+            delay = max(delay, min(end for end, _ in self._running.values()) - now)
+        return max(0.0, delay)
+
+    def _unmeetable(self, now: float, deadline: float, rows: int, hard: bool) -> DeadlineUnmeetable:
+        name = self.deployment.name
+        delay = self._start_delay(now)
+        predicted_ms = 1000.0 * (delay + self.latency.predict(rows))
+        budget_ms = 1000.0 * (deadline - now)
+        what = "the request's timeout" if hard else f"its SLO ({self.deployment.slo_ms:g} ms)"
+        loading = self._promoter.start_delay_s(name) > 0
+        if loading:
+            self._promoter.prewarm(name)
+        retry = max(delay, 0.001)
+        return DeadlineUnmeetable(
+            f"model '{name}' is predicted to answer in {predicted_ms:.0f} ms"
+            f"{' (it is being loaded)' if loading else ''}, past {what}: {budget_ms:.0f} ms; retry after the "
+            "Retry-After delay, with a longer timeout, or deploy it with --on-unmeetable best-effort",
+            retry_after_s=retry,
+        )
+
     async def run(self) -> None:
-        while True:
-            if not len(self.queue):
-                self.queue.changed.clear()
-                await self.queue.changed.wait()
-                continue
-            try:
-                instance = await self._promoter.ensure_hot(self.deployment.name)
-            except EmberError as exc:
-                for pending in self.queue.drain():
-                    _answer_error(pending, exc)
-                continue
-            now = self._clock.now()
-            snapshot = QueueSnapshot(
-                now=now,
-                queued=self.queue.view(self.deployment.max_batch_size),
-                instance_idle=True,
-                max_batch_size=self.deployment.max_batch_size,
-                latency=self.latency,
-            )
-            decision = self._policy.decide(snapshot)
-            if decision.take == 0:
-                self.queue.changed.clear()
-                await self._wait_change(decision.wake_at)
-                continue
-            await self._dispatch(instance, self.queue.take(decision.take))
+        async with asyncio.TaskGroup() as batches:
+            while True:
+                if not len(self.queue):
+                    self.queue.changed.clear()
+                    await self.queue.changed.wait()
+                    continue
+                name = self.deployment.name
+                instances = self._promoter.hot_instances(name)
+                if not instances:
+                    try:
+                        await self._promoter.ensure_hot(name)
+                    except EmberError as exc:
+                        for pending in self.queue.drain():
+                            _answer_error(pending, exc)
+                    continue
+                idle = [w for w in instances if w.id not in self._running]
+                if not idle:  # decide when an instance frees: O(1) per arrival, not a queue scan
+                    self.queue.changed.clear()
+                    await self.queue.changed.wait()
+                    continue
+                now = self._clock.now()
+                peek = self.queue.peek(self.deployment.max_batch_size)
+                snapshot = QueueSnapshot(
+                    now=now,
+                    queued=tuple((p.deadline, p.rows, p.arrival) for p in peek),
+                    instance_idle=True,
+                    max_batch_size=self.deployment.max_batch_size,
+                    latency=self.latency,
+                    start_delay_s=self._start_delay(now),
+                    hard=tuple(p.hard for p in peek),
+                )
+                decision = self._policy.decide(snapshot)
+                if decision.refuse:
+                    refused = set(decision.refuse)
+                    self.queue.remove([p for i, p in enumerate(peek) if i in refused])
+                    for index in decision.refuse:
+                        pending = peek[index]
+                        _answer_error(pending, self._unmeetable(now, pending.deadline, pending.rows, pending.hard))
+                if decision.take == 0:
+                    if not decision.refuse:
+                        self.queue.changed.clear()
+                        await self._wait_change(decision.wake_at)
+                    continue
+                batch = self.queue.take(decision.take)
+                if not batch:
+                    continue
+                instance = idle[0]
+                self._running[instance.id] = (now + self.latency.predict(sum(p.rows for p in batch)), batch)
+                batches.create_task(self._dispatch(instance, batch), name=f"ember-batch-{name}")
 
     def fail_all(self, error: EmberError) -> None:
-        for pending in [*self._in_flight, *self.queue.drain()]:
+        running = [p for _, batch in self._running.values() for p in batch]
+        self._running.clear()
+        for pending in [*running, *self.queue.drain()]:
             _answer_error(pending, error)
 
     async def _dispatch(self, instance: WorkerHandle, batch: list[Pending]) -> None:
+        try:
+            await self._run_batch(instance, batch)
+        except asyncio.CancelledError:
+            raise  # ``_running`` keeps the batch, so that ``stop`` answers it
+        finally:
+            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                self._running.pop(instance.id, None)
+                self.queue.changed.set()  # an instance is free: the loop looks again
+
+    async def _run_batch(self, instance: WorkerHandle, batch: list[Pending]) -> None:
         now = self._clock.now()
         live: list[Pending] = []
         for pending in batch:
@@ -166,12 +272,11 @@ class ModelRunner:
         if not live:
             return
         self.running += len(live)
-        self._in_flight = live
+        rows = sum(p.rows for p in live)
         try:
-            result = await instance.infer(self.deployment.key, [p.inputs for p in live])
-            self._in_flight = []
+            async with self._device_slot(instance, live, rows):
+                result = await instance.infer(self.deployment.key, [p.inputs for p in live])
         except WorkerCrashed as exc:
-            self._in_flight = []
             self._promoter.lost_instance(self.deployment.name, instance)
             for pending in live:
                 if pending.retried:
@@ -184,7 +289,6 @@ class ModelRunner:
                     self.queue.requeue(pending)
             return
         except EmberError as exc:
-            self._in_flight = []
             for pending in live:
                 _answer_error(pending, exc)
             return
@@ -193,10 +297,8 @@ class ModelRunner:
                 _answer_error(pending, InternalError(f"internal error while running a batch: {exc!r}"))
             raise
         finally:
-            # On cancellation ``_in_flight`` keeps the batch, so that ``stop`` answers it.
             self.running -= len(live)
             self.stats.last_active = self._clock.now()
-        rows = sum(p.rows for p in live)
         self.stats.batches += 1
         self.stats.rows += rows
         self.latency = self.latency.observe_batch(rows, result.compute_s)
@@ -211,6 +313,52 @@ class ModelRunner:
                 pending.future.set_exception(ModelFailed(f"model '{self.deployment.name}': {output}"))
             else:
                 pending.future.set_result(output)
+
+    def _device_slot(
+        self, instance: WorkerHandle, live: list[Pending], rows: int
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """The device of ``instance``, as the arbiter grants it among the models sharing it."""
+        if self._arbiter is None:
+            return contextlib.nullcontext()
+        candidate = Candidate(
+            model=self.deployment.name,
+            earliest_deadline=min(p.deadline for p in live),
+            run_s=self.latency.predict(rows),
+            swap_in_s=0.0,  # the model is loaded on ``instance`` before any batch is sent
+            requests=len(live),
+        )
+        return self._arbiter.slot(instance.id, candidate)
+
+    async def warm_up(self, instance: WorkerHandle, sizes: tuple[int, ...]) -> int:
+        """Run one batch of zeros per size in ``sizes`` on ``instance``; fold the times in. Returns batches run.
+
+        A size the model rejects ends the sweep: warm-up only seeds the latency model, and the model's
+        own traffic keeps refining it.
+        """
+        measured = 0
+        for size in sizes:
+            inputs = _zeros(self.deployment, size)
+            if inputs is None:
+                break
+            try:
+                result = await instance.infer(self.deployment.key, [inputs])
+            except EmberError:
+                break
+            if any(isinstance(out, str) for out in result.outputs):
+                break
+            self.latency = self.latency.observe_batch(size, result.compute_s)
+            measured += 1
+        return measured
+
+    def _count_refusal(self) -> None:
+        """Count a request refused at admission: a failure against the SLO, as one refused later is."""
+        self.stats.requests += 1
+        self.stats.failed += 1
+        self._slo_total.inc()
+        self._metrics.failure.labels(*self._labels, DeadlineUnmeetable.__name__).inc()
+        attainment = self.stats.slo_attainment
+        if attainment is not None:
+            self._slo_attainment.set(attainment)
 
     def _account(self, pending: Pending) -> None:
         now = self._clock.now()
@@ -258,6 +406,21 @@ class ModelRunner:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+
+def _zeros(deployment: Deployment, rows: int) -> Arrays | None:
+    """A batch of ``rows`` zero rows (empty strings for BYTES) shaped as the model declares; None if it cannot be."""
+    out: Arrays = {}
+    for spec in deployment.metadata.inputs:
+        shape = (rows, *(1 if d == -1 else d for d in spec.shape[1:]))
+        dtype = DATATYPES.get(spec.datatype)
+        if dtype is None or math.prod(shape) > 1 << 22:
+            return None
+        if spec.datatype == "BYTES":
+            out[spec.name] = np.full(shape, b"", dtype=object)
+        else:
+            out[spec.name] = np.zeros(shape, dtype=dtype)
+    return out or None
 
 
 def _answer_error(pending: Pending, error: EmberError) -> None:
