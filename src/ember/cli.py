@@ -6,6 +6,7 @@
     ember invoke NAME --text/--data       call a model
     ember load | unload | rm NAME         make hot now, demote to cool, remove
     ember store ls|import|verify|export|bench   the weight store, in --home (see ember.cli_store)
+    ember sim SCENARIO [--json PATH]       replay a workload against the policies in virtual time (ember.cli_sim)
 
 Every command but ``serve`` and ``logs`` talks to a running server through :class:`ember.Client`
 (``--url``, or ``EMBER_URL``). An error prints ``error: <what to do>`` and exits 1.
@@ -35,6 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ember import __version__
+from ember.cli_sim import sim
 from ember.cli_store import store_app
 from ember.client import DEFAULT_URL, Client
 from ember.config import DEFAULT_KEEPALIVE_HOT_S, DEFAULT_KEEPALIVE_WARM_S, DEFAULT_SLO_MS
@@ -59,6 +61,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(store_app)
+app.command("sim")(sim)
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 

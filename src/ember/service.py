@@ -27,9 +27,15 @@ from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ShuttingDown
 from ember.metrics import Metrics
-from ember.policies import HybridHistogramKeepAlive, MemoryAwarePlacement, SloBatcher, warmup_batch_sizes
+from ember.policies import (
+    HybridHistogramKeepAlive,
+    LatestStartFirst,
+    MemoryAwarePlacement,
+    SloBatcher,
+    warmup_batch_sizes,
+)
 from ember.registry import DeploymentRecord, Registry
-from ember.scheduler import ModelRunner
+from ember.scheduler import DeviceArbiter, ModelRunner
 from ember.store import Store
 from ember.worker.protocol import Arrays
 
@@ -129,6 +135,7 @@ class EmberService:
             options.tick_s,
             device_memory_bytes=options.device_memory_bytes,
         )
+        self.arbiter = DeviceArbiter(LatestStartFirst(), self.clock)
         self._runners: dict[str, ModelRunner] = {}
         self._controller_task: asyncio.Task[None] | None = None
         self._deploying: set[str] = set()
@@ -333,7 +340,7 @@ class EmberService:
 
     def _add(self, deployment: Deployment) -> None:
         policy = SloBatcher(deployment.on_unmeetable, max_wait_s=deployment.max_batch_wait_ms / 1000.0)
-        runner = ModelRunner(deployment, self.clock, policy, self.controller, self.metrics)
+        runner = ModelRunner(deployment, self.clock, policy, self.controller, self.metrics, self.arbiter)
         self._runners[deployment.name] = runner
         self.controller.add(runner)
         runner.start()

@@ -87,6 +87,9 @@ class SloBatcher:
         if not queued:
             return BatchDecision(0)
         latency = snapshot.latency
+        predict = latency.predict
+        max_rows = snapshot.max_batch_size
+        idle = snapshot.instance_idle
         start = snapshot.now + snapshot.start_delay_s
         refuse_all = self.on_unmeetable == "refuse"
         hard = snapshot.hard
@@ -97,17 +100,17 @@ class SloBatcher:
         oldest = float("inf")
         stopped = False
         for index, (deadline, request_rows, arrival) in enumerate(queued):
-            meetable = start + latency.predict(request_rows) <= deadline
+            meetable = start + predict(request_rows) <= deadline
             if not meetable and (refuse_all or (index < len(hard) and hard[index])):
                 refused.append(index)
                 continue
-            if stopped or not snapshot.instance_idle:
+            if stopped or not idle:
                 continue  # only looking for requests to refuse now
-            if take and rows + request_rows > snapshot.max_batch_size:
+            if take and rows + request_rows > max_rows:
                 stopped = True
                 continue
             bound = min(earliest, deadline) if meetable else earliest
-            if take and start + latency.predict(rows + request_rows) > bound:
+            if take and start + predict(rows + request_rows) > bound:
                 stopped = True
                 continue
             take += 1

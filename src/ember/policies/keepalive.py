@@ -25,7 +25,7 @@ the histogram is a frozen value that ``observe`` replaces.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ember.store import Tier
@@ -51,6 +51,8 @@ class IdleHistogram:
     num_bins: int = 48
     counts: tuple[int, ...] = ()
     out_of_range: int = 0
+    #: Idle times counted in ``counts`` (kept, so ``total`` is O(1) for a policy asked every tick).
+    in_range: int = 0
 
     def edge(self, index: int) -> float:
         """The upper edge of bin ``index``."""
@@ -58,7 +60,7 @@ class IdleHistogram:
 
     @property
     def total(self) -> int:
-        return sum(self.counts) + self.out_of_range
+        return self.in_range + self.out_of_range
 
     def observe(self, idle_s: float) -> IdleHistogram:
         """The histogram with one more idle time."""
@@ -66,14 +68,14 @@ class IdleHistogram:
             return self
         counts = list(self.counts) or [0] * self.num_bins
         if idle_s >= self.edge(self.num_bins - 1):
-            return IdleHistogram(self.first_edge_s, self.growth, self.num_bins, tuple(counts), self.out_of_range + 1)
+            return replace(self, counts=tuple(counts), out_of_range=self.out_of_range + 1)
         index = 0 if idle_s < self.first_edge_s else int(math.log(idle_s / self.first_edge_s, self.growth)) + 1
         index = min(index, self.num_bins - 1)
         # Guard the float edge: idle_s must lie below the bin's upper edge.
         while index < self.num_bins - 1 and idle_s >= self.edge(index):
             index += 1
         counts[index] += 1
-        return IdleHistogram(self.first_edge_s, self.growth, self.num_bins, tuple(counts), self.out_of_range)
+        return replace(self, counts=tuple(counts), in_range=self.in_range + 1)
 
     def percentile(self, quantile: float, upper: bool) -> float:
         """The ``quantile`` of the idle times, as its bin's upper edge (``upper``) or lower edge."""

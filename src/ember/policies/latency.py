@@ -140,7 +140,7 @@ class LatencyModel:
         table = self._table
         if not table:
             return self.default_s
-        bucket = bucket_of(rows)
+        bucket = (rows - 1).bit_length() if rows > 1 else 0  # bucket_of, inlined: called per request
         if bucket < len(table):
             return table[bucket]
         # Past every measurement: extend the line through the two largest measured buckets (never

@@ -31,7 +31,9 @@ from ember.errors import DeadlineUnmeetable, EmberError, InternalError, ModelFai
 from ember.gateway.tensors import DATATYPES
 from ember.metrics import Metrics
 from ember.policies.batching import BatchPolicy, QueueSnapshot, admits
+from ember.policies.devices import Candidate
 from ember.policies.latency import LatencyModel
+from ember.scheduler.device import DeviceArbiter
 from ember.scheduler.queue import ModelQueue, Pending
 from ember.worker.protocol import Arrays, rows_of
 
@@ -85,6 +87,7 @@ class ModelRunner:
         policy: BatchPolicy,
         promoter: Promoter,
         metrics: Metrics,
+        arbiter: DeviceArbiter | None = None,
     ) -> None:
         self.deployment = deployment
         self.queue = ModelQueue(deployment.name, deployment.max_queue)
@@ -93,6 +96,7 @@ class ModelRunner:
         self._clock = clock
         self._policy = policy
         self._promoter = promoter
+        self._arbiter = arbiter
         self._metrics = metrics
         self._labels = labels = (deployment.name, str(deployment.version))
         # Each metric's child for this model, looked up once: labels() costs microseconds per call.
@@ -275,8 +279,10 @@ class ModelRunner:
         if not live:
             return
         self.running += len(live)
+        rows = sum(p.rows for p in live)
         try:
-            result = await instance.infer(self.deployment.key, [p.inputs for p in live])
+            async with self._device_slot(instance, live, rows):
+                result = await instance.infer(self.deployment.key, [p.inputs for p in live])
         except WorkerCrashed as exc:
             self._promoter.lost_instance(self.deployment.name, instance)
             for pending in live:
@@ -300,7 +306,6 @@ class ModelRunner:
         finally:
             self.running -= len(live)
             self.stats.last_active = self._clock.now()
-        rows = sum(p.rows for p in live)
         self.stats.batches += 1
         self.stats.rows += rows
         self.latency = self.latency.observe_batch(rows, result.compute_s)
@@ -315,6 +320,21 @@ class ModelRunner:
                 pending.future.set_exception(ModelFailed(f"model '{self.deployment.name}': {output}"))
             else:
                 pending.future.set_result(output)
+
+    def _device_slot(
+        self, instance: WorkerHandle, live: list[Pending], rows: int
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """The device of ``instance``, as the arbiter grants it among the models sharing it."""
+        if self._arbiter is None:
+            return contextlib.nullcontext()
+        candidate = Candidate(
+            model=self.deployment.name,
+            earliest_deadline=min(p.deadline for p in live),
+            run_s=self.latency.predict(rows),
+            swap_in_s=0.0,  # the model is loaded on ``instance`` before any batch is sent
+            requests=len(live),
+        )
+        return self._arbiter.slot(instance.id, candidate)
 
     async def warm_up(self, instance: WorkerHandle, sizes: tuple[int, ...]) -> int:
         """Run one batch of zeros per size in ``sizes`` on ``instance``; fold the times in. Returns batches run.

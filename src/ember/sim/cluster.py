@@ -1,0 +1,117 @@
+"""The modeled cluster: nodes of devices with memory, the links between tiers, and the models it serves.
+
+Everything here is a frozen description; the engine (``engine.py``) keeps the changing state.
+A model's batch time is its latency curve at the batch's rows, times ``work_per_request`` (for
+instance decode steps per request), times a draw from its :class:`ServiceTime` distribution.
+Load times follow the tier the weights come from: warm (pinned host memory), cool (local disk,
+through Ember's loader or through ``torch.load``), plus a runtime start when the policy set has no
+pool of started workers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from ember.errors import InvalidInput
+from ember.sim.calibration import Calibration, LatencyCurve
+
+__all__ = ["ClusterSpec", "Distribution", "Loader", "ModelSpec", "ServiceTime"]
+
+
+class Distribution(StrEnum):
+    CONSTANT = "constant"
+    EXPONENTIAL = "exponential"
+    LOGNORMAL = "lognormal"
+    EMPIRICAL = "empirical"
+
+
+@dataclass(frozen=True)
+class ServiceTime:
+    """A random factor with mean 1 (or exact samples of seconds, for ``empirical``).
+
+    ``constant``: always 1. ``exponential``: mean 1. ``lognormal``: mean 1 with shape ``sigma``.
+    ``empirical``: one of ``samples`` (seconds, used as-is; the latency curve is then ignored).
+    """
+
+    kind: Distribution = Distribution.CONSTANT
+    sigma: float = 0.0
+    samples: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind is Distribution.EMPIRICAL and not self.samples:
+            raise InvalidInput("an empirical service time needs at least one sample (seconds)")
+        if any(s < 0 or not math.isfinite(s) for s in self.samples):
+            raise InvalidInput("empirical service-time samples must be finite seconds >= 0")
+        if self.sigma < 0:
+            raise InvalidInput(f"lognormal sigma must be >= 0, got {self.sigma}")
+
+    def draw(self, mean_s: float, rng: random.Random) -> float:
+        kind = self.kind
+        if kind is Distribution.CONSTANT:
+            return mean_s
+        if kind is Distribution.EXPONENTIAL:
+            return rng.expovariate(1.0) * mean_s
+        if kind is Distribution.LOGNORMAL:
+            return mean_s * rng.lognormvariate(-0.5 * self.sigma * self.sigma, self.sigma)
+        return self.samples[rng.randrange(len(self.samples))]
+
+
+class Loader(StrEnum):
+    #: Ember: a pool of started runtimes, parallel pinned reads, a warm tier in pinned host memory.
+    EMBER = "ember"
+    #: A plain function: start a process, import torch, ``torch.load`` from disk; no warm tier.
+    PLAIN = "plain"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    curve: LatencyCurve
+    weights_bytes: int
+    slo_s: float
+    max_batch_size: int = 32
+    work_per_request: float = 1.0
+    service: ServiceTime = field(default_factory=ServiceTime)
+    #: When set, every load takes a draw of this (seconds, mean ``cold_start_mean_s``) instead of bytes/bandwidth.
+    cold_start: ServiceTime | None = None
+    cold_start_mean_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.weights_bytes <= 0 or self.slo_s <= 0 or self.max_batch_size < 1 or self.work_per_request <= 0:
+            raise InvalidInput(f"model '{self.name}': weights, SLO, max batch size and work must be positive")
+
+    def batch_s(self, rows: int, rng: random.Random) -> float:
+        return self.service.draw(self.curve.batch_s(rows) * self.work_per_request, rng)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    calibration: Calibration
+    nodes: int
+    devices_per_node: int
+    device_memory_bytes: int
+    host_memory_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.devices_per_node < 1:
+            raise InvalidInput(f"a cluster needs >= 1 node and device, got {self.nodes} x {self.devices_per_node}")
+        if self.device_memory_bytes <= 0 or self.host_memory_bytes < 0:
+            raise InvalidInput("device memory must be positive and host memory >= 0")
+
+    @property
+    def num_devices(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def load_s(self, model: ModelSpec, warm: bool, loader: Loader, rng: random.Random) -> float:
+        """Seconds to make ``model`` hot on a device of a node where it is warm (or only on disk)."""
+        if model.cold_start is not None:
+            return model.cold_start.draw(model.cold_start_mean_s, rng)
+        cal = self.calibration
+        if loader is Loader.PLAIN:
+            return cal.runtime_start_s + model.weights_bytes / cal.torch_load_bytes_per_s
+        if warm:
+            return model.weights_bytes / cal.h2d_pinned_bytes_per_s
+        return model.weights_bytes / cal.disk_to_device_bytes_per_s

@@ -1,0 +1,582 @@
+"""The discrete-event engine: a workload, a modeled cluster and one policy set, in virtual time.
+
+Time is the engine's own float: events (a load done, a batch done, a batching wake-up, a control
+tick) sit in a heap ordered by ``(time, sequence)`` and arrivals stream in from the workload; at
+equal times events go before arrivals. Every random draw comes from one ``random.Random(seed)``
+taken in event order, so a run is a pure function of its inputs: the same scenario and seed give
+the same event log, bit for bit.
+
+The engine is the loop of DESIGN.md principle 1: it builds each policy's snapshot, calls it and
+applies the decision, and folds measurements back into the per-model state the policies keep
+(``LatencyModel``, ``IdleHistogram``, ``ScaleState``). A device runs one batch at a time: when it
+frees, each resident model with queued requests asks its batching policy for a batch and the device
+scheduler picks which one runs. Loads on a device are serialised (one host link) and overlap its
+compute. Control ticks run on the grid ``k * tick_s`` while anything is up: the hot keep-alive every
+tick; the warm tier's keep-alive and pre-warm, and the autoscaler, every ``warm_tick_s``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ember.errors import InvalidInput
+from ember.policies import (
+    Bandwidths,
+    Candidate,
+    Demotion,
+    EvictionCandidate,
+    IdleHistogram,
+    LatencyModel,
+    ModelView,
+    QueueSnapshot,
+    ScaleState,
+    ScaleView,
+    WorkerView,
+    admits,
+    warmup_batch_sizes,
+)
+from ember.sim.cluster import ClusterSpec, ModelSpec
+from ember.sim.policysets import PolicySet
+from ember.sim.workload import Workload
+from ember.store import Tier
+
+__all__ = ["Engine", "RunResult"]
+
+_LOAD, _DONE, _WAKE, _TICK = 0, 1, 2, 3
+#: When a device frees, at most this many models (those due first) propose a batch to its scheduler.
+MAX_CANDIDATES = 8
+_HOT, _WARM, _COOL = Tier.HOT, Tier.WARM, Tier.COOL
+
+Request = tuple[float, int, float]  # (deadline, rows, arrival)
+
+
+@dataclass
+class RunResult:
+    """What one run measured; ``report.py`` turns it into figures."""
+
+    policy_set: str
+    duration_s: float
+    latencies_s: list[float]
+    met_slo: int
+    refused: int
+    cold_starts: dict[str, int]
+    gpu_seconds: float
+    gpu_memory_byte_seconds: float
+    instance_seconds: float
+    num_devices: int
+    batches: int
+    #: Requests served past their SLO, per model.
+    missed: dict[str, int] = field(default_factory=dict)
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+class _Model:
+    __slots__ = ("arrivals", "histogram", "idx", "instances", "last_used", "latency", "max_batch", "name", "next_key",
+                 "prewarmed", "queue", "rate", "running", "scale_state", "slo_s", "spec", "wake_at")  # fmt: skip
+
+    def __init__(self, idx: int, spec: ModelSpec, max_batch: int) -> None:
+        self.idx, self.spec, self.name = idx, spec, spec.name
+        self.slo_s, self.max_batch = spec.slo_s, max_batch
+        latency = LatencyModel()
+        for rows in warmup_batch_sizes(max_batch):  # the deploy-time warm-up sweep
+            latency = latency.observe_batch(rows, spec.curve.batch_s(rows) * spec.work_per_request)
+        self.latency = latency
+        self.histogram = IdleHistogram()
+        self.queue: deque[Request] = deque()
+        self.running = 0
+        self.instances: list[_Instance] = []
+        self.last_used = 0.0
+        self.prewarmed = False
+        self.scale_state = ScaleState()
+        self.wake_at: float | None = None
+        self.next_key = 0
+        self.arrivals = 0
+        self.rate = 0.0
+
+
+class _Instance:
+    __slots__ = ("bytes", "device", "key", "last_used", "load_s", "model", "ready_at", "running", "source")
+
+    def __init__(self, key: str, model: _Model, device: _Device, ready_at: float, load_s: float, source: Tier) -> None:
+        self.key, self.model, self.device = key, model, device
+        self.ready_at, self.load_s, self.source = ready_at, load_s, source
+        self.bytes = model.spec.weights_bytes
+        self.last_used = ready_at
+        self.running = False
+
+
+class _Device:
+    __slots__ = ("busy", "capacity", "id", "idx", "instances", "load_free_at", "loading_bytes", "node", "pending",
+                 "running_bytes", "used", "view")  # fmt: skip
+
+    def __init__(self, idx: int, node: int, capacity: int) -> None:
+        self.idx, self.node, self.id, self.capacity = idx, node, f"n{node}/cuda:{idx}", capacity
+        self.instances: dict[str, _Instance] = {}
+        self.pending: dict[int, _Model] = {}
+        self.used = self.loading_bytes = self.running_bytes = 0
+        self.busy = False
+        self.load_free_at = 0.0
+        self.view: WorkerView | None = None
+
+
+class Engine:
+    """One run of one policy set. ``Engine(...).run()`` returns a :class:`RunResult`."""
+
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        models: tuple[ModelSpec, ...],
+        workload: Workload,
+        policies: PolicySet,
+        *,
+        duration_s: float,
+        seed: int,
+        tick_s: float = 1.0,
+        warm_tick_s: float = 60.0,
+        record_events: bool = False,
+        start_warm: bool = False,
+    ) -> None:
+        if tick_s <= 0 or warm_tick_s <= 0 or duration_s <= 0:
+            raise InvalidInput("tick_s, warm_tick_s and duration_s must be positive")
+        too_big = next((m for m in models if m.weights_bytes > cluster.device_memory_bytes), None)
+        if too_big is not None:
+            raise InvalidInput(
+                f"model '{too_big.name}' ({too_big.weights_bytes / 1e9:.1f} GB) does not fit a device of"
+                f" {cluster.device_memory_bytes / 1e9:.1f} GB; give the cluster more device memory"
+            )
+        self.cluster, self.workload, self.p = cluster, workload, policies
+        self.duration_s, self.tick_s = duration_s, tick_s
+        self.warm_every = max(1, round(warm_tick_s / tick_s))
+        self.window_s = self.warm_every * tick_s
+        self.rng = random.Random(seed)
+        self.learns = policies.learns
+        self.models = [_Model(i, s, policies.max_batch_size or s.max_batch_size) for i, s in enumerate(models)]
+        per = cluster.devices_per_node
+        self.devices = [_Device(i, i // per, cluster.device_memory_bytes) for i in range(cluster.num_devices)]
+        self.by_id = {d.id: d for d in self.devices}
+        cal = cluster.calibration
+        self.bandwidths = Bandwidths(cal.disk_read_bytes_per_s, cal.h2d_pinned_bytes_per_s, 0.0)
+        self.warm: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(cluster.nodes)]
+        self.warm_bytes = [0] * cluster.nodes
+        self.instances: dict[str, _Instance] = {}
+        self.blocked: dict[int, _Model] = {}
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.seq = itertools.count()
+        self.now = 0.0
+        self.record = record_events
+        self.events: list[tuple[Any, ...]] = []
+        self.latencies: list[float] = []
+        self.met = self.refused = self.batches = self.outstanding = 0
+        self.cold = {_WARM.value: 0, _COOL.value: 0}
+        self.missed: dict[str, int] = {}
+        self.tick_armed = False
+        # Integrals over time: devices held, bytes resident, instances up.
+        self._t_acc = 0.0
+        self.held = self.used_total = 0
+        self.gpu_s = self.byte_s = self.inst_s = 0.0
+        if start_warm and policies.warm_tier:
+            for node in range(cluster.nodes):
+                for m in self.models:
+                    self._keep_warm(node, m)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        if self.p.pinned:
+            self._pin_all()
+        self._arm_tick()
+        times, owners, sizes = self.workload.times, self.workload.models, self.workload.sizes
+        n, i, heap = len(times), 0, self.heap
+        models, pop = self.models, heapq.heappop
+        while True:
+            t_next = times[i] if i < n else math.inf
+            if heap and heap[0][0] <= t_next:
+                t, _, kind, obj = pop(heap)
+                self.now = t
+                if kind == _DONE:
+                    self._done(obj)
+                elif kind == _LOAD:
+                    self._loaded(obj)
+                elif kind == _WAKE:
+                    self._wake(obj)
+                else:
+                    self._tick(obj)
+            elif i < n:
+                self.now = t_next
+                self._arrive(models[owners[i]], sizes[i])
+                i += 1
+            else:
+                break
+        end = max(self.duration_s, self.now)
+        self.now = end
+        self._account()
+        return RunResult(
+            self.p.name, end, self.latencies, self.met, self.refused, dict(self.cold), self.gpu_s, self.byte_s,
+            self.inst_s, len(self.devices), self.batches, self.missed, self.events,
+        )  # fmt: skip
+
+    def _push(self, t: float, kind: int, obj: Any) -> None:
+        heapq.heappush(self.heap, (t, next(self.seq), kind, obj))
+
+    def _arm_tick(self) -> None:
+        if not self.tick_armed:
+            k = math.floor(self.now / self.tick_s) + 1
+            self.tick_armed = True
+            self._push(k * self.tick_s, _TICK, k)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _arrive(self, m: _Model, rows: int) -> None:
+        now = self.now
+        m.arrivals += 1
+        if self.learns and not m.queue and not m.running:
+            m.histogram = m.histogram.observe(now - m.last_used)  # an idle period ends
+            m.prewarmed = False
+        deadline = now + m.slo_s
+        if self.p.admission and not admits(now, deadline, rows, m.latency, self._start_delay(m)):
+            self.refused += 1
+            if self.record:
+                self.events.append((now, "refuse", m.name))
+            self._scale(m)
+            return
+        m.queue.append((deadline, rows, now))
+        self.outstanding += 1
+        if len(m.queue) + m.running > len(m.instances):  # more work than instances: the autoscaler may act now
+            self._scale(m)
+        for inst in m.instances:
+            dev = inst.device
+            dev.pending[m.idx] = m
+            if not dev.busy and inst.ready_at <= now:
+                self._offer(dev)
+
+    def _start_delay(self, m: _Model) -> float:
+        """Seconds before a batch of ``m`` could start: 0 when an instance is up, else the soonest load."""
+        if not m.instances:
+            warm = self.p.warm_tier and any(m.idx in w for w in self.warm)
+            return m.latency.predict_load(_WARM if warm else _COOL, m.spec.weights_bytes, self.bandwidths)
+        return max(0.0, min(x.ready_at for x in m.instances) - self.now)
+
+    def _offer(self, dev: _Device) -> None:
+        """The device is free: every resident model with work proposes a batch; the device scheduler picks one."""
+        if dev.busy or not dev.pending:
+            return
+        now, batcher = self.now, self.p.batcher
+        proposals: list[tuple[_Model, _Instance, int]] = []
+        pending = list(dev.pending.values())
+        if len(pending) > MAX_CANDIDATES:  # ask the models due first; a busy device may hold hundreds
+            pending.sort(key=lambda m: (m.queue[0][0], m.idx) if m.queue else (math.inf, m.idx))
+        for m in pending:
+            if len(proposals) == MAX_CANDIDATES:
+                break
+            q = m.queue
+            inst = None
+            if q:
+                for x in m.instances:
+                    if x.device is dev and x.ready_at <= now:
+                        inst = x
+                        break
+            if inst is None:
+                del dev.pending[m.idx]  # put back on the next arrival, or when an instance here is ready
+                continue
+            queued = tuple(q) if len(q) <= m.max_batch else tuple(itertools.islice(q, m.max_batch + 1))
+            decision = batcher.decide(QueueSnapshot(now, queued, True, m.max_batch, m.latency))
+            if decision.refuse:
+                self._refuse(m, decision.refuse)
+            if decision.take > 0 and q:
+                proposals.append((m, inst, min(decision.take, len(q))))
+            elif decision.wake_at is not None and (m.wake_at is None or decision.wake_at < m.wake_at):
+                m.wake_at = decision.wake_at
+                self._push(decision.wake_at, _WAKE, m)
+            if not q:
+                dev.pending.pop(m.idx, None)
+        if not proposals:
+            return
+        if len(proposals) > 1:
+            by_name = {m.name: (m, inst, take) for m, inst, take in proposals}
+            candidates = tuple(
+                Candidate(m.name, m.queue[0][0], m.latency.predict(sum(m.queue[j][1] for j in range(take))), 0.0, take)
+                for m, _, take in proposals
+            )
+            chosen = self.p.devices.choose(now, candidates)
+            if chosen is None:
+                return
+            m, inst, take = by_name[chosen.model]
+        else:
+            m, inst, take = proposals[0]
+        q = m.queue
+        self._start_batch(dev, inst, [q.popleft() for _ in range(take)])
+
+    def _refuse(self, m: _Model, positions: tuple[int, ...]) -> None:
+        for j in sorted(set(positions), reverse=True):
+            if j < len(m.queue):
+                del m.queue[j]
+                self.refused += 1
+                self.outstanding -= 1
+        if self.record:
+            self.events.append((self.now, "refuse", m.name, len(positions)))
+
+    def _start_batch(self, dev: _Device, inst: _Instance, batch: list[Request]) -> None:
+        m = inst.model
+        rows = sum(r[1] for r in batch)
+        seconds = m.spec.batch_s(rows, self.rng)
+        dev.busy, inst.running = True, True
+        dev.running_bytes = inst.bytes
+        m.running += len(batch)
+        self.batches += 1
+        if self.record:
+            self.events.append((self.now, "batch", inst.key, dev.id, len(batch), rows, seconds))
+        self._push(self.now + seconds, _DONE, (inst, batch, rows, seconds))
+
+    def _done(self, obj: tuple[_Instance, list[Request], int, float]) -> None:
+        inst, batch, rows, seconds = obj
+        now, m, dev = self.now, inst.model, inst.device
+        lat, cold, missed = self.latencies, self.cold, self.missed
+        for deadline, _, arrival in batch:
+            lat.append(now - arrival)
+            if now <= deadline:
+                self.met += 1
+            else:
+                missed[m.name] = missed.get(m.name, 0) + 1
+            if arrival < inst.ready_at:
+                cold[inst.source.value] += 1
+        if self.learns:
+            m.latency = m.latency.observe_batch(rows, seconds)
+        m.running -= len(batch)
+        self.outstanding -= len(batch)
+        inst.running, inst.last_used, m.last_used = False, now, now
+        dev.busy, dev.running_bytes = False, 0
+        if m.queue:
+            dev.pending[m.idx] = m
+        self._offer(dev)
+
+    def _wake(self, m: _Model) -> None:
+        m.wake_at = None
+        for inst in m.instances:
+            inst.device.pending[m.idx] = m
+            self._offer(inst.device)
+
+    def _loaded(self, inst: _Instance) -> None:
+        dev, m = inst.device, inst.model
+        dev.loading_bytes -= inst.bytes
+        if self.learns:
+            m.latency = m.latency.observe_load(inst.source, inst.load_s)
+        if self.record:
+            self.events.append((self.now, "ready", inst.key, dev.id))
+        if m.queue:
+            dev.pending[m.idx] = m
+        self._offer(dev)
+
+    # -- instances --------------------------------------------------------------------------------
+
+    def _scale(self, m: _Model) -> None:
+        rate = max(m.rate, m.arrivals / self.window_s)
+        view = ScaleView(m.name, rate, len(m.queue) + m.running, len(m.instances), m.slo_s, m.max_batch, m.latency,
+                         0, len(self.devices))  # fmt: skip
+        want, m.scale_state = self.p.scaler.decide(self.now, view, m.scale_state)
+        while len(m.instances) < want:
+            if not self._start_instance(m):
+                self.blocked[m.idx] = m
+                self._arm_tick()
+                return
+        self.blocked.pop(m.idx, None)
+        if want < len(m.instances):
+            idle = [x for x in m.instances if not x.running and x.ready_at <= self.now]
+            idle.sort(key=lambda x: x.last_used)
+            for inst in idle[: len(m.instances) - want]:
+                self._remove(inst, _WARM)
+
+    def _start_instance(self, m: _Model, preloaded: bool = False) -> bool:
+        need = m.spec.weights_bytes
+        hosts = [d for d in self.devices if d.capacity - d.loading_bytes - d.running_bytes >= need]
+        chosen = self.p.placement.choose(m.name, need, "cuda", tuple(self._view(d, m) for d in hosts))
+        if chosen is None:  # no room anywhere: choose again as if every idle resident could be evicted
+            chosen = self.p.placement.choose(m.name, need, "cuda", tuple(self._view(d, m, True) for d in hosts))
+            if chosen is None:
+                return False
+        dev = self.by_id[chosen]
+        short = dev.used + need - dev.capacity
+        if short > 0 and (preloaded or not self._evict(dev, short)):  # pinning evicts nothing
+            return False
+        node, warm = dev.node, self.warm[dev.node]
+        source = _HOT if preloaded else (_WARM if self.p.warm_tier and m.idx in warm else _COOL)
+        load_s = 0.0 if preloaded else self.cluster.load_s(m.spec, source is _WARM, self.p.loader, self.rng)
+        ready = self.now if preloaded else max(self.now, dev.load_free_at) + load_s
+        if not preloaded:
+            dev.load_free_at = ready
+        key = f"{m.name}#{m.next_key}"
+        m.next_key += 1
+        inst = _Instance(key, m, dev, ready, load_s, source)
+        self._account()
+        if not dev.instances:
+            self.held += 1
+        dev.instances[key] = inst
+        dev.used += need
+        dev.view = None
+        self.used_total += need
+        m.instances.append(inst)
+        self.instances[key] = inst
+        if self.p.warm_tier:
+            self._keep_warm(node, m)
+        if self.record:
+            self.events.append((self.now, "load", key, dev.id, source.value, ready))
+        self._arm_tick()
+        if not preloaded:
+            dev.loading_bytes += need
+            self._push(ready, _LOAD, inst)
+        return True
+
+    def _evict(self, dev: _Device, need: int) -> bool:
+        now, bw = self.now, self.bandwidths
+        candidates = tuple(
+            EvictionCandidate(x.key, x.bytes, x.model.latency.predict_load(_WARM if self.p.warm_tier else _COOL,
+                              x.bytes, bw), x.model.rate, x.last_used, x.running or x.ready_at > now)
+            for x in dev.instances.values()
+        )  # fmt: skip
+        names = self.p.eviction.choose(need, candidates)
+        if not names:
+            return False
+        for key in names:
+            self._remove(dev.instances[key], _WARM)
+        return True
+
+    def _remove(self, inst: _Instance, to: Tier) -> None:
+        dev, m = inst.device, inst.model
+        self._account()
+        del dev.instances[inst.key]
+        del self.instances[inst.key]
+        m.instances.remove(inst)
+        dev.used -= inst.bytes
+        dev.view = None
+        self.used_total -= inst.bytes
+        if not dev.instances:
+            self.held -= 1
+        if to is _WARM and self.p.warm_tier:
+            self._keep_warm(dev.node, m)
+        if self.record:
+            self.events.append((self.now, "demote", inst.key, dev.id, to.value if self.p.warm_tier else "cool"))
+        if m.queue and not m.instances:  # evicted with work waiting: bring it back at the next tick
+            self.blocked[m.idx] = m
+            self._arm_tick()
+
+    def _keep_warm(self, node: int, m: _Model) -> None:
+        warm = self.warm[node]
+        if m.idx in warm:
+            warm.move_to_end(m.idx)
+            return
+        warm[m.idx] = None
+        self.warm_bytes[node] += m.spec.weights_bytes
+        over = self.warm_bytes[node] - self.cluster.host_memory_bytes
+        if over > 0:
+            candidates = tuple(
+                EvictionCandidate(str(i), self.models[i].spec.weights_bytes, 0.0, self.models[i].rate,
+                                  self.models[i].last_used, i == m.idx)
+                for i in warm
+            )  # fmt: skip
+            for name in self.p.eviction.choose(over, candidates):
+                self._drop_warm(node, int(name))
+
+    def _drop_warm(self, node: int, idx: int) -> None:
+        del self.warm[node][idx]
+        self.warm_bytes[node] -= self.models[idx].spec.weights_bytes
+
+    def _view(self, dev: _Device, model: _Model, evictable_gone: bool = False) -> WorkerView:
+        """The device as placement sees it, optionally as if its idle residents were gone.
+
+        ``warm_models`` holds the model being placed when its weights sit in this node's host memory:
+        placement asks only about that model, and a node can hold thousands of warm ones.
+        """
+        view = dev.view
+        if view is None or evictable_gone:
+            names = tuple(x.model.name for x in dev.instances.values())
+            loaded = dev.loading_bytes + dev.running_bytes if evictable_gone else dev.used
+            view = WorkerView(dev.id, True, dev.id.split("/", 1)[1], names, loaded, int(dev.busy), dev.capacity)
+            if not evictable_gone:
+                dev.view = view
+        if self.p.warm_tier and model.idx in self.warm[dev.node]:
+            view = replace(view, warm_models=(model.name,))
+        return view
+
+    def _pin_all(self) -> None:
+        for m in self.models:
+            if not self._start_instance(m, preloaded=True):
+                raise InvalidInput(
+                    f"always-on cannot pin '{m.name}' ({m.spec.weights_bytes / 1e9:.2f} GB): the models do not fit"
+                    f" in {len(self.devices)} devices of {self.cluster.device_memory_bytes / 1e9:.0f} GB"
+                )
+
+    # -- control ticks ----------------------------------------------------------------------------
+
+    def _tick(self, n: int) -> None:
+        now, p = self.now, self.p
+        if p.keepalive is not None:
+            views = tuple(self._hot_view(x) for x in self.instances.values() if x.ready_at <= now)
+            for action in p.keepalive.decide(views):
+                inst = self.instances.get(action.name)
+                if isinstance(action, Demotion) and inst is not None and not inst.running:
+                    self._remove(inst, action.to)
+        slow = n % self.warm_every == 0
+        if slow:
+            for m in self.models:
+                if m.arrivals or m.rate:
+                    m.rate = 0.5 * m.rate + 0.5 * m.arrivals / self.window_s
+                    m.arrivals = 0
+            if p.warm_tier and p.keepalive is not None:
+                self._warm_tick()
+        active = self.blocked.copy()
+        if slow:
+            active |= {x.model.idx: x.model for x in self.instances.values()}
+        for _, m in sorted(active.items()):
+            self._scale(m)
+            for inst in m.instances:
+                if m.queue and inst.ready_at <= now:
+                    inst.device.pending[m.idx] = m
+                    self._offer(inst.device)
+        self.tick_armed = False
+        live = self.instances or self.blocked or (p.keepalive is not None and any(self.warm))
+        if live and (now < self.duration_s or self.outstanding):
+            self._arm_tick()
+
+    def _hot_view(self, x: _Instance) -> ModelView:
+        m, p = x.model, self.p
+        load_s = m.latency.predict_load(_WARM, x.bytes, self.bandwidths)
+        return ModelView(x.key, _HOT, self.now - x.last_used, x.running or bool(m.queue), p.keepalive_hot_s,
+                         p.keepalive_warm_s, m.histogram, load_s, m.prewarmed)  # fmt: skip
+
+    def _warm_tick(self) -> None:
+        now, p, bw = self.now, self.p, self.bandwidths
+        views = []
+        hot_nodes = {(x.device.node, x.model.idx) for x in self.instances.values()}
+        for node, warm in enumerate(self.warm):
+            for idx in warm:
+                if (node, idx) in hot_nodes:
+                    continue
+                m = self.models[idx]
+                busy = bool(m.queue) or m.running > 0
+                load_s = m.latency.predict_load(_WARM, m.spec.weights_bytes, bw)
+                views.append(ModelView(f"{idx}@{node}", _WARM, now - m.last_used, busy, p.keepalive_hot_s,
+                                       p.keepalive_warm_s, m.histogram, load_s, m.prewarmed))  # fmt: skip
+        assert p.keepalive is not None
+        for action in p.keepalive.decide(tuple(views)):
+            idx, node = (int(s) for s in action.name.split("@"))
+            m = self.models[idx]
+            if not isinstance(action, Demotion):  # pre-warm: bring it up before its next expected request
+                if not m.instances and self._start_instance(m):
+                    m.prewarmed = True
+            elif action.to is _COOL and idx in self.warm[node]:
+                self._drop_warm(node, idx)
+                if self.record:
+                    self.events.append((now, "demote", f"{m.name}@{node}", "host", action.to.value))
+
+    def _account(self) -> None:
+        dt = self.now - self._t_acc
+        if dt > 0:
+            self.gpu_s += self.held * dt
+            self.byte_s += self.used_total * dt
+            self.inst_s += len(self.instances) * dt
+            self._t_acc = self.now

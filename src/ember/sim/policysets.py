@@ -1,0 +1,112 @@
+"""Policy sets: the bundles of decisions the simulator compares on one trace.
+
+Each set names one implementation per decision (batching, device scheduling, keep-alive, placement,
+autoscaling, eviction) plus the facts about the platform under it that are not decisions: whether
+started runtimes are pooled and weights load through Ember's loader, whether host memory keeps a
+warm tier, and whether requests that cannot meet their deadline are refused at admission. The
+policies live in ``ember.policies`` (Ember's own and the baselines); the simulator only calls them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ember.errors import InvalidInput
+from ember.policies import (
+    Autoscaler,
+    BatchPolicy,
+    DeadlineBatcher,
+    DeviceScheduler,
+    Eviction,
+    ExpectedCostEviction,
+    FixedKeepAlive,
+    HybridHistogramKeepAlive,
+    KeepAlive,
+    LatestStartFirst,
+    LeastLoaded,
+    LruEviction,
+    MemoryAwarePlacement,
+    Placement,
+    SloAutoscaler,
+    SloBatcher,
+)
+from ember.policies.baselines import EarliestDeadlineFirst, FixedSizeBatcher, OngoingRequests, PerRequest, Pinned
+from ember.sim.cluster import Loader
+
+__all__ = ["PolicySet", "SetName", "build_policy_set"]
+
+
+class SetName(StrEnum):
+    ALWAYS_ON = "always_on"
+    CLASSIC_FAAS = "classic_faas"
+    RAY_SERVE = "ray_serve"
+    EMBER = "ember"
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    name: str
+    batcher: BatchPolicy
+    devices: DeviceScheduler
+    #: None: nothing is demoted for being idle (pinned, or left to the autoscaler and eviction).
+    keepalive: KeepAlive | None
+    placement: Placement
+    scaler: Autoscaler
+    eviction: Eviction
+    loader: Loader
+    #: Host memory keeps a demoted model's weights (the warm tier).
+    warm_tier: bool
+    #: Every model is placed and loaded before the trace starts, and stays.
+    pinned: bool = False
+    #: Refuse at arrival a request that cannot meet its deadline even alone (``ember.policies.admits``).
+    admission: bool = False
+    #: The loop learns online what the policies read: batch and load times (``LatencyModel``) and idle
+    #: times (``IdleHistogram``). Sets whose policies ignore both skip the bookkeeping.
+    learns: bool = False
+    #: Rows per batch; None: each model's own ``max_batch_size``.
+    max_batch_size: int | None = None
+    keepalive_hot_s: float = 300.0
+    keepalive_warm_s: float = 3600.0
+
+
+def build_policy_set(name: str, options: dict[str, float]) -> PolicySet:
+    """The named set, with ``options`` applied where the set has such a knob (see ``_OPTIONS``)."""
+    try:
+        kind = SetName(name)
+    except ValueError:
+        known = ", ".join(s.value for s in SetName)
+        raise InvalidInput(f"unknown policy set '{name}'; choose from: {known}") from None
+    unknown = sorted(set(options) - _OPTIONS[kind])
+    if unknown:
+        raise InvalidInput(f"policy set '{name}' has no option {unknown[0]!r}; it takes {sorted(_OPTIONS[kind])}")
+    if any(v < 0 for v in options.values()):
+        raise InvalidInput(f"policy set '{name}': options must be >= 0, got {options}")
+    edf, lru, spread = EarliestDeadlineFirst(), LruEviction(), LeastLoaded()
+    if kind is SetName.ALWAYS_ON:
+        return PolicySet(name, DeadlineBatcher(), edf, None, spread, Pinned(), lru, Loader.EMBER, warm_tier=False,
+                         pinned=True)  # fmt: skip
+    if kind is SetName.CLASSIC_FAAS:
+        keep = options.get("keepalive_s", 600.0)
+        return PolicySet(name, DeadlineBatcher(), edf, FixedKeepAlive(), spread, PerRequest(), lru, Loader.PLAIN,
+                         warm_tier=False, max_batch_size=1, keepalive_hot_s=keep, keepalive_warm_s=0.0)  # fmt: skip
+    if kind is SetName.RAY_SERVE:
+        batch = int(options.get("max_batch_size", 10))  # @serve.batch's defaults: 10 rows, 10 ms
+        if batch < 1:
+            raise InvalidInput("ray_serve: max_batch_size must be >= 1")
+        return PolicySet(name, FixedSizeBatcher(options.get("max_wait_s", 0.01)), edf, None, spread,
+                         OngoingRequests(), lru, Loader.PLAIN, warm_tier=False, max_batch_size=batch)  # fmt: skip
+    return PolicySet(
+        name, SloBatcher("refuse", options.get("max_wait_s", 0.0)), LatestStartFirst(), HybridHistogramKeepAlive(),
+        MemoryAwarePlacement(), SloAutoscaler(), ExpectedCostEviction(), Loader.EMBER, warm_tier=True,
+        admission=True, learns=True,
+        keepalive_hot_s=options.get("keepalive_hot_s", 300.0), keepalive_warm_s=options.get("keepalive_warm_s", 3600.0),
+    )  # fmt: skip
+
+
+_OPTIONS: dict[SetName, frozenset[str]] = {
+    SetName.ALWAYS_ON: frozenset(),
+    SetName.CLASSIC_FAAS: frozenset({"keepalive_s"}),
+    SetName.RAY_SERVE: frozenset({"max_batch_size", "max_wait_s"}),
+    SetName.EMBER: frozenset({"keepalive_hot_s", "keepalive_warm_s", "max_wait_s"}),
+}

@@ -1,0 +1,91 @@
+"""Reports: the figures of each policy set's run, as a table for people and JSON for programs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ember.sim.engine import RunResult
+
+__all__ = ["PolicyReport", "summarise", "table", "write_json"]
+
+
+@dataclass(frozen=True)
+class PolicyReport:
+    policy_set: str
+    requests: int
+    slo_attainment: float
+    refused: int
+    p50_ms: float
+    p99_ms: float
+    cold_start_fraction: float
+    cold_starts_warm: int
+    cold_starts_cool: int
+    mean_instances: float
+    gpu_seconds: float
+    #: GPU-seconds over the always-on set's in the same run (None when always-on did not run).
+    gpu_seconds_vs_always_on: float | None
+    gpu_memory_gb_seconds: float
+    models_per_gpu: float
+    batches: int
+    wall_s: float
+
+
+def summarise(result: RunResult, wall_s: float, always_on_gpu_s: float | None) -> PolicyReport:
+    lat = np.asarray(result.latencies_s, dtype=np.float64)
+    total = len(lat) + result.refused
+    p50, p99 = (float(v) * 1000 for v in np.percentile(lat, [50, 99])) if len(lat) else (float("nan"),) * 2
+    cold = sum(result.cold_starts.values())
+    return PolicyReport(
+        policy_set=result.policy_set,
+        requests=total,
+        slo_attainment=result.met_slo / total if total else 1.0,
+        refused=result.refused,
+        p50_ms=p50,
+        p99_ms=p99,
+        cold_start_fraction=cold / total if total else 0.0,
+        cold_starts_warm=result.cold_starts.get("warm", 0),
+        cold_starts_cool=result.cold_starts.get("cool", 0),
+        mean_instances=result.instance_seconds / result.duration_s,
+        gpu_seconds=result.gpu_seconds,
+        gpu_seconds_vs_always_on=result.gpu_seconds / always_on_gpu_s if always_on_gpu_s else None,
+        gpu_memory_gb_seconds=result.gpu_memory_byte_seconds / 1e9,
+        models_per_gpu=result.instance_seconds / result.gpu_seconds if result.gpu_seconds else 0.0,
+        batches=result.batches,
+        wall_s=wall_s,
+    )
+
+
+def table(scenario: str, reports: list[PolicyReport]) -> Table:
+    t = Table(title=f"ember sim: {scenario}", caption="cold: requests that waited for a load from warm/cool; "
+              "xAO: GPU-seconds over always-on's; inst: mean instances up")  # fmt: skip
+    t.add_column("policy set", no_wrap=True)
+    for col in ("requests", "SLO met", "p50 ms", "p99 ms", "cold w/c", "inst", "GPU-s", "xAO", "GB-s", "models/GPU"):
+        t.add_column(col, justify="right")
+    for r in reports:
+        ratio = "-" if r.gpu_seconds_vs_always_on is None else f"{r.gpu_seconds_vs_always_on:.3f}"
+        t.add_row(
+            r.policy_set, f"{r.requests:,}", f"{100 * r.slo_attainment:.3f}%", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
+            f"{r.cold_starts_warm:,}/{r.cold_starts_cool:,}", f"{r.mean_instances:.1f}", f"{r.gpu_seconds:,.0f}",
+            ratio, f"{r.gpu_memory_gb_seconds:,.0f}", f"{r.models_per_gpu:.1f}",
+        )  # fmt: skip
+    return t
+
+
+def print_table(scenario: str, reports: list[PolicyReport], console: Console | None = None) -> None:
+    (console or Console()).print(table(scenario, reports))
+
+
+def write_json(path: Path, scenario: str, seed: int, reports: list[PolicyReport]) -> None:
+    body = {"scenario": scenario, "seed": seed, "policy_sets": {r.policy_set: asdict(r) for r in reports}}
+    for entry in body["policy_sets"].values():  # type: ignore[attr-defined]
+        for key, value in entry.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                entry[key] = None  # no latency without a served request; JSON has no NaN
+    path.write_text(json.dumps(body, indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,45 @@
+"""``ember sim``: a table per run, JSON on request, and errors that say what to do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sim_cases import SMALL
+from typer.testing import CliRunner
+
+from ember.cli import app
+
+
+def test_ember_sim_prints_a_row_per_policy_set_and_writes_json(tmp_path: Path) -> None:
+    scenario = tmp_path / "small.yaml"
+    scenario.write_text(SMALL)
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(
+        app, ["sim", str(scenario), "--json", str(out), "--duration-s", "300", "--only", "always_on", "--only", "ember"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "always_on" in result.output and "ember" in result.output
+    body = json.loads(out.read_text())
+    assert set(body["policy_sets"]) == {"always_on", "ember"}
+    for entry in body["policy_sets"].values():
+        for key in ("slo_attainment", "p50_ms", "p99_ms", "cold_start_fraction", "mean_instances", "gpu_seconds",
+                    "gpu_memory_gb_seconds"):  # fmt: skip
+            assert key in entry
+    assert body["policy_sets"]["always_on"]["gpu_seconds_vs_always_on"] == 1.0
+
+
+def test_ember_sim_names_a_bad_scenario(tmp_path: Path) -> None:
+    scenario = tmp_path / "bad.yaml"
+    scenario.write_text(SMALL.replace("duration_s: 900", "duration_s: soon"))
+    result = CliRunner().invoke(app, ["sim", str(scenario)])
+    assert result.exit_code == 1
+    assert "error:" in result.output and "duration_s" in result.output
+
+
+def test_ember_sim_refuses_a_policy_set_the_scenario_lacks(tmp_path: Path) -> None:
+    scenario = tmp_path / "small.yaml"
+    scenario.write_text(SMALL)
+    result = CliRunner().invoke(app, ["sim", str(scenario), "--only", "nope"])
+    assert result.exit_code == 1
+    assert "policy set 'nope' is not in the scenario" in result.output
