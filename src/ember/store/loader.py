@@ -13,6 +13,11 @@ allocation. The pipeline itself (:func:`_staged`) takes the copy as a function, 
 drive it on the CPU with a copy that only happens when waited for. With ``map_on_cpu=False`` a CPU
 load reads in parallel straight into one fresh page-aligned host allocation instead of mapping.
 
+A compressed checkpoint (:mod:`ember.store.compress`) is decompressed by ``config.threads`` threads
+into one fresh page-aligned host allocation laid out as the uncompressed data region, so the
+tensors are the same aligned views; ``verify`` checks each frame and the result. To a device that
+buffer is then copied in one piece: the compressed path is not pipelined with the device copy yet.
+
 Defaults come from measurement (``benchmarks/load.py --sweep``: parallel ``preadv`` from the page
 cache into a reused buffer, the staged path's inner loop) on the 2-core CPU host this was written
 on: 4-64 MiB reads were within noise of each other and 1 MiB reads 20-30% slower, so 16 MiB (a
@@ -35,7 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
 from ember.errors import CorruptCheckpoint
-from ember.store.format import PREAMBLE_BYTES, Index, read_index, torch_dtype, verify_chunks
+from ember.store.compress import CompressedIndex, decompress_into, read_compressed_index
+from ember.store.format import PREAMBLE_BYTES, Index, is_compressed, read_index, torch_dtype, verify_chunks
 
 if TYPE_CHECKING:
     import torch
@@ -85,13 +91,16 @@ def load_checkpoint(
     """
     import torch
 
-    index = read_index(Path(path))
-    if config.verify:
+    compressed = read_compressed_index(Path(path)) if is_compressed(Path(path)) else None
+    index = compressed.raw if compressed else read_index(Path(path))
+    if config.verify and not compressed:
         verify_chunks(index, config.threads)
     target = torch.device(device)
     if target.type == "meta" or index.data_length == 0:
         return {e.name: torch.empty(e.shape, dtype=torch_dtype(e.dtype), device=target) for e in index.tensors}
-    if target.type == "cpu" and config.map_on_cpu:
+    if compressed:
+        data = _decompress(compressed, target, config)
+    elif target.type == "cpu" and config.map_on_cpu:
         data = _map(index)
     elif target.type == "cpu":
         data = _read_to_host(index, config)
@@ -165,6 +174,18 @@ def _read_to_host(index: Index, config: LoaderConfig) -> torch.Tensor:
         os.close(fd)
         view.release()
     return torch.frombuffer(host, dtype=torch.uint8, count=index.data_length)
+
+
+def _decompress(compressed: CompressedIndex, target: torch.device, config: LoaderConfig) -> torch.Tensor:
+    """The raw data region decompressed in parallel into one page-aligned host allocation (then copied on)."""
+    import numpy as np
+    import torch
+
+    size = compressed.raw.data_length
+    host = mmap.mmap(-1, max(_PAGE, math.ceil(size / _PAGE) * _PAGE))  # anonymous: zero-filled, page aligned
+    decompress_into(compressed, np.frombuffer(host, dtype=np.uint8, count=size), config.threads, verify=config.verify)
+    data = torch.frombuffer(host, dtype=torch.uint8, count=size)
+    return data if target.type == "cpu" else data.to(target)
 
 
 class _PinnedPool:
