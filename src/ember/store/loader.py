@@ -182,7 +182,8 @@ def _decompress(compressed: CompressedIndex, target: torch.device, config: Loade
     import torch
 
     size = compressed.raw.data_length
-    host = mmap.mmap(-1, max(_PAGE, math.ceil(size / _PAGE) * _PAGE))  # anonymous: zero-filled, page aligned
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # zero pages, faulted in at once
+    host = mmap.mmap(-1, max(_PAGE, math.ceil(size / _PAGE) * _PAGE), flags=flags)  # page aligned
     decompress_into(compressed, np.frombuffer(host, dtype=np.uint8, count=size), config.threads, verify=config.verify)
     data = torch.frombuffer(host, dtype=torch.uint8, count=size)
     return data if target.type == "cpu" else data.to(target)
