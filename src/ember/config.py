@@ -67,6 +67,7 @@ class DeploySpec(BaseModel):
     max_queue: int = Field(1024, ge=1, le=1_000_000)
     device: str = "auto"
     options: dict[str, Any] = Field(default_factory=dict)
+    compress: bool = False  # keep the cool copy compressed (ember.store.compress), if that saves 5%
 
     @field_validator("name")
     @classmethod

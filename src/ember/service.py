@@ -212,7 +212,7 @@ class EmberService:
                 described = await chosen.import_model(ref, options, str(staging))
             except ModelFailed as exc:
                 raise InvalidInput(f"importing {spec.source} failed: {exc.message}") from exc
-            stored = await run_blocking(self.clock, self.store.commit, key, staging)
+            stored = await run_blocking(self.clock, lambda: self.store.commit(key, staging, compress=spec.compress))
             say({"stage": "stored", "model": record.name, "bytes": stored.bytes})
             metadata = ModelMetadata.from_json({**described, "bytes": stored.bytes})
             max_batch = min(spec.max_batch_size or metadata.max_batch_size, metadata.max_batch_size)
