@@ -340,3 +340,22 @@ def test_compression_pays_only_when_the_source_is_slower_than_decompression() ->
     assert not compression_pays(gb, gb, source_bytes_per_s=0.5e9, decompress_bytes_per_s=2e9)
     with pytest.raises(ValueError, match="positive"):
         compression_pays(gb, gb, 0, 1)
+
+
+@pytest.mark.parametrize(("threads", "buffers"), [(1, 1), (3, 2)])
+def test_the_staged_device_pipeline_decompresses_frame_by_frame(tmp_path: Path, threads: int, buffers: int) -> None:
+    from test_format import LazyCopy
+
+    from ember.store.loader import _staged
+
+    named = {"w": (torch.randn(20_000) * 0.05).to(torch.bfloat16), "i": torch.arange(3000), "b": torch.ones(5) > 0}
+    packed = compressed(tmp_path, named)
+    index = read_compressed_index(packed)
+    target = torch.zeros(index.raw.data_length, dtype=torch.uint8)
+    pool = [torch.full((SMALL_FRAMES,), 0xEE, dtype=torch.uint8) for _ in range(buffers)]
+    log: list[str] = []
+    config = LoaderConfig(threads=threads, verify=True)
+    _staged(index.raw, config, pool, lambda b, start, n: LazyCopy(target, b, start, n, log), index)
+    assert len(log) == len(index.frames) > 10
+    raw = (tmp_path / "w.ember").read_bytes()
+    assert bytes(target.numpy()) == raw[PREAMBLE_BYTES : PREAMBLE_BYTES + index.raw.data_length]

@@ -67,6 +67,7 @@ __all__ = [
     "Frame",
     "compress_checkpoint",
     "compression_pays",
+    "decode_frame",
     "decompress_checkpoint",
     "decompress_into",
     "read_compressed_index",
@@ -283,19 +284,31 @@ def decompress_into(
     fd = os.open(cindex.path, os.O_RDONLY)
     try:
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            list(pool.map(lambda n: _decode(fd, cindex, n, out, verify), range(len(cindex.frames))))
+            list(
+                pool.map(
+                    lambda n: decode_frame(fd, cindex, n, _slot(out, cindex.frames[n]), verify),
+                    range(len(cindex.frames)),
+                )
+            )
     finally:
         os.close(fd)
     if verify:
         _check_raw_chunks(cindex, out, threads)
 
 
-def _decode(fd: int, cindex: CompressedIndex, number: int, out: npt.NDArray[np.uint8], verify: bool) -> None:
+def _slot(out: npt.NDArray[np.uint8], frame: Frame) -> npt.NDArray[np.uint8]:
+    return out[frame.raw_offset : frame.raw_offset + frame.raw_length]
+
+
+def decode_frame(fd: int, cindex: CompressedIndex, number: int, target: npt.NDArray[np.uint8], verify: bool) -> None:
+    """Read frame ``number`` from ``fd`` (the compressed file) and decompress it into ``target``.
+
+    ``target`` is the frame's ``raw_length`` bytes: its slot in the raw data, or a staging buffer.
+    """
     import numpy as np
     import zstandard
 
     frame = cindex.frames[number]
-    target = out[frame.raw_offset : frame.raw_offset + frame.raw_length]
     stored: Any = target if frame.verbatim else bytearray(frame.stored_bytes)
     view = memoryview(stored).cast("B")
     got = 0

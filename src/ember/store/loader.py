@@ -15,8 +15,10 @@ load reads in parallel straight into one fresh page-aligned host allocation inst
 
 A compressed checkpoint (:mod:`ember.store.compress`) is decompressed by ``config.threads`` threads
 into one fresh page-aligned host allocation laid out as the uncompressed data region, so the
-tensors are the same aligned views; ``verify`` checks each frame and the result. To a device that
-buffer is then copied in one piece: the compressed path is not pipelined with the device copy yet.
+tensors are the same aligned views; ``verify`` checks each frame and the result. To a device the
+staged pipeline below runs over the frames instead of fixed chunks: each reader thread decompresses
+a frame into a pinned buffer, which is copied out as a read chunk would be (``verify`` then checks
+the frames; the result is on the device, where its chunk crc32s are not recomputed).
 
 Defaults come from measurement (``benchmarks/load.py --sweep``: parallel ``preadv`` from the page
 cache into a reused buffer, the staged path's inner loop) on the 2-core CPU host this was written
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
 from ember.errors import CorruptCheckpoint
-from ember.store.compress import CompressedIndex, decompress_into, read_compressed_index
+from ember.store.compress import CompressedIndex, decode_frame, decompress_into, read_compressed_index
 from ember.store.format import PREAMBLE_BYTES, Index, is_compressed, read_index, torch_dtype, verify_chunks
 
 if TYPE_CHECKING:
@@ -98,8 +100,10 @@ def load_checkpoint(
     target = torch.device(device)
     if target.type == "meta" or index.data_length == 0:
         return {e.name: torch.empty(e.shape, dtype=torch_dtype(e.dtype), device=target) for e in index.tensors}
-    if compressed:
-        data = _decompress(compressed, target, config)
+    if compressed and target.type == "cpu":
+        data = _decompress(compressed, config)
+    elif compressed:
+        data = _read_to_device(index, target, config, compressed)
     elif target.type == "cpu" and config.map_on_cpu:
         data = _map(index)
     elif target.type == "cpu":
@@ -176,8 +180,8 @@ def _read_to_host(index: Index, config: LoaderConfig) -> torch.Tensor:
     return torch.frombuffer(host, dtype=torch.uint8, count=index.data_length)
 
 
-def _decompress(compressed: CompressedIndex, target: torch.device, config: LoaderConfig) -> torch.Tensor:
-    """The raw data region decompressed in parallel into one page-aligned host allocation (then copied on)."""
+def _decompress(compressed: CompressedIndex, config: LoaderConfig) -> torch.Tensor:
+    """The raw data region decompressed in parallel into one page-aligned host allocation."""
     import numpy as np
     import torch
 
@@ -185,8 +189,7 @@ def _decompress(compressed: CompressedIndex, target: torch.device, config: Loade
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # zero pages, faulted in at once
     host = mmap.mmap(-1, max(_PAGE, math.ceil(size / _PAGE) * _PAGE), flags=flags)  # page aligned
     decompress_into(compressed, np.frombuffer(host, dtype=np.uint8, count=size), config.threads, verify=config.verify)
-    data = torch.frombuffer(host, dtype=torch.uint8, count=size)
-    return data if target.type == "cpu" else data.to(target)
+    return torch.frombuffer(host, dtype=torch.uint8, count=size)
 
 
 class _PinnedPool:
@@ -227,21 +230,27 @@ def _staged(
     config: LoaderConfig,
     buffers: list[torch.Tensor],
     start_copy: Callable[[torch.Tensor, int, int], _Pending],
+    compressed: CompressedIndex | None = None,
 ) -> None:
     """Read the data in ``config.chunk_bytes`` pieces, ``config.threads`` at a time, into ``buffers``.
 
     Each filled buffer goes to ``start_copy(buffer, data offset, length)``, which starts copying it
     out and returns its pending copy; the buffer is read into again only once that copy is done.
-    Returns when every copy is done.
+    Returns when every copy is done. With ``compressed`` the pieces are its frames, each decompressed
+    into a buffer (which must hold the largest frame) by the thread that reads it.
     """
     size = min(b.numel() for b in buffers)
     free = deque(buffers)
-    todo = deque(_ranges(index, config))
+    spans = [(f.raw_offset, f.raw_length) for f in compressed.frames] if compressed else _ranges(index, config)
+    todo = deque(enumerate(spans))
     reads: deque[tuple[Future[None], torch.Tensor, int, int]] = deque()
     copies: deque[tuple[_Pending, torch.Tensor]] = deque()
-    fd = _open(index, config)
+    fd = os.open(compressed.path, os.O_RDONLY) if compressed else _open(index, config)
 
-    def read(buffer: torch.Tensor, start: int, length: int) -> None:
+    def read(number: int, buffer: torch.Tensor, start: int, length: int) -> None:
+        if compressed:
+            decode_frame(fd, compressed, number, buffer.numpy()[:length], config.verify)
+            return
         rounded = min(size, math.ceil(length / _PAGE) * _PAGE)
         _pread(fd, buffer.numpy().data[:rounded], PREAMBLE_BYTES + start, length)
 
@@ -249,8 +258,8 @@ def _staged(
         with ThreadPoolExecutor(config.threads) as pool:
             while todo or reads:
                 while free and todo:  # keep every free buffer busy reading
-                    buffer, (start, length) = free.popleft(), todo.popleft()
-                    reads.append((pool.submit(read, buffer, start, length), buffer, start, length))
+                    buffer, (number, (start, length)) = free.popleft(), todo.popleft()
+                    reads.append((pool.submit(read, number, buffer, start, length), buffer, start, length))
                 done, buffer, start, length = reads.popleft()
                 done.result()
                 copies.append((start_copy(buffer, start, length), buffer))
@@ -264,12 +273,16 @@ def _staged(
         os.close(fd)
 
 
-def _read_to_device(index: Index, device: torch.device, config: LoaderConfig) -> torch.Tensor:
-    """Parallel chunk reads into pinned buffers, each copied asynchronously into one device allocation."""
+def _read_to_device(
+    index: Index, device: torch.device, config: LoaderConfig, compressed: CompressedIndex | None = None
+) -> torch.Tensor:
+    """Parallel chunk reads (or frame decompressions) into pinned buffers, each copied asynchronously
+    into one device allocation."""
     import torch
 
     target = torch.empty(index.data_length, dtype=torch.uint8, device=device)
-    size = config.chunk_bytes
+    largest = max((f.raw_length for f in compressed.frames), default=0) if compressed else 0
+    size = max(config.chunk_bytes, math.ceil(largest / _PAGE) * _PAGE)
     buffers = _PINNED.take(max(config.pinned_buffers, config.threads + 1), size)
     stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     stream.wait_stream(torch.cuda.current_stream(device))  # the allocation may reuse memory still in use there
@@ -282,7 +295,7 @@ def _read_to_device(index: Index, device: torch.device, config: LoaderConfig) ->
         return cast(_Pending, event)
 
     try:
-        _staged(index, config, buffers, start_copy)
+        _staged(index, config, buffers, start_copy, compressed)
     finally:
         stream.synchronize()
         _PINNED.give(buffers, size)
