@@ -9,8 +9,10 @@ Used by ``benchmarks/load.py`` (``--no-compressed`` skips it). Three parts, one 
   whole file.
 * **Loads** of a ``size_gb`` trained-like bf16 checkpoint, uncompressed and compressed, into a
   fresh private buffer (the uncompressed one by Ember's parallel reads), from the page cache and
-  from cold disk, touched as in :mod:`ember.store.bench`; the compressed one once per thread count,
-  so the page-cache rows are the decompression throughput. GB/s counts raw (uncompressed) bytes.
+  from cold disk, touched as in :mod:`ember.store.bench`; the compressed one once per thread count.
+  From the page cache also the decompression alone into a buffer faulted in beforehand, the
+  codec's own throughput, to set beside the ceiling (which reads into such a buffer too). GB/s
+  counts raw (uncompressed) bytes throughout.
 * **Promote**: ``Store.promote`` from a cold disk into the warm tier, the path a cool start takes:
   a checked copy of the uncompressed file against a checked decompression of the compressed one.
 
@@ -28,7 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.store.bench import Row, _measure, _workdir, ceiling, evict, touch, warm_up
-from ember.store.compress import LEVEL, compress_checkpoint, compression_pays, read_compressed_index
+from ember.store.compress import (
+    LEVEL,
+    compress_checkpoint,
+    compression_pays,
+    decompress_into,
+    read_compressed_index,
+)
 from ember.store.convert import write_checkpoint
 from ember.store.format import PREAMBLE_BYTES
 from ember.store.loader import LoaderConfig, load_checkpoint
@@ -154,13 +162,27 @@ def run_compress_benchmark(
         }
         for count in sorted({1, 2, threads}):
             methods[f"ember compressed threads={count}"] = _load(packed, LoaderConfig(threads=count))
-        rows = _measure("page cache", lambda: warm_up([raw, packed]), methods, nbytes, repeat, say)
+        codec = {f"codec only threads={n}": _codec(packed, n) for n in sorted({1, 2, threads})}
+        rows = _measure("page cache", lambda: warm_up([raw, packed]), methods | codec, nbytes, repeat, say)
         if cold:
             notes["cold_eviction"] = evict([raw, packed])
             rows += _measure("cold disk", lambda: evict([raw, packed]), methods, nbytes, repeat, say)
         rows += _promote_rows(folder, raw, packed, nbytes, repeat, threads, cold, say)
         notes["pays"] = _verdicts(rows, index.file_bytes, raw.stat().st_size)
     return rows, ratios, notes
+
+
+def _codec(path: Path, threads: int) -> Callable[[], object]:
+    """The decompression alone, into a buffer allocated and faulted in beforehand (as the ceiling reads)."""
+    import mmap
+
+    import numpy as np
+
+    index = read_compressed_index(path)
+    buffer = mmap.mmap(-1, max(4096, index.raw.data_length))
+    buffer.write(b"\1" * len(buffer))
+    out = np.frombuffer(buffer, dtype=np.uint8, count=index.raw.data_length)
+    return lambda: decompress_into(index, out, threads)
 
 
 def _load(path: Path, config: LoaderConfig) -> Callable[[], object]:

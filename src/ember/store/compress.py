@@ -243,7 +243,9 @@ def _encode(data: npt.NDArray[np.uint8], width: int, level: int) -> tuple[int, l
     import zstandard
 
     compressors: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("compressors", {})
-    compressor = compressors.get(level) or compressors.setdefault(level, zstandard.ZstdCompressor(level=level))
+    compressor = compressors.get(level)
+    if compressor is None:  # one per thread and level: a compressor is not thread-safe
+        compressor = compressors[level] = zstandard.ZstdCompressor(level=level)
     if width == 1:
         planes = [data]
     else:
@@ -309,8 +311,7 @@ def decode_frame(fd: int, cindex: CompressedIndex, number: int, target: npt.NDAr
     import zstandard
 
     frame = cindex.frames[number]
-    stored: Any = target if frame.verbatim else bytearray(frame.stored_bytes)
-    view = memoryview(stored).cast("B")
+    view = (target.data if frame.verbatim else memoryview(_scratch(frame.stored_bytes))).cast("B")[: frame.stored_bytes]
     got = 0
     while got < frame.stored_bytes:
         n = os.preadv(fd, [view[got:]], frame.file_offset + got)
@@ -322,7 +323,9 @@ def decode_frame(fd: int, cindex: CompressedIndex, number: int, target: npt.NDAr
         raise corrupt(cindex.path, f"frame {number} (bytes {frame.file_offset}..{end}) fails its crc32 check")
     if frame.verbatim:
         return
-    decompressor = _local.__dict__.setdefault("decompressor", zstandard.ZstdDecompressor())
+    decompressor: zstandard.ZstdDecompressor | None = _local.__dict__.get("decompressor")
+    if decompressor is None:  # one per thread: a decompressor is not thread-safe
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
     columns, size, at = target.reshape(-1, frame.width), frame.raw_length // frame.width, 0
     for k, length in enumerate(frame.planes):
         piece = view[at : at + length]
@@ -334,6 +337,14 @@ def decode_frame(fd: int, cindex: CompressedIndex, number: int, target: npt.NDAr
         if len(plane) != size:
             raise corrupt(cindex.path, f"plane {k} of frame {number} decompresses to {len(plane)} bytes, not {size}")
         columns[:, k] = np.frombuffer(plane, dtype=np.uint8)
+
+
+def _scratch(size: int) -> bytearray:
+    """This thread's buffer for stored frames, kept between frames: fresh pages cost a fault each."""
+    scratch: bytearray | None = _local.__dict__.get("scratch")
+    if scratch is None or len(scratch) < size:
+        scratch = _local.scratch = bytearray(max(size, FRAME_BYTES))
+    return scratch
 
 
 def _check_raw_chunks(cindex: CompressedIndex, out: npt.NDArray[np.uint8], threads: int) -> None:
