@@ -206,12 +206,12 @@ def read_container(path: Path, magic: bytes) -> tuple[int, int, int, Any]:
         found, version, align, chunk_bytes, data_offset, data_length, index_offset, index_length, index_crc = (
             _PREAMBLE.unpack_from(head)
         )
+        kinds = {MAGIC: "an uncompressed", MAGIC_COMPRESSED: "a compressed"}
+        if found not in kinds:
+            raise corrupt(path, "it does not start with Ember's magic bytes (not an Ember checkpoint?)")
         if found != magic:
-            kinds = {MAGIC: "an uncompressed", MAGIC_COMPRESSED: "a compressed"}
-            what = (
-                f"is {kinds[found]} Ember checkpoint" if found in kinds else "does not start with Ember's magic bytes"
-            )
-            raise corrupt(path, f"it {what}, not {kinds.get(magic, 'an Ember')} one (load it with load_checkpoint)")
+            what = f"it is {kinds[found]} Ember checkpoint, not {kinds.get(magic, 'an Ember')} one"
+            raise corrupt(path, f"{what}; read it with load_checkpoint")
         if struct.unpack_from("<I", head, _PREAMBLE.size)[0] != zlib.crc32(head[: _PREAMBLE.size]):
             raise corrupt(path, "its preamble fails its crc32 check")
         if version != VERSION:
