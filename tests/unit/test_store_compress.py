@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -359,3 +360,24 @@ def test_the_staged_device_pipeline_decompresses_frame_by_frame(tmp_path: Path, 
     assert len(log) == len(index.frames) > 10
     raw = (tmp_path / "w.ember").read_bytes()
     assert bytes(target.numpy()) == raw[PREAMBLE_BYTES : PREAMBLE_BYTES + index.raw.data_length]
+
+
+def test_a_restart_keeps_a_sound_warm_copy_of_a_compressed_model(tmp_path: Path) -> None:
+    root, shm = tmp_path / "root", tmp_path / "shm"
+    first = Store(root, warm_root=shm)
+    stage(first, "m@1", normal(1 << 15, 5))
+    stage(first, "n@1", normal(1 << 15, 6))
+    kept = {key: tmp_path / f"kept-{key}" for key in ("m@1", "n@1")}
+    for key, copy in kept.items():
+        shutil.copytree(first.promote(key), copy)
+    first.close()  # removes the warm copies; put them back as a crash would have left them
+    shutil.copytree(kept["m@1"], shm / "m@1")
+    shutil.copytree(kept["n@1"], shm / "n@1")
+    shutil.copyfile(root / "models" / "n@1" / "weights.ember", shm / "n@1" / "weights.ember")  # the wrong size
+    reopened = Store(root, warm_root=shm)
+    try:
+        assert reopened.tier("m@1") is Tier.WARM and reopened.tier("n@1") is Tier.COOL
+        assert reopened.statistics().warm.bytes == reopened.get("m@1").raw_bytes
+        reopened.verify("m@1")
+    finally:
+        reopened.close()
