@@ -379,6 +379,9 @@ def deploy(
         list[str] | None, typer.Option("--option", help="KEY=JSON passed to the model class (repeatable).")
     ] = None,
     no_load: Annotated[bool, typer.Option("--no-load", help="Import into the store but do not load it.")] = False,
+    compress: Annotated[
+        bool, typer.Option("--compress", help="Keep the weights compressed on disk (pays when disk reads are slow).")
+    ] = False,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Deploy a model: import its weights into the store once, then bring it up."""
@@ -416,6 +419,7 @@ def deploy(
             max_instances=max_instances,
             device=device,
             options=options or None,
+            compress=compress or None,
         )
     console.print(
         f"deployed {model['name']} v{model['version']}: {model['tier']}, {_mb(int(model['bytes']))} MB, "

@@ -4,6 +4,7 @@
     ember store import SOURCE --out FILE   convert a .safetensors/.pt/.bin file or HF folder to a checkpoint
     ember store import SOURCE --key K      ... or into the home's store as K (name@version; weights only,
                                            `ember deploy` is what registers a model)
+    ember store import ... --compress      ... compressed (the cool tier; kept only if 5% smaller in the store)
     ember store verify [KEY|FILE]          check every chunk's crc32 (all models when none is named)
     ember store export KEY|FILE --out F    write a checkpoint back out as safetensors
     ember store bench                      the load benchmark (benchmarks/load.py) on a temporary checkpoint
@@ -75,12 +76,18 @@ def _errors() -> Iterator[None]:
 def list_stored(home: HomeOption = _DEFAULT_HOME) -> None:
     """List the models in the store with their tier and size, and each tier's budget."""
     with _errors(), _store(home) as opened:
-        table = Table("model", "tier", "MB", "assets", "sha256")
+        table = Table("model", "tier", "MB", "compressed", "assets", "sha256")
         keys = opened.keys()
         for key in keys:
             model = opened.get(key)
+            ratio = "-" if model.raw_bytes is None else f"{model.raw_bytes / model.bytes:.2f}x"
             table.add_row(
-                key, str(opened.tier(key)), f"{model.bytes / 1e6:.1f}", str(len(model.assets)), model.sha256[:12]
+                key,
+                str(opened.tier(key)),
+                f"{model.bytes / 1e6:.1f}",
+                ratio,
+                str(len(model.assets)),
+                model.sha256[:12],
             )
         _console.print(table)
         stats = opened.statistics()
@@ -94,6 +101,9 @@ def import_weights(
     source: Annotated[Path, typer.Argument(help="A .safetensors, .pt/.bin/.pth file, or a (HF) folder of them.")],
     out: Annotated[Path | None, typer.Option(help="Write the checkpoint to this file.")] = None,
     key: Annotated[str | None, typer.Option(help="Import into the home's store as this name@version.")] = None,
+    compress: Annotated[
+        bool, typer.Option(help="Store the weights compressed (byte planes + zstd); pays when disk reads are slow.")
+    ] = False,
     home: HomeOption = _DEFAULT_HOME,
 ) -> None:
     """Convert weights into Ember's checkpoint format: to a file (--out) or into the store (--key)."""
@@ -104,7 +114,7 @@ def import_weights(
         _fail("give exactly one of --out FILE or --key name@version")
     with _errors():
         if out is not None:
-            size = import_source(source, out)
+            size = import_source(source, out, compress=compress)
             _console.print(f"wrote {out}: {size / 1e6:.1f} MB")
             return
         assert key is not None
@@ -112,11 +122,12 @@ def import_weights(
             staging = opened.staging(key)
             try:
                 import_source(source, staging / WEIGHTS)
-                model = opened.commit(key, staging)
+                model = opened.commit(key, staging, compress=compress)
             except BaseException:
                 opened.abort(staging)
                 raise
-            _console.print(f"stored {model.key}: {model.bytes / 1e6:.1f} MB in the cool tier")
+            packed = "" if model.raw_bytes is None else f" (compressed {model.raw_bytes / model.bytes:.2f}x)"
+            _console.print(f"stored {model.key}: {model.bytes / 1e6:.1f} MB in the cool tier{packed}")
 
 
 @store_app.command("verify")
@@ -127,11 +138,11 @@ def verify(
     home: HomeOption = _DEFAULT_HOME,
 ) -> None:
     """Check every chunk's crc32 (and the assets' sha256) of one model, a file, or every stored model."""
-    from ember.store import read_index, verify_chunks
+    from ember.store.store import check_file
 
     with _errors():
         if target is not None and Path(target).is_file():
-            verify_chunks(read_index(Path(target)))
+            check_file(Path(target))
             _console.print(f"{target}: ok")
             return
         with _store(home) as opened:

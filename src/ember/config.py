@@ -76,6 +76,7 @@ class DeploySpec(BaseModel):
     max_instances: int = Field(1, ge=1, le=1024)
     device: str = "auto"
     options: dict[str, Any] = Field(default_factory=dict)
+    compress: bool = False  # keep the cool copy compressed (ember.store.compress), if that saves 5%
 
     @field_validator("name")
     @classmethod

@@ -249,7 +249,7 @@ class EmberService:
             except ModelFailed as exc:
                 raise InvalidInput(f"importing {spec.source} failed: {exc.message}") from exc
             try:
-                stored = await run_blocking(self.clock, self.store.commit, key, staging)
+                stored = await run_blocking(self.clock, lambda: self.store.commit(key, staging, compress=spec.compress))
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise

@@ -57,3 +57,15 @@ def test_concurrent_device_loads_agree(tmp_path: Path) -> None:
         thread.join()
     assert len(results) == 4
     assert all(torch.equal(bits(r[n]), bits(t)) for r in results for n, t in named.items())
+
+
+def test_compressed_checkpoints_decompress_onto_the_device(tmp_path: Path) -> None:
+    from ember.store import compress_checkpoint
+
+    named = sample(tmp_path / "w.ember")
+    compress_checkpoint(tmp_path / "w.ember", tmp_path / "w.emberz")
+    config = LoaderConfig(threads=3, chunk_bytes=1 << 20, pinned_buffers=2, verify=True)  # frames (4 MiB) > chunks
+    loaded = load_checkpoint(tmp_path / "w.emberz", "cuda:0", config)
+    assert len({t.untyped_storage().data_ptr() for t in loaded.values() if t.numel()}) == 1
+    for name, tensor in named.items():
+        assert loaded[name].device.type == "cuda" and torch.equal(bits(loaded[name]), bits(tensor)), name

@@ -4,6 +4,7 @@ See DESIGN.md sections 2 and 5. Importing this package does not import torch; th
 conversion and loader functions import it when called.
 """
 
+from ember.store.compress import CompressedIndex, compress_checkpoint, decompress_checkpoint, read_compressed_index
 from ember.store.convert import export_safetensors, import_source, read_source, write_checkpoint
 from ember.store.format import Index, TensorEntry, read_index, verify_chunks
 from ember.store.loader import LoaderConfig, load_checkpoint, map_checkpoint
@@ -11,6 +12,7 @@ from ember.store.safetensors_io import map_safetensors, write_safetensors
 from ember.store.store import Store, StoredModel, StoreStats, Tier, TierStats
 
 __all__ = [
+    "CompressedIndex",
     "Index",
     "LoaderConfig",
     "Store",
@@ -19,11 +21,14 @@ __all__ = [
     "TensorEntry",
     "Tier",
     "TierStats",
+    "compress_checkpoint",
+    "decompress_checkpoint",
     "export_safetensors",
     "import_source",
     "load_checkpoint",
     "map_checkpoint",
     "map_safetensors",
+    "read_compressed_index",
     "read_index",
     "read_source",
     "verify_chunks",

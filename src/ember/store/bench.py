@@ -8,6 +8,14 @@ little; for a memory map it is what faults the pages in), and the timing include
 runs ``repeat`` times, the methods interleaved round by round so noise from other processes falls
 on all of them alike, and the best time counts.
 
+Two kinds of load, compared like with like. *Mapped*: ``ember (mmap)`` and
+``safetensors.load_file`` (whose default backend on the CPU also maps the file and hands out views,
+checked: resident anonymous memory does not grow) both return views over the page cache, so the
+timing is the kernel's page faults and nothing is copied; neither can beat the other by much, and
+both can beat the copying "ceiling". *Copied* (private bytes, safe from later changes to the file):
+``ember (read into new buffer)`` against ``safetensors.load_file pread`` (its ``backend="pread"``,
+safetensors >= 0.7), both measured against the ceiling, which copies too.
+
 The ceiling is the raw link: ``threads`` threads ``preadv`` the Ember file's data region, in 16 MiB
 pieces, into a buffer allocated and faulted in beforehand. Sources: ``page cache`` (files read once
 before timing), ``cold disk`` (the files evicted from the page cache before each run: by
@@ -22,6 +30,7 @@ torch and safetensors are imported inside the functions.
 
 from __future__ import annotations
 
+import inspect
 import math
 import mmap
 import os
@@ -181,6 +190,10 @@ def run_benchmark(
             "ember (mmap)": lambda: touch(load_checkpoint(files["ember"], "cpu", loader)),
             "ember (read into new buffer)": lambda: touch(load_checkpoint(files["ember"], "cpu", read_loader)),
         }
+        if "backend" in inspect.signature(safetensors.torch.load_file).parameters:  # safetensors >= 0.7
+            methods["safetensors.load_file pread"] = lambda: touch(
+                safetensors.torch.load_file(files["safetensors"], backend="pread")
+            )
         sources: list[tuple[str, Callable[[], object], dict[str, Callable[[], object]]]] = [
             ("page cache", lambda: warm_up(list(files.values())), methods)
         ]

@@ -70,9 +70,21 @@ def read_source(source: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{source}: import a .safetensors, {'/'.join(_TORCH_SUFFIXES)} file, or a folder of them")
 
 
-def import_source(source: Path, path: Path) -> int:
-    """Convert ``source`` (see :func:`read_source`) into an Ember checkpoint at ``path``; its size."""
-    return write_checkpoint(path, read_source(source), {"source": str(source)})
+def import_source(source: Path, path: Path, *, compress: bool = False) -> int:
+    """Convert ``source`` (see :func:`read_source`) into an Ember checkpoint at ``path``; its size.
+
+    With ``compress`` the checkpoint is written compressed (:mod:`ember.store.compress`).
+    """
+    if not compress:
+        return write_checkpoint(path, read_source(source), {"source": str(source)})
+    from ember.store.compress import compress_checkpoint
+
+    raw = Path(path).with_name(Path(path).name + ".raw")
+    try:
+        write_checkpoint(raw, read_source(source), {"source": str(source)})
+        return compress_checkpoint(raw, path)
+    finally:
+        raw.unlink(missing_ok=True)
 
 
 def export_safetensors(path: Path, out: Path) -> int:

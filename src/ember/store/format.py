@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["CHUNK_BYTES", "TENSOR_ALIGN", "Index", "TensorEntry", "read_index", "verify_chunks", "write_raw"]
 
 MAGIC = b"EMBERCK\x01"
+MAGIC_COMPRESSED = b"EMBERCZ\x01"  # the same container around compressed data (ember.store.compress)
 VERSION = 1
 PREAMBLE_BYTES = 4096
 TENSOR_ALIGN = 256
@@ -158,67 +159,113 @@ def write_raw(
             feed(out, data)
         if filled:
             crcs.append(crc)
-        blob = json.dumps(
-            {"tensors": entries, "chunk_bytes": chunk_bytes, "chunks": crcs, "metadata": dict(metadata or {})},
-            separators=(",", ":"),
-        ).encode()
+        blob = index_blob(
+            {"tensors": entries, "chunk_bytes": chunk_bytes, "chunks": crcs, "metadata": dict(metadata or {})}
+        )
         out.write(blob)
-        fields = (MAGIC, VERSION, TENSOR_ALIGN, chunk_bytes, PREAMBLE_BYTES, cursor)
-        head = _PREAMBLE.pack(*fields, PREAMBLE_BYTES + cursor, len(blob), zlib.crc32(blob))
         out.seek(0)
-        out.write(head + struct.pack("<I", zlib.crc32(head)))
+        out.write(preamble(MAGIC, chunk_bytes, cursor, blob))
     return PREAMBLE_BYTES + cursor + len(blob)
+
+
+def index_blob(body: Mapping[str, Any]) -> bytes:
+    """The index as stored: compact JSON, so the same body always gives the same bytes."""
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def preamble(magic: bytes, chunk_bytes: int, data_length: int, blob: bytes) -> bytes:
+    """The preamble of a file whose data region is ``data_length`` bytes, followed by the index ``blob``."""
+    fields = (magic, VERSION, TENSOR_ALIGN, chunk_bytes, PREAMBLE_BYTES, data_length)
+    head = _PREAMBLE.pack(*fields, PREAMBLE_BYTES + data_length, len(blob), zlib.crc32(blob))
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def is_compressed(path: Path) -> bool:
+    """Whether ``path`` starts like a compressed Ember checkpoint (nothing more is checked)."""
+    with open(path, "rb") as source:
+        return source.read(len(MAGIC_COMPRESSED)) == MAGIC_COMPRESSED
 
 
 def read_index(path: Path) -> Index:
     """Read and validate the preamble and index of the checkpoint at ``path`` (not the data)."""
     path = Path(path)
+    chunk_bytes, data_length, size, body = read_container(path, MAGIC)
+    return parse_index(path, body, chunk_bytes, data_length, size)
+
+
+def read_container(path: Path, magic: bytes) -> tuple[int, int, int, Any]:
+    """Validate the preamble and the index checksum of a file starting with ``magic``.
+
+    Returns the chunk size, the data region's length, the file's size and the parsed index JSON.
+    """
     with open(path, "rb") as source:
         size = os.fstat(source.fileno()).st_size
         head = source.read(_PREAMBLE.size + 4)
         if len(head) < _PREAMBLE.size + 4 or size < PREAMBLE_BYTES:
-            raise _corrupt(path, f"it is {size} bytes long, shorter than the {PREAMBLE_BYTES}-byte preamble")
-        magic, version, align, chunk_bytes, data_offset, data_length, index_offset, index_length, index_crc = (
+            raise corrupt(path, f"it is {size} bytes long, shorter than the {PREAMBLE_BYTES}-byte preamble")
+        found, version, align, chunk_bytes, data_offset, data_length, index_offset, index_length, index_crc = (
             _PREAMBLE.unpack_from(head)
         )
-        if magic != MAGIC:
-            raise _corrupt(path, "it does not start with Ember's magic bytes (not an Ember checkpoint?)")
+        kinds = {MAGIC: "an uncompressed", MAGIC_COMPRESSED: "a compressed"}
+        if found not in kinds:
+            raise corrupt(path, "it does not start with Ember's magic bytes (not an Ember checkpoint?)")
+        if found != magic:
+            what = f"it is {kinds[found]} Ember checkpoint, not {kinds.get(magic, 'an Ember')} one"
+            raise corrupt(path, f"{what}; read it with load_checkpoint")
         if struct.unpack_from("<I", head, _PREAMBLE.size)[0] != zlib.crc32(head[: _PREAMBLE.size]):
-            raise _corrupt(path, "its preamble fails its crc32 check")
+            raise corrupt(path, "its preamble fails its crc32 check")
         if version != VERSION:
-            raise _corrupt(path, f"it is format version {version}; this Ember reads version {VERSION}")
+            raise corrupt(path, f"it is format version {version}; this Ember reads version {VERSION}")
         if data_offset != PREAMBLE_BYTES or index_offset != data_offset + data_length or index_length > MAX_INDEX_BYTES:
-            raise _corrupt(path, "its preamble describes an impossible layout")
+            raise corrupt(path, "its preamble describes an impossible layout")
         if chunk_bytes <= 0 or chunk_bytes % PREAMBLE_BYTES or align != TENSOR_ALIGN:
-            raise _corrupt(path, f"its chunk size {chunk_bytes} or alignment {align} is not one Ember writes")
+            raise corrupt(path, f"its chunk size {chunk_bytes} or alignment {align} is not one Ember writes")
         if index_offset + index_length != size:
-            raise _corrupt(
+            raise corrupt(
                 path, f"it is {size} bytes long but its preamble says {index_offset + index_length} (truncated?)"
             )
         source.seek(index_offset)
         blob = source.read(index_length)
     if len(blob) != index_length or zlib.crc32(blob) != index_crc:
-        raise _corrupt(path, "its index fails its crc32 check")
+        raise corrupt(path, "its index fails its crc32 check")
     try:
-        body = json.loads(blob)
+        return chunk_bytes, data_length, size, json.loads(blob)
+    except ValueError as exc:
+        raise corrupt(path, f"its index is not JSON ({exc})") from None
+
+
+def parse_index(path: Path, body: Any, chunk_bytes: int, data_length: int, size: int) -> Index:
+    """Validate an index body describing ``data_length`` bytes of tensor data in a ``size``-byte file."""
+    try:
         tensors = tuple(_entry(raw) for raw in body["tensors"])
         crcs = tuple(int(c) for c in body["chunks"])
         metadata = {str(k): str(v) for k, v in body["metadata"].items()}
         if body["chunk_bytes"] != chunk_bytes:
             raise ValueError("chunk sizes disagree")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise _corrupt(path, f"its index is malformed ({exc!r})") from None
+        raise corrupt(path, f"its index is malformed ({exc!r})") from None
     if len(crcs) != math.ceil(data_length / chunk_bytes):
-        raise _corrupt(path, f"its index holds {len(crcs)} chunk checksums for {data_length} bytes of data")
+        raise corrupt(path, f"its index holds {len(crcs)} chunk checksums for {data_length} bytes of data")
     cursor, names = 0, set()
     for entry in sorted(tensors, key=lambda e: (e.offset, e.length)):
         if entry.offset < cursor or entry.offset % TENSOR_ALIGN or entry.offset + entry.length > data_length:
-            raise _corrupt(path, f"tensor '{entry.name}' lies outside the data, overlaps another or is misaligned")
+            raise corrupt(path, f"tensor '{entry.name}' lies outside the data, overlaps another or is misaligned")
         if entry.name in names:
-            raise _corrupt(path, f"tensor '{entry.name}' appears twice")
+            raise corrupt(path, f"tensor '{entry.name}' appears twice")
         names.add(entry.name)
         cursor = entry.offset + entry.length
-    return Index(path, tensors, crcs, chunk_bytes, data_offset, data_length, size, metadata)
+    return Index(path, tensors, crcs, chunk_bytes, PREAMBLE_BYTES, data_length, size, metadata)
+
+
+def index_body(index: Index) -> dict[str, Any]:
+    """The JSON body of ``index``, exactly as :func:`write_raw` wrote it."""
+    entries = [[e.name, e.dtype, list(e.shape), e.offset, e.length] for e in index.tensors]
+    return {
+        "tensors": entries,
+        "chunk_bytes": index.chunk_bytes,
+        "chunks": list(index.chunk_crcs),
+        "metadata": dict(index.metadata),
+    }
 
 
 def _entry(raw: Any) -> TensorEntry:
@@ -252,12 +299,12 @@ def verify_chunks(index: Index, threads: int = 4) -> None:
         os.close(fd)
     if bad:
         start, length = index.chunks()[bad[0]]
-        raise _corrupt(
+        raise corrupt(
             index.path, f"{len(bad)} data chunk(s) fail their crc32 check, first bytes {start}..{start + length}"
         )
 
 
-def _corrupt(path: Path, problem: str) -> CorruptCheckpoint:
+def corrupt(path: Path, problem: str) -> CorruptCheckpoint:
     return CorruptCheckpoint(f"checkpoint {path} is damaged: {problem}; {REPAIR}")
 
 

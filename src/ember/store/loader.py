@@ -13,6 +13,13 @@ allocation. The pipeline itself (:func:`_staged`) takes the copy as a function, 
 drive it on the CPU with a copy that only happens when waited for. With ``map_on_cpu=False`` a CPU
 load reads in parallel straight into one fresh page-aligned host allocation instead of mapping.
 
+A compressed checkpoint (:mod:`ember.store.compress`) is decompressed by ``config.threads`` threads
+into one fresh page-aligned host allocation laid out as the uncompressed data region, so the
+tensors are the same aligned views; ``verify`` checks each frame and the result. To a device the
+staged pipeline below runs over the frames instead of fixed chunks: each reader thread decompresses
+a frame into a pinned buffer, which is copied out as a read chunk would be (``verify`` then checks
+the frames; the result is on the device, where its chunk crc32s are not recomputed).
+
 Defaults come from measurement (``benchmarks/load.py --sweep``: parallel ``preadv`` from the page
 cache into a reused buffer, the staged path's inner loop) on the 2-core CPU host this was written
 on: 4-64 MiB reads were within noise of each other and 1 MiB reads 20-30% slower, so 16 MiB (a
@@ -35,7 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
 from ember.errors import CorruptCheckpoint
-from ember.store.format import PREAMBLE_BYTES, Index, read_index, torch_dtype, verify_chunks
+from ember.store.compress import CompressedIndex, decode_frame, decompress_into, read_compressed_index
+from ember.store.format import PREAMBLE_BYTES, Index, is_compressed, read_index, torch_dtype, verify_chunks
 
 if TYPE_CHECKING:
     import torch
@@ -85,13 +93,18 @@ def load_checkpoint(
     """
     import torch
 
-    index = read_index(Path(path))
-    if config.verify:
+    compressed = read_compressed_index(Path(path)) if is_compressed(Path(path)) else None
+    index = compressed.raw if compressed else read_index(Path(path))
+    if config.verify and not compressed:
         verify_chunks(index, config.threads)
     target = torch.device(device)
     if target.type == "meta" or index.data_length == 0:
         return {e.name: torch.empty(e.shape, dtype=torch_dtype(e.dtype), device=target) for e in index.tensors}
-    if target.type == "cpu" and config.map_on_cpu:
+    if compressed and target.type == "cpu":
+        data = _decompress(compressed, config)
+    elif compressed:
+        data = _read_to_device(index, target, config, compressed)
+    elif target.type == "cpu" and config.map_on_cpu:
         data = _map(index)
     elif target.type == "cpu":
         data = _read_to_host(index, config)
@@ -167,6 +180,18 @@ def _read_to_host(index: Index, config: LoaderConfig) -> torch.Tensor:
     return torch.frombuffer(host, dtype=torch.uint8, count=index.data_length)
 
 
+def _decompress(compressed: CompressedIndex, config: LoaderConfig) -> torch.Tensor:
+    """The raw data region decompressed in parallel into one page-aligned host allocation."""
+    import numpy as np
+    import torch
+
+    size = compressed.raw.data_length
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # zero pages, faulted in at once
+    host = mmap.mmap(-1, max(_PAGE, math.ceil(size / _PAGE) * _PAGE), flags=flags)  # page aligned
+    decompress_into(compressed, np.frombuffer(host, dtype=np.uint8, count=size), config.threads, verify=config.verify)
+    return torch.frombuffer(host, dtype=torch.uint8, count=size)
+
+
 class _PinnedPool:
     """Pinned host buffers of one size, handed out per load and kept for the next one."""
 
@@ -205,21 +230,27 @@ def _staged(
     config: LoaderConfig,
     buffers: list[torch.Tensor],
     start_copy: Callable[[torch.Tensor, int, int], _Pending],
+    compressed: CompressedIndex | None = None,
 ) -> None:
     """Read the data in ``config.chunk_bytes`` pieces, ``config.threads`` at a time, into ``buffers``.
 
     Each filled buffer goes to ``start_copy(buffer, data offset, length)``, which starts copying it
     out and returns its pending copy; the buffer is read into again only once that copy is done.
-    Returns when every copy is done.
+    Returns when every copy is done. With ``compressed`` the pieces are its frames, each decompressed
+    into a buffer (which must hold the largest frame) by the thread that reads it.
     """
     size = min(b.numel() for b in buffers)
     free = deque(buffers)
-    todo = deque(_ranges(index, config))
+    spans = [(f.raw_offset, f.raw_length) for f in compressed.frames] if compressed else _ranges(index, config)
+    todo = deque(enumerate(spans))
     reads: deque[tuple[Future[None], torch.Tensor, int, int]] = deque()
     copies: deque[tuple[_Pending, torch.Tensor]] = deque()
-    fd = _open(index, config)
+    fd = os.open(compressed.path, os.O_RDONLY) if compressed else _open(index, config)
 
-    def read(buffer: torch.Tensor, start: int, length: int) -> None:
+    def read(number: int, buffer: torch.Tensor, start: int, length: int) -> None:
+        if compressed:
+            decode_frame(fd, compressed, number, buffer.numpy()[:length], config.verify)
+            return
         rounded = min(size, math.ceil(length / _PAGE) * _PAGE)
         _pread(fd, buffer.numpy().data[:rounded], PREAMBLE_BYTES + start, length)
 
@@ -227,8 +258,8 @@ def _staged(
         with ThreadPoolExecutor(config.threads) as pool:
             while todo or reads:
                 while free and todo:  # keep every free buffer busy reading
-                    buffer, (start, length) = free.popleft(), todo.popleft()
-                    reads.append((pool.submit(read, buffer, start, length), buffer, start, length))
+                    buffer, (number, (start, length)) = free.popleft(), todo.popleft()
+                    reads.append((pool.submit(read, number, buffer, start, length), buffer, start, length))
                 done, buffer, start, length = reads.popleft()
                 done.result()
                 copies.append((start_copy(buffer, start, length), buffer))
@@ -242,12 +273,16 @@ def _staged(
         os.close(fd)
 
 
-def _read_to_device(index: Index, device: torch.device, config: LoaderConfig) -> torch.Tensor:
-    """Parallel chunk reads into pinned buffers, each copied asynchronously into one device allocation."""
+def _read_to_device(
+    index: Index, device: torch.device, config: LoaderConfig, compressed: CompressedIndex | None = None
+) -> torch.Tensor:
+    """Parallel chunk reads (or frame decompressions) into pinned buffers, each copied asynchronously
+    into one device allocation."""
     import torch
 
     target = torch.empty(index.data_length, dtype=torch.uint8, device=device)
-    size = config.chunk_bytes
+    largest = max((f.raw_length for f in compressed.frames), default=0) if compressed else 0
+    size = max(config.chunk_bytes, math.ceil(largest / _PAGE) * _PAGE)
     buffers = _PINNED.take(max(config.pinned_buffers, config.threads + 1), size)
     stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     stream.wait_stream(torch.cuda.current_stream(device))  # the allocation may reuse memory still in use there
@@ -260,7 +295,7 @@ def _read_to_device(index: Index, device: torch.device, config: LoaderConfig) ->
         return cast(_Pending, event)
 
     try:
-        _staged(index, config, buffers, start_copy)
+        _staged(index, config, buffers, start_copy, compressed)
     finally:
         stream.synchronize()
         _PINNED.give(buffers, size)

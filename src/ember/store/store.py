@@ -38,13 +38,14 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import CorruptCheckpoint
+from ember.store.compress import compress_checkpoint, decompress_checkpoint, read_compressed_index, verify_frames
 from ember.store.format import REPAIR as _FORMAT_REPAIR
-from ember.store.format import atomic_file, fsync_path, read_index, verify_chunks
+from ember.store.format import atomic_file, fsync_path, is_compressed, read_index, verify_chunks
 
 __all__ = ["Store", "StoreStats", "StoredModel", "Tier", "TierStats"]
 
@@ -52,6 +53,7 @@ WEIGHTS = "weights.ember"
 ASSETS = "assets"
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 8 << 20
+MIN_FILE_SAVING = 0.05  # commit(compress=True) keeps the compressed weights only if they are this much smaller
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,199}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SCRATCH = (".promote-", ".trash-")
@@ -70,13 +72,23 @@ class Tier(enum.StrEnum):
 
 @dataclass(frozen=True)
 class StoredModel:
-    """A committed model: its key (``"name@version"``), its weights' size and hash, its assets."""
+    """A committed model: its key (``"name@version"``), its weights' size and hash, its assets.
+
+    ``bytes`` is the size of the cool copy's weights; ``raw_bytes`` is that of the uncompressed
+    checkpoint when the cool copy is compressed (the size of its warm copy), else None.
+    """
 
     key: str
     bytes: int
     sha256: str
     assets: tuple[str, ...]
     path: Path
+    raw_bytes: int | None = None
+
+    @property
+    def warm_bytes(self) -> int:
+        """The size of the model's weights in the warm tier (always uncompressed)."""
+        return self.bytes if self.raw_bytes is None else self.raw_bytes
 
 
 @dataclass(frozen=True)
@@ -102,9 +114,16 @@ class _Manifest:
     size: int
     sha256: str
     assets: dict[str, str]  # asset name -> sha256
+    raw_bytes: int | None = None  # the uncompressed size, when the cool weights are compressed
+
+    @property
+    def warm_size(self) -> int:
+        return self.size if self.raw_bytes is None else self.raw_bytes
 
     def to_json(self) -> bytes:
-        body = {"key": self.key, "bytes": self.size, "sha256": self.sha256, "assets": self.assets}
+        body: dict[str, object] = {"key": self.key, "bytes": self.size, "sha256": self.sha256, "assets": self.assets}
+        if self.raw_bytes is not None:
+            body["raw_bytes"] = self.raw_bytes
         return json.dumps(body, indent=2).encode() + b"\n"
 
     @classmethod
@@ -118,9 +137,11 @@ class _Manifest:
         ok = isinstance(raw, dict) and isinstance(raw.get("key"), str) and isinstance(raw.get("sha256"), str)
         ok = ok and type(raw.get("bytes")) is int and raw["bytes"] >= 0 and bool(_SHA256.fullmatch(raw["sha256"]))
         ok = ok and isinstance(raw.get("assets"), dict) and all(map(_is_asset_name, raw["assets"]))
+        raw_bytes = raw.get("raw_bytes") if isinstance(raw, dict) else None
+        ok = ok and (raw_bytes is None or (type(raw_bytes) is int and raw_bytes >= 0))
         if not ok or not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in raw["assets"].values()):
             raise CorruptCheckpoint(f"{path} is not a manifest Ember wrote; {_REPAIR}")
-        return cls(raw["key"], raw["bytes"], raw["sha256"], dict(sorted(raw["assets"].items())))
+        return cls(raw["key"], raw["bytes"], raw["sha256"], dict(sorted(raw["assets"].items())), raw_bytes)
 
 
 class Store:
@@ -164,8 +185,13 @@ class Store:
         folder.mkdir()
         return folder
 
-    def commit(self, key: str, staging: Path) -> StoredModel:
+    def commit(self, key: str, staging: Path, *, compress: bool = False) -> StoredModel:
         """Check and hash the staged files, write the manifest last and move the folder to the cool tier.
+
+        With ``compress`` the staged weights are first replaced by their compressed form
+        (:mod:`ember.store.compress`) if that saves at least ``MIN_FILE_SAVING`` of the bytes; else
+        they stay as they are. The cool tier then holds (and its budget counts) the compressed
+        bytes; promote decompresses them into the warm tier.
 
         ValueError if ``key`` is already committed, the folder is not a complete staging folder or
         the cool budget cannot hold it; CorruptCheckpoint if the weights are not a sound Ember
@@ -186,7 +212,9 @@ class Store:
             cool = self._models / key
             if cool.exists():
                 raise ValueError(f"model '{key}' is already in the store; remove it or use a new version")
-            verify_chunks(read_index(weights), self._verify_threads)
+            if compress and not is_compressed(weights):
+                self._compress_staged(weights)
+            raw_bytes = check_file(weights, self._verify_threads)
             sha256, size = _hash_file(weights, key, sync=True)
             budget = self._budgets[Tier.COOL]
             if budget is not None and self.statistics().cool.bytes + size > budget:
@@ -195,7 +223,7 @@ class Store:
                     f"make_room({size}, Tier.COOL) or raise cool_budget_bytes"
                 )
             assets = {name: _hash_file(assets_dir / name, key, sync=True)[0] for name in names}
-            manifest = _Manifest(key, size, sha256, assets)
+            manifest = _Manifest(key, size, sha256, assets, raw_bytes if raw_bytes != size else None)
             _write_atomic(folder / MANIFEST, manifest.to_json())
             try:
                 os.rename(folder, cool)
@@ -205,6 +233,15 @@ class Store:
         self.touch(key)
         return self.get(key)
 
+    def _compress_staged(self, weights: Path) -> None:
+        packed = weights.with_name(weights.name + ".z")
+        try:
+            size = compress_checkpoint(weights, packed, threads=self._verify_threads)
+            if size <= weights.stat().st_size * (1 - MIN_FILE_SAVING):
+                os.replace(packed, weights)
+        finally:
+            packed.unlink(missing_ok=True)
+
     def abort(self, staging: Path) -> None:
         """Delete a staging folder (nothing if it is already gone)."""
         shutil.rmtree(self._own_staging(staging), ignore_errors=True)
@@ -212,7 +249,8 @@ class Store:
     def get(self, key: str) -> StoredModel:
         """The committed model ``key``; KeyError if the store does not hold it."""
         manifest = self._cool_manifest(key)
-        return StoredModel(key, manifest.size, manifest.sha256, tuple(manifest.assets), self._models / key)
+        path = self._models / key
+        return StoredModel(key, manifest.size, manifest.sha256, tuple(manifest.assets), path, manifest.raw_bytes)
 
     def tier(self, key: str) -> Tier:
         """WARM if a warm copy exists, COOL if only the disk copy does, COLD if neither."""
@@ -274,7 +312,8 @@ class Store:
                 if key in keep:
                     continue
                 with contextlib.suppress(KeyError):  # removed meanwhile: its bytes are gone anyway
-                    size = self.get(key).bytes
+                    model = self.get(key)
+                    size = model.warm_bytes if tier is Tier.WARM else model.bytes
                     if tier is Tier.WARM:
                         self.demote(key)
                     else:
@@ -290,7 +329,7 @@ class Store:
                 cool_bytes += self.get(key).bytes
                 cool_models += 1
                 if self.tier(key) is Tier.WARM:
-                    warm_bytes += _Manifest.load(self._warm_root / key).size
+                    warm_bytes += _Manifest.load(self._warm_root / key).warm_size
                     warm_models += 1
         return StoreStats(
             warm=TierStats(warm_models, warm_bytes, self._budgets[Tier.WARM]),
@@ -308,7 +347,7 @@ class Store:
         warm = self._warm_root / key
         self.touch(key)
         if not (warm / MANIFEST).is_file():
-            size, budget = self.get(key).bytes, self._budgets[Tier.WARM]
+            size, budget = self.get(key).warm_bytes, self._budgets[Tier.WARM]
             if budget is not None and size > budget:
                 raise ValueError(f"model '{key}' ({size} bytes) exceeds the warm budget of {budget} bytes; raise it")
             self.make_room(size, Tier.WARM, keep={key})
@@ -319,8 +358,18 @@ class Store:
             scratch = self._warm_root / f".promote-{key}.{secrets.token_hex(8)}"
             scratch.mkdir(parents=True)  # the warm root is made on first use, and closing removes it
             try:
-                shutil.copyfile(cool / WEIGHTS, scratch / WEIGHTS)
-                _check_weights(scratch / WEIGHTS, manifest.size, self._verify_threads, key, cool / WEIGHTS)
+                if manifest.raw_bytes is None:
+                    shutil.copyfile(cool / WEIGHTS, scratch / WEIGHTS)
+                else:  # checks the frames and the decompressed chunks as it goes
+                    _decompress(cool / WEIGHTS, scratch / WEIGHTS, self._verify_threads, key)
+                _check_weights(
+                    scratch / WEIGHTS,
+                    manifest.warm_size,
+                    self._verify_threads,
+                    key,
+                    cool / WEIGHTS,
+                    chunks=manifest.raw_bytes is None,
+                )
                 (scratch / ASSETS).mkdir()
                 for name, digest in manifest.assets.items():
                     _check_hash(cool / ASSETS / name, digest, key, copy_to=scratch / ASSETS / name)
@@ -357,7 +406,10 @@ class Store:
             manifest = self._cool_manifest(key)
             folders = [self._models / key] + ([self._warm_root / key] if self.tier(key) is Tier.WARM else [])
             for folder in folders:
-                _check_weights(folder / WEIGHTS, manifest.size, self._verify_threads, key)
+                warm = folder != self._models / key
+                _check_weights(
+                    folder / WEIGHTS, manifest.warm_size if warm else manifest.size, self._verify_threads, key
+                )
                 for name, digest in manifest.assets.items():
                     _check_hash(folder / ASSETS / name, digest, key)
 
@@ -402,7 +454,7 @@ class Store:
         for entry in self._staging.iterdir():
             _delete(entry)
         for entry in self._models.iterdir():
-            if not (_KEY.fullmatch(entry.name) and _is_complete(entry, entry.name)):
+            if not (_KEY.fullmatch(entry.name) and _is_complete(entry, entry.name, warm=False)):
                 _log.warning("deleting %s: not a complete model (a crash or damage)", entry)
                 _delete(entry)
         for entry in self._warm_root.glob("*"):  # nothing if the warm root does not exist
@@ -410,7 +462,7 @@ class Store:
                 _delete(entry)
             elif _KEY.fullmatch(entry.name) and entry.is_dir():
                 cool = self._models / entry.name
-                complete = _is_complete(entry, entry.name) and (cool / MANIFEST).is_file()
+                complete = _is_complete(entry, entry.name, warm=True) and (cool / MANIFEST).is_file()
                 if not complete or _Manifest.load(entry) != _Manifest.load(cool):
                     _delete(entry)
 
@@ -431,12 +483,13 @@ def _is_asset_name(name: object) -> bool:
     return isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name
 
 
-def _is_complete(folder: Path, key: str) -> bool:
+def _is_complete(folder: Path, key: str, *, warm: bool) -> bool:
     """A cheap structural check: manifest readable and naming ``key``, every file present, sizes right."""
     try:
         manifest = _Manifest.load(folder)
         files_ok = all((folder / ASSETS / n).is_file() for n in manifest.assets)
-        return manifest.key == key and files_ok and (folder / WEIGHTS).stat().st_size == manifest.size
+        size = manifest.warm_size if warm else manifest.size
+        return manifest.key == key and files_ok and (folder / WEIGHTS).stat().st_size == size
     except (OSError, CorruptCheckpoint):
         return False
 
@@ -465,16 +518,46 @@ def _check_hash(path: Path, expected: str, key: str, *, copy_to: Path | None = N
         raise CorruptCheckpoint(f"{path} of model '{key}' fails its sha256 check; {_REPAIR}")
 
 
-def _check_weights(path: Path, size: int, threads: int, key: str, copy_of: Path | None = None) -> None:
-    """The checkpoint at ``path`` (a copy of ``copy_of``) is ``size`` bytes, its index and chunks sound."""
+def check_file(path: Path, threads: int = 4) -> int:
+    """Check an Ember checkpoint, compressed (its frames) or not (its chunks); the uncompressed size."""
+    if is_compressed(path):
+        compressed = read_compressed_index(path)
+        verify_frames(compressed, threads)
+        return compressed.raw.file_bytes
+    index = read_index(path)
+    verify_chunks(index, threads)
+    return index.file_bytes
+
+
+def _check_weights(
+    path: Path, size: int, threads: int, key: str, copy_of: Path | None = None, *, chunks: bool = True
+) -> None:
+    """The checkpoint at ``path`` (a copy of ``copy_of``) is ``size`` bytes, its index (and chunks) sound."""
     shown = copy_of or path
     if not path.is_file():
         raise CorruptCheckpoint(f"{shown} of model '{key}' is missing; {_REPAIR}")
+    with _named(path, shown, key):
+        file_bytes = path.stat().st_size
+        if file_bytes != size:
+            raise CorruptCheckpoint(
+                f"checkpoint {path} is damaged: it is {file_bytes} bytes but its manifest says {size}"
+            )
+        if chunks:
+            check_file(path, threads)
+        else:
+            read_index(path)
+
+
+def _decompress(src: Path, dst: Path, threads: int, key: str) -> None:
+    with _named(src, src, key):
+        decompress_checkpoint(src, dst, threads)
+
+
+@contextlib.contextmanager
+def _named(path: Path, shown: Path, key: str) -> Iterator[None]:
+    """Re-word a CorruptCheckpoint about ``path`` as one about model ``key``'s file ``shown``."""
     try:
-        index = read_index(path)
-        if index.file_bytes != size:
-            raise CorruptCheckpoint(f"it is {index.file_bytes} bytes but its manifest says {size}")
-        verify_chunks(index, threads)
+        yield
     except CorruptCheckpoint as exc:
         problem = exc.message.removeprefix(f"checkpoint {path} is damaged: ").removesuffix(f"; {_FORMAT_REPAIR}")
         raise CorruptCheckpoint(f"{shown} of model '{key}' is damaged: {problem}; {_REPAIR}") from None
