@@ -30,8 +30,10 @@ import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
@@ -42,9 +44,23 @@ __all__ = ["Batch", "ModelAPI", "TensorSpec"]
 Array = npt.NDArray[Any]
 Batch = Mapping[str, Array]
 
-_DATATYPES = frozenset(
-    {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
-    | {"FP16", "FP32", "FP64", "BYTES"}
+#: The Open Inference Protocol datatypes and the numpy dtype of each (BYTES: object arrays of bytes).
+DATATYPES: Mapping[str, np.dtype[Any]] = MappingProxyType(
+    {
+        "BOOL": np.dtype("?"),
+        "INT8": np.dtype("<i1"),
+        "INT16": np.dtype("<i2"),
+        "INT32": np.dtype("<i4"),
+        "INT64": np.dtype("<i8"),
+        "UINT8": np.dtype("<u1"),
+        "UINT16": np.dtype("<u2"),
+        "UINT32": np.dtype("<u4"),
+        "UINT64": np.dtype("<u8"),
+        "FP16": np.dtype("<f2"),
+        "FP32": np.dtype("<f4"),
+        "FP64": np.dtype("<f8"),
+        "BYTES": np.dtype(object),
+    }
 )
 
 
@@ -62,8 +78,8 @@ class TensorSpec:
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"tensor name {self.name!r}: use letters, digits, '_' and '-'")
-        if self.datatype not in _DATATYPES:
-            raise ValueError(f"tensor {self.name!r}: datatype {self.datatype!r} is not one of {sorted(_DATATYPES)}")
+        if self.datatype not in DATATYPES:
+            raise ValueError(f"tensor {self.name!r}: datatype {self.datatype!r} is not one of {sorted(DATATYPES)}")
         if not self.shape or any(d < -1 for d in self.shape):
             raise ValueError(f"tensor {self.name!r}: shape {self.shape} needs a batch dimension first and sizes >= -1")
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))

@@ -25,13 +25,13 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 
+from ember.api import DATATYPES
 from ember.errors import InvalidInput
 
 __all__ = [
@@ -48,23 +48,6 @@ __all__ = [
 
 Array = npt.NDArray[Any]
 
-DATATYPES: Mapping[str, np.dtype[Any]] = MappingProxyType(
-    {
-        "BOOL": np.dtype("?"),
-        "INT8": np.dtype("<i1"),
-        "INT16": np.dtype("<i2"),
-        "INT32": np.dtype("<i4"),
-        "INT64": np.dtype("<i8"),
-        "UINT8": np.dtype("<u1"),
-        "UINT16": np.dtype("<u2"),
-        "UINT32": np.dtype("<u4"),
-        "UINT64": np.dtype("<u8"),
-        "FP16": np.dtype("<f2"),
-        "FP32": np.dtype("<f4"),
-        "FP64": np.dtype("<f8"),
-        "BYTES": np.dtype(object),
-    }
-)
 _BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items() if name != "BYTES"}
 _U32 = struct.Struct("<I")
 # The smallest float64 magnitude that rounds to infinity in each narrower float type: its largest

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from ember.policies.autoscaler import ScaleState, ScaleView
-from ember.policies.batching import BatchDecision, QueueSnapshot
+from ember.policies.batching import BatchDecision, QueueSnapshot, fill
 from ember.policies.devices import Candidate
 
 __all__ = [
@@ -104,12 +104,7 @@ class FixedSizeBatcher:
     def decide(self, snapshot: QueueSnapshot) -> BatchDecision:
         if not snapshot.queued or not snapshot.instance_idle:
             return BatchDecision(0)
-        take, rows = 0, 0
-        for _, request_rows, _ in snapshot.queued:
-            if take and rows + request_rows > snapshot.max_batch_size:
-                break
-            take += 1
-            rows += request_rows
+        take, rows = fill(snapshot)
         oldest = min(arrival for _, _, arrival in snapshot.queued)
         due = oldest + self.max_wait_s
         if rows >= snapshot.max_batch_size or take < len(snapshot.queued) or snapshot.now >= due:

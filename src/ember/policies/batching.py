@@ -143,12 +143,7 @@ class DeadlineBatcher:
     def decide(self, snapshot: QueueSnapshot) -> BatchDecision:
         if not snapshot.queued or not snapshot.instance_idle:
             return BatchDecision(0)
-        take, rows = 0, 0
-        for _, request_rows, _ in snapshot.queued:
-            if take and rows + request_rows > snapshot.max_batch_size:
-                break
-            take += 1
-            rows += request_rows
+        take, rows = fill(snapshot)
         full = rows >= snapshot.max_batch_size or take < len(snapshot.queued)
         if full or self.max_wait_s <= 0:
             return BatchDecision(take)
@@ -159,3 +154,15 @@ class DeadlineBatcher:
         if snapshot.now >= wake_at:
             return BatchDecision(take)
         return BatchDecision(0, wake_at)
+
+
+def fill(snapshot: QueueSnapshot) -> tuple[int, int]:
+    """``(requests, rows)`` of the longest queue prefix within ``max_batch_size`` rows (at least one
+    request, even one larger than the limit)."""
+    take, rows = 0, 0
+    for _, request_rows, _ in snapshot.queued:
+        if take and rows + request_rows > snapshot.max_batch_size:
+            break
+        take += 1
+        rows += request_rows
+    return take, rows

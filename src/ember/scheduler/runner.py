@@ -24,11 +24,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ember.api import DATATYPES
 from ember.clock import Clock
 from ember.cluster.base import WorkerHandle
 from ember.config import Deployment
 from ember.errors import DeadlineUnmeetable, EmberError, InternalError, ModelFailed, WorkerCrashed
-from ember.gateway.tensors import DATATYPES
 from ember.metrics import Metrics
 from ember.policies.batching import BatchPolicy, QueueSnapshot, admits
 from ember.policies.devices import Candidate
