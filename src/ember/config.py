@@ -67,6 +67,15 @@ class DeploySpec(BaseModel):
     max_queue: int = Field(1024, ge=1, le=1_000_000)
     device: str = "auto"
     options: dict[str, Any] = Field(default_factory=dict)
+    #: The tenant that owns the model; set by the gateway from the caller's key (admins may choose).
+    tenant: str | None = None
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str | None) -> str | None:
+        from ember.auth.keys import check_tenant_name
+
+        return None if value is None else check_tenant_name(value)
 
     @field_validator("name")
     @classmethod

@@ -50,6 +50,8 @@ class ServeOptions:
     warm_budget_bytes: int | None = None
     cool_budget_bytes: int | None = None
     preload: tuple[str, ...] = ("numpy", "safetensors", "transformers", "tokenizers")
+    #: Let requests without an API key act as admin (``ember serve --insecure``, loopback only).
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class ModelInfo:
     bytes: int
     source: str
     created_at: float
+    tenant: str = "default"
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -255,6 +258,11 @@ class EmberService:
     def deployment(self, name: str) -> Deployment:
         return self.runner(name).deployment
 
+    def tenant_of(self, name: str) -> str | None:
+        """The tenant owning model ``name``, or None if no such model is deployed."""
+        runner = self._runners.get(name)
+        return None if runner is None else str(runner.deployment.extra.get("tenant", "default"))
+
     def info(self, name: str) -> ModelInfo:
         runner = self.runner(name)
         d = runner.deployment
@@ -276,6 +284,7 @@ class EmberService:
             bytes=d.metadata.bytes,
             source=str(d.extra.get("source", "")),
             created_at=d.created_at,
+            tenant=str(d.extra.get("tenant", "default")),
         )
 
     def models(self) -> list[ModelInfo]:
@@ -327,5 +336,5 @@ def _deployment(record: DeploymentRecord) -> Deployment:
         max_queue=spec.max_queue,
         device=spec.device,
         created_at=record.created_at,
-        extra={"source": spec.source},
+        extra={"source": spec.source, "tenant": spec.tenant or "default"},
     )

@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ember.errors import EmberError, InternalError
-from ember.gateway import admin, oip, openai
+from ember.gateway import admin, auth, oip, openai
 from ember.gateway.edge import error_response
 from ember.service import EmberService
 
@@ -27,7 +28,12 @@ log = logging.getLogger("ember.gateway")
 
 
 def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
-    """The app for ``service``; with ``manage_lifetime`` it starts and stops the service with the app."""
+    """The app for ``service``; with ``manage_lifetime`` it starts and stops the service with the app.
+
+    Every request passes :class:`~ember.gateway.auth.AuthMiddleware` first (keys, tenants, quotas);
+    the first build on a home makes its admin key file.
+    """
+    guard = auth.Guard(service.registry, service.clock, service.home, insecure=service.options.insecure)
 
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -67,12 +73,16 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
         Route("/", dashboard, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *admin.routes(service),
+        *auth.routes(guard),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(auth.AuthMiddleware, guard=guard, tenant_of=service.tenant_of)],
         exception_handlers={EmberError: ember_error, HTTPException: http_error, Exception: unexpected},
     )
+    app.state.guard = guard
+    return app
 
 
 _DASHBOARD = """<!doctype html>

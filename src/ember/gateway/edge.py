@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ember.config import Deployment
-from ember.errors import EmberError, InvalidInput, Refused
+from ember.errors import EmberError, InvalidInput, Refused, TooLarge
 from ember.gateway.tensors import DATATYPES
 
 __all__ = ["MAX_BODY_BYTES", "check_inputs", "error_response", "read_body", "read_json"]
@@ -21,11 +21,18 @@ __all__ = ["MAX_BODY_BYTES", "check_inputs", "error_response", "read_body", "rea
 MAX_BODY_BYTES = 256 * 1024 * 1024
 
 
-class PayloadTooLarge(InvalidInput):
+class PayloadTooLarge(TooLarge):
     http_status = 413
 
 
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def error_response(error: EmberError, openai: bool = False) -> Response:

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from ember import __version__
 from ember.errors import InvalidInput, ModelNotFound
+from ember.gateway import auth
 from ember.gateway.edge import check_inputs, read_body, read_json
 from ember.gateway.tensors import encode_infer_response, parse_infer_request
 from ember.service import EmberService
@@ -116,7 +117,11 @@ def routes(service: EmberService) -> list[Route]:
     async def repository_index(request: Request) -> Response:
         await read_json(request)
         return JSONResponse(
-            [{"name": m.name, "version": str(m.version), "state": "READY", "reason": ""} for m in service.models()]
+            [
+                {"name": m.name, "version": str(m.version), "state": "READY", "reason": ""}
+                for m in service.models()
+                if auth.visible(request, m.tenant)
+            ]
         )
 
     async def repository_load(request: Request) -> Response:
