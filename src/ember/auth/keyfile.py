@@ -6,10 +6,13 @@ import contextlib
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.auth.keys import ADMIN_KEY_FILE, KEY_PREFIX, NewKey, Role, new_key
 from ember.errors import InvalidInput
-from ember.registry import Registry
+
+if TYPE_CHECKING:
+    from ember.registry import Registry
 
 __all__ = ["ensure_admin_key", "read_key_file"]
 
