@@ -14,11 +14,12 @@ from starlette.responses import JSONResponse, Response
 
 from ember.config import Deployment
 from ember.errors import EmberError, InvalidInput, Refused, TooLarge
-from ember.gateway.tensors import DATATYPES
+from ember.gateway.tensors import DATATYPES, json_too_deep
 
-__all__ = ["MAX_BODY_BYTES", "check_inputs", "error_response", "read_body", "read_json"]
+__all__ = ["MAX_BODY_BYTES", "MAX_JSON_DEPTH", "check_inputs", "error_response", "read_body", "read_json"]
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
+MAX_JSON_DEPTH = 64
 
 
 class PayloadTooLarge(TooLarge):
@@ -85,6 +86,9 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
 
 async def read_json(request: Request, limit: int = 16 * 1024 * 1024) -> Any:
     body = await read_body(request, limit)
+    depth = json_too_deep(body, MAX_JSON_DEPTH)
+    if depth is not None:
+        raise InvalidInput(f"the body nests {depth} levels deep; the limit is {MAX_JSON_DEPTH} levels of JSON nesting")
     try:
         return json.loads(body) if body else None
     except (ValueError, RecursionError) as exc:
