@@ -242,10 +242,9 @@ class AuthMiddleware:
         principal = self.guard.authenticate(key)
         scope["ember.principal"] = principal
         action, model = _classify(scope["method"], path)
-        if model is not None and principal.tenant is not None:
-            tenant = self.tenant_of(model)
-            if tenant is not None and tenant != principal.tenant:
-                raise ModelNotFound(model)
+        if model is not None and principal.tenant is not None and self.tenant_of(model) != principal.tenant:
+            # Before the role check: an absent model and another tenant's must get the same answer.
+            raise ModelNotFound(model)
         if action is Action.ADMIN and not principal.is_admin:
             raise Forbidden(f"{path} is for admin keys; this key is a {principal.role.value} key")
         if action is Action.DEPLOY and not principal.can_deploy:
