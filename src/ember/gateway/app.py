@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ember.errors import EmberError, InternalError
-from ember.gateway import admin, auth, oip, openai
+from ember.gateway import admin, auth, oip, openai, openapi
 from ember.gateway.edge import error_response
 from ember.service import EmberService
 
@@ -74,6 +74,7 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         *admin.routes(service),
         *auth.routes(guard),
+        *openapi.routes(),
     ]
     app = Starlette(
         routes=routes,
