@@ -96,7 +96,7 @@ class Limits:
 
 _CLIENT_LIMITS = Limits(max_elements=2**62, max_inputs=2**31, max_bytes_element=2**32, max_json_depth=2**31)
 
-_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"\\')))
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
 
 
 def json_too_deep(text: bytes, limit: int) -> int | None:
@@ -114,13 +114,14 @@ def json_too_deep(text: bytes, limit: int) -> int | None:
 def json_depth(text: bytes) -> int:
     """How deep the arrays and objects of JSON ``text`` nest, counted without parsing it (C speed).
 
-    Keeps only brackets, quotes and backslashes, drops escaped quotes, then counts brackets outside
-    strings. On malformed JSON the count may be off; the parser rejects such text anyway.
+    Drops escaped quotes, keeps only brackets and quotes, then counts brackets outside strings. On
+    malformed JSON the count may be off; the parser rejects such text anyway.
     """
-    marks = text.translate(None, _NOT_STRUCTURE)
+    # Escaped backslashes first, then escaped quotes: what is left of '"' opens or closes a string.
+    unescaped = text.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in text else text
+    marks = unescaped.translate(None, _NOT_STRUCTURE)
     if b"[" not in marks and b"{" not in marks:
         return 0
-    marks = marks.replace(b"\\\\", b"").replace(b'\\"', b"").replace(b"\\", b"")
     outside = b"".join(marks.split(b'"')[::2])
     if not outside:
         return 0
