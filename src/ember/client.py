@@ -10,8 +10,8 @@ Protocol v2 with binary tensors (:meth:`Client.infer`) and the OpenAI embeddings
         vectors = ember.embed("minilm", ["hello", "world"])
 
 Every request carries an API key as ``Authorization: Bearer <key>``: the ``api_key`` argument, else
-``EMBER_API_KEY``, else the admin key file in ``EMBER_HOME`` (default ``~/.ember``) when it is
-readable here (so the server's owner needs no setup on its own machine).
+``EMBER_API_KEY``, else, for a server on this machine (a loopback URL), the admin key file in
+``EMBER_HOME`` (default ``~/.ember``) when it is readable here, so the server's owner needs no setup.
 
 An error answer from the server comes back as the matching :mod:`ember.errors` class (400
 ``InvalidInput``, 401 ``Unauthorized``, 403 ``Forbidden``, 404 ``ModelNotFound``, 409 ``ModelExists``,
@@ -21,6 +21,7 @@ Transport failures (the server is not running, the connection dropped) stay ``ht
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import time
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import numpy as np
@@ -72,7 +73,7 @@ class Client:
         api_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        key = api_key or find_api_key()
+        key = api_key or find_api_key(self.url)
         headers = {"Authorization": f"Bearer {key}"} if key else None
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, transport=transport, headers=headers)
 
@@ -204,11 +205,22 @@ class Client:
             raise EmberError(f"{method} {path} answered with something that is not JSON: {exc}") from exc
 
 
-def find_api_key() -> str | None:
-    """``EMBER_API_KEY``, else the admin key file in ``EMBER_HOME`` (default ``~/.ember``), else None."""
+def find_api_key(url: str = DEFAULT_URL) -> str | None:
+    """``EMBER_API_KEY``, else the admin key file in ``EMBER_HOME`` (default ``~/.ember``), else None.
+
+    The file is read only for a server on this machine (a loopback ``url``): the local admin key is
+    never sent elsewhere.
+    """
     key = os.environ.get("EMBER_API_KEY", "").strip()
     if key:
         return key
+    host = (urlsplit(url).hostname or "").lower()
+    if host != "localhost":
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return None
+        except ValueError:
+            return None
     home = Path(os.environ.get("EMBER_HOME") or "~/.ember").expanduser()
     return read_key_file(home / ADMIN_KEY_FILE)
 

@@ -46,6 +46,10 @@ def test_the_client_finds_its_key_in_the_environment_then_the_home(tmp_path, mon
     assert find_api_key() is None
     (tmp_path / "admin.key").write_text("ember_fromfile\n")
     assert find_api_key() == "ember_fromfile"
+    assert find_api_key("http://[::1]:8000") == "ember_fromfile"
+    assert find_api_key("http://localhost:8000") == "ember_fromfile"
+    assert find_api_key("http://10.1.2.3:8000") is None  # the local admin key never leaves the machine
+    assert find_api_key("https://ember.example.com") is None
     monkeypatch.setenv("EMBER_API_KEY", "ember_fromenv")
     assert find_api_key() == "ember_fromenv"
 
