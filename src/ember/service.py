@@ -26,7 +26,7 @@ from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ShuttingDown
 from ember.metrics import Metrics
-from ember.policies import DeadlineBatcher, FixedKeepAlive, LeastLoaded
+from ember.policies import DeadlineBatcher, FixedKeepAlive, LeastLoaded, TenantIsolated
 from ember.registry import DeploymentRecord, Registry
 from ember.scheduler import ModelRunner
 from ember.store import Store
@@ -103,7 +103,7 @@ class EmberService:
             self.store,
             self.backend,
             FixedKeepAlive(),
-            LeastLoaded(),
+            TenantIsolated(LeastLoaded()),
             self.metrics,
             options.tick_s,
         )

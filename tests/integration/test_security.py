@@ -1,7 +1,8 @@
 """Keys and tenants against a real ``ember serve``, spoken by real clients: the CLI, tritonclient, openai.
 
-The shared server runs secure (the harness sends its admin key). Here a deployer of tenant ``acme``
-deploys through the CLI with its own key, and keys of ``acme`` and ``globex`` call it.
+A server of its own (2 workers: models of different tenants never share one, and the shared server's
+workers hold the default tenant's models). A deployer of tenant ``acme`` deploys through the CLI with
+its own key; the admin deploys MiniLM into the default tenant; keys of ``acme`` and ``globex`` call.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import tritonclient.http as triton_http
-from harness import EXAMPLES, REPO, Server, child_env, error_of, free_port
+from harness import EXAMPLES, REPO, Server, child_env, error_of, free_port, served
 from tritonclient.utils import InferenceServerException
 
 MODEL = "acme-linear"
@@ -30,6 +32,18 @@ def make_key(server: Server, role: str, tenant: str | None = None) -> tuple[str,
     key_id = done.stderr.split()[2]
     assert key.startswith("ember_") and len(key_id) == 12, (done.stdout, done.stderr)
     return key, key_id
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with served(Server(tmp_path_factory.mktemp("security") / "home", workers=2)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def minilm(server: Server) -> str:
+    server.deploy(f"{EXAMPLES / 'minilm.py'}:MiniLM")
+    return "minilm"
 
 
 @pytest.fixture(scope="module")

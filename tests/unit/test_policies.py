@@ -11,6 +11,7 @@ from ember.policies import (
     LeastLoaded,
     ModelView,
     QueueSnapshot,
+    TenantIsolated,
     WorkerView,
 )
 from ember.store import Tier
@@ -119,3 +120,22 @@ def test_placement_matches_the_device_and_says_none_when_nothing_fits():
     assert LeastLoaded().choose("m", 5, "cuda", workers) == "g"
     assert LeastLoaded().choose("m", 5, "cuda:1", workers) is None
     assert LeastLoaded().choose("m", 5, "auto", (_worker("x", ready=False),)) is None
+
+
+def test_tenant_isolation_keeps_other_tenants_models_off_a_worker():
+    def hosting(wid: str, *tenants: str, bytes_loaded: int = 0) -> WorkerView:
+        return WorkerView(
+            wid, True, "cpu", tuple(f"m{i}" for i in range(len(tenants))), bytes_loaded, 0, frozenset(tenants)
+        )
+
+    policy = TenantIsolated(LeastLoaded())
+    workers = (
+        hosting("a", "acme", bytes_loaded=10),
+        hosting("b", "globex", bytes_loaded=1),
+        hosting("c", bytes_loaded=50),
+    )
+    assert LeastLoaded().choose("m", 5, "auto", workers, "acme") == "b"  # the least loaded, whoever is there
+    assert policy.choose("m", 5, "auto", workers, "acme") == "a"  # its own tenant's worker
+    assert policy.choose("m", 5, "auto", workers, "initech") == "c"  # an empty one
+    assert policy.choose("m", 5, "auto", workers[:2], "initech") is None  # none free of others
+    assert policy.choose("m", 5, "auto", (workers[0], hosting("c")), "acme") == "c"  # the inner policy spreads

@@ -53,7 +53,7 @@ def with_world(tmp_path: Path, test: Callable[[World], Awaitable[None]], insecur
     model.write_text("class M: ...\n")
 
     async def main(clock: VirtualClock) -> None:
-        backend = FakeBackend(clock)
+        backend = FakeBackend(clock, size=2)  # one worker per tenant: they never share one
         options = ServeOptions(home=tmp_path / "home", warm_root=tmp_path / "shm", insecure=insecure)
         service = EmberService(options, clock=clock, backend=backend)
         async with service:
@@ -223,9 +223,12 @@ def test_deployers_deploy_into_their_own_tenant_only(tmp_path):
         assert r.status_code == 403 and "only into 'acme'" in r.json()["error"]
         r = await world.call("invoker", "POST", "/admin/models", {"source": source, "name": "c"})
         assert r.status_code == 403
-        r = await world.call("admin", "POST", "/admin/models", {"source": source, "name": "d"})
+        # Imported only: both workers hold a tenant's models, and tenants never share a worker.
+        r = await world.call("admin", "POST", "/admin/models?load=false", {"source": source, "name": "d"})
         assert r.status_code == 200 and world.service.tenant_of("d") == "default"
-        r = await world.call("admin", "POST", "/admin/models", {"source": source, "name": "e", "tenant": "globex"})
+        r = await world.call(
+            "admin", "POST", "/admin/models?load=false", {"source": source, "name": "e", "tenant": "globex"}
+        )
         assert r.status_code == 200 and world.service.tenant_of("e") == "globex"
         r = await world.call("admin", "POST", "/admin/models", {"source": source, "name": "f", "tenant": "../x"})
         assert r.status_code == 400 and "tenant name" in r.json()["error"]
@@ -365,3 +368,22 @@ def test_an_old_home_gains_the_key_tables_and_keeps_its_deployments(tmp_path):
         assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         registry.close()
+
+
+def test_models_of_different_tenants_never_share_a_worker(tmp_path):
+    async def test(world: World) -> None:
+        source = f"{world.model_file}:M"
+        for who, name in (("deployer", "a2"), ("other_deployer", "g2")):
+            r = await world.call(who, "POST", "/admin/models", {"source": source, "name": name})
+            assert r.status_code == 200 and '"done"' in r.text.splitlines()[-1]
+        hosting = {w.id: {key.split("@")[0] for key in w.loaded} for w in world.service.backend.workers()}
+        tenants = {wid: {world.service.tenant_of(name) for name in names} for wid, names in hosting.items()}
+        assert sorted(map(sorted, hosting.values())) == [["a", "a2"], ["g", "g2"]]
+        assert all(len(t) == 1 for t in tenants.values())
+        # A third tenant finds no worker free of others: refused (503, retryable), never co-located.
+        r = await world.call("admin", "POST", "/admin/models", {"source": source, "name": "i", "tenant": "initech"})
+        event = json.loads(r.text.splitlines()[-1])
+        assert event["stage"] == "error" and "never share a worker" in event["error"]
+        assert all("i@1" not in w.loaded for w in world.service.backend.workers())
+
+    with_world(tmp_path, test)

@@ -203,13 +203,17 @@ class Controller:
         while True:
             workers = {w.id: w for w in self._backend.workers()}
             views = tuple(self._worker_view(w) for w in workers.values())
-            choice = self._placement.choose(deployment.name, deployment.metadata.bytes, deployment.device, views)
+            tenant = str(deployment.extra.get("tenant", "default"))
+            choice = self._placement.choose(
+                deployment.name, deployment.metadata.bytes, deployment.device, views, tenant
+            )
             if choice is not None:
                 return workers[choice]
             if waited >= WORKER_WAIT_S:
                 raise ModelUnavailable(
-                    f"no worker for device '{deployment.device}' is ready for '{deployment.name}'; "
-                    "check `ember status` and the worker logs",
+                    f"no worker for device '{deployment.device}' is ready for '{deployment.name}' (models of "
+                    "different tenants never share a worker); check `ember status` and the worker logs, or add "
+                    "workers",
                     retry_after_s=10.0,
                 )
             await self._clock.sleep(0.05)
@@ -224,6 +228,7 @@ class Controller:
             models=tuple(m.deployment.name for m in hosted),
             bytes_loaded=sum(m.deployment.metadata.bytes for m in hosted),
             in_flight=worker.in_flight,
+            tenants=frozenset(str(m.deployment.extra.get("tenant", "default")) for m in hosted),
         )
 
     def _worker_lost(self, worker: WorkerHandle) -> None:

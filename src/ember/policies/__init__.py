@@ -6,7 +6,7 @@ functions, so each decision has one implementation.
 
 from ember.policies.batching import BatchDecision, BatchPolicy, DeadlineBatcher, QueueSnapshot
 from ember.policies.keepalive import Demotion, FixedKeepAlive, KeepAlive, ModelView
-from ember.policies.placement import LeastLoaded, Placement, WorkerView
+from ember.policies.placement import LeastLoaded, Placement, TenantIsolated, WorkerView
 
 __all__ = [
     "BatchDecision",
@@ -19,5 +19,6 @@ __all__ = [
     "ModelView",
     "Placement",
     "QueueSnapshot",
+    "TenantIsolated",
     "WorkerView",
 ]

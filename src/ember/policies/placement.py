@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["LeastLoaded", "Placement", "WorkerView"]
+__all__ = ["LeastLoaded", "Placement", "TenantIsolated", "WorkerView"]
+
+DEFAULT_TENANT = "default"
 
 
 @dataclass(frozen=True)
@@ -18,11 +20,15 @@ class WorkerView:
     bytes_loaded: int
     #: Batches sent and not yet answered.
     in_flight: int
+    #: Tenants whose models are loaded there.
+    tenants: frozenset[str] = frozenset()
 
 
 class Placement(Protocol):
-    def choose(self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]) -> str | None:
-        """The id of the worker that should load ``model``, or None if none can."""
+    def choose(
+        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+    ) -> str | None:
+        """The id of the worker that should load ``model`` (of ``tenant``), or None if none can."""
         ...
 
 
@@ -34,12 +40,29 @@ class LeastLoaded:
     (``cuda`` matches ``cuda:N``). Ties break on the worker id, so the choice is repeatable.
     """
 
-    def choose(self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]) -> str | None:
+    def choose(
+        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+    ) -> str | None:
         fits = [w for w in workers if w.ready and _device_fits(device, w.device)]
         if not fits:
             return None
         best = min(fits, key=lambda w: (w.bytes_loaded, len(w.models), w.in_flight, w.id))
         return best.id
+
+
+@dataclass(frozen=True)
+class TenantIsolated:
+    """Models of different tenants never share a worker process: ``inner`` chooses among the workers
+    that host nothing, or only models of the same tenant. None when every worker serves another tenant.
+    """
+
+    inner: Placement = LeastLoaded()
+
+    def choose(
+        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+    ) -> str | None:
+        allowed = tuple(w for w in workers if w.tenants <= {tenant})
+        return self.inner.choose(model, model_bytes, device, allowed, tenant)
 
 
 def _device_fits(wanted: str, have: str) -> bool:
