@@ -98,9 +98,14 @@ table{border-collapse:collapse}td,th{padding:.3rem .8rem;border-bottom:1px solid
 <th>failed</th><th>queued</th><th>SLO (ms)</th><th>SLO met</th><th>last cold start</th></tr></thead>
 <tbody id="models"></tbody></table>
 <script>
+async function get(path){
+  const r=await fetch(path,{headers:{Authorization:'Bearer '+(localStorage.getItem('emberKey')||'')}});
+  if(r.status===401){const k=prompt('Ember admin API key (admin.key in the server home):');
+    if(k){localStorage.setItem('emberKey',k.trim());return get(path);}}
+  return r.json();
+}
 async function refresh(){
-  const [models,status]=await Promise.all([fetch('/admin/models').then(r=>r.json()),
-                                          fetch('/admin/status').then(r=>r.json())]);
+  const [models,status]=await Promise.all([get('/admin/models'),get('/admin/status')]);
   document.getElementById('status').textContent=
     `${status.models} models, ${status.workers.ready}/${status.workers.size} workers ready`;
   const rows=models.map(m=>{
