@@ -42,11 +42,15 @@ _ADAPTERS: dict[str, str] = {
 }
 
 
+#: A model name in a tenant's namespace: ``acme+resnet`` (see ``ember.auth.keys.qualify``).
+QUALIFIED_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\+[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name) or ".." in name:
+    if not (NAME_PATTERN.match(name) or QUALIFIED_PATTERN.match(name)) or ".." in name:
         raise ValueError(
             f"model name {name!r} is not allowed: use 1-63 letters, digits, '_', '-' or '.', starting with a "
-            "letter or digit"
+            "letter or digit (a tenant's model may be named TENANT+NAME)"
         )
     return name
 

@@ -1,7 +1,8 @@
 """Tenants, keys and roles on every route, in process, on fake workers.
 
-Two tenants, ``acme`` (model ``a``) and ``globex`` (model ``g``), and a key of each role. Every
-route is called with each key: a key of another tenant gets exactly the 404 an absent model gets.
+Two tenants, ``acme`` (model ``acme+a``, which its keys call ``a``) and ``globex`` (``globex+g``),
+a key of each role, and an invoker of the default tenant. Every route is called with each key: a key
+of another tenant gets exactly the 404 an absent model gets.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def with_world(tmp_path: Path, test: Callable[[World], Awaitable[None]], insecur
         options = ServeOptions(home=tmp_path / "home", warm_root=tmp_path / "shm", insecure=insecure)
         service = EmberService(options, clock=clock, backend=backend)
         async with service:
-            await service.deploy(DeploySpec(source=f"{model}:M", name="a", tenant="acme"))
-            await service.deploy(DeploySpec(source=f"{model}:M", name="g", tenant="globex"))
+            await service.deploy(DeploySpec(source=f"{model}:M", name="acme+a", tenant="acme"))
+            await service.deploy(DeploySpec(source=f"{model}:M", name="globex+g", tenant="globex"))
             app = build_app(service, manage_lifetime=False)
             guard = app.state.guard
             keys: dict[str, str | None] = {
@@ -67,6 +68,7 @@ def with_world(tmp_path: Path, test: Callable[[World], Awaitable[None]], insecur
                 "invoker": guard.create_key(Role.INVOKER, "acme").secret,
                 "other_deployer": guard.create_key(Role.DEPLOYER, "globex").secret,
                 "other_invoker": guard.create_key(Role.INVOKER, "globex").secret,
+                "default_invoker": guard.create_key(Role.INVOKER, "default").secret,
                 "none": None,
                 "wrong": "ember_" + "x" * 43,
             }
@@ -96,7 +98,9 @@ MODEL_ROUTES = [
 ]
 
 #: The callers in the order each route is tried: refusals first, the one that may remove the model last.
-CALLERS = ["none", "wrong", "other_invoker", "other_deployer", "invoker", "admin", "deployer"]
+CALLERS = ["none", "wrong", "other_invoker", "other_deployer", "default_invoker", "invoker", "admin", "deployer"]
+#: How each caller names acme's model: its own keys by the short name, the rest by the full one.
+NAMES = {"invoker": "a", "deployer": "a", "other_invoker": "a", "other_deployer": "a"}
 ALLOWED = {
     "read": {"invoker", "deployer", "admin"},
     "invoke": {"invoker", "deployer", "admin"},
@@ -110,30 +114,34 @@ def test_every_model_route_with_every_role_and_another_tenants_key(tmp_path, met
         for who in CALLERS:
             if method == "DELETE" and who == "admin":
                 continue  # the deployer removes it last; admin's DELETE is covered on its own below
-            r = await world.call(who, method, template.format(m="a"), body)
+            name = NAMES.get(who, "acme+a")
+            r = await world.call(who, method, template.format(m=name), body)
             if who in ("none", "wrong"):
                 assert r.status_code == 401, (who, r.text)
                 error = r.json()["error"]
                 assert "API key" in (error["message"] if isinstance(error, dict) else error)
                 assert r.headers["www-authenticate"].startswith("Bearer")
-            elif who.startswith("other_"):
+            elif who.startswith(("other_", "default_")):
                 # Word for word what the same key gets for a model nobody deployed.
-                absent = await world.call(who, method, template.format(m="zzz"), body)
+                absent = await world.call(who, method, template.format(m=name + "zzz"), body)
                 assert r.status_code == absent.status_code == 404
-                assert r.json() == json.loads(absent.text.replace("zzz", "a")), (who, r.text)
+                assert r.json() == json.loads(absent.text.replace("zzz", "")), (who, r.text)
             elif who in ALLOWED[needs]:
                 assert r.status_code == 200, (who, r.text)
             else:
                 assert r.status_code == 403, (who, r.text)
                 assert "deployer key" in r.json()["error"]
-        assert world.service.tenant_of("g") == "globex"  # the other tenant's model was never touched
+        assert world.service.tenant_of("globex+g") == "globex"  # the other tenant's model was never touched
+        if method != "DELETE":  # an acme key may use the full name too
+            full = await world.call("invoker", method, template.format(m="acme+a"), body)
+            assert full.status_code == (403 if needs == "deploy" else 200)
 
     with_world(tmp_path, test)
 
 
 def test_admin_removes_any_tenants_model(tmp_path):
     async def test(world: World) -> None:
-        assert (await world.call("admin", "DELETE", "/admin/models/g")).status_code == 200
+        assert (await world.call("admin", "DELETE", "/admin/models/globex+g")).status_code == 200
         assert (await world.call("other_invoker", "GET", "/v2/models/g")).status_code == 404
 
     with_world(tmp_path, test)
@@ -150,11 +158,17 @@ def test_admin_removes_any_tenants_model(tmp_path):
 def test_lists_show_only_the_callers_tenant(tmp_path, method, path, names):
     async def test(world: World) -> None:
         seen = {}
-        for who in ("admin", "deployer", "invoker", "other_invoker"):
+        for who in ("admin", "deployer", "invoker", "other_invoker", "default_invoker"):
             r = await world.call(who, method, path)
             assert r.status_code == 200, r.text
             seen[who] = names(r.json())
-        assert seen == {"admin": ["a", "g"], "deployer": ["a"], "invoker": ["a"], "other_invoker": ["g"]}
+        assert seen == {
+            "admin": ["acme+a", "globex+g"],
+            "deployer": ["acme+a"],
+            "invoker": ["acme+a"],
+            "other_invoker": ["globex+g"],
+            "default_invoker": [],
+        }
         assert (await world.call("none", method, path)).status_code == 401
 
     with_world(tmp_path, test)
@@ -164,10 +178,11 @@ def test_embeddings_names_the_model_in_the_body_and_hides_other_tenants(tmp_path
     async def test(world: World) -> None:
         own = await world.call("invoker", "POST", "/v1/embeddings", {"model": "a", "input": "hi"})
         assert own.status_code == 400 and "not an embedding model" in own.json()["error"]["message"]
-        other = await world.call("other_invoker", "POST", "/v1/embeddings", {"model": "a", "input": "hi"})
-        ghost = await world.call("other_invoker", "POST", "/v1/embeddings", {"model": "ghost", "input": "hi"})
-        assert other.status_code == ghost.status_code == 404
-        assert other.json()["error"]["message"] == ghost.json()["error"]["message"].replace("ghost", "a")
+        for who, name in (("other_invoker", "a"), ("other_invoker", "acme+a"), ("default_invoker", "acme+a")):
+            other = await world.call(who, "POST", "/v1/embeddings", {"model": name, "input": "hi"})
+            ghost = await world.call(who, "POST", "/v1/embeddings", {"model": name + "zzz", "input": "hi"})
+            assert other.status_code == ghost.status_code == 404
+            assert other.json()["error"]["message"] == ghost.json()["error"]["message"].replace("zzz", "")
         unauthenticated = await world.call("none", "POST", "/v1/embeddings", {"model": "a", "input": "hi"})
         assert unauthenticated.status_code == 401
         assert unauthenticated.json()["error"]["type"] == "authentication_error"  # what the openai client reads
@@ -217,8 +232,15 @@ def test_deployers_deploy_into_their_own_tenant_only(tmp_path):
     async def test(world: World) -> None:
         source = f"{world.model_file}:M"
         r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
-        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["stage"] == "done"
-        assert world.service.tenant_of("b") == "acme"
+        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["model"]["name"] == "acme+b"
+        assert world.service.tenant_of("acme+b") == "acme"
+        # The same name in another tenant is no clash, so it tells nothing about acme's models.
+        r = await world.call("other_deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        assert r.status_code == 200 and world.service.tenant_of("globex+b") == "globex"
+        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["status"] == 409  # its own clash
+        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "globex+x"})
+        assert r.status_code == 400 and "is in tenant 'globex'" in r.json()["error"]
         r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "c", "tenant": "globex"})
         assert r.status_code == 403 and "only into 'acme'" in r.json()["error"]
         r = await world.call("invoker", "POST", "/admin/models", {"source": source, "name": "c"})
@@ -226,13 +248,14 @@ def test_deployers_deploy_into_their_own_tenant_only(tmp_path):
         # Imported only: both workers hold a tenant's models, and tenants never share a worker.
         r = await world.call("admin", "POST", "/admin/models?load=false", {"source": source, "name": "d"})
         assert r.status_code == 200 and world.service.tenant_of("d") == "default"
-        r = await world.call(
-            "admin", "POST", "/admin/models?load=false", {"source": source, "name": "e", "tenant": "globex"}
-        )
-        assert r.status_code == 200 and world.service.tenant_of("e") == "globex"
+        spec = {"source": source, "name": "e", "tenant": "globex"}
+        r = await world.call("admin", "POST", "/admin/models?load=false", spec)
+        assert r.status_code == 200 and world.service.tenant_of("globex+e") == "globex"
+        r = await world.call("admin", "POST", "/admin/models?load=false", {"source": source, "name": "acme+h"})
+        assert r.status_code == 200 and world.service.tenant_of("acme+h") == "acme"
         r = await world.call("admin", "POST", "/admin/models", {"source": source, "name": "f", "tenant": "../x"})
         assert r.status_code == 400 and "tenant name" in r.json()["error"]
-        assert world.service.tenant_of("c") is None and world.service.tenant_of("f") is None
+        assert all(world.service.tenant_of(n) is None for n in ("c", "acme+c", "globex+c", "f", "../x+f"))
 
     with_world(tmp_path, test)
 
@@ -292,7 +315,7 @@ def test_insecure_lets_keyless_requests_in_as_admin_and_known_keys_act_as_themse
     async def test(world: World) -> None:
         for who in ("none", "wrong"):
             r = await world.call(who, "GET", "/admin/models")
-            assert r.status_code == 200 and [m["name"] for m in r.json()] == ["a", "g"]
+            assert r.status_code == 200 and [m["name"] for m in r.json()] == ["acme+a", "globex+g"]
         assert (await world.call("other_invoker", "GET", "/v2/models/a")).status_code == 404
         assert (await world.call("invoker", "GET", "/admin/status")).status_code == 403
 
@@ -378,12 +401,12 @@ def test_models_of_different_tenants_never_share_a_worker(tmp_path):
             assert r.status_code == 200 and '"done"' in r.text.splitlines()[-1]
         hosting = {w.id: {key.split("@")[0] for key in w.loaded} for w in world.service.backend.workers()}
         tenants = {wid: {world.service.tenant_of(name) for name in names} for wid, names in hosting.items()}
-        assert sorted(map(sorted, hosting.values())) == [["a", "a2"], ["g", "g2"]]
+        assert sorted(map(sorted, hosting.values())) == [["acme+a", "acme+a2"], ["globex+g", "globex+g2"]]
         assert all(len(t) == 1 for t in tenants.values())
         # A third tenant finds no worker free of others: refused (503, retryable), never co-located.
         r = await world.call("admin", "POST", "/admin/models", {"source": source, "name": "i", "tenant": "initech"})
         event = json.loads(r.text.splitlines()[-1])
         assert event["stage"] == "error" and "never share a worker" in event["error"]
-        assert all("i@1" not in w.loaded for w in world.service.backend.workers())
+        assert all("initech+i@1" not in w.loaded for w in world.service.backend.workers())
 
     with_world(tmp_path, test)

@@ -14,6 +14,7 @@ from ember.auth.keys import (
     check_tenant_name,
     hash_key,
     new_key,
+    qualify,
 )
 from ember.auth.quota import TenantQuota, TokenBucket
 
@@ -29,4 +30,5 @@ __all__ = [
     "check_tenant_name",
     "hash_key",
     "new_key",
+    "qualify",
 ]

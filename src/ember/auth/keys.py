@@ -10,6 +10,9 @@ Roles, from most to least:
 * ``admin``: everything, in every tenant, and the keys and tenants themselves;
 * ``deployer``: deploy, remove, load and unload models of its tenant, and call them;
 * ``invoker``: call and inspect models of its tenant.
+
+Each tenant has a namespace of model names: ``m`` deployed by a key of ``acme`` is ``acme+m``, and
+that key may call it ``m``. So no tenant learns from a name clash that another deployed a model.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
     "hash_key",
     "key_id",
     "new_key",
+    "qualify",
 ]
 
 #: The tenant of deployments made before tenants existed, and of an admin's deploys by default.
@@ -41,6 +45,8 @@ ADMIN_KEY_FILE = "admin.key"
 KEY_PREFIX = "ember_"
 
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: Between a tenant and a model name: ``acme+resnet``. Model and tenant names cannot hold it.
+TENANT_SEPARATOR = "+"
 
 
 class Role(StrEnum):
@@ -57,6 +63,18 @@ def check_tenant_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def qualify(tenant: str | None, name: str) -> str:
+    """The name of model ``name`` in ``tenant``'s namespace: ``tenant+name``.
+
+    The default tenant's models (and every name an admin gives: tenant None) keep their plain names.
+    A name already in the tenant's namespace is returned as it is, so ``acme+m`` and ``m`` are the
+    same model to a key of ``acme``; a key of another tenant can only ever name its own models.
+    """
+    if tenant is None or tenant == DEFAULT_TENANT or name.startswith(tenant + TENANT_SEPARATOR):
+        return name
+    return f"{tenant}{TENANT_SEPARATOR}{name}"
 
 
 def hash_key(key: str | bytes) -> str:

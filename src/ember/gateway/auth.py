@@ -12,8 +12,11 @@ Rules, in order:
    ``Authorization: Bearer <key>`` (what the openai client sends, and what tritonclient sends when
    given ``headers=``) or ``X-API-Key: <key>``; none or a wrong one is 401. With ``--insecure`` (on
    loopback only) a request without a known key acts as admin; a known key still acts as itself.
-3. A route naming a model of another tenant answers 404, word for word what an absent model gets,
-   so a key never learns what other tenants deploy. Lists show only the caller's tenant.
+3. Model names are per tenant: a key of ``acme`` naming ``m`` names ``acme+m`` (the path is
+   rewritten before routing), so it cannot even name another tenant's model, and deploying a name
+   another tenant uses is no clash. A route naming a model of another tenant (possible for keys of
+   the default tenant, whose names are plain) answers 404, word for word what an absent model gets.
+   Lists show only the caller's tenant.
 4. Then the role: keys and tenants, status and metrics are admin's (403 otherwise); deploy, remove,
    load and unload need deployer; calling and reading need invoker.
 5. A call (infer, embeddings) takes a token from its tenant's bucket, or is refused with 429 and
@@ -28,6 +31,7 @@ from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -35,7 +39,18 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ember.auth.keyfile import ensure_admin_key
-from ember.auth.keys import DEFAULT_TENANT, KeyRecord, NewKey, Principal, Role, check_tenant_name, hash_key, new_key
+from ember.auth.keys import (
+    DEFAULT_TENANT,
+    TENANT_SEPARATOR,
+    KeyRecord,
+    NewKey,
+    Principal,
+    Role,
+    check_tenant_name,
+    hash_key,
+    new_key,
+    qualify,
+)
 from ember.auth.quota import TenantQuota, TokenBucket
 from ember.clock import Clock
 from ember.config import DeploySpec
@@ -58,6 +73,7 @@ __all__ = [
     "admit_deploy",
     "check_model",
     "principal_of",
+    "qualified",
     "routes",
     "visible",
 ]
@@ -194,26 +210,21 @@ class Guard:
             )
 
 
-def _classify(method: str, path: str) -> tuple[Action, str | None]:
-    """What a request does, and the model its path names (if any)."""
-    parts = path.split("/")
-    if path.startswith("/v2/models/") and len(parts) > 3:
-        action = Action.INVOKE if method == "POST" and parts[-1] == "infer" else Action.READ
-        return action, parts[3]
-    if path.startswith("/v2/repository/models/") and len(parts) > 4:
-        return Action.DEPLOY, parts[4]
+def _classify(method: str, path: str) -> tuple[Action, int]:
+    """What a request does, and which segment of its path (split on '/') names a model (0: none)."""
+    if path.startswith("/v2/models/"):
+        return (Action.INVOKE if method == "POST" and path.endswith("/infer") else Action.READ), 3
+    if path.startswith("/v2/repository/models/"):
+        return Action.DEPLOY, 4
     if path.startswith("/admin/models"):
-        name = parts[3] if len(parts) > 3 else None
-        if method in ("GET", "HEAD"):
-            return Action.READ, name
-        return Action.DEPLOY, name
+        return (Action.READ if method in ("GET", "HEAD") else Action.DEPLOY), 3
     if path.startswith("/v1/"):
-        if path.startswith("/v1/models/") and len(parts) > 3:
-            return Action.READ, parts[3]
-        return (Action.READ if method in ("GET", "HEAD") else Action.INVOKE), None
+        if path.startswith("/v1/models/"):
+            return Action.READ, 3
+        return (Action.READ if method in ("GET", "HEAD") else Action.INVOKE), 0
     if path.startswith("/admin/") or path == "/metrics":
-        return Action.ADMIN, None
-    return Action.READ, None
+        return Action.ADMIN, 0
+    return Action.READ, 0
 
 
 class AuthMiddleware:
@@ -256,10 +267,18 @@ class AuthMiddleware:
             return
         principal = self.guard.authenticate(key)
         scope["ember.principal"] = principal
-        action, model = _classify(scope["method"], path)
-        if model is not None and principal.tenant is not None and self.tenant_of(model) != principal.tenant:
-            # Before the role check: an absent model and another tenant's must get the same answer.
-            raise ModelNotFound(model)
+        action, segment = _classify(scope["method"], path)
+        if segment and principal.tenant is not None:
+            parts = path.split("/")
+            if len(parts) > segment and parts[segment]:
+                model = qualify(principal.tenant, parts[segment])
+                if model != parts[segment]:  # the route sees the name in the caller's namespace
+                    parts[segment] = model
+                    scope["path"] = "/".join(parts)
+                    scope["raw_path"] = quote(scope["path"]).encode("ascii")
+                if self.tenant_of(model) != principal.tenant:
+                    # Before the role check: an absent model and another tenant's get the same answer.
+                    raise ModelNotFound(model)
         if action is Action.ADMIN and not principal.is_admin:
             raise Forbidden(f"{path} is for admin keys; this key is a {principal.role.value} key")
         if action is Action.DEPLOY and not principal.can_deploy:
@@ -283,6 +302,11 @@ def visible(request: Request, tenant: str) -> bool:
     return principal_of(request).sees(tenant)
 
 
+def qualified(request: Request, name: str) -> str:
+    """For routes that read a model name from the body: the name in the caller's namespace."""
+    return qualify(principal_of(request).tenant, name)
+
+
 def check_model(request: Request, name: str, tenant: str) -> None:
     """For routes that read a model name from the body: another tenant's model is not there."""
     if not principal_of(request).sees(tenant):
@@ -290,13 +314,23 @@ def check_model(request: Request, name: str, tenant: str) -> None:
 
 
 def scope_spec(request: Request, spec: DeploySpec) -> DeploySpec:
-    """The spec with its tenant settled: a deployer's own; an admin's choice, or the default tenant."""
+    """The spec with its tenant settled and its name in that tenant's namespace.
+
+    A deployer's tenant is its own; an admin's is the spec's ``tenant``, or the one a qualified name
+    (``acme+m``) says, or the default tenant.
+    """
     principal = principal_of(request)
+    name = str(spec.name)
+    prefix, separator, _ = name.rpartition(TENANT_SEPARATOR)
     if principal.tenant is None:
-        return spec if spec.tenant is not None else spec.model_copy(update={"tenant": DEFAULT_TENANT})
-    if spec.tenant not in (None, principal.tenant):
-        raise Forbidden(f"a key of tenant '{principal.tenant}' deploys only into '{principal.tenant}'")
-    return spec.model_copy(update={"tenant": principal.tenant})
+        tenant = spec.tenant or (prefix if separator else DEFAULT_TENANT)
+    else:
+        if spec.tenant not in (None, principal.tenant):
+            raise Forbidden(f"a key of tenant '{principal.tenant}' deploys only into '{principal.tenant}'")
+        tenant = principal.tenant
+    if separator and prefix != tenant:
+        raise InvalidInput(f"model name '{name}' is in tenant '{prefix}', not '{tenant}'; name it without a prefix")
+    return spec.model_copy(update={"tenant": tenant, "name": qualify(tenant, name)})
 
 
 def admit_deploy(request: Request, spec: DeploySpec, models: Iterable[Any]) -> DeploySpec:

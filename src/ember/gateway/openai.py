@@ -35,6 +35,7 @@ def routes(service: EmberService) -> list[Route]:
         name = body.get("model")
         if not isinstance(name, str):
             raise InvalidInput("'model' must be the name of a deployed embedding model (GET /v1/models lists them)")
+        name = auth.qualified(request, name)
         d = service.deployment(name)
         auth.check_model(request, name, str(d.extra.get("tenant", "default")))
         if d.metadata.task != "embeddings":
