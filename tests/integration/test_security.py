@@ -20,7 +20,9 @@ import tritonclient.http as triton_http
 from harness import EXAMPLES, REPO, Server, child_env, error_of, free_port, served
 from tritonclient.utils import InferenceServerException
 
-MODEL = "acme-linear"
+MODEL = "linear"
+#: Its name outside acme's namespace (what lists show; acme's keys may use either).
+FULL = "acme+linear"
 
 
 def make_key(server: Server, role: str, tenant: str | None = None) -> tuple[str, str]:
@@ -55,6 +57,7 @@ def keys(server: Server) -> dict[str, str]:
     }
     done = server.cli("deploy", f"{EXAMPLES / 'linear.py'}:Linear", "--name", MODEL, key=made["deployer"])
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert f"deployed {FULL} v1" in done.stdout
     return made
 
 
@@ -86,20 +89,22 @@ def test_requests_without_a_valid_key_are_refused(server: Server, keys: dict[str
 
 def test_tritonclient_calls_with_its_tenants_key_only(server: Server, keys: dict[str, str]) -> None:
     assert triton_infer(server, keys["invoker"]).shape == (1, 16)
-    assert triton_infer(server, keys["deployer"]).shape == (1, 16)
+    assert triton_infer(server, keys["deployer"], FULL).shape == (1, 16)
+    assert triton_infer(server, server.key, FULL).shape == (1, 16)  # the admin names it in full
     with pytest.raises(InferenceServerException, match="API key"):
         triton_infer(server, None)
-    with pytest.raises(InferenceServerException, match=f"model '{MODEL}' is not deployed"):
-        triton_infer(server, keys["other"])
+    for name in (MODEL, FULL):  # globex's key names globex+linear, or globex+acme+linear: neither exists
+        with pytest.raises(InferenceServerException, match="is not deployed"):
+            triton_infer(server, keys["other"], name)
 
 
 def test_openai_lists_and_calls_only_its_tenants_models(server: Server, keys: dict[str, str], minilm: str) -> None:
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key=keys["invoker"], max_retries=0, timeout=120) as acme:
-        assert [m.id for m in acme.models.list()] == [MODEL]
+        assert [m.id for m in acme.models.list()] == [FULL]
         with pytest.raises(openai.NotFoundError, match=f"model '{minilm}' is not deployed"):
             acme.embeddings.create(model=minilm, input=["hello"])  # the default tenant's model
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0, timeout=120) as admin:
-        assert {MODEL, minilm} <= {m.id for m in admin.models.list()}
+        assert {FULL, minilm} <= {m.id for m in admin.models.list()}
         assert len(admin.embeddings.create(model=minilm, input=["hello"]).data[0].embedding) == 384
     with (
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="ember_wrong", max_retries=0, timeout=120) as nobody,
@@ -112,7 +117,7 @@ def test_an_invoker_cannot_remove_and_another_tenant_cannot_see(server: Server, 
     refused = server.cli("rm", MODEL, key=keys["invoker"])
     assert refused.returncode == 1 and "deployer key" in refused.stderr
     hidden = server.cli("ls", "--json", key=keys["other"])
-    assert hidden.returncode == 0 and MODEL not in hidden.stdout
+    assert hidden.returncode == 0 and hidden.stdout.strip() == "[]"
     assert server.cli("rm", MODEL, key=keys["other"]).returncode == 1
     assert triton_infer(server, keys["invoker"]).shape == (1, 16)  # still there
 

@@ -7,6 +7,7 @@ of another tenant gets exactly the 404 an absent model gets.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import sqlite3
@@ -408,5 +409,38 @@ def test_models_of_different_tenants_never_share_a_worker(tmp_path):
         event = json.loads(r.text.splitlines()[-1])
         assert event["stage"] == "error" and "never share a worker" in event["error"]
         assert all("initech+i@1" not in w.loaded for w in world.service.backend.workers())
+
+    with_world(tmp_path, test)
+
+
+def _nested(depth: int) -> bytes:
+    return ('{"inputs": ' + "[" * depth + "1" + "]" * depth + "}").encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "fragment"),
+    [
+        # A 300 MB body of zeros, gzipped to about 300 KB: decompression stops at the limit.
+        ("/v2/models/a/infer", gzip.compress(bytes(300 << 20)), {"Content-Encoding": "gzip"}, 413, "268435456 bytes"),
+        ("/v1/embeddings", gzip.compress(bytes(20 << 20)), {"Content-Encoding": "gzip"}, 413, "16777216 bytes"),
+        ("/v2/models/a/infer", _nested(100), {}, 400, "nests 101 levels deep; the limit is 64"),
+        ("/admin/models", _nested(65), {}, 400, "nests 66 levels deep; the limit is 64"),
+        ("/v2/models/a/infer", b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [99999999999], "data": []}]}',
+         {}, 400, "over the limit of 67108864 elements"),
+        ("/v2/models/a/infer", json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [9, 4],
+         "data": [0.0] * 36}]}).encode(), {}, 400, "takes at most 8 per request"),
+        ("/admin/models", json.dumps({"source": "m.py:M", "name": "../../etc"}).encode(), {}, 400, "not allowed"),
+        ("/admin/models", json.dumps({"source": "m.py:M", "name": "a/b"}).encode(), {}, 400, "not allowed"),
+    ],
+)  # fmt: skip
+def test_edge_limits_answer_4xx_naming_the_limit_and_reach_no_worker(tmp_path, path, body, headers, status, fragment):
+    async def test(world: World) -> None:
+        batches = sum(len(w.batches) for w in world.service.backend.workers())
+        sent = {**headers, "Authorization": f"Bearer {world.keys['deployer']}"}
+        r = await world.client.post(path, content=body, headers=sent)
+        error = r.json()["error"]
+        assert r.status_code == status, r.text
+        assert fragment in (error["message"] if isinstance(error, dict) else error)
+        assert sum(len(w.batches) for w in world.service.backend.workers()) == batches
 
     with_world(tmp_path, test)

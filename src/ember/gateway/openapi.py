@@ -17,12 +17,12 @@ from starlette.routing import Route
 
 from ember import __version__
 from ember.auth.keys import Role
-from ember.config import NAME_PATTERN
+from ember.config import NAME_PATTERN, QUALIFIED_PATTERN
 from ember.gateway.tensors import DATATYPES
 
 __all__ = ["SCHEMA", "routes"]
 
-_NAME = {"type": "string", "pattern": NAME_PATTERN.pattern}
+_NAME = {"type": "string", "pattern": f"{NAME_PATTERN.pattern}|{QUALIFIED_PATTERN.pattern}"}
 _ERROR = {
     "description": "an error",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
