@@ -9,7 +9,8 @@ Both sides run in this process, on one event loop, against the same trivial Star
 directly as ASGI (no sockets, so the difference is the middleware alone):
 
 * baseline: the app; a request to ``/v2/models/m/infer`` with an ``Authorization`` header.
-* Ember: the same app behind ``AuthMiddleware`` with a live invoker key of the model's tenant, and
+* Ember: the same app behind ``AuthMiddleware`` with a live invoker key of the model's tenant
+  (so the path's model name is rewritten into the tenant's namespace, ``m`` to ``acme+m``), and
   that tenant under a rate quota (so the bucket is taken on every request; the rate is too high
   to refuse any).
 
@@ -48,7 +49,7 @@ def build(home: Path) -> tuple[Any, Any, str]:
     guard = Guard(Registry(home / "registry.sqlite"), WallClock(), home)
     key = guard.create_key(Role.INVOKER, "acme").secret
     guard.set_quota(TenantQuota("acme", rate_per_s=1e12, burst=10**9))
-    guarded = AuthMiddleware(app, guard=guard, tenant_of=lambda name: "acme" if name == "m" else None)
+    guarded = AuthMiddleware(app, guard=guard, tenant_of=lambda name: "acme" if name == "acme+m" else None)
     return app, guarded, key
 
 

@@ -101,8 +101,8 @@ def test_tritonclient_calls_with_its_tenants_key_only(server: Server, keys: dict
 def test_openai_lists_and_calls_only_its_tenants_models(server: Server, keys: dict[str, str], minilm: str) -> None:
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key=keys["invoker"], max_retries=0, timeout=120) as acme:
         assert [m.id for m in acme.models.list()] == [FULL]
-        with pytest.raises(openai.NotFoundError, match=f"model '{minilm}' is not deployed"):
-            acme.embeddings.create(model=minilm, input=["hello"])  # the default tenant's model
+        with pytest.raises(openai.NotFoundError, match=f"model 'acme\\+{minilm}' is not deployed"):
+            acme.embeddings.create(model=minilm, input=["hello"])  # names acme+minilm: the default's is out of reach
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0, timeout=120) as admin:
         assert {FULL, minilm} <= {m.id for m in admin.models.list()}
         assert len(admin.embeddings.create(model=minilm, input=["hello"]).data[0].embedding) == 384

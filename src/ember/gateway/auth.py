@@ -31,7 +31,6 @@ from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -275,7 +274,8 @@ class AuthMiddleware:
                 if model != parts[segment]:  # the route sees the name in the caller's namespace
                     parts[segment] = model
                     scope["path"] = "/".join(parts)
-                    scope["raw_path"] = quote(scope["path"]).encode("ascii")
+                    # Routing reads "path"; "raw_path" only has to agree (names are ASCII; junk is refused later).
+                    scope["raw_path"] = scope["path"].encode("utf-8", "surrogateescape")
                 if self.tenant_of(model) != principal.tenant:
                     # Before the role check: an absent model and another tenant's get the same answer.
                     raise ModelNotFound(model)
