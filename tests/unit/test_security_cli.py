@@ -93,3 +93,12 @@ def test_keys_commands_print_the_servers_refusal(monkeypatch):
     assert result.exit_code == 1 and "for admin keys" in result.output
     bad_role = runner.invoke(app, ["keys", "create", "--role", "root"])
     assert bad_role.exit_code == 2
+
+
+def test_serve_refuses_an_admin_key_file_others_can_read(tmp_path):
+    key_file = tmp_path / "admin.key"
+    key_file.write_text("ember_" + "k" * 43 + "\n")
+    key_file.chmod(0o644)
+    result = runner.invoke(app, ["serve", "--host", "127.0.0.1", "--port", "0", "--home", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert f"chmod 600 {key_file}" in result.output
