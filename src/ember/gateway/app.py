@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ember.errors import EmberError, InternalError
-from ember.gateway import admin, auth, oip, openai, openapi
+from ember.gateway import admin, auth, keys, oip, openai, openapi
 from ember.gateway.edge import error_response
 from ember.service import EmberService
 
@@ -73,7 +73,7 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Starlette:
         Route("/", dashboard, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *admin.routes(service),
-        *auth.routes(guard),
+        *keys.routes(guard),
         *openapi.routes(),
     ]
     app = Starlette(

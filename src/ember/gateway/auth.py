@@ -1,4 +1,4 @@
-"""Who may call what: the key check on every request, tenant scoping, quotas, and the key admin API.
+"""Who may call what: the key check on every request, tenant namespaces and scoping, quotas.
 
 :class:`Guard` holds every live key's hash and the principal it stands for, and one token bucket per
 tenant with a rate quota. :class:`AuthMiddleware` runs it before any route: a dict lookup of the
@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ember.auth.keyfile import ensure_admin_key
@@ -45,7 +43,6 @@ from ember.auth.keys import (
     NewKey,
     Principal,
     Role,
-    check_tenant_name,
     hash_key,
     new_key,
     qualify,
@@ -62,7 +59,7 @@ from ember.errors import (
     TooLarge,
     Unauthorized,
 )
-from ember.gateway.edge import error_response, read_json
+from ember.gateway.edge import error_response
 from ember.registry import Registry
 
 __all__ = [
@@ -73,7 +70,6 @@ __all__ = [
     "check_model",
     "principal_of",
     "qualified",
-    "routes",
     "visible",
 ]
 
@@ -340,65 +336,3 @@ def admit_deploy(request: Request, spec: DeploySpec, models: Iterable[Any]) -> D
     if isinstance(guard, Guard):
         guard.check_deploy(scoped, models)
     return scoped
-
-
-def routes(guard: Guard) -> list[Route]:
-    """``/admin/keys`` and ``/admin/tenants``: the middleware lets only admin keys through."""
-
-    async def list_keys(request: Request) -> Response:
-        revoked = request.query_params.get("revoked", "false") == "true"
-        return JSONResponse([k.to_json() for k in guard.api_keys(include_revoked=revoked)])
-
-    async def create_key(request: Request) -> Response:
-        body = await read_json(request, limit=64 * 1024)
-        if not isinstance(body, dict) or not isinstance(body.get("role"), str):
-            raise InvalidInput('the body must be a JSON object like {"role": "invoker", "tenant": "acme"}')
-        try:
-            role = Role(body["role"])
-        except ValueError:
-            raise InvalidInput(f"role must be admin, deployer or invoker, not {body['role']!r}") from None
-        tenant, label = body.get("tenant"), body.get("label", "")
-        if (tenant is not None and not isinstance(tenant, str)) or not isinstance(label, str):
-            raise InvalidInput("'tenant' and 'label' must be strings")
-        try:
-            made = guard.create_key(role, tenant, label)
-        except ValueError as exc:
-            raise InvalidInput(str(exc)) from exc
-        return JSONResponse({"key": made.secret, **made.record.to_json()}, status_code=201)
-
-    async def revoke_key(request: Request) -> Response:
-        key_id = request.path_params["key_id"]
-        guard.revoke_key(key_id)
-        return JSONResponse({"revoked": key_id})
-
-    async def list_tenants(request: Request) -> Response:
-        return JSONResponse([q.to_json() for q in guard.quotas()])
-
-    async def set_tenant(request: Request) -> Response:
-        name = request.path_params["tenant"]
-        body = await read_json(request, limit=64 * 1024)
-        if not isinstance(body, dict):
-            raise InvalidInput('the body must be a JSON object like {"rate_per_s": 100, "max_models": 10}')
-        fields = {"rate_per_s", "burst", "max_models", "max_bytes"}
-        unknown = sorted(set(body) - fields)
-        if unknown:
-            raise InvalidInput(f"unknown quota field(s) {', '.join(unknown)}; use {', '.join(sorted(fields))}")
-        for field, value in body.items():
-            kind = (int, float) if field == "rate_per_s" else (int,)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-                what = "a number" if field == "rate_per_s" else "an integer"
-                raise InvalidInput(f"quota '{field}' must be {what} or null, not {value!r}")
-        try:
-            quota = TenantQuota(check_tenant_name(name), **body)
-        except (ValueError, TypeError) as exc:
-            raise InvalidInput(str(exc)) from exc
-        guard.set_quota(quota)
-        return JSONResponse(quota.to_json())
-
-    return [
-        Route("/admin/keys", list_keys, methods=["GET"]),
-        Route("/admin/keys", create_key, methods=["POST"]),
-        Route("/admin/keys/{key_id}", revoke_key, methods=["DELETE"]),
-        Route("/admin/tenants", list_tenants, methods=["GET"]),
-        Route("/admin/tenants/{tenant}", set_tenant, methods=["PUT"]),
-    ]
