@@ -24,7 +24,7 @@ from ember.cluster.base import ClusterBackend
 from ember.cluster.local import LocalBackend
 from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
 from ember.controller import Controller
-from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ShuttingDown
+from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ModelUnavailable, ShuttingDown
 from ember.metrics import Metrics
 from ember.policies import DeadlineBatcher, FixedKeepAlive, LeastLoaded, TenantIsolated
 from ember.registry import DeploymentRecord, Registry
@@ -210,7 +210,13 @@ class EmberService:
             worker = self.backend.workers()
             if not worker:
                 raise ShuttingDown("no worker is ready to import the model; retry in a few seconds", 5.0)
-            chosen = min(worker, key=lambda w: w.in_flight)
+            chosen = self.controller.import_worker(str(spec.tenant or "default"))
+            if chosen is None:
+                raise ModelUnavailable(
+                    f"no worker is free to import '{record.name}': models of different tenants never share a "
+                    "worker, and every worker holds another tenant's models; add workers, or retry later",
+                    10.0,
+                )
             try:
                 described = await chosen.import_model(ref, options, str(staging))
             except ModelFailed as exc:

@@ -138,4 +138,8 @@ def test_tenant_isolation_keeps_other_tenants_models_off_a_worker():
     assert policy.choose("m", 5, "auto", workers, "acme") == "a"  # its own tenant's worker
     assert policy.choose("m", 5, "auto", workers, "initech") == "c"  # an empty one
     assert policy.choose("m", 5, "auto", workers[:2], "initech") is None  # none free of others
-    assert policy.choose("m", 5, "auto", (workers[0], hosting("c")), "acme") == "c"  # the inner policy spreads
+    assert policy.choose("m", 5, "auto", (workers[0], hosting("c")), "acme") == "c"  # alone, it spreads
+    # With another tenant there, acme keeps to its worker and leaves the empty one to newcomers.
+    assert policy.choose("m", 5, "auto", (workers[0], workers[1], hosting("c")), "acme") == "a"
+    unready = WorkerView("a", False, "cpu", ("m0",), 10, 0, frozenset({"acme"}))
+    assert policy.choose("m", 5, "auto", (unready, workers[1], hosting("c")), "acme") == "c"  # its own is down

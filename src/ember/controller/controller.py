@@ -88,6 +88,14 @@ class Controller:
                 await model.worker.unload(model.deployment.key)
         self._metrics.forget(name, str(model.deployment.version))
 
+    def import_worker(self, tenant: str) -> WorkerHandle | None:
+        """The worker to run a deploy-time import of ``tenant``'s model: placement decides, as for a load,
+        so a tenant's import never runs beside another tenant's models. None: no worker qualifies."""
+        workers = {w.id: w for w in self._backend.workers()}
+        views = tuple(self._worker_view(w) for w in workers.values())
+        choice = self._placement.choose("", 0, "auto", views, tenant)
+        return None if choice is None else workers[choice]
+
     # -- what the rest asks ------------------------------------------------------------------------
 
     def tier(self, name: str) -> Tier:

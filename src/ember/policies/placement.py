@@ -52,8 +52,11 @@ class LeastLoaded:
 
 @dataclass(frozen=True)
 class TenantIsolated:
-    """Models of different tenants never share a worker process: ``inner`` chooses among the workers
-    that host nothing, or only models of the same tenant. None when every worker serves another tenant.
+    """Models of different tenants never share a worker process; ``inner`` chooses among the rest.
+
+    Alone in the pool, a tenant spreads over every worker as ``inner`` likes. Once another tenant is
+    there, a tenant that already has workers keeps to them, and empty workers are left for tenants
+    that have none. None when no worker qualifies.
     """
 
     inner: Placement = LeastLoaded()
@@ -62,6 +65,12 @@ class TenantIsolated:
         self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
     ) -> str | None:
         allowed = tuple(w for w in workers if w.tenants <= {tenant})
+        shared = any(w.tenants - {tenant} for w in workers)
+        own = tuple(w for w in allowed if w.tenants)
+        if shared and own:
+            choice = self.inner.choose(model, model_bytes, device, own, tenant)
+            if choice is not None:
+                return choice
         return self.inner.choose(model, model_bytes, device, allowed, tenant)
 
 
