@@ -98,7 +98,7 @@ class Guard:
         self._registry = registry
         self._clock = clock
         self.insecure = insecure
-        #: Set when this start made the admin key file (``ember serve`` says where it is).
+        #: The admin key this start made (and wrote to the home's key file), or None.
         self.made_admin_key: NewKey | None = ensure_admin_key(home, registry, clock.wall())
         self._principals: dict[str, Principal] = {}
         #: Keys presented lately that are live, as sent: skips the hash on the next request with one.
