@@ -101,10 +101,12 @@ class BearerAuth(InferenceServerClientPlugin):
 class Server:
     """One ``ember serve`` subprocess with its own home; restartable on the same home."""
 
-    def __init__(self, home: Path, workers: int = 2, tick_s: float | None = None) -> None:
+    def __init__(self, home: Path, workers: int = 2, tick_s: float | None = None, args: tuple[str, ...] = ()) -> None:
         self.home = home
         self.workers = workers
         self.tick_s = tick_s
+        #: More ``ember serve`` arguments (``--deploy SOURCE``, ...).
+        self.args = args
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._terminated = False
@@ -131,6 +133,7 @@ class Server:
         ]  # fmt: skip
         if self.tick_s is not None:
             command += ["--tick-s", str(self.tick_s)]
+        command += self.args
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 command,

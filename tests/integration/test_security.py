@@ -7,6 +7,7 @@ its own key; the admin deploys MiniLM into the default tenant; keys of ``acme`` 
 
 from __future__ import annotations
 
+import json
 import stat
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.http as triton_http
-from harness import EXAMPLES, REPO, Server, child_env, error_of, free_port, served
+from harness import EXAMPLES, REPO, Server, child_env, error_of, free_port, served, wait_until
 from tritonclient.utils import InferenceServerException
 
 MODEL = "linear"
@@ -38,7 +39,9 @@ def make_key(server: Server, role: str, tenant: str | None = None) -> tuple[str,
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with served(Server(tmp_path_factory.mktemp("security") / "home", workers=2)) as running:
+    """Started as the quick start starts it: deploying a model (the default tenant's ``linear``)."""
+    home = tmp_path_factory.mktemp("security") / "home"
+    with served(Server(home, workers=2, args=("--deploy", f"{EXAMPLES / 'linear.py'}:Linear"))) as running:
         yield running
 
 
@@ -78,6 +81,22 @@ def test_the_admin_key_file_is_private(server: Server) -> None:
     path = server.home / "admin.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text().strip() == server.key
+
+
+def test_the_printed_curl_sends_the_key_and_works(server: Server) -> None:
+    def printed() -> str | None:
+        lines = server.log_path.read_text().splitlines()
+        return next((line.strip() for line in lines if line.strip().startswith("curl ")), None)
+
+    curl = wait_until(printed, 180, "ember serve to print how to call the model")
+    assert f'-H "Authorization: Bearer $(cat {server.home / "admin.key"})"' in curl
+    done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outputs"][0]["shape"] == [1, 16]
+    keyless = subprocess.run(
+        ["bash", "-c", curl.replace("Authorization", "X-Nothing")], capture_output=True, text=True, timeout=120
+    )
+    assert "API key" in json.loads(keyless.stdout)["error"]
 
 
 def test_requests_without_a_valid_key_are_refused(server: Server, keys: dict[str, str]) -> None:
