@@ -77,6 +77,8 @@ __all__ = [
 MAX_HEADER_BYTES = 16 * 1024
 #: Live keys remembered as sent (see ``Guard._seen``).
 SEEN_KEYS = 4096
+#: (tenant, method, path) classifications remembered (see ``AuthMiddleware._route``).
+ROUTES_REMEMBERED = 4096
 
 PUBLIC_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/openapi.json", "/"})
 
@@ -230,6 +232,7 @@ class AuthMiddleware:
         self.guard = guard
         #: name -> the model's tenant, or None when no such model is deployed.
         self.tenant_of = tenant_of
+        self._routes: dict[tuple[str | None, str, str], tuple[Action, str | None, str | None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -244,6 +247,23 @@ class AuthMiddleware:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    def _route(self, tenant: str | None, method: str, path: str) -> tuple[Action, str | None, str | None]:
+        """What the request does, the model a tenant key names (in its namespace), and the path to route
+        if the name changed; remembered, as requests repeat the same few paths."""
+        action, segment = _classify(method, path)
+        model = rewritten = None
+        if segment and tenant is not None:
+            parts = path.split("/")
+            if len(parts) > segment and parts[segment]:
+                model = qualify(tenant, parts[segment])
+                if model != parts[segment]:
+                    parts[segment] = model
+                    rewritten = "/".join(parts)
+        if len(self._routes) >= ROUTES_REMEMBERED:
+            self._routes.clear()
+        self._routes[(tenant, method, path)] = route = (action, model, rewritten)
+        return route
 
     def _check(self, scope: Scope) -> None:
         key: bytes | None = None
@@ -262,19 +282,17 @@ class AuthMiddleware:
             return
         principal = self.guard.authenticate(key)
         scope["ember.principal"] = principal
-        action, segment = _classify(scope["method"], path)
-        if segment and principal.tenant is not None:
-            parts = path.split("/")
-            if len(parts) > segment and parts[segment]:
-                model = qualify(principal.tenant, parts[segment])
-                if model != parts[segment]:  # the route sees the name in the caller's namespace
-                    parts[segment] = model
-                    scope["path"] = "/".join(parts)
-                    # Routing reads "path"; "raw_path" only has to agree (names are ASCII; junk is refused later).
-                    scope["raw_path"] = scope["path"].encode("utf-8", "surrogateescape")
-                if self.tenant_of(model) != principal.tenant:
-                    # Before the role check: an absent model and another tenant's get the same answer.
-                    raise ModelNotFound(model)
+        route = self._routes.get((principal.tenant, scope["method"], path))
+        if route is None:
+            route = self._route(principal.tenant, scope["method"], path)
+        action, model, rewritten = route
+        if rewritten is not None:  # the route sees the name in the caller's namespace
+            scope["path"] = rewritten
+            # Routing reads "path"; "raw_path" only has to agree (names are ASCII; junk is refused later).
+            scope["raw_path"] = rewritten.encode("utf-8", "surrogateescape")
+        if model is not None and self.tenant_of(model) != principal.tenant:
+            # Before the role check: an absent model and another tenant's get the same answer.
+            raise ModelNotFound(model)
         if action is Action.ADMIN and not principal.is_admin:
             raise Forbidden(f"{path} is for admin keys; this key is a {principal.role.value} key")
         if action is Action.DEPLOY and not principal.can_deploy:
