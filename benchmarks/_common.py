@@ -148,9 +148,14 @@ def ember_server(
     threads: int | None = None,
     options: Sequence[str] = (),
 ) -> Server:
-    """``python -m ember.cli serve`` on ``port`` with its own ``home``; its log is ``home/serve.log``."""
+    """``python -m ember.cli serve`` on ``port`` with its own ``home``; its log is ``home/serve.log``.
+
+    ``--insecure`` (loopback only): the load generators send no API key. Requests still pass the
+    gateway's key check, which lets them through as admin.
+    """
     home.mkdir(parents=True, exist_ok=True)
     args = [PYTHON, "-m", "ember.cli", "serve", "--workers", str(workers), "--port", str(port), "--home", str(home)]
+    args += ["--insecure"]
     if tick_s is not None:
         args += ["--tick-s", str(tick_s)]
     if threads is not None:

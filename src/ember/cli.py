@@ -7,9 +7,11 @@
     ember load | unload | rm NAME         make hot now, demote to cool, remove
     ember store ls|import|verify|export|bench   the weight store, in --home (see ember.cli_store)
     ember sim SCENARIO [--json PATH]       replay a workload against the policies in virtual time (ember.cli_sim)
+    ember keys create|ls|revoke, ember tenants set|ls   API keys and quotas (see ember.cli_keys)
 
 Every command but ``serve`` and ``logs`` talks to a running server through :class:`ember.Client`
-(``--url``, or ``EMBER_URL``). An error prints ``error: <what to do>`` and exits 1.
+(``--url``, or ``EMBER_URL``) with an API key (``EMBER_API_KEY``, or the admin key file in
+``EMBER_HOME``, default ``~/.ember``). An error prints ``error: <what to do>`` and exits 1.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import json
 import os
 import re
@@ -36,6 +39,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ember import __version__
+from ember.auth.keys import ADMIN_KEY_FILE
+from ember.cli_keys import keys_app, tenants_app
 from ember.cli_sim import sim
 from ember.cli_store import store_app
 from ember.client import DEFAULT_URL, Client
@@ -62,6 +67,8 @@ app = typer.Typer(
 )
 app.add_typer(store_app)
 app.command("sim")(sim)
+app.add_typer(keys_app)
+app.add_typer(tenants_app)
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -134,12 +141,24 @@ def serve(
         list[str] | None,
         typer.Option("--deploy", help="Deploy SOURCE at startup unless a model of its name exists (repeatable)."),
     ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Serve requests without an API key as admin; loopback addresses only."),
+    ] = False,
 ) -> None:
-    """Run the Ember server until Ctrl-C or SIGTERM."""
+    """Run the Ember server until Ctrl-C or SIGTERM.
+
+    Requests need an API key; the first start writes an admin key to HOME/admin.key (mode 0600).
+    """
     from ember.service import ServeOptions
 
     if not _DEVICE.fullmatch(device):
         raise typer.BadParameter(f"{device!r}: use auto, cpu, cuda or cuda:N", param_hint="--device")
+    if insecure and not is_loopback(host):
+        _fail(
+            f"--insecure serves without API keys, so it listens only on a loopback address (127.0.0.1, ::1, "
+            f"localhost), not on {host}; drop --insecure and send keys, or use --host 127.0.0.1"
+        )
     specs = [_startup_spec(source) for source in deploy or ()]
     options = ServeOptions(
         home=home.expanduser(),
@@ -150,6 +169,7 @@ def serve(
         spare_workers=spare_workers,
         batch_timeout_s=batch_timeout_s,
         worker_memory_bytes=None if worker_memory_mb < 0 else worker_memory_mb << 20,
+        insecure=insecure,
     )
     try:
         sock = _bind(host, port)
@@ -157,6 +177,21 @@ def serve(
         _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or stop what uses it")
     with sock, _errors(None):
         _run(_serve(options, sock, specs))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback address (``localhost`` by name, too)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def _startup_spec(source: str) -> DeploySpec:
@@ -259,8 +294,13 @@ async def _serve(options: ServeOptions, sock: socket.socket, specs: Sequence[Dep
             gc.freeze()
             url = _url(sock)
             console.print(f"Ember serving on {url} ({options.workers} workers)", highlight=False)
+            key_file = None if options.insecure else options.home / ADMIN_KEY_FILE
+            if key_file is None:
+                console.print("--insecure: requests without an API key act as admin", style="yellow", highlight=False)
+            else:
+                console.print(f"admin API key: {key_file} (`ember keys create` makes more)", highlight=False)
             if specs:
-                deploying = asyncio.create_task(_deploy_at_startup(service, specs, url), name="ember-deploy")
+                deploying = asyncio.create_task(_deploy_at_startup(service, specs, url, key_file), name="ember-deploy")
         await serving
     finally:
         for sig in handled:
@@ -274,7 +314,9 @@ async def _serve(options: ServeOptions, sock: socket.socket, specs: Sequence[Dep
         await service.stop()
 
 
-async def _deploy_at_startup(service: EmberService, specs: Sequence[DeploySpec], url: str) -> None:
+async def _deploy_at_startup(
+    service: EmberService, specs: Sequence[DeploySpec], url: str, key_file: Path | None
+) -> None:
     from ember.errors import ModelNotFound
 
     for spec in specs:
@@ -300,7 +342,7 @@ async def _deploy_at_startup(service: EmberService, specs: Sequence[DeploySpec],
         deployment = service.deployment(name)
         inputs = [t.to_json() for t in deployment.metadata.inputs]
         console.print("call it:", highlight=False)
-        console.print(Text("  " + curl_example(url, name, deployment.metadata.task, inputs)))
+        console.print(Text("  " + curl_example(url, name, deployment.metadata.task, inputs, key_file)))
         console.print(Text("  ember ls"))
 
 
@@ -311,15 +353,21 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def curl_example(url: str, name: str, task: str | None, inputs: Sequence[Mapping[str, Any]]) -> str:
-    """A ready-to-paste ``curl`` for the model: ``/v1/embeddings`` for embedding models, else v2 infer."""
+def curl_example(
+    url: str, name: str, task: str | None, inputs: Sequence[Mapping[str, Any]], key_file: Path | None = None
+) -> str:
+    """A ready-to-paste ``curl`` for the model: ``/v1/embeddings`` for embedding models, else v2 infer.
+
+    With ``key_file`` it sends the key in that file as ``Authorization: Bearer``.
+    """
     if task == "embeddings":
         body: dict[str, Any] = {"model": name, "input": ["Ember keeps models warm."]}
         path = "/v1/embeddings"
     else:
         body = {"inputs": [_example_tensor(spec) for spec in inputs]}
         path = f"/v2/models/{name}/infer"
-    return f"curl -s {url}{path} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+    auth = "" if key_file is None else f' -H "Authorization: Bearer $(cat {key_file})"'
+    return f"curl -s {url}{path}{auth} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
 
 
 def _example_tensor(spec: Mapping[str, Any]) -> dict[str, Any]:

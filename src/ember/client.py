@@ -9,38 +9,49 @@ Protocol v2 with binary tensors (:meth:`Client.infer`) and the OpenAI embeddings
         ember.deploy("examples/minilm.py:MiniLM", slo_ms=50)
         vectors = ember.embed("minilm", ["hello", "world"])
 
+Every request carries an API key as ``Authorization: Bearer <key>``: the ``api_key`` argument, else
+``EMBER_API_KEY``, else, for a server on this machine (a loopback URL), the admin key file in
+``EMBER_HOME`` (default ``~/.ember``) when it is readable here, so the server's owner needs no setup.
+
 An error answer from the server comes back as the matching :mod:`ember.errors` class (400
-``InvalidInput``, 404 ``ModelNotFound``, 409 ``ModelExists``, 429 ``DeadlineUnmeetable``, 503
-``Overloaded`` with ``retry_after_s``, anything else ``EmberError``). Transport failures (the server
-is not running, the connection dropped) stay ``httpx`` errors.
+``InvalidInput``, 401 ``Unauthorized``, 403 ``Forbidden``, 404 ``ModelNotFound``, 409 ``ModelExists``,
+429 ``DeadlineUnmeetable``, 503 ``Overloaded`` with ``retry_after_s``, anything else ``EmberError``).
+Transport failures (the server is not running, the connection dropped) stay ``httpx`` errors.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import numpy as np
 import numpy.typing as npt
 
+from ember.auth.keyfile import read_key_file
+from ember.auth.keys import ADMIN_KEY_FILE
 from ember.clock import WallClock
 from ember.config import DeploySpec
 from ember.errors import (
     DeadlineUnmeetable,
     EmberError,
+    Forbidden,
     InvalidInput,
     ModelExists,
     ModelNotFound,
     Overloaded,
+    Unauthorized,
 )
 from ember.gateway.tensors import encode_infer_request, parse_infer_response
 
-__all__ = ["Client"]
+__all__ = ["Client", "find_api_key"]
 
 Array = npt.NDArray[Any]
 Progress = Callable[[dict[str, Any]], None]
@@ -59,9 +70,12 @@ class Client:
         timeout_s: float = 600,
         *,
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, transport=transport)
+        key = api_key or find_api_key(self.url)
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, transport=transport, headers=headers)
 
     def __enter__(self) -> Client:
         return self
@@ -175,6 +189,10 @@ class Client:
                 )
             time.sleep(min(interval_s, max(0.0, deadline - clock.now())))  # clock-ok: a client polling a server
 
+    def request_json(self, method: str, path: str, body: Any = None) -> Any:
+        """Any admin API call: ``body`` as JSON, the JSON answer back (``ember keys`` and ``ember tenants``)."""
+        return self._json(method, path, json=body)
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _json(self, method: str, path: str, json: Any = None) -> Any:
@@ -185,6 +203,26 @@ class Client:
             return response.json()
         except ValueError as exc:
             raise EmberError(f"{method} {path} answered with something that is not JSON: {exc}") from exc
+
+
+def find_api_key(url: str = DEFAULT_URL) -> str | None:
+    """``EMBER_API_KEY``, else the admin key file in ``EMBER_HOME`` (default ``~/.ember``), else None.
+
+    The file is read only for a server on this machine (a loopback ``url``): the local admin key is
+    never sent elsewhere.
+    """
+    key = os.environ.get("EMBER_API_KEY", "").strip()
+    if key:
+        return key
+    host = (urlsplit(url).hostname or "").lower()
+    if host != "localhost":
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return None
+        except ValueError:
+            return None
+    home = Path(os.environ.get("EMBER_HOME") or "~/.ember").expanduser()
+    return read_key_file(home / ADMIN_KEY_FILE)
 
 
 def _segment(name: str) -> str:
@@ -228,8 +266,12 @@ def _error_from_response(response: httpx.Response) -> EmberError:
 
 def _error_from(status: int, message: str, retry_after: str | None = None) -> EmberError:
     """The :mod:`ember.errors` class the server raised, rebuilt from its HTTP status and message."""
-    if status in (400, 413, 422):
+    if status in (400, 413, 422, 431):
         return InvalidInput(message)
+    if status == 401:
+        return Unauthorized(message)
+    if status == 403:
+        return Forbidden(message)
     if status == 404:
         # ModelNotFound builds its message from a name; here the server's message is already whole.
         error = ModelNotFound.__new__(ModelNotFound)

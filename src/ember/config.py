@@ -45,11 +45,15 @@ _ADAPTERS: dict[str, str] = {
 }
 
 
+#: A model name in a tenant's namespace: ``acme+resnet`` (see ``ember.auth.keys.qualify``).
+QUALIFIED_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\+[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name) or ".." in name:
+    if not (NAME_PATTERN.match(name) or QUALIFIED_PATTERN.match(name)) or ".." in name:
         raise ValueError(
             f"model name {name!r} is not allowed: use 1-63 letters, digits, '_', '-' or '.', starting with a "
-            "letter or digit"
+            "letter or digit (a tenant's model may be named TENANT+NAME)"
         )
     return name
 
@@ -77,6 +81,15 @@ class DeploySpec(BaseModel):
     device: str = "auto"
     options: dict[str, Any] = Field(default_factory=dict)
     compress: bool = False  # keep the cool copy compressed (ember.store.compress), if that saves 5%
+    #: The tenant that owns the model; set by the gateway from the caller's key (admins may choose).
+    tenant: str | None = None
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str | None) -> str | None:
+        from ember.auth.keys import check_tenant_name
+
+        return None if value is None else check_tenant_name(value)
 
     @field_validator("name")
     @classmethod

@@ -2,11 +2,15 @@
 
     EmberError                      500  (base; never raised bare)
     ├── InvalidInput                400  the request is malformed or does not fit the model
+    │   └── TooLarge                413/431  over an edge limit (body, headers); the message names it
+    ├── Unauthorized                401  no API key, or not a valid one
+    ├── Forbidden                   403  the key's role does not allow this (on a model it may see)
     ├── ModelNotFound               404  no deployment of that name (or not visible to the caller)
     ├── ModelExists                 409  a deployment of that name already exists
     ├── Refused                     (retryable; carries ``retry_after_s``)
     │   ├── Overloaded              503  a bounded queue is full
     │   ├── DeadlineUnmeetable      429  the request's deadline cannot be (or was not) met
+    │   ├── QuotaExceeded           429  the tenant is over its request rate or its model quota
     │   ├── ModelUnavailable        503  the model cannot be brought up right now
     │   └── ShuttingDown            503  the server is draining
     ├── WorkerCrashed               500  the worker running the batch died (after one retry)
@@ -27,6 +31,7 @@ __all__ = [
     "CorruptCheckpoint",
     "DeadlineUnmeetable",
     "EmberError",
+    "Forbidden",
     "InternalError",
     "InvalidInput",
     "ModelExists",
@@ -34,9 +39,12 @@ __all__ = [
     "ModelNotFound",
     "ModelUnavailable",
     "Overloaded",
+    "QuotaExceeded",
     "Refused",
     "ShuttingDown",
     "StorageFull",
+    "TooLarge",
+    "Unauthorized",
     "WorkerCrashed",
 ]
 
@@ -56,6 +64,24 @@ class EmberError(Exception):
 
 class InvalidInput(EmberError):
     http_status = 400
+
+
+class TooLarge(InvalidInput):
+    """Over an edge limit; 413 for a body, 431 for the request's headers."""
+
+    http_status = 413
+
+    def __init__(self, message: str, http_status: int = 413) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class Unauthorized(EmberError):
+    http_status = 401
+
+
+class Forbidden(EmberError):
+    http_status = 403
 
 
 class ModelNotFound(EmberError):
@@ -89,6 +115,10 @@ class Overloaded(Refused):
 
 
 class DeadlineUnmeetable(Refused):
+    http_status = 429
+
+
+class QuotaExceeded(Refused):
     http_status = 429
 
 

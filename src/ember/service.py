@@ -25,13 +25,14 @@ from ember.cluster.base import ClusterBackend
 from ember.cluster.local import LocalBackend, WorkerLimits, storage_full
 from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
 from ember.controller import Controller
-from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ShuttingDown
+from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ModelUnavailable, ShuttingDown
 from ember.metrics import Metrics
 from ember.policies import (
     HybridHistogramKeepAlive,
     LatestStartFirst,
     MemoryAwarePlacement,
     SloBatcher,
+    TenantIsolated,
     warmup_batch_sizes,
 )
 from ember.registry import DeploymentRecord, Registry
@@ -69,6 +70,8 @@ class ServeOptions:
     worker_memory_bytes: int | None = None
     #: Memory for weights per worker; None: unknown, placement never counts it full.
     device_memory_bytes: int | None = None
+    #: Let requests without an API key act as admin (``ember serve --insecure``, loopback only).
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class ModelInfo:
     bytes: int
     source: str
     created_at: float
+    tenant: str = "default"
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -130,7 +134,7 @@ class EmberService:
             self.store,
             self.backend,
             HybridHistogramKeepAlive(),
-            MemoryAwarePlacement(),
+            TenantIsolated(MemoryAwarePlacement()),
             self.metrics,
             options.tick_s,
             device_memory_bytes=options.device_memory_bytes,
@@ -243,7 +247,13 @@ class EmberService:
             worker = self.backend.workers()
             if not worker:
                 raise ShuttingDown("no worker is ready to import the model; retry in a few seconds", 5.0)
-            chosen = min(worker, key=lambda w: w.in_flight)
+            chosen = self.controller.import_worker(str(spec.tenant or "default"))
+            if chosen is None:
+                raise ModelUnavailable(
+                    f"no worker is free to import '{record.name}': models of different tenants never share a "
+                    "worker, and every worker holds another tenant's models; add workers, or retry later",
+                    10.0,
+                )
             try:
                 described = await chosen.import_model(ref, options, str(staging))
             except ModelFailed as exc:
@@ -296,6 +306,11 @@ class EmberService:
     def deployment(self, name: str) -> Deployment:
         return self.runner(name).deployment
 
+    def tenant_of(self, name: str) -> str | None:
+        """The tenant owning model ``name``, or None if no such model is deployed."""
+        runner = self._runners.get(name)
+        return None if runner is None else str(runner.deployment.extra.get("tenant", "default"))
+
     def info(self, name: str) -> ModelInfo:
         runner = self.runner(name)
         d = runner.deployment
@@ -317,6 +332,7 @@ class EmberService:
             bytes=d.metadata.bytes,
             source=str(d.extra.get("source", "")),
             created_at=d.created_at,
+            tenant=str(d.extra.get("tenant", "default")),
         )
 
     def models(self) -> list[ModelInfo]:
@@ -371,5 +387,5 @@ def _deployment(record: DeploymentRecord) -> Deployment:
         on_unmeetable=spec.on_unmeetable,
         warmup=spec.warmup,
         max_instances=spec.max_instances,
-        extra={"source": spec.source},
+        extra={"source": spec.source, "tenant": spec.tenant or "default"},
     )

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import tritonclient.http as triton_http
-from harness import EXAMPLES, Server, served
+from harness import EXAMPLES, BearerAuth, Server, served
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def triton(server: Server) -> Iterator[triton_http.InferenceServerClient]:
     client = triton_http.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=120.0)
+    client.register_plugin(BearerAuth(server.key))
     yield client
     client.close()
 

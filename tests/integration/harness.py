@@ -2,6 +2,10 @@
 
 Every server is ``python -m ember.cli serve`` on 127.0.0.1 with a port picked here and its own
 ``--home``; every CLI call is ``python -m ember.cli ... --url``. Nothing here mocks Ember.
+
+Servers run secure, as users get them: every request carries the admin key that the first start
+wrote to ``HOME/admin.key`` (:attr:`Server.key`; tritonclient through :class:`BearerAuth`, the CLI
+through ``EMBER_API_KEY``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 import tritonclient.http as triton_http
+from tritonclient._plugin import InferenceServerClientPlugin
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -87,21 +92,31 @@ def process_running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+class BearerAuth(InferenceServerClientPlugin):
+    """A tritonclient plugin sending ``Authorization: Bearer <key>`` on every call."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, request: Any) -> None:
+        request.headers["Authorization"] = f"Bearer {self.key}"
+
+
 class Server:
     """One ``ember serve`` subprocess with its own home; restartable on the same home."""
 
-    def __init__(
-        self, home: Path, workers: int = 2, tick_s: float | None = None, options: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, home: Path, workers: int = 2, tick_s: float | None = None, args: tuple[str, ...] = ()) -> None:
         self.home = home
         self.workers = workers
         self.tick_s = tick_s
-        self.options = options  # more `ember serve` options
+        #: More ``ember serve`` arguments (``--deploy SOURCE``, ...).
+        self.args = args
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._terminated = False
         self._worker_pids: list[int] = []
         self.http = httpx.Client(timeout=HTTP_TIMEOUT_S)
+        self.key = ""
         self.log_path = home.parent / f"{home.name}-serve.log"
 
     @property
@@ -122,7 +137,7 @@ class Server:
         ]  # fmt: skip
         if self.tick_s is not None:
             command += ["--tick-s", str(self.tick_s)]
-        command += self.options
+        command += self.args
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 command,
@@ -138,6 +153,17 @@ class Server:
         except BaseException:
             self.kill()
             raise
+        self.key = (self.home / "admin.key").read_text().strip()
+        self.http.headers["Authorization"] = f"Bearer {self.key}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The headers that carry the admin key."""
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def env(self) -> dict[str, str]:
+        """:func:`child_env` with the admin key, for CLI processes."""
+        return {**child_env(), "EMBER_API_KEY": self.key}
 
     def _ready(self) -> bool:
         assert self.proc is not None
@@ -210,13 +236,17 @@ class Server:
 
     # -- the CLI -----------------------------------------------------------------------------------
 
-    def cli(self, *args: str, with_url: bool = True, timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
-        """``python -m ember.cli ARGS --url URL`` (no ``--url`` with ``with_url=False``)."""
+    def cli(
+        self, *args: str, with_url: bool = True, timeout_s: float = 300.0, key: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``python -m ember.cli ARGS --url URL`` (no ``--url`` with ``with_url=False``), with the admin
+        key or ``key``."""
         command = [sys.executable, "-m", "ember.cli", *args]
         if with_url:
             command += ["--url", self.url]
+        env = self.env() if key is None else {**child_env(), "EMBER_API_KEY": key}
         return subprocess.run(
-            command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout_s, check=False
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
         )
 
     def deploy(self, source: str | Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -231,7 +261,7 @@ class Server:
             name: subprocess.Popen(
                 [sys.executable, "-m", "ember.cli", "deploy", *args, "--url", self.url],
                 cwd=REPO,
-                env=child_env(),
+                env=self.env(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

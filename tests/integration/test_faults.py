@@ -40,7 +40,7 @@ def test_killed_worker_loses_no_request(own: Server, tmp_path: Path) -> None:
     cold_starts = own.model("steady")["cold_starts"]
 
     with (
-        httpx.Client(timeout=180.0, limits=httpx.Limits(max_connections=SENT)) as http,
+        httpx.Client(timeout=180.0, limits=httpx.Limits(max_connections=SENT), headers=own.auth) as http,
         ThreadPoolExecutor(max_workers=SENT) as pool,
     ):
         futures: list[Future[httpx.Response]] = []

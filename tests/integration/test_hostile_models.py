@@ -24,7 +24,7 @@ LEAK_MB = 200
 @pytest.fixture(scope="module")
 def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     options = ("--batch-timeout-s", str(BATCH_TIMEOUT_S), "--worker-memory-mb", str(WORKER_MEMORY_MB))
-    with served(Server(tmp_path_factory.mktemp("hostile") / "home", workers=1, options=options)) as running:
+    with served(Server(tmp_path_factory.mktemp("hostile") / "home", workers=1, args=options)) as running:
         # A long SLO: a request that waited behind a hung batch is retried, not refused as late.
         running.deploy(f"{MODELS / 'echo.py'}:Echo", "--name", "bystander", "--slo-ms", "60000")
         yield running

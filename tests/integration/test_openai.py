@@ -16,7 +16,7 @@ TEXTS = ["Ember keeps models warm.", "A cat sleeps on the sofa.", "Serverless in
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[openai.OpenAI]:
     # No retries: every answer the test sees is the server's first.
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120.0) as client:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0, timeout=120.0) as client:
         yield client
 
 

@@ -69,7 +69,9 @@ def _with_app(tmp_path: Path, test, **profile: float) -> None:
             spec = DeploySpec(source=f"{model}:M", name="m", max_queue=2, max_batch_size=1, on_unmeetable="best_effort")
             await service.deploy(spec)
             transport = httpx.ASGITransport(app=build_app(service, manage_lifetime=False))
-            async with httpx.AsyncClient(transport=transport, base_url="http://ember") as client:
+            key = (tmp_path / "admin.key").read_text().strip()  # made by the app's first build on this home
+            headers = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(transport=transport, base_url="http://ember", headers=headers) as client:
                 await test(client, clock)
 
     run_in_virtual_time(main)

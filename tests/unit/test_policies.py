@@ -12,6 +12,7 @@ from ember.policies import (
     LeastLoaded,
     ModelView,
     QueueSnapshot,
+    TenantIsolated,
     WorkerView,
 )
 from ember.store import Tier
@@ -121,3 +122,26 @@ def test_placement_matches_the_device_and_says_none_when_nothing_fits():
     assert LeastLoaded().choose("m", 5, "cuda", workers) == "g"
     assert LeastLoaded().choose("m", 5, "cuda:1", workers) is None
     assert LeastLoaded().choose("m", 5, "auto", (_worker("x", ready=False),)) is None
+
+
+def test_tenant_isolation_keeps_other_tenants_models_off_a_worker():
+    def hosting(wid: str, *tenants: str, bytes_loaded: int = 0) -> WorkerView:
+        return WorkerView(
+            wid, True, "cpu", tuple(f"m{i}" for i in range(len(tenants))), bytes_loaded, 0, tenants=frozenset(tenants)
+        )
+
+    policy = TenantIsolated(LeastLoaded())
+    workers = (
+        hosting("a", "acme", bytes_loaded=10),
+        hosting("b", "globex", bytes_loaded=1),
+        hosting("c", bytes_loaded=50),
+    )
+    assert LeastLoaded().choose("m", 5, "auto", workers, "acme") == "b"  # the least loaded, whoever is there
+    assert policy.choose("m", 5, "auto", workers, "acme") == "a"  # its own tenant's worker
+    assert policy.choose("m", 5, "auto", workers, "initech") == "c"  # an empty one
+    assert policy.choose("m", 5, "auto", workers[:2], "initech") is None  # none free of others
+    assert policy.choose("m", 5, "auto", (workers[0], hosting("c")), "acme") == "c"  # alone, it spreads
+    # With another tenant there, acme keeps to its worker and leaves the empty one to newcomers.
+    assert policy.choose("m", 5, "auto", (workers[0], workers[1], hosting("c")), "acme") == "a"
+    unready = WorkerView("a", False, "cpu", ("m0",), 10, 0, tenants=frozenset({"acme"}))
+    assert policy.choose("m", 5, "auto", (unready, workers[1], hosting("c")), "acme") == "c"  # its own is down

@@ -127,6 +127,14 @@ class Controller:
         model.workers.clear()
         self._metrics.forget(name, str(model.deployment.version))
 
+    def import_worker(self, tenant: str) -> WorkerHandle | None:
+        """The worker to run a deploy-time import of ``tenant``'s model: placement decides, as for a load,
+        so a tenant's import never runs beside another tenant's models. None: no worker qualifies."""
+        workers = {w.id: w for w in self._backend.workers()}
+        views = tuple(self._worker_view(w) for w in workers.values())
+        choice = self._placement.choose("", 0, "auto", views, tenant)
+        return None if choice is None else workers[choice]
+
     # -- what the rest asks ------------------------------------------------------------------------
 
     def tier(self, name: str) -> Tier:
@@ -350,7 +358,10 @@ class Controller:
         while True:
             workers = {w.id: w for w in self._backend.workers() if not exclude or w.id not in exclude}
             views = tuple(self._worker_view(w, deployment) for w in workers.values())
-            choice = self._placement.choose(deployment.name, deployment.metadata.bytes, deployment.device, views)
+            tenant = str(deployment.extra.get("tenant", "default"))
+            choice = self._placement.choose(
+                deployment.name, deployment.metadata.bytes, deployment.device, views, tenant
+            )
             if choice is not None:
                 return workers[choice]
             if await self._evict_for(deployment, views, workers):
@@ -360,7 +371,8 @@ class Controller:
             if waited >= WORKER_WAIT_S:
                 raise ModelUnavailable(
                     f"no worker for device '{deployment.device}' is ready for '{deployment.name}' or has "
-                    f"{deployment.metadata.bytes} bytes free; check `ember status` and the worker logs",
+                    f"{deployment.metadata.bytes} bytes free (models of different tenants never share a worker); "
+                    "check `ember status` and the worker logs, or add workers",
                     retry_after_s=10.0,
                 )
             await self._clock.sleep(0.05)
@@ -400,9 +412,10 @@ class Controller:
             self._metrics.set_tier(name, self.tier(name).value)
         return bool(victims)
 
-    def _worker_view(self, worker: WorkerHandle, deployment: Deployment) -> WorkerView:
+    def _worker_view(self, worker: WorkerHandle, deployment: Deployment | None = None) -> WorkerView:
+        """``deployment``: the model being placed, whose warm weights every worker can map."""
         hosted = [m for m in self._models.values() if worker in m.workers]
-        warm = self._store.tier(deployment.key) is Tier.WARM  # the warm tier is host memory, shared
+        warm = deployment is not None and self._store.tier(deployment.key) is Tier.WARM  # host memory, shared
         return WorkerView(
             id=worker.id,
             ready=worker.alive,
@@ -411,7 +424,8 @@ class Controller:
             bytes_loaded=sum(m.deployment.metadata.bytes for m in hosted),
             in_flight=worker.in_flight,
             capacity_bytes=self._device_memory_bytes,
-            warm_models=(deployment.name,) if warm else (),
+            warm_models=(deployment.name,) if deployment is not None and warm else (),
+            tenants=frozenset(str(m.deployment.extra.get("tenant", "default")) for m in hosted),
         )
 
     def _worker_lost(self, worker: WorkerHandle) -> None:

@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from ember.config import DeploySpec
 from ember.errors import EmberError, InvalidInput
+from ember.gateway import auth
 from ember.gateway.edge import read_json
 from ember.service import EmberService
 
@@ -39,7 +40,7 @@ def parse_spec(body: Any) -> DeploySpec:
 
 def routes(service: EmberService) -> list[Route]:
     async def deploy(request: Request) -> Response:
-        spec = parse_spec(await read_json(request))
+        spec = auth.admit_deploy(request, parse_spec(await read_json(request)), service.models())
         load = request.query_params.get("load", "true") != "false"
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=64)
 
@@ -65,7 +66,7 @@ def routes(service: EmberService) -> list[Route]:
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     async def list_models(request: Request) -> Response:
-        return JSONResponse([m.to_json() for m in service.models()])
+        return JSONResponse([m.to_json() for m in service.models() if auth.visible(request, m.tenant)])
 
     async def get_model(request: Request) -> Response:
         return JSONResponse(service.info(request.path_params["name"]).to_json())

@@ -11,14 +11,15 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ember.errors import EmberError, InternalError
-from ember.gateway import admin, oip, openai
+from ember.gateway import admin, auth, keys, oip, openai, openapi
 from ember.gateway.edge import error_response
 from ember.service import EmberService
 
@@ -27,13 +28,16 @@ __all__ = ["build_app"]
 log = logging.getLogger("ember.gateway")
 
 
-def build_app(service: EmberService, manage_lifetime: bool = True) -> ASGIApp:
+def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
     """The app for ``service``; with ``manage_lifetime`` it starts and stops the service with the app.
 
-    ``POST .../infer`` goes straight to :func:`oip.serve_infer`; Starlette serves every other route
-    (and the lifespan). The infer route is the hot path: a router, two middlewares and a request and
-    a response object cost about as much as the rest of a small request's trip through the gateway.
+    Every request passes :class:`~ember.gateway.auth.AuthMiddleware` first (keys, tenants, quotas);
+    the first build on a home makes its admin key file. Then ``POST .../infer`` goes straight to
+    :func:`oip.serve_infer`, and Starlette serves every other route (and the lifespan). The infer
+    route is the hot path: a router, two middlewares and a request and a response object cost about
+    as much as the rest of a small request's trip through the gateway.
     """
+    guard = auth.Guard(service.registry, service.clock, service.home, insecure=service.options.insecure)
 
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -73,14 +77,17 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> ASGIApp:
         Route("/", dashboard, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *admin.routes(service),
+        *keys.routes(guard),
+        *openapi.routes(),
     ]
     starlette = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={EmberError: ember_error, HTTPException: http_error, Exception: unexpected},
     )
+    starlette.state.guard = guard
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             target = oip.infer_target(scope["path"])
             if target is not None:
@@ -94,7 +101,20 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> ASGIApp:
                 return
         await starlette(scope, receive, send)
 
-    return app
+    return Gateway(auth.AuthMiddleware(dispatch, guard=guard, tenant_of=service.tenant_of), starlette)
+
+
+class Gateway:
+    """The ASGI app :func:`build_app` makes; ``state`` (``state.guard``) and ``routes`` are the
+    Starlette app's."""
+
+    def __init__(self, app: ASGIApp, starlette: Starlette) -> None:
+        self._app = app
+        self.state: State = starlette.state
+        self.routes: list[BaseRoute] = starlette.routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
 
 
 _DASHBOARD = """<!doctype html>
@@ -109,9 +129,14 @@ table{border-collapse:collapse}td,th{padding:.3rem .8rem;border-bottom:1px solid
 <th>failed</th><th>queued</th><th>SLO (ms)</th><th>SLO met</th><th>last cold start</th></tr></thead>
 <tbody id="models"></tbody></table>
 <script>
+async function get(path){
+  const r=await fetch(path,{headers:{Authorization:'Bearer '+(localStorage.getItem('emberKey')||'')}});
+  if(r.status===401){const k=prompt('Ember admin API key (admin.key in the server home):');
+    if(k){localStorage.setItem('emberKey',k.trim());return get(path);}}
+  return r.json();
+}
 async function refresh(){
-  const [models,status]=await Promise.all([fetch('/admin/models').then(r=>r.json()),
-                                          fetch('/admin/status').then(r=>r.json())]);
+  const [models,status]=await Promise.all([get('/admin/models'),get('/admin/status')]);
   document.getElementById('status').textContent=
     `${status.models} models, ${status.workers.ready}/${status.workers.size} workers ready`;
   const rows=models.map(m=>{

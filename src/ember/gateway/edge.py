@@ -15,11 +15,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from ember.config import Deployment
-from ember.errors import EmberError, InvalidInput, Refused
-from ember.gateway.tensors import DATATYPES
+from ember.errors import EmberError, InvalidInput, Refused, TooLarge
+from ember.gateway.tensors import DATATYPES, json_too_deep
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "MAX_JSON_DEPTH",
     "ClientGone",
     "check_inputs",
     "decode_body",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
+MAX_JSON_DEPTH = 64
 
 
 #: A body that has begun must arrive whole within this many seconds: a client that trickles it holds
@@ -37,7 +39,7 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 BODY_TIMEOUT_S = 30.0
 
 
-class PayloadTooLarge(InvalidInput):
+class PayloadTooLarge(TooLarge):
     http_status = 413
 
 
@@ -45,7 +47,15 @@ class BodyTimeout(InvalidInput):
     http_status = 408
 
 
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def error_response(error: EmberError, openai: bool = False) -> Response:
@@ -153,6 +163,9 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
 
 async def read_json(request: Request, limit: int = 16 * 1024 * 1024) -> Any:
     body = await read_body(request, limit)
+    depth = json_too_deep(body, MAX_JSON_DEPTH)
+    if depth is not None:
+        raise InvalidInput(f"the body nests {depth} levels deep; the limit is {MAX_JSON_DEPTH} levels of JSON nesting")
     try:
         return json.loads(body) if body else None
     except (ValueError, RecursionError) as exc:

@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 from ember import __version__
 from ember.config import Deployment
 from ember.errors import EmberError, InvalidInput, ModelNotFound
+from ember.gateway import auth
 from ember.gateway.edge import ClientGone, check_inputs, error_response, read_body, read_json, receive_body
 from ember.gateway.tensors import encode_infer_response, parse_infer_request
 from ember.service import EmberService
@@ -108,7 +109,11 @@ def routes(service: EmberService) -> list[Route]:
     async def repository_index(request: Request) -> Response:
         await read_json(request)
         return JSONResponse(
-            [{"name": m.name, "version": str(m.version), "state": "READY", "reason": ""} for m in service.models()]
+            [
+                {"name": m.name, "version": str(m.version), "state": "READY", "reason": ""}
+                for m in service.models()
+                if auth.visible(request, m.tenant)
+            ]
         )
 
     async def repository_load(request: Request) -> Response:

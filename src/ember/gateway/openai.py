@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ember.errors import InvalidInput
+from ember.gateway import auth
 from ember.gateway.edge import read_json
 from ember.service import EmberService
 
@@ -34,7 +35,9 @@ def routes(service: EmberService) -> list[Route]:
         name = body.get("model")
         if not isinstance(name, str):
             raise InvalidInput("'model' must be the name of a deployed embedding model (GET /v1/models lists them)")
+        name = auth.qualified(request, name)
         d = service.deployment(name)
+        auth.check_model(request, name, str(d.extra.get("tenant", "default")))
         if d.metadata.task != "embeddings":
             raise InvalidInput(f"model '{name}' is not an embedding model; use /v2/models/{name}/infer")
         texts = _texts(body.get("input"))
@@ -78,6 +81,7 @@ def routes(service: EmberService) -> list[Route]:
                 "data": [
                     {"id": m.name, "object": "model", "created": int(m.created_at), "owned_by": "ember"}
                     for m in service.models()
+                    if auth.visible(request, m.tenant)
                 ],
             }
         )

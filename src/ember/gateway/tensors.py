@@ -42,6 +42,8 @@ __all__ = [
     "datatype_of",
     "encode_infer_request",
     "encode_infer_response",
+    "json_depth",
+    "json_too_deep",
     "parse_infer_request",
     "parse_infer_response",
 ]
@@ -80,9 +82,43 @@ class Limits:
     max_elements: int = 64 * 1024 * 1024
     max_inputs: int = 64
     max_bytes_element: int = 16 * 1024 * 1024
+    max_json_depth: int = 64
 
 
-_CLIENT_LIMITS = Limits(max_elements=2**62, max_inputs=2**31, max_bytes_element=2**32)
+_CLIENT_LIMITS = Limits(max_elements=2**62, max_inputs=2**31, max_bytes_element=2**32, max_json_depth=2**31)
+
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+
+
+def json_too_deep(text: bytes, limit: int) -> int | None:
+    """The nesting depth of JSON ``text`` if it is over ``limit``, else None.
+
+    Text with no more than ``limit`` opening brackets in all cannot be deeper: that check is two
+    ``bytes.count`` calls, so a small request pays next to nothing.
+    """
+    if text.count(b"[") + text.count(b"{") <= limit:
+        return None
+    depth = json_depth(text)
+    return depth if depth > limit else None
+
+
+def json_depth(text: bytes) -> int:
+    """How deep the arrays and objects of JSON ``text`` nest, counted without parsing it (C speed).
+
+    Drops escaped quotes, keeps only brackets and quotes, then counts brackets outside strings. On
+    malformed JSON the count may be off; the parser rejects such text anyway.
+    """
+    # Escaped backslashes first, then escaped quotes: what is left of '"' opens or closes a string.
+    unescaped = text.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in text else text
+    marks = unescaped.translate(None, _NOT_STRUCTURE)
+    if b"[" not in marks and b"{" not in marks:
+        return 0
+    outside = b"".join(marks.split(b'"')[::2])
+    if not outside:
+        return 0
+    codes = np.frombuffer(outside, dtype=np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1).astype(np.int64)
+    return int(np.cumsum(steps).max(initial=0))
 
 
 @dataclass(frozen=True)
@@ -113,7 +149,9 @@ def _json_names(types: Iterable[type]) -> str:
     return ", ".join(sorted({_JSON_TYPES.get(t, "null" if t is type(None) else t.__name__) for t in types}))
 
 
-def _load_json(body: bytes, header_length: int | None, what: str) -> tuple[dict[str, Any], int]:
+def _load_json(
+    body: bytes, header_length: int | None, what: str, max_depth: int = Limits.max_json_depth
+) -> tuple[dict[str, Any], int]:
     """Parse the JSON part; returns it and the offset where binary tensor data starts."""
     end = len(body)
     if header_length is not None:
@@ -128,6 +166,9 @@ def _load_json(body: bytes, header_length: int | None, what: str) -> tuple[dict[
             )
         end = header_length
     text = body if end == len(body) else body[:end]
+    depth = json_too_deep(text, max_depth)
+    if depth is not None:
+        raise InvalidInput(f"the {what} nests {depth} levels deep; the limit is {max_depth} levels of JSON nesting")
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -330,7 +371,7 @@ def _decode_tensors(
 
 def parse_infer_request(body: bytes, header_length: int | None, limits: Limits = Limits()) -> InferRequest:
     """Parse and validate an infer request body (``header_length``: Inference-Header-Content-Length)."""
-    obj, end = _load_json(body, header_length, "request")
+    obj, end = _load_json(body, header_length, "request", limits.max_json_depth)
     request_id = obj.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"request 'id' must be a string, got {_show(request_id)}")
@@ -488,7 +529,7 @@ def encode_infer_request(
 
 def parse_infer_response(body: bytes, header_length: int | None) -> dict[str, Array]:
     """Decode a response body (client side) into arrays of their declared shape; BYTES as ``bytes``."""
-    obj, end = _load_json(body, header_length, "response")
+    obj, end = _load_json(body, header_length, "response", _CLIENT_LIMITS.max_json_depth)
     raw = obj.get("outputs")
     if raw is None and "error" in obj:
         raise InvalidInput(f"the server answered with an error: {obj['error']}")

@@ -42,7 +42,14 @@ from ember.policies.keepalive import (
     Prewarm,
 )
 from ember.policies.latency import Bandwidths, LatencyModel, warmup_batch_sizes, windowed_quantile
-from ember.policies.placement import LeastLoaded, MemoryAwarePlacement, Placement, WorkerView, device_fits
+from ember.policies.placement import (
+    LeastLoaded,
+    MemoryAwarePlacement,
+    Placement,
+    TenantIsolated,
+    WorkerView,
+    device_fits,
+)
 
 __all__ = [
     "Autoscaler",
@@ -75,6 +82,7 @@ __all__ = [
     "ScaleView",
     "SloAutoscaler",
     "SloBatcher",
+    "TenantIsolated",
     "WorkerView",
     "admits",
     "device_fits",

@@ -19,7 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["LeastLoaded", "MemoryAwarePlacement", "Placement", "WorkerView", "device_fits"]
+__all__ = [
+    "DEFAULT_TENANT",
+    "LeastLoaded",
+    "MemoryAwarePlacement",
+    "Placement",
+    "TenantIsolated",
+    "WorkerView",
+    "device_fits",
+]
+
+DEFAULT_TENANT = "default"
 
 
 @dataclass(frozen=True)
@@ -41,10 +51,15 @@ class WorkerView:
     def free_bytes(self) -> int | None:
         return None if self.capacity_bytes is None else self.capacity_bytes - self.bytes_loaded
 
+    #: Tenants whose models are loaded there.
+    tenants: frozenset[str] = frozenset()
+
 
 class Placement(Protocol):
-    def choose(self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]) -> str | None:
-        """The id of the worker that should load ``model``, or None if none can."""
+    def choose(
+        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+    ) -> str | None:
+        """The id of the worker that should load ``model`` (of ``tenant``), or None if none can."""
         ...
 
 
@@ -52,7 +67,9 @@ class Placement(Protocol):
 class MemoryAwarePlacement:
     """Warm weights first, then the tightest memory fit, then the least loaded."""
 
-    def choose(self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]) -> str | None:
+    def choose(
+        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+    ) -> str | None:
         fits = [
             w
             for w in workers
@@ -77,12 +94,38 @@ class LeastLoaded:
     (``cuda`` matches ``cuda:N``). Ties break on the worker id, so the choice is repeatable.
     """
 
-    def choose(self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...]) -> str | None:
+    def choose(
+        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+    ) -> str | None:
         fits = [w for w in workers if w.ready and device_fits(device, w.device)]
         if not fits:
             return None
         best = min(fits, key=lambda w: (w.bytes_loaded, len(w.models), w.in_flight, w.id))
         return best.id
+
+
+@dataclass(frozen=True)
+class TenantIsolated:
+    """Models of different tenants never share a worker process; ``inner`` chooses among the rest.
+
+    Alone in the pool, a tenant spreads over every worker as ``inner`` likes. Once another tenant is
+    there, a tenant that already has workers keeps to them, and empty workers are left for tenants
+    that have none. None when no worker qualifies.
+    """
+
+    inner: Placement = LeastLoaded()
+
+    def choose(
+        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+    ) -> str | None:
+        allowed = tuple(w for w in workers if w.tenants <= {tenant})
+        shared = any(w.tenants - {tenant} for w in workers)
+        own = tuple(w for w in allowed if w.tenants)
+        if shared and own:
+            choice = self.inner.choose(model, model_bytes, device, own, tenant)
+            if choice is not None:
+                return choice
+        return self.inner.choose(model, model_bytes, device, allowed, tenant)
 
 
 def device_fits(wanted: str, have: str) -> bool:

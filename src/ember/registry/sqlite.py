@@ -4,6 +4,10 @@ A deployment is written in two steps. ``begin`` records it as *importing*; ``fin
 *ready* once its weights are in the store. A crash between the two leaves an *importing* row,
 which ``recover`` removes at the next start, so no half-deployed model is ever served.
 Versions count up per name and are never reused, even after ``remove``.
+
+The same database holds API keys (their hashes, never the keys) and tenants' quotas. Its schema
+version is SQLite's ``user_version``; opening an older home adds what it lacks, so homes made before
+keys existed keep working.
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.errors import ModelExists, ModelNotFound
+from ember.auth.keys import KeyRecord, Role
+from ember.auth.quota import TenantQuota
+from ember.errors import InvalidInput, ModelExists, ModelNotFound
 
 __all__ = ["DeploymentRecord", "Registry"]
+
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -31,6 +39,26 @@ CREATE TABLE IF NOT EXISTS deployments (
 CREATE TABLE IF NOT EXISTS versions (
     name TEXT PRIMARY KEY,
     last INTEGER NOT NULL
+);
+"""
+
+#: Version 2: API keys and tenants.
+_KEYS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL CHECK (role IN ('admin', 'deployer', 'invoker')),
+    tenant TEXT,
+    label TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS tenants (
+    name TEXT PRIMARY KEY,
+    rate_per_s REAL,
+    burst INTEGER,
+    max_models INTEGER,
+    max_bytes INTEGER
 );
 """
 
@@ -58,6 +86,17 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise InvalidInput(
+                f"the registry's schema is version {version}, newer than this Ember ({SCHEMA_VERSION}); upgrade Ember"
+            )
+        if version < 2:
+            self._db.executescript(_KEYS_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def begin(self, name: str, spec: dict[str, Any], created_at: float) -> DeploymentRecord:
         with self._lock, self._transaction():
@@ -121,6 +160,50 @@ class Registry:
             ).fetchall()
             self._db.execute("DELETE FROM deployments WHERE state = 'importing'")
         return [_record(row) for row in rows]
+
+    # -- keys and tenants --------------------------------------------------------------------------
+
+    def add_key(self, record: KeyRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (record.id, record.key_hash, record.role.value, record.tenant, record.label, record.created_at),
+            )
+
+    def api_keys(self, include_revoked: bool = False) -> list[KeyRecord]:
+        where = "" if include_revoked else " WHERE revoked_at IS NULL"
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, key_hash, role, tenant, label, created_at, revoked_at FROM api_keys"
+                + where
+                + " ORDER BY created_at, id"
+            ).fetchall()
+        return [
+            KeyRecord(str(i), str(h), Role(r), t, str(label), float(c), None if rv is None else float(rv))
+            for i, h, r, t, label, c, rv in rows
+        ]
+
+    def revoke_key(self, key_id: str, revoked_at: float) -> bool:
+        """Revoke the live key ``key_id``; False if there is none."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (revoked_at, key_id)
+            )
+        return cur.rowcount == 1
+
+    def set_quota(self, quota: TenantQuota) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO tenants VALUES (?, ?, ?, ?, ?)",
+                (quota.tenant, quota.rate_per_s, quota.burst, quota.max_models, quota.max_bytes),
+            )
+
+    def quotas(self) -> list[TenantQuota]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, rate_per_s, burst, max_models, max_bytes FROM tenants ORDER BY name"
+            ).fetchall()
+        return [TenantQuota(*row) for row in rows]
 
     def close(self) -> None:
         with self._lock:
