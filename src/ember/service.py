@@ -247,7 +247,7 @@ class EmberService:
             worker = self.backend.workers()
             if not worker:
                 raise ShuttingDown("no worker is ready to import the model; retry in a few seconds", 5.0)
-            chosen = self.controller.import_worker(str(spec.tenant or "default"))
+            chosen = await self.controller.import_worker(str(spec.tenant or "default"))
             if chosen is None:
                 raise ModelUnavailable(
                     f"no worker is free to import '{record.name}': models of different tenants never share a "

@@ -446,3 +446,29 @@ def test_edge_limits_answer_4xx_naming_the_limit_and_reach_no_worker(tmp_path, p
         assert sum(len(w.batches) for w in world.service.backend.workers()) == batches
 
     with_world(tmp_path, test)
+
+
+def test_a_worker_that_ran_one_tenants_code_is_recycled_before_another_tenant_uses_it(tmp_path):
+    model = tmp_path / "model.py"
+    model.write_text("class M: ...\n")
+
+    async def main(clock: VirtualClock) -> None:
+        backend = FakeBackend(clock, size=1)
+        options = ServeOptions(home=tmp_path / "home", warm_root=tmp_path / "shm")
+        async with EmberService(options, clock=clock, backend=backend) as service:
+            await service.deploy(DeploySpec(source=f"{model}:M", name="acme+a", tenant="acme"))
+            (first,) = backend.workers()
+            await service.remove("acme+a")  # the worker is empty again, but acme's code has run in it
+            assert backend.workers() == (first,) and backend.restarts == 0
+
+            await service.deploy(DeploySpec(source=f"{model}:M", name="globex+g", tenant="globex"))
+
+            (second,) = backend.workers()
+            assert second is not first and not first.alive
+            assert backend.restarts == 1
+            assert "globex+g@1" in second.loaded
+            # The same tenant again reuses its own worker: no recycling.
+            await service.deploy(DeploySpec(source=f"{model}:M", name="globex+h", tenant="globex"))
+            assert backend.workers() == (second,) and backend.restarts == 1
+
+    run_in_virtual_time(main)

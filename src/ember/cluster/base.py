@@ -49,6 +49,10 @@ class ClusterBackend(Protocol):
         """The workers that are up and ready now."""
         ...
 
+    async def recycle(self, worker: WorkerHandle) -> None:
+        """Stop ``worker`` and start a fresh one in its place (as for a worker that died)."""
+        ...
+
     def on_worker_lost(self, callback: Callable[[WorkerHandle], None]) -> None:
         """Call ``callback`` once for each worker that dies; the backend replaces it."""
         ...

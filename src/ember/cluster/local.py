@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ember.cluster.base import WorkerHandle
 from ember.errors import EmberError, InternalError, ModelFailed, StorageFull, WorkerCrashed
 from ember.worker.protocol import (
     Arrays,
@@ -268,6 +269,10 @@ class LocalWorker:
             if not self._closing and self._lost_callback is not None:
                 self._lost_callback(self)
 
+    async def kill(self) -> None:
+        """SIGKILL the process; its reader then reports it lost, as for any death."""
+        await self._kill()
+
     async def _kill(self) -> None:
         self._alive = False
         if self._process is not None and self._process.returncode is None:
@@ -348,6 +353,11 @@ class LocalBackend:
 
     def workers(self) -> tuple[LocalWorker, ...]:
         return tuple(w for w in self._workers.values() if w.alive)
+
+    async def recycle(self, worker: WorkerHandle) -> None:
+        """Kill ``worker``: the pool treats it as lost (a spare takes its place; a new one starts)."""
+        if isinstance(worker, LocalWorker):
+            await worker.kill()
 
     def on_worker_lost(self, callback: Callable[[LocalWorker], None]) -> None:
         self._callbacks.append(callback)

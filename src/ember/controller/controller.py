@@ -100,6 +100,9 @@ class Controller:
         self._eviction = eviction or ExpectedCostEviction()
         self._bandwidths = bandwidths or Bandwidths()
         self._device_memory_bytes = device_memory_bytes
+        #: Worker id -> the tenants whose code has run there (loaded or imported). A worker keeps
+        #: what a model left in its process, so it never serves another tenant: it is recycled first.
+        self._tenants_seen: dict[str, set[str]] = {}
         self._metrics = metrics
         self._tick_s = tick_s
         self._models: dict[str, _Model] = {}
@@ -127,13 +130,26 @@ class Controller:
         model.workers.clear()
         self._metrics.forget(name, str(model.deployment.version))
 
-    def import_worker(self, tenant: str) -> WorkerHandle | None:
+    async def import_worker(self, tenant: str) -> WorkerHandle | None:
         """The worker to run a deploy-time import of ``tenant``'s model: placement decides, as for a load,
-        so a tenant's import never runs beside another tenant's models. None: no worker qualifies."""
-        workers = {w.id: w for w in self._backend.workers()}
-        views = tuple(self._worker_view(w) for w in workers.values())
-        choice = self._placement.choose("", 0, "auto", views, tenant)
-        return None if choice is None else workers[choice]
+        so a tenant's import never runs beside another tenant's models (an idle worker that ran another
+        tenant's code is recycled for it). None: no worker qualifies."""
+        waited, recycled = 0.0, False
+        while True:
+            workers = {w.id: w for w in self._backend.workers()}
+            views = tuple(self._worker_view(w) for w in workers.values())
+            choice = self._placement.choose("", 0, "auto", views, tenant)
+            if choice is not None:
+                self._tenants_seen.setdefault(choice, set()).add(tenant)
+                return workers[choice]
+            if not recycled:
+                recycled = await self._recycle_for(tenant, views, workers)
+                if not recycled:
+                    return None
+            if waited >= WORKER_WAIT_S:
+                return None
+            await self._clock.sleep(0.05)
+            waited += 0.05
 
     # -- what the rest asks ------------------------------------------------------------------------
 
@@ -363,9 +379,12 @@ class Controller:
                 deployment.name, deployment.metadata.bytes, deployment.device, views, tenant
             )
             if choice is not None:
+                self._tenants_seen.setdefault(choice, set()).add(tenant)
                 return workers[choice]
             if await self._evict_for(deployment, views, workers):
                 continue
+            if await self._recycle_for(tenant, views, workers):
+                continue  # its replacement, fresh, comes up while this loop waits
             if not wait:
                 return None
             if waited >= WORKER_WAIT_S:
@@ -412,6 +431,20 @@ class Controller:
             self._metrics.set_tier(name, self.tier(name).value)
         return bool(victims)
 
+    async def _recycle_for(self, tenant: str, views: tuple[WorkerView, ...], workers: dict[str, WorkerHandle]) -> bool:
+        """Recycle an idle worker that only another tenant's code has run in, so ``tenant`` gets a fresh
+        process; True if one was."""
+        idle = [
+            v for v in views if v.ready and not v.models and v.in_flight == 0 and v.tenants and tenant not in v.tenants
+        ]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda v: v.id)
+        _log.info("recycling worker %s (it ran tenants %s) for tenant %s", victim.id, sorted(victim.tenants), tenant)
+        self._tenants_seen.pop(victim.id, None)
+        await self._backend.recycle(workers[victim.id])
+        return True
+
     def _worker_view(self, worker: WorkerHandle, deployment: Deployment | None = None) -> WorkerView:
         """``deployment``: the model being placed, whose warm weights every worker can map."""
         hosted = [m for m in self._models.values() if worker in m.workers]
@@ -425,10 +458,12 @@ class Controller:
             in_flight=worker.in_flight,
             capacity_bytes=self._device_memory_bytes,
             warm_models=(deployment.name,) if deployment is not None and warm else (),
-            tenants=frozenset(str(m.deployment.extra.get("tenant", "default")) for m in hosted),
+            tenants=frozenset(str(m.deployment.extra.get("tenant", "default")) for m in hosted)
+            | frozenset(self._tenants_seen.get(worker.id, ())),
         )
 
     def _worker_lost(self, worker: WorkerHandle) -> None:
+        self._tenants_seen.pop(worker.id, None)
         for name, model in self._models.items():
             if worker in model.workers:
                 model.workers.remove(worker)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ember.clock import Clock, VirtualClock
+from ember.cluster.base import WorkerHandle
 from ember.errors import ModelFailed, WorkerCrashed
 from ember.store import Store, StoredModel
 from ember.store.format import write_raw
@@ -139,6 +140,10 @@ class FakeBackend:
 
     def workers(self) -> tuple[FakeWorker, ...]:
         return tuple(w for w in self._workers.values() if w.alive)
+
+    async def recycle(self, worker: WorkerHandle) -> None:
+        if isinstance(worker, FakeWorker):
+            worker.crash()
 
     def on_worker_lost(self, callback: Callable[[FakeWorker], None]) -> None:
         self._callbacks.append(callback)
