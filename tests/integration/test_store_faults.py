@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import MODELS, REPO, Server, child_env, error_of, json_output, served, wait_until
+from harness import MODELS, REPO, Server, error_of, json_output, served, wait_until
 
 HEAVY = MODELS / "heavy.py"
 
@@ -46,7 +46,7 @@ def test_a_server_killed_during_an_import_restarts_without_it(tmp_path: Path) ->
         deploying = subprocess.Popen(
             [sys.executable, "-m", "ember.cli", "deploy", f"{HEAVY}:GatedImport", *gated, "--url", server.url],
             cwd=REPO,
-            env=child_env(),
+            env=server.env(),  # with the admin key
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
