@@ -266,3 +266,26 @@ def test_best_effort_serves_the_same_request_late(tmp_path, model_file):
             assert service.info("m").slo_attainment == 0.5
 
     run_in_virtual_time(main)
+
+
+def test_a_queued_request_that_can_no_longer_make_its_slo_is_refused_not_served_late(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, backend = _service(tmp_path, clock, base_s=0.03)
+        async with service:
+            await service.deploy(_spec(model_file, slo_ms=100, max_batch_size=1))
+            (worker,) = backend.workers()
+            warmup = len(worker.batches)
+            worker.profile = LatencyProfile(base_s=0.2)  # the model slows down after its warm-up
+            first = asyncio.ensure_future(service.infer("m", _x(1)))
+            await asyncio.sleep(0)
+            await clock.sleep(0.001)
+            # Predicted to start at 30 ms and end at 60 ms: admitted. The first batch really ends at
+            # 200 ms, past this request's 101 ms deadline, so it is refused then instead of run.
+            second = asyncio.ensure_future(service.infer("m", _x(2)))
+            assert (await first)["x"][0, 0] == 1.0
+            with pytest.raises(DeadlineUnmeetable, match="SLO"):
+                await second
+            assert len(worker.batches) == warmup + 1  # the second request never ran
+            assert service.info("m").failed == 1
+
+    run_in_virtual_time(main)
