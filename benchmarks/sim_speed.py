@@ -87,13 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     wall = WallClock()
     rows = []
     for name, options in scenario.policy_sets:
-        start = wall.now()
+        start, cpu = wall.now(), time.process_time()
         result = run_policy_set(scenario, name, options, workload)
-        seconds = wall.now() - start
+        seconds, cpu_s = wall.now() - start, time.process_time() - cpu
         served = len(result.latencies_s) + result.refused
-        rows.append(
-            {"what": f"engine, {name}", "requests": served, "wall_s": seconds, "per_min": served / seconds * 60}
-        )
+        rows.append({"what": f"engine, {name}", "requests": served, "wall_s": seconds, "cpu_s": cpu_s,
+                     "per_min": served / cpu_s * 60, "slo_attainment": result.met_slo / served})  # fmt: skip
     service_s = [m.curve.batch_s(1) for m in scenario.models]
     done, seconds, cpu_s = asyncio_baseline(workload, service_s, args.baseline_requests)
     base = {"what": "baseline: asyncio tasks on VirtualClock", "requests": done, "wall_s": seconds, "cpu_s": cpu_s,

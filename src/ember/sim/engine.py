@@ -270,7 +270,11 @@ class Engine:
         proposals: list[tuple[_Model, _Instance, int]] = []
         pending = list(dev.pending.values())
         if len(pending) > MAX_CANDIDATES:  # ask the models due first; a busy device may hold hundreds
-            pending.sort(key=lambda m: (m.queue[0][0], m.idx) if m.queue else (math.inf, m.idx))
+            for m in pending:
+                if not m.queue:
+                    del dev.pending[m.idx]
+            due = [(m.queue[0][0], m.idx, m) for m in dev.pending.values()]
+            pending = [m for _, _, m in heapq.nsmallest(MAX_CANDIDATES, due)]
         for m in pending:
             if len(proposals) == MAX_CANDIDATES:
                 break
