@@ -2,11 +2,11 @@
 
     python benchmarks/fidelity.py [--duration-s 90] [--seed 4] [--json PATH]
 
-Three small models share one worker (tests/integration/models/sleepy.py with 20 ms and 50 ms of fixed
-compute per batch, and examples/linear.py), with short keep-alives (hot 2 s, warm 6 s) and a 0.1 s
-controller tick. The trace: Poisson arrivals for the 20 ms model, a burst plus sparse arrivals for
-the 50 ms one, and Poisson for the linear layer with an idle gap in the middle longer than both
-keep-alives, so loads from the warm and the cool tier happen on the real server.
+Three small models share one worker: tests/integration/models/sleepy.py with 20 ms (SLO 100 ms) and
+50 ms (SLO 600 ms) of fixed compute per batch, and examples/linear.py (SLO 250 ms); short keep-alives
+(hot 2 s, warm 6 s) and a 0.1 s controller tick. The trace: Poisson arrivals for the 20 ms model,
+a burst plus sparse arrivals for the 50 ms one, and Poisson for the linear layer with an idle gap in
+the middle longer than both keep-alives, so loads from the warm and the cool tier happen on the real server.
 
 1. Profile: on separate deployments of the same models, time hot requests of 1 and ``max_batch_size``
    rows and loads from each tier (``/admin/models/NAME/load`` after the model left the device), then
@@ -25,7 +25,6 @@ import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     ROOT,
     ember_server,
     free_port,
@@ -46,9 +45,9 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from ember.client import Client  # noqa: E402
-from ember.sim.measured import MeasuredModel, MeasuredProfile, Outcome, gap, simulate  # noqa: E402
-from ember.sim.workload import Workload  # noqa: E402
+from ember.client import Client
+from ember.sim.measured import MeasuredModel, MeasuredProfile, Outcome, gap, simulate
+from ember.sim.workload import Workload
 
 SLEEPY = f"{ROOT / 'tests' / 'integration' / 'models' / 'sleepy.py'}:Sleepy"
 LINEAR = f"{ROOT / 'examples' / 'linear.py'}:Linear"
@@ -72,7 +71,7 @@ class ModelCase:
 
 
 CASES = (
-    ModelCase("steady", SLEEPY, 250.0, 4, (("seconds", 0.02),)),
+    ModelCase("steady", SLEEPY, 100.0, 4, (("seconds", 0.02),)),
     ModelCase("bursty", SLEEPY, 600.0, 8, (("seconds", 0.05),)),
     ModelCase("linear", LINEAR, 250.0, 8),
 )
@@ -110,11 +109,11 @@ def deploy(client: Client, case: ModelCase, name: str) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+def wait_tier(client: Client, name: str, tier: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while not predicate():
+    while (now := client.model(name)["tier"]) != tier:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+            raise TimeoutError(f"{name} still {now} after {timeout_s:g} s of waiting for it to be {tier}")
         time.sleep(0.05)
 
 
@@ -138,16 +137,21 @@ def profile(url: str, cases: tuple[ModelCase, ...] = CASES, repeats: int = 3) ->
             for _ in range(repeats):
                 client.unload(name)
                 cool.append(float(client.load(name)["last_cold_start"]["seconds"]))
-                seen: list[str] = []
-                wait_for(lambda n=name: seen.append(client.model(n)["tier"]) or seen[-1] == "warm", 30,
-                         f"{name} to be demoted to warm (tiers seen: {seen[-3:]})")  # fmt: skip
+                wait_tier(client, name, "warm", 30)
                 shown = client.load(name)["last_cold_start"]
                 assert shown["tier"] == "warm", shown
                 warm.append(float(shown["seconds"]))
             client.remove(name)
             measured.append(
-                MeasuredModel(case.name, case.slo_ms / 1000, case.max_batch_size, int(info["bytes"]), tuple(batch_s),
-                              statistics.median(warm), statistics.median(cool))  # fmt: skip
+                MeasuredModel(
+                    case.name,
+                    case.slo_ms / 1000,
+                    case.max_batch_size,
+                    int(info["bytes"]),
+                    tuple(batch_s),
+                    statistics.median(warm),
+                    statistics.median(cool),
+                )
             )
     return MeasuredProfile(tuple(measured), 1, TICK_S, KEEPALIVE_HOT_S, KEEPALIVE_WARM_S)
 
@@ -233,7 +237,9 @@ def main() -> None:
             measured = profile(server.url)
         for m in measured.models:
             batches = ", ".join(f"{r} rows {1000 * s:.1f} ms" for r, s in m.batch_s)
-            print(f"    {m.name}: {batches}; load warm {1000 * m.load_s_warm:.0f} ms, cool {1000 * m.load_s_cool:.0f} ms")
+            print(
+                f"    {m.name}: {batches}; load warm {1000 * m.load_s_warm:.0f} ms, cool {1000 * m.load_s_cool:.0f} ms"
+            )
         with step("replaying the trace against the real server"):
             real = replay(server.url, trace)
     load = load_average()

@@ -69,10 +69,14 @@ class MeasuredProfile:
         try:
             models = tuple(
                 MeasuredModel(
-                    str(m["name"]), float(m["slo_s"]), int(m["max_batch_size"]), int(m["weights_bytes"]),
-                    tuple((int(r), float(s)) for r, s in m["batch_s"]), float(m["load_s_warm"]),
+                    str(m["name"]),
+                    float(m["slo_s"]),
+                    int(m["max_batch_size"]),
+                    int(m["weights_bytes"]),
+                    tuple((int(r), float(s)) for r, s in m["batch_s"]),
+                    float(m["load_s_warm"]),
                     float(m["load_s_cool"]),
-                )  # fmt: skip
+                )
                 for m in raw["models"]
             )
             return cls(models, int(raw["workers"]), float(raw["tick_s"]), float(raw["keepalive_hot_s"]),
@@ -153,7 +157,9 @@ def gap(real: Outcome, sim: Outcome) -> Gap:
                ratio(sim.p50_ms, real.p50_ms))  # fmt: skip
 
 
-def simulate(profile: MeasuredProfile, workload: Workload, duration_s: float, seed: int = 0) -> tuple[Outcome, RunResult]:
+def simulate(
+    profile: MeasuredProfile, workload: Workload, duration_s: float, seed: int = 0
+) -> tuple[Outcome, RunResult]:
     """``workload`` through the ``ember`` policy set on the cluster ``profile`` describes."""
     cluster, models = measured_calibration(profile)
     options = {"keepalive_hot_s": profile.keepalive_hot_s, "keepalive_warm_s": profile.keepalive_warm_s}
