@@ -111,9 +111,12 @@ def deploy(client: Client, case: ModelCase, name: str) -> dict[str, Any]:
 
 def wait_tier(client: Client, name: str, tier: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
+    seen: list[str] = []
     while (now := client.model(name)["tier"]) != tier:
+        if not seen or seen[-1] != now:
+            seen.append(now)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} still {now} after {timeout_s:g} s of waiting for it to be {tier}")
+            raise TimeoutError(f"{name} not {tier} after {timeout_s:g} s; tiers seen meanwhile: {seen}")
         time.sleep(0.05)
 
 
@@ -137,6 +140,9 @@ def profile(url: str, cases: tuple[ModelCase, ...] = CASES, repeats: int = 3) ->
             for _ in range(repeats):
                 client.unload(name)
                 cool.append(float(client.load(name)["last_cold_start"]["seconds"]))
+                # A request restarts the idle clock: without it the model, idle since long before the
+                # load, leaves hot and warm at the next two ticks, too fast to be seen warm.
+                http.post(f"{url}/v2/models/{name}/infer", json=case.body(1)).raise_for_status()
                 wait_tier(client, name, "warm", 30)
                 shown = client.load(name)["last_cold_start"]
                 assert shown["tier"] == "warm", shown
