@@ -78,10 +78,15 @@ class ModelSpec:
     #: When set, every load takes a draw of this (seconds, mean ``cold_start_mean_s``) instead of bytes/bandwidth.
     cold_start: ServiceTime | None = None
     cold_start_mean_s: float = 0.0
+    #: Measured seconds to make the model hot from (warm, cool) with Ember's loader, used instead of
+    #: bytes / bandwidth (a small model's load is mostly fixed costs); see ``ember.sim.measured``.
+    measured_load_s: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.weights_bytes <= 0 or self.slo_s <= 0 or self.max_batch_size < 1 or self.work_per_request <= 0:
             raise InvalidInput(f"model '{self.name}': weights, SLO, max batch size and work must be positive")
+        if self.measured_load_s is not None and not all(s >= 0 and math.isfinite(s) for s in self.measured_load_s):
+            raise InvalidInput(f"model '{self.name}': measured load times must be finite seconds >= 0")
 
     def batch_s(self, rows: int, rng: random.Random) -> float:
         return self.service.draw(self.curve.batch_s(rows) * self.work_per_request, rng)
@@ -109,6 +114,8 @@ class ClusterSpec:
         """Seconds to make ``model`` hot on a device of a node where it is warm (or only on disk)."""
         if model.cold_start is not None:
             return model.cold_start.draw(model.cold_start_mean_s, rng)
+        if model.measured_load_s is not None and loader is Loader.EMBER:
+            return model.measured_load_s[0 if warm else 1]
         cal = self.calibration
         if loader is Loader.PLAIN:
             return cal.runtime_start_s + model.weights_bytes / cal.torch_load_bytes_per_s

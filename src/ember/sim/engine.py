@@ -227,6 +227,8 @@ class Engine:
     def _arm_tick(self) -> None:
         if not self.tick_armed:
             k = math.floor(self.now / self.tick_s) + 1
+            if k * self.tick_s <= self.now:  # now / tick_s rounded down a whole tick (tick_s = 0.1, now = 4.3)
+                k += 1
             self.tick_armed = True
             self._push(k * self.tick_s, _TICK, k)
 

@@ -1,0 +1,72 @@
+"""The simulator calibrated from a measured profile (``ember.sim.measured``), and the engine's tick grid."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ember.errors import InvalidInput
+from ember.sim.measured import MeasuredModel, MeasuredProfile, Outcome, gap, measured_calibration, simulate
+from ember.sim.workload import Workload
+
+
+def _profile(tick_s: float = 0.1) -> MeasuredProfile:
+    model = MeasuredModel("m", 0.1, 4, 1000, ((1, 0.02), (4, 0.02)), load_s_warm=0.01, load_s_cool=0.03)
+    return MeasuredProfile((model,), workers=1, tick_s=tick_s, keepalive_hot_s=2.0, keepalive_warm_s=6.0)
+
+
+def test_a_profile_round_trips_through_json() -> None:
+    profile = _profile()
+    assert MeasuredProfile.from_json(profile.to_json()) == profile
+
+
+def test_a_profile_missing_a_figure_is_refused_with_invalid_input() -> None:
+    raw = _profile().to_json()
+    del raw["models"][0]["load_s_cool"]
+    with pytest.raises(InvalidInput, match="load_s_cool"):
+        MeasuredProfile.from_json(raw)
+
+
+def test_loads_take_the_measured_seconds_per_tier() -> None:
+    import random
+
+    cluster, (spec,) = measured_calibration(_profile())
+    rng = random.Random(0)
+    from ember.sim.cluster import Loader
+
+    assert cluster.load_s(spec, True, Loader.EMBER, rng) == 0.01
+    assert cluster.load_s(spec, False, Loader.EMBER, rng) == 0.03
+    assert cluster.num_devices == 1
+
+
+def test_known_answer_cold_warm_and_hot_requests() -> None:
+    """Requests at 0, 1, 5 and 20 s; keep-alive hot 2 s, warm 6 s, tick 0.1 s, load warm 10 ms, cool 30 ms.
+
+    0 s: cool load (30 ms) + batch (20 ms) = 50 ms. 1 s: hot, 20 ms. 5 s: idle 4 s > 2 s, so warm:
+    10 + 20 = 30 ms. 20 s: idle 15 s > 2 + 6 s, so cool again: 50 ms. All within the 100 ms SLO.
+    """
+    workload = Workload([0.0, 1.0, 5.0, 20.0], [0, 0, 0, 0], [1, 1, 1, 1])
+    outcome, _ = simulate(_profile(), workload, duration_s=25.0)
+    assert outcome.requests == 4 and outcome.refused == 0 and outcome.slo_attainment == 1.0
+    assert outcome.loads == {"warm": 1, "cool": 2}
+    assert outcome.p50_ms == pytest.approx(40.0)  # of 20, 30, 50, 50
+
+
+def test_a_tick_that_does_not_divide_time_exactly_still_advances() -> None:
+    """tick_s = 0.1: floor(4.3 / 0.1) is 42, so a naive next tick lands at 4.3 again, for ever."""
+    workload = Workload([0.0, 4.3, 4.35], [0, 0, 0], [1, 1, 1])
+    outcome, result = simulate(_profile(0.1), workload, duration_s=10.0)
+    assert outcome.served == 3
+    assert result.duration_s == pytest.approx(10.0, abs=1.0)
+
+
+def test_outcome_and_gap() -> None:
+    real = Outcome.of([0.01, 0.02, 0.2], met=2, refused=1, loads={"cool": 3})
+    sim = Outcome.of([0.01, 0.02, 0.1], met=3, refused=0, loads={"warm": 1})
+    assert real.requests == 4 and real.slo_attainment == 0.5 and real.loads == {"warm": 0, "cool": 3}
+    assert sim.requests == 3 and sim.slo_attainment == 1.0
+    g = gap(real, sim)
+    assert g.attainment_abs == 0.5
+    assert g.p99_ratio < 1 and g.p50_ratio == pytest.approx(1.0)
+    assert math.isnan(gap(Outcome.of([], 0, 2, {}), sim).p99_ratio)
