@@ -37,7 +37,8 @@ P99_RATIO_BOUNDS = (0.5, 2.0)
 @pytest.fixture(scope="module")
 def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("fidelity") / "home"
-    with served(Server(home, workers=1, tick_s=fidelity.TICK_S)) as running:
+    # --insecure (loopback): the benchmark's clients send no API key, as against its own server.
+    with served(Server(home, workers=1, tick_s=fidelity.TICK_S, args=("--insecure",))) as running:
         yield running
 
 
