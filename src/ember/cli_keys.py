@@ -100,10 +100,19 @@ def set_tenant(
     burst: Annotated[int | None, typer.Option(min=1, help="Requests at once above the rate.")] = None,
     max_models: Annotated[int | None, typer.Option(min=0, help="Models the tenant may deploy.")] = None,
     max_bytes: Annotated[int | None, typer.Option(min=0, help="Stored weight bytes of its models together.")] = None,
+    max_instances: Annotated[
+        int | None, typer.Option(min=0, help="Instances its models may run at once (the sum of their max_instances).")
+    ] = None,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Set a tenant's quotas (each one not given is unlimited)."""
-    body = {"rate_per_s": rate_per_s, "burst": burst, "max_models": max_models, "max_bytes": max_bytes}
+    body = {
+        "rate_per_s": rate_per_s,
+        "burst": burst,
+        "max_models": max_models,
+        "max_bytes": max_bytes,
+        "max_instances": max_instances,
+    }
     with _errors(url), Client(url) as client:
         quota = client.request_json("PUT", f"/admin/tenants/{name}", body)
     _console.print(f"tenant {name}: {_quota_text(quota)}", highlight=False)
@@ -125,7 +134,9 @@ def list_tenants(
 
 def _quota_text(quota: dict[str, Any]) -> str:
     parts = [
-        f"{k} {quota[k]:g}" for k in ("rate_per_s", "burst", "max_models", "max_bytes") if quota.get(k) is not None
+        f"{k} {quota[k]:g}"
+        for k in ("rate_per_s", "burst", "max_models", "max_bytes", "max_instances")
+        if quota.get(k) is not None
     ]
     return ", ".join(parts) or "no limits"
 

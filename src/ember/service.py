@@ -95,6 +95,8 @@ class ModelInfo:
     source: str
     created_at: float
     tenant: str = "default"
+    #: The most instances the autoscaler may run (``ember deploy --max-instances``).
+    max_instances: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -333,6 +335,7 @@ class EmberService:
             source=str(d.extra.get("source", "")),
             created_at=d.created_at,
             tenant=str(d.extra.get("tenant", "default")),
+            max_instances=d.max_instances,
         )
 
     def models(self) -> list[ModelInfo]:

@@ -26,6 +26,7 @@ from ember.errors import InvalidInput
 from ember.gateway.app import build_app
 from ember.gateway.auth import MAX_HEADER_BYTES, Guard
 from ember.registry import Registry
+from ember.registry.sqlite import SCHEMA_VERSION
 from ember.service import EmberService, ServeOptions
 from ember.testing import FakeBackend, run_in_virtual_time
 
@@ -351,6 +352,13 @@ def test_a_tenants_model_count_is_limited(tmp_path):
         assert r.status_code == 429 and "max_models 1" in r.json()["error"] and "retry-after" in r.headers
         r = await world.call("other_deployer", "POST", "/admin/models", {"source": source, "name": "h"})
         assert r.status_code == 200
+        # globex may run 3 instances in all: its model 'g' and 'h' hold 2, so 2 more do not fit.
+        assert (await world.call("admin", "PUT", "/admin/tenants/globex", {"max_instances": 3})).status_code == 200
+        body = {"source": source, "name": "i", "max_instances": 2}
+        r = await world.call("other_deployer", "POST", "/admin/models", body)
+        assert r.status_code == 429 and "max_instances 3" in r.json()["error"]
+        r = await world.call("other_deployer", "POST", "/admin/models", {**body, "max_instances": 1})
+        assert r.status_code == 200
         for bad in ({"rate_per_s": -1}, {"max_models": 1.5}, {"cpu": 3}, {"burst": True}):
             assert (await world.call("admin", "PUT", "/admin/tenants/acme", bad)).status_code == 400, bad
         assert (await world.call("admin", "PUT", "/admin/tenants/Bad..Name", {})).status_code == 400
@@ -391,7 +399,7 @@ def test_an_old_home_gains_the_key_tables_and_keeps_its_deployments(tmp_path):
     try:
         assert [r.name for r in registry.all()] == ["m"]
         assert registry.api_keys() == [] and registry.quotas() == []
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         registry.close()
 

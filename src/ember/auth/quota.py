@@ -20,14 +20,16 @@ class TenantQuota:
     #: Sustained requests per second, and how many may come at once above it.
     rate_per_s: float | None = None
     burst: int | None = None
-    #: Deployed models (each is at most one instance today), and their stored bytes together.
+    #: Deployed models, and their stored bytes together.
     max_models: int | None = None
     max_bytes: int | None = None
+    #: Instances its models may run at once, counted as the sum of their ``max_instances``.
+    max_instances: int | None = None
 
     def __post_init__(self) -> None:
         if self.rate_per_s is not None and not self.rate_per_s > 0:
             raise ValueError(f"rate_per_s must be above 0, not {self.rate_per_s}")
-        for name in ("burst", "max_models", "max_bytes"):
+        for name in ("burst", "max_models", "max_bytes", "max_instances"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be 0 or more, not {value}")

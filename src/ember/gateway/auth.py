@@ -205,6 +205,13 @@ class Guard:
                 "remove one first",
                 retry_after_s=60.0,
             )
+        instances = sum(int(m.max_instances) for m in owned) + spec.max_instances
+        if quota.max_instances is not None and instances > quota.max_instances:
+            raise QuotaExceeded(
+                f"tenant '{tenant}' models would run up to {instances} instances, over its quota (max_instances "
+                f"{quota.max_instances}); deploy with a lower --max-instances, or remove a model first",
+                retry_after_s=60.0,
+            )
 
 
 def _classify(method: str, path: str) -> tuple[Action, int]:

@@ -54,7 +54,7 @@ def routes(guard: Guard) -> list[Route]:
         body = await read_json(request, limit=64 * 1024)
         if not isinstance(body, dict):
             raise InvalidInput('the body must be a JSON object like {"rate_per_s": 100, "max_models": 10}')
-        fields = {"rate_per_s", "burst", "max_models", "max_bytes"}
+        fields = {"rate_per_s", "burst", "max_models", "max_bytes", "max_instances"}
         unknown = sorted(set(body) - fields)
         if unknown:
             raise InvalidInput(f"unknown quota field(s) {', '.join(unknown)}; use {', '.join(sorted(fields))}")

@@ -121,6 +121,7 @@ _QUOTA = {
         "burst": {"type": "integer", "nullable": True},
         "max_models": {"type": "integer", "nullable": True},
         "max_bytes": {"type": "integer", "nullable": True},
+        "max_instances": {"type": "integer", "nullable": True},
     },
 }
 _EMPTY = {"type": "object"}

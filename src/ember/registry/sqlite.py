@@ -25,7 +25,7 @@ from ember.errors import InvalidInput, ModelExists, ModelNotFound
 
 __all__ = ["DeploymentRecord", "Registry"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS tenants (
     rate_per_s REAL,
     burst INTEGER,
     max_models INTEGER,
-    max_bytes INTEGER
+    max_bytes INTEGER,
+    max_instances INTEGER
 );
 """
 
@@ -96,6 +97,9 @@ class Registry:
             )
         if version < 2:
             self._db.executescript(_KEYS_SCHEMA)
+        elif version < 3:
+            self._db.execute("ALTER TABLE tenants ADD COLUMN max_instances INTEGER")
+        if version < SCHEMA_VERSION:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def begin(self, name: str, spec: dict[str, Any], created_at: float) -> DeploymentRecord:
@@ -194,14 +198,15 @@ class Registry:
     def set_quota(self, quota: TenantQuota) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO tenants VALUES (?, ?, ?, ?, ?)",
-                (quota.tenant, quota.rate_per_s, quota.burst, quota.max_models, quota.max_bytes),
+                "INSERT OR REPLACE INTO tenants (name, rate_per_s, burst, max_models, max_bytes, max_instances) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (quota.tenant, quota.rate_per_s, quota.burst, quota.max_models, quota.max_bytes, quota.max_instances),
             )
 
     def quotas(self) -> list[TenantQuota]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT name, rate_per_s, burst, max_models, max_bytes FROM tenants ORDER BY name"
+                "SELECT name, rate_per_s, burst, max_models, max_bytes, max_instances FROM tenants ORDER BY name"
             ).fetchall()
         return [TenantQuota(*row) for row in rows]
 
