@@ -21,23 +21,13 @@ from rich.console import Console
 from rich.table import Table
 
 from ember.auth.keys import Role
+from ember.cli_common import UrlOption, console, errors
 from ember.client import DEFAULT_URL, Client
 
 __all__ = ["keys_app", "tenants_app"]
 
 keys_app = typer.Typer(name="keys", help="Create, list and revoke API keys (admin only).", no_args_is_help=True)
 tenants_app = typer.Typer(name="tenants", help="Set and list tenants' quotas (admin only).", no_args_is_help=True)
-_console = Console(soft_wrap=True)
-
-UrlOption = Annotated[
-    str, typer.Option("--url", envvar="EMBER_URL", help="The Ember server to talk to.", show_envvar=True)
-]
-
-
-def _errors(url: str) -> Any:
-    from ember.cli import _errors as errors
-
-    return errors(url)
 
 
 @keys_app.command("create")
@@ -49,7 +39,7 @@ def create(
 ) -> None:
     """Make a key and print it; Ember keeps only its hash, so this is the one time it is shown."""
     body: dict[str, Any] = {"role": role.value, "tenant": tenant, "label": label}
-    with _errors(url), Client(url) as client:
+    with errors(url), Client(url) as client:
         made = client.request_json("POST", "/admin/keys", body)
     typer.echo(made["key"])
     where = f"tenant {made['tenant']}" if made["tenant"] else "all tenants"
@@ -66,7 +56,7 @@ def list_keys(
 ) -> None:
     """List the keys (never the keys themselves: ids, roles, tenants, labels)."""
     path = "/admin/keys?revoked=true" if include_revoked else "/admin/keys"
-    with _errors(url), Client(url) as client:
+    with errors(url), Client(url) as client:
         keys: list[dict[str, Any]] = client.request_json("GET", path)
     if as_json:
         typer.echo(json.dumps(keys, indent=2))
@@ -78,7 +68,7 @@ def list_keys(
         table.add_row(
             k["id"], k["role"], k["tenant"] or "*", k["label"], _when(k["created_at"]), _when(k["revoked_at"])
         )
-    _console.print(table)
+    console.print(table)
 
 
 @keys_app.command("revoke")
@@ -86,9 +76,9 @@ def revoke(
     key_id: Annotated[str, typer.Argument(help="The key's id, from `ember keys ls`.")], url: UrlOption = DEFAULT_URL
 ) -> None:
     """Revoke a key: the next request with it is refused (401)."""
-    with _errors(url), Client(url) as client:
+    with errors(url), Client(url) as client:
         client.request_json("DELETE", f"/admin/keys/{key_id}")
-    _console.print(f"revoked {key_id}", highlight=False)
+    console.print(f"revoked {key_id}", highlight=False)
 
 
 @tenants_app.command("set")
@@ -113,9 +103,9 @@ def set_tenant(
         "max_bytes": max_bytes,
         "max_instances": max_instances,
     }
-    with _errors(url), Client(url) as client:
+    with errors(url), Client(url) as client:
         quota = client.request_json("PUT", f"/admin/tenants/{name}", body)
-    _console.print(f"tenant {name}: {_quota_text(quota)}", highlight=False)
+    console.print(f"tenant {name}: {_quota_text(quota)}", highlight=False)
 
 
 @tenants_app.command("ls")
@@ -123,13 +113,13 @@ def list_tenants(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, url: UrlOption = DEFAULT_URL
 ) -> None:
     """List the tenants that have quotas."""
-    with _errors(url), Client(url) as client:
+    with errors(url), Client(url) as client:
         quotas: list[dict[str, Any]] = client.request_json("GET", "/admin/tenants")
     if as_json:
         typer.echo(json.dumps(quotas, indent=2))
         return
     for quota in quotas:
-        _console.print(f"{quota['tenant']}: {_quota_text(quota)}", highlight=False)
+        console.print(f"{quota['tenant']}: {_quota_text(quota)}", highlight=False)
 
 
 def _quota_text(quota: dict[str, Any]) -> str:

@@ -18,13 +18,13 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ember.cli_common import DEFAULT_HOME, HomeOption, console, err_console, fail
 from ember.errors import EmberError
 from ember.store import Store
 
@@ -33,19 +33,6 @@ __all__ = ["store_app"]
 store_app = typer.Typer(
     name="store", help="Inspect, import, verify and benchmark the weight store.", no_args_is_help=True
 )
-_console = Console(soft_wrap=True)
-_err = Console(stderr=True, soft_wrap=True)
-
-HomeOption = Annotated[
-    Path,
-    typer.Option("--home", envvar="EMBER_HOME", help="Ember's home: registry, store, logs.", show_envvar=True),
-]
-_DEFAULT_HOME = Path("~/.ember")
-
-
-def _fail(message: str) -> NoReturn:
-    _err.print(Text(f"error: {message}", style="red"))
-    raise typer.Exit(1)
 
 
 @contextlib.contextmanager
@@ -53,7 +40,7 @@ def _store(home: Path) -> Iterator[Store]:
     try:
         store = Store(home.expanduser() / "store")
     except OSError as exc:
-        _fail(f"cannot open the store under {home}: {exc}")
+        fail(f"cannot open the store under {home}: {exc}")
     try:
         yield store
     finally:
@@ -65,15 +52,15 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except EmberError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     except FileNotFoundError as exc:
-        _fail(f"{exc.filename} does not exist; check the path")
+        fail(f"{exc.filename} does not exist; check the path")
     except (ValueError, KeyError, TypeError, OSError) as exc:
-        _fail(str(exc).strip("'\""))
+        fail(str(exc).strip("'\""))
 
 
 @store_app.command("ls")
-def list_stored(home: HomeOption = _DEFAULT_HOME) -> None:
+def list_stored(home: HomeOption = DEFAULT_HOME) -> None:
     """List the models in the store with their tier and size, and each tier's budget."""
     with _errors(), _store(home) as opened:
         table = Table("model", "tier", "MB", "compressed", "assets", "sha256")
@@ -89,11 +76,11 @@ def list_stored(home: HomeOption = _DEFAULT_HOME) -> None:
                 str(len(model.assets)),
                 model.sha256[:12],
             )
-        _console.print(table)
+        console.print(table)
         stats = opened.statistics()
         for name, tier in (("warm", stats.warm), ("cool", stats.cool)):
             budget = "unlimited" if tier.budget_bytes is None else f"{tier.budget_bytes / 1e6:.1f} MB"
-            _console.print(f"{name}: {tier.models} models, {tier.bytes / 1e6:.1f} MB of {budget}")
+            console.print(f"{name}: {tier.models} models, {tier.bytes / 1e6:.1f} MB of {budget}")
 
 
 @store_app.command("import")
@@ -104,18 +91,18 @@ def import_weights(
     compress: Annotated[
         bool, typer.Option(help="Store the weights compressed (byte planes + zstd); pays when disk reads are slow.")
     ] = False,
-    home: HomeOption = _DEFAULT_HOME,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Convert weights into Ember's checkpoint format: to a file (--out) or into the store (--key)."""
     from ember.store import import_source
     from ember.store.store import WEIGHTS
 
     if (out is None) == (key is None):
-        _fail("give exactly one of --out FILE or --key name@version")
+        fail("give exactly one of --out FILE or --key name@version")
     with _errors():
         if out is not None:
             size = import_source(source, out, compress=compress)
-            _console.print(f"wrote {out}: {size / 1e6:.1f} MB")
+            console.print(f"wrote {out}: {size / 1e6:.1f} MB")
             return
         assert key is not None
         with _store(home) as opened:
@@ -127,7 +114,7 @@ def import_weights(
                 opened.abort(staging)
                 raise
             packed = "" if model.raw_bytes is None else f" (compressed {model.raw_bytes / model.bytes:.2f}x)"
-            _console.print(f"stored {model.key}: {model.bytes / 1e6:.1f} MB in the cool tier{packed}")
+            console.print(f"stored {model.key}: {model.bytes / 1e6:.1f} MB in the cool tier{packed}")
 
 
 @store_app.command("verify")
@@ -135,7 +122,7 @@ def verify(
     target: Annotated[
         str | None, typer.Argument(help="A model key, or a checkpoint file; all models if absent.")
     ] = None,
-    home: HomeOption = _DEFAULT_HOME,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Check every chunk's crc32 (and the assets' sha256) of one model, a file, or every stored model."""
     from ember.store.store import check_file
@@ -143,7 +130,7 @@ def verify(
     with _errors():
         if target is not None and Path(target).is_file():
             check_file(Path(target))
-            _console.print(f"{target}: ok")
+            console.print(f"{target}: ok")
             return
         with _store(home) as opened:
             keys = [target] if target is not None else opened.keys()
@@ -151,10 +138,10 @@ def verify(
             for key in keys:
                 try:
                     opened.verify(key)
-                    _console.print(f"{key}: ok")
+                    console.print(f"{key}: ok")
                 except EmberError as exc:
                     damaged.append(key)
-                    _err.print(Text(f"{key}: {exc.message}", style="red"))
+                    err_console.print(Text(f"{key}: {exc.message}", style="red"))
             if damaged:
                 raise typer.Exit(1)
 
@@ -163,7 +150,7 @@ def verify(
 def export(
     target: Annotated[str, typer.Argument(help="A model key or a checkpoint file.")],
     out: Annotated[Path, typer.Option(help="The safetensors file to write.")],
-    home: HomeOption = _DEFAULT_HOME,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Write a stored model (or a checkpoint file) out as safetensors."""
     from ember.store import export_safetensors
@@ -174,7 +161,7 @@ def export(
         else:
             with _store(home) as opened:
                 size = export_safetensors(opened.weights_path(target), out)
-        _console.print(f"wrote {out}: {size / 1e6:.1f} MB")
+        console.print(f"wrote {out}: {size / 1e6:.1f} MB")
 
 
 @store_app.command("bench")
@@ -189,8 +176,8 @@ def bench(
     from ember.store.bench import format_table, run_benchmark
 
     with _errors():
-        rows, notes = run_benchmark(size_gb, repeat, threads, cold, say=_console.print)
-        _console.print(format_table(rows), highlight=False)
-        _console.print(json.dumps(notes), highlight=False)
+        rows, notes = run_benchmark(size_gb, repeat, threads, cold, say=console.print)
+        console.print(format_table(rows), highlight=False)
+        console.print(json.dumps(notes), highlight=False)
         if json_path is not None:
             json_path.write_text(json.dumps({"rows": [r.to_json() for r in rows], "notes": notes}, indent=2) + "\n")
