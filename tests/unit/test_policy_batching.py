@@ -100,7 +100,43 @@ def test_known_answer_a_batch_stops_where_the_first_deadline_would_break():
     latency = _linear(0.010, 0.010)
     queue = ((0.05, 1, 0.0), (0.06, 1, 0.0), (0.07, 1, 0.0), (0.08, 1, 0.0), (0.09, 1, 0.0))
     decision = SloBatcher().decide(QueueSnapshot(0.0, queue, True, 8, latency))
-    assert decision == type(decision)(4)  # 4 rows finish at 50 ms; a fifth would need 90 ms (bucket 8)
+    # 4 rows finish at 50 ms; a fifth would need 90 ms (bucket 8)
+    assert (decision.take, decision.rows, decision.refuse, decision.wake_at) == (4, 4, (), None)
+    # ... and 50 ms is the first deadline: a moment later, 4 rows no longer fit, so nothing may keep it
+    assert decision.valid_until <= 0.0
+    assert SloBatcher().decide(QueueSnapshot(0.001, queue, True, 8, latency)).take == 2  # 3 rows: bucket 4
+
+
+def test_known_answer_a_decision_holds_until_its_first_condition_turns():
+    latency = _linear(0.010, 0.010)  # 1 row 20 ms, 2 rows 30 ms
+    queue = ((0.1, 1, 0.0), (0.2, 1, 0.0))
+    decision = SloBatcher().decide(QueueSnapshot(0.0, queue, True, 8, latency))
+    assert decision.take == 2
+    # both in one batch (30 ms) must end by the first deadline: true until 70 ms
+    assert abs(decision.valid_until - 0.07) < 1e-6
+    assert SloBatcher().decide(QueueSnapshot(0.0701, queue, True, 8, latency)).take == 1
+
+
+@given(
+    queue=queues,
+    latency=latencies,
+    max_batch=st.integers(1, 32),
+    delay=st.floats(0, 0.2),
+    mode=st.sampled_from(["refuse", "best_effort"]),
+    wait=st.sampled_from([0.0, 0.01, 1.0]),
+    later=st.floats(0.0, 1.0),
+)
+def test_a_decision_asked_again_before_valid_until_is_the_same(queue, latency, max_batch, delay, mode, wait, later):
+    batcher = SloBatcher(mode, wait)
+    first = batcher.decide(QueueSnapshot(0.0, queue, True, max_batch, latency, start_delay_s=delay))
+    if later < first.valid_until:
+        again = batcher.decide(QueueSnapshot(later, queue, True, max_batch, latency, start_delay_s=delay))
+        assert (again.take, again.rows, again.refuse, again.wake_at) == (
+            first.take,
+            first.rows,
+            first.refuse,
+            first.wake_at,
+        )
 
 
 def test_known_answer_a_cold_model_counts_its_load():

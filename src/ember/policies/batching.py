@@ -18,12 +18,17 @@ Decision rule of :class:`SloBatcher`:
    ``max_wait_s`` after its oldest arrival, and never past the last moment it still meets every
    deadline in it.
 
+As time passes with the same queue, the conditions of rules 1 and 2 only turn from met to unmet, so
+the decision holds until the first that does: the decision says when (``valid_until``), and a caller
+asked about many models at once (the simulator's devices) keeps it until the queue changes or then.
+
 :func:`admits` is rule 1 for one arriving request: the O(1) check the scheduler runs at admission,
 so an unmeetable request is refused before it is queued.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -58,6 +63,11 @@ class BatchDecision:
     wake_at: float | None = None
     #: Positions in ``queued`` to refuse now, as unmeetable.
     refuse: tuple[int, ...] = ()
+    #: Rows in the batch of ``take`` requests; 0: not counted (count them).
+    rows: int = 0
+    #: The same snapshot (queue, latency model, delay) asked again before this time gets the same
+    #: decision, so a caller may keep it until then; -inf: ask again.
+    valid_until: float = -math.inf
 
 
 class BatchPolicy(Protocol):
@@ -99,34 +109,47 @@ class SloBatcher:
         earliest = float("inf")  # the earliest deadline among meetable requests in the batch
         oldest = float("inf")
         stopped = False
+        alone_rows, alone = 0, 0.0  # the last request size predicted alone: most requests share one
+        turns = math.inf  # the latest start at which every condition met so far is still met
         for index, (deadline, request_rows, arrival) in enumerate(queued):
-            meetable = start + predict(request_rows) <= deadline
+            if request_rows != alone_rows:
+                alone_rows, alone = request_rows, predict(request_rows)
+            meetable = start + alone <= deadline
             if not meetable and (refuse_all or (index < len(hard) and hard[index])):
                 refused.append(index)
                 continue
+            if meetable and deadline - alone < turns:
+                turns = deadline - alone
             if stopped or not idle:
                 continue  # only looking for requests to refuse now
-            if take and rows + request_rows > max_rows:
-                stopped = True
-                continue
-            bound = min(earliest, deadline) if meetable else earliest
-            if take and start + predict(rows + request_rows) > bound:
-                stopped = True
-                continue
+            bound = deadline if meetable and deadline < earliest else earliest
+            if take:
+                if rows + request_rows > max_rows:
+                    stopped = True
+                    continue
+                together = predict(rows + request_rows)
+                if start + together > bound:
+                    stopped = True
+                    continue
+                if bound - together < turns:
+                    turns = bound - together
             take += 1
             rows += request_rows
             earliest = bound
-            oldest = min(oldest, arrival)
+            if arrival < oldest:
+                oldest = arrival
         refuse = tuple(refused)
+        # A nanosecond short of the turn, so float rounding never lets a kept decision outlive it.
+        valid_until = turns - snapshot.start_delay_s - 1e-9
         if take == 0:
-            return BatchDecision(0, refuse=refuse)
+            return BatchDecision(0, refuse=refuse, valid_until=valid_until)
         full = stopped or rows >= snapshot.max_batch_size
         if full or self.max_wait_s <= 0:
-            return BatchDecision(take, refuse=refuse)
+            return BatchDecision(take, refuse=refuse, rows=rows, valid_until=valid_until)
         wake_at = min(oldest + self.max_wait_s, earliest - snapshot.start_delay_s - latency.predict(rows))
         if snapshot.now >= wake_at:
-            return BatchDecision(take, refuse=refuse)
-        return BatchDecision(0, wake_at, refuse=refuse)
+            return BatchDecision(take, refuse=refuse, rows=rows, valid_until=valid_until)
+        return BatchDecision(0, wake_at, refuse=refuse, valid_until=min(valid_until, wake_at))
 
 
 @dataclass(frozen=True)
@@ -146,14 +169,14 @@ class DeadlineBatcher:
         take, rows = fill(snapshot)
         full = rows >= snapshot.max_batch_size or take < len(snapshot.queued)
         if full or self.max_wait_s <= 0:
-            return BatchDecision(take)
+            return BatchDecision(take, rows=rows, valid_until=math.inf)  # time plays no part
         oldest = min(arrival for _, _, arrival in snapshot.queued)
         earliest_deadline = snapshot.queued[0][0]
         predicted = snapshot.latency.predict(snapshot.max_batch_size)
         wake_at = min(oldest + self.max_wait_s, earliest_deadline - snapshot.start_delay_s - predicted)
         if snapshot.now >= wake_at:
-            return BatchDecision(take)
-        return BatchDecision(0, wake_at)
+            return BatchDecision(take, rows=rows, valid_until=math.inf)
+        return BatchDecision(0, wake_at, valid_until=wake_at)
 
 
 def fill(snapshot: QueueSnapshot) -> tuple[int, int]:

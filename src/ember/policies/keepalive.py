@@ -24,10 +24,13 @@ the histogram is a frozen value that ``observe`` replaces.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from ember.policies._frozen import evolve
 from ember.store import Tier
 
 __all__ = [
@@ -66,16 +69,12 @@ class IdleHistogram:
         """The histogram with one more idle time."""
         if not math.isfinite(idle_s) or idle_s < 0:
             return self
-        counts = list(self.counts) or [0] * self.num_bins
-        if idle_s >= self.edge(self.num_bins - 1):
-            return replace(self, counts=tuple(counts), out_of_range=self.out_of_range + 1)
-        index = 0 if idle_s < self.first_edge_s else int(math.log(idle_s / self.first_edge_s, self.growth)) + 1
-        index = min(index, self.num_bins - 1)
-        # Guard the float edge: idle_s must lie below the bin's upper edge.
-        while index < self.num_bins - 1 and idle_s >= self.edge(index):
-            index += 1
-        counts[index] += 1
-        return replace(self, counts=tuple(counts), in_range=self.in_range + 1)
+        counts = self.counts or (0,) * self.num_bins
+        index = bisect.bisect_right(_edges(self.first_edge_s, self.growth, self.num_bins), idle_s)
+        if index == self.num_bins:
+            return evolve(self, counts=counts, out_of_range=self.out_of_range + 1)
+        counts = (*counts[:index], counts[index] + 1, *counts[index + 1 :])
+        return evolve(self, counts=counts, in_range=self.in_range + 1)
 
     def percentile(self, quantile: float, upper: bool) -> float:
         """The ``quantile`` of the idle times, as its bin's upper edge (``upper``) or lower edge."""
@@ -91,6 +90,12 @@ class IdleHistogram:
                     return self.edge(index)
                 return 0.0 if index == 0 else self.edge(index - 1)
         return math.inf
+
+
+@functools.cache
+def _edges(first_edge_s: float, growth: float, num_bins: int) -> tuple[float, ...]:
+    """The upper edges of a histogram's bins, as ``IdleHistogram.edge`` computes them."""
+    return tuple(first_edge_s * growth**index for index in range(num_bins))
 
 
 @dataclass(frozen=True)

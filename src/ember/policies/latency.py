@@ -20,8 +20,10 @@ small batch sizes (:func:`warmup_batch_sizes`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
+from ember.policies._frozen import evolve
 from ember.store import Tier
 
 __all__ = ["Bandwidths", "LatencyModel", "warmup_batch_sizes", "windowed_quantile"]
@@ -80,13 +82,15 @@ class Bandwidths:
         return seconds
 
 
-@dataclass(frozen=True)
-class _Samples:
+class _Samples(NamedTuple):
+    """The last ``window`` measurements and their quantile (a tuple: one is built per batch)."""
+
     values: tuple[float, ...] = ()
     estimate: float = 0.0
 
     def add(self, seconds: float, window: int, quantile: float) -> _Samples:
-        values = (*self.values, seconds)[-window:]
+        values = self.values
+        values = (*values[1:], seconds) if len(values) >= window else (*values, seconds)
         return _Samples(values, windowed_quantile(values, quantile))
 
 
@@ -121,11 +125,18 @@ class LatencyModel:
         """The model with one more measured batch of ``rows`` that took ``seconds``."""
         if rows < 1 or not math.isfinite(seconds) or seconds < 0:
             return self
-        bucket = bucket_of(rows)
-        current = dict(self.batches)
-        current[bucket] = current.get(bucket, _Samples()).add(seconds, self.window, self.quantile)
-        batches = tuple(sorted(current.items()))
-        return replace(self, batches=batches, _table=_monotone_table(batches), _slope_per_row=_slope(batches))
+        bucket = (rows - 1).bit_length() if rows <= 1 << MAX_BUCKET else MAX_BUCKET + 1  # bucket_of, inlined
+        batches = self.batches
+        for index, (known, samples) in enumerate(batches):
+            if known == bucket:
+                added = samples.add(seconds, self.window, self.quantile)
+                batches = (*batches[:index], (bucket, added), *batches[index + 1 :])
+                if added.estimate == samples.estimate:  # most batches: the predictions stay as they were
+                    return evolve(self, batches=batches)
+                break
+        else:
+            batches = tuple(sorted((*batches, (bucket, _Samples().add(seconds, self.window, self.quantile)))))
+        return evolve(self, batches=batches, _table=_monotone_table(batches), _slope_per_row=_slope(batches))
 
     def observe_load(self, tier: Tier, seconds: float) -> LatencyModel:
         """The model with one more measured load from ``tier`` to hot that took ``seconds``."""
@@ -133,7 +144,7 @@ class LatencyModel:
             return self
         current = dict(self.loads)
         current[tier] = current.get(tier, _Samples()).add(seconds, self.window, self.quantile)
-        return replace(self, loads=tuple(sorted(current.items())))
+        return evolve(self, loads=tuple(sorted(current.items())))
 
     def predict(self, rows: int) -> float:
         """Predicted seconds for a batch of ``rows`` (``default_s`` while nothing is measured)."""
