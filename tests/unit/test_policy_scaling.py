@@ -18,10 +18,13 @@ from ember.policies import (
     LeastLoaded,
     LruEviction,
     MemoryAwarePlacement,
+    Move,
+    Resident,
     ScaleState,
     ScaleView,
     SloAutoscaler,
     WorkerView,
+    device_share,
     instance_capacity,
     reuse_probability,
 )
@@ -127,6 +130,81 @@ def test_placement_only_picks_ready_workers_with_room(loads, size):
         chosen = next(w for w in workers if w.id == choice)
         assert chosen in fits
         assert 100 - chosen.bytes_loaded == min(100 - w.bytes_loaded for w in fits)
+
+
+def test_placement_packs_by_time_as_well_as_memory():
+    # b fits tightest in memory but its device is busy 60% of the time: a model needing 20% more
+    # would push it past 70%, so the next tightest with time to spare (a, idle) gets it.
+    workers = (_worker("a", 0, 100), _worker("b", 60, 100, utilization=0.6), _worker("c", 50, 100, utilization=0.3))
+    placement = MemoryAwarePlacement(max_utilization=0.7)
+    assert placement.choose("m", 30, "cuda", workers, demand=0.2) == "c"
+    assert placement.choose("m", 30, "cuda", workers, demand=0.05) == "b"  # still room: pack
+    # nobody has time to spare: the least utilized that fits in memory
+    busy = (_worker("x", 0, 100, utilization=0.9), _worker("y", 60, 100, utilization=0.8))
+    assert placement.choose("m", 30, "cuda", busy, demand=0.2) == "y"
+
+
+@given(
+    loads=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 100)), min_size=1, max_size=8),
+    demand=st.floats(0.0, 1.0),
+)
+def test_placement_fills_no_device_past_max_utilization_while_one_has_time(loads, demand):
+    workers = tuple(_worker(f"w{i}", used, 100, utilization=u) for i, (u, used) in enumerate(loads))
+    placement = MemoryAwarePlacement()
+    choice = placement.choose("m", 0, "auto", workers, demand=demand)
+    chosen = next(w for w in workers if w.id == choice)
+    if any(w.utilization + demand <= placement.max_utilization for w in workers):
+        assert chosen.utilization + demand <= placement.max_utilization + 1e-12
+    else:
+        assert chosen.utilization == min(w.utilization for w in workers)
+
+
+def _device(wid: str, *shares: float, capacity: int = 100, movable: bool = True) -> WorkerView:
+    residents = tuple(Resident(f"{wid}-m{i}", 10, share, movable) for i, share in enumerate(shares))
+    return _worker(
+        wid,
+        10 * len(shares),
+        capacity,
+        models=tuple(r.model for r in residents),
+        utilization=sum(shares),
+        residents=residents,
+    )
+
+
+def test_moves_relieve_an_overloaded_device_busiest_first_and_keep_its_busiest_model():
+    hot = _device("hot", 0.5, 0.3, 0.15, 0.05)  # 1.0 busy: above high (0.85)
+    idle, half = _device("idle"), _device("half", 0.5)
+    moves = MemoryAwarePlacement().moves((hot, idle, half))
+    # keep the 0.5 model; move 0.3 (1.0 -> 0.7, within max_utilization): one move is enough
+    assert moves == (Move("hot-m1", "hot", "idle"),)  # half has no time for 0.3 more (0.5 + 0.3 > 0.7)
+
+
+def test_moves_count_the_moves_already_planned():
+    hot = _device("hot", 0.4, 0.3, 0.3, 0.3)  # 1.3
+    moves = MemoryAwarePlacement().moves((hot, _device("a", 0.3), _device("b")))
+    destinations = [m.destination for m in moves]
+    # two 0.3 models leave (1.3 -> 0.7); a can take one (0.3 + 0.3 <= 0.7), not two: b gets the other
+    assert sorted(destinations) == ["a", "b"]
+    assert all(m.source == "hot" for m in moves)
+
+
+def test_moves_leave_a_lone_model_unmoved_and_never_move_onto_an_overloaded_device():
+    lone = _device("lone", 1.0)
+    assert MemoryAwarePlacement().moves((lone, _device("idle"))) == ()
+    both_hot = (_device("p", 0.5, 0.45), _device("q", 0.5, 0.45))
+    assert MemoryAwarePlacement().moves(both_hot) == ()
+    pinned = _device("pinned", 0.5, 0.45, movable=False)
+    assert MemoryAwarePlacement().moves((pinned, _device("idle"))) == ()
+
+
+def test_device_share_batches_as_the_rate_needs():
+    latency = LatencyModel()
+    for rows, seconds in ((1, 0.010), (2, 0.010), (4, 0.012), (8, 0.016)):
+        latency = latency.observe_batch(rows, seconds)
+    assert device_share(0.0, latency, 8) == 0.0
+    assert abs(device_share(50.0, latency, 8) - 0.5) < 1e-9  # 50 batches of 1 a second, 10 ms each
+    assert abs(device_share(150.0, latency, 8) - 150 * 0.010 / 2) < 1e-9  # pairs keep up: 0.75
+    assert device_share(10_000.0, latency, 8) == 1.0  # nothing keeps up
 
 
 def test_least_loaded_baseline_spreads_and_matches_the_device():

@@ -9,7 +9,8 @@ and return the next one (``LatencyModel.observe_*``, ``IdleHistogram.observe``, 
 - ``devices``: which model's batch a shared device runs next (Clockwork-like, swap-in counted).
 - ``autoscaler``: instances per model from arrival rate, latency and SLO, with hysteresis.
 - ``keepalive``: the hybrid idle-time histogram policy (ATC'20) with pre-warm; the fixed baseline.
-- ``placement``: memory-aware packing, warm weights first; the least-loaded baseline.
+- ``placement``: packing by device time and memory, warm weights first, and moves off overloaded
+  devices; the least-loaded baseline.
 - ``eviction``: expected reload cost x probability of reuse; the LRU baseline.
 """
 
@@ -45,10 +46,14 @@ from ember.policies.latency import Bandwidths, LatencyModel, warmup_batch_sizes,
 from ember.policies.placement import (
     LeastLoaded,
     MemoryAwarePlacement,
+    Move,
     Placement,
+    Rebalancer,
+    Resident,
     TenantIsolated,
     WorkerView,
     device_fits,
+    device_share,
 )
 
 __all__ = [
@@ -74,10 +79,13 @@ __all__ = [
     "LruEviction",
     "MemoryAwarePlacement",
     "ModelView",
+    "Move",
     "OnUnmeetable",
     "Placement",
     "Prewarm",
     "QueueSnapshot",
+    "Rebalancer",
+    "Resident",
     "ScaleState",
     "ScaleView",
     "SloAutoscaler",
@@ -86,6 +94,7 @@ __all__ = [
     "WorkerView",
     "admits",
     "device_fits",
+    "device_share",
     "instance_capacity",
     "reuse_probability",
     "warmup_batch_sizes",

@@ -4,32 +4,72 @@ Decision rule of :class:`MemoryAwarePlacement`: among ready workers whose device
 deployment and whose free memory holds the model's bytes (a worker of unknown capacity always
 does), prefer
 
-1. a worker where the model's weights already sit in a warm tier (its host memory): no disk read;
-2. on workers of known capacity, the tightest fit (least free memory left after placing): packing
+1. a worker with *time* to spare: its measured utilization plus the share of a device the model is
+   expected to need (``demand``) stays within ``max_utilization``. Memory alone would pack a
+   thousand small models onto one device that cannot run their batches in time;
+2. a worker where the model's weights already sit in a warm tier (its host memory): no disk read;
+3. on workers of known capacity, the tightest fit (least free memory left after placing): packing
    keeps large holes for large models and lets idle devices stay empty;
-3. then the least loaded (fewest batches in flight, fewest bytes, fewest models), then the id, so
+4. then the least loaded (fewest batches in flight, fewest bytes, fewest models), then the id, so
    the choice is repeatable.
 
-``None`` means no worker has room: the caller evicts (see ``policies.eviction``) and asks again.
+When no worker has time to spare, the least utilized one that fits is chosen. ``None`` means no
+worker has room in memory: the caller evicts (see ``policies.eviction``) and asks again.
 :class:`LeastLoaded` is the baseline that spreads models and ignores memory.
+
+Utilization is measured, so it lags: models placed in one burst all see the devices as they were.
+:meth:`MemoryAwarePlacement.moves` corrects that afterwards. A device busier than ``high`` keeps its
+busiest model and moves others, busiest first, until what stays is within ``max_utilization``:
+each to the worker :meth:`~MemoryAwarePlacement.choose` picks among those with time for it (never
+back to an overloaded one), counting the moves already planned. A model alone on an overloaded
+device is not moved: it needs another instance, which is the autoscaler's decision.
+:func:`device_share` is the expected share for a model with a known arrival rate.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+from ember.policies.latency import LatencyModel
 
 __all__ = [
     "DEFAULT_TENANT",
     "LeastLoaded",
     "MemoryAwarePlacement",
+    "Move",
     "Placement",
+    "Rebalancer",
+    "Resident",
     "TenantIsolated",
     "WorkerView",
     "device_fits",
+    "device_share",
 ]
 
 DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A model loaded on a worker, as :meth:`MemoryAwarePlacement.moves` sees it."""
+
+    model: str
+    bytes: int
+    #: The fraction of the device's recent time its batches took.
+    share: float
+    #: Whether it may move now: ready, measured for a while, nothing in flight.
+    movable: bool = True
+    tenant: str = "default"
+
+
+@dataclass(frozen=True)
+class Move:
+    """Load ``model`` on ``destination``, then drop it from ``source``."""
+
+    model: str
+    source: str
+    destination: str
 
 
 @dataclass(frozen=True)
@@ -53,22 +93,63 @@ class WorkerView:
 
     #: Tenants whose models are loaded there.
     tenants: frozenset[str] = frozenset()
+    #: The fraction of recent time the device ran batches (measured), plus the expected share of
+    #: models placed there since it was measured.
+    utilization: float = 0.0
+    #: The loaded models with their shares of the device (only :meth:`MemoryAwarePlacement.moves` reads it).
+    residents: tuple[Resident, ...] = ()
 
 
 class Placement(Protocol):
     def choose(
-        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+        self,
+        model: str,
+        model_bytes: int,
+        device: str,
+        workers: tuple[WorkerView, ...],
+        tenant: str = DEFAULT_TENANT,
+        demand: float = 0.0,
     ) -> str | None:
-        """The id of the worker that should load ``model`` (of ``tenant``), or None if none can."""
+        """The id of the worker that should load ``model`` (of ``tenant``, expected to take ``demand``
+        of a device's time), or None if none can."""
+        ...
+
+
+class Rebalancer(Protocol):
+    @property
+    def high(self) -> float:
+        """:meth:`moves` plans nothing unless some worker's utilization is above this (callers may
+        skip building views)."""
+        ...
+
+    def moves(self, workers: tuple[WorkerView, ...]) -> tuple[Move, ...]:
+        """Models to move off overloaded workers, and where to."""
         ...
 
 
 @dataclass(frozen=True)
 class MemoryAwarePlacement:
-    """Warm weights first, then the tightest memory fit, then the least loaded."""
+    """Time to spare first, then warm weights, then the tightest memory fit, then the least loaded."""
+
+    #: The utilization a placement may fill a device to.
+    max_utilization: float = 0.7
+    #: Above this, :meth:`moves` moves models off a device.
+    high: float = 0.85
+    #: At most this many moves off one device per decision.
+    max_moves: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_utilization <= self.high:
+            raise ValueError(f"need 0 < max_utilization ({self.max_utilization}) <= high ({self.high})")
 
     def choose(
-        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+        self,
+        model: str,
+        model_bytes: int,
+        device: str,
+        workers: tuple[WorkerView, ...],
+        tenant: str = DEFAULT_TENANT,
+        demand: float = 0.0,
     ) -> str | None:
         fits = [
             w
@@ -77,13 +158,58 @@ class MemoryAwarePlacement:
         ]
         if not fits:
             return None
+        limit = self.max_utilization - demand
+        roomy = [w for w in fits if w.utilization <= limit]
+        if not roomy:
+            return min(fits, key=lambda w: (w.utilization, w.in_flight, w.id)).id
 
         def score(w: WorkerView) -> tuple[bool, float, int, int, int, str]:
             free = w.free_bytes
             left = float("inf") if free is None else float(free - model_bytes)
             return (model not in w.warm_models, left, w.in_flight, w.bytes_loaded, len(w.models), w.id)
 
-        return min(fits, key=score).id
+        return min(roomy, key=score).id
+
+    def moves(self, workers: tuple[WorkerView, ...]) -> tuple[Move, ...]:
+        """Models to move off devices busier than ``high``, and where to (see the module's doc)."""
+        hot = sorted((w for w in workers if w.utilization > self.high and len(w.residents) > 1),
+                     key=lambda w: (-w.utilization, w.id))  # fmt: skip
+        if not hot:
+            return ()
+        planned = {w.id: w for w in workers}
+        overloaded = {w.id for w in hot}
+        result: list[Move] = []
+        for source in hot:
+            residents = sorted(source.residents, key=lambda r: (-r.share, r.model))
+            staying, moved = source.utilization, 0
+            for resident in residents[1:]:
+                if staying <= self.max_utilization or moved == self.max_moves:
+                    break
+                if not resident.movable or resident.share <= 0:
+                    continue
+                kind = source.device.split(":", 1)[0]
+                others = tuple(
+                    w
+                    for w in planned.values()
+                    if w.id not in overloaded
+                    and w.tenants <= {resident.tenant}
+                    and resident.model not in w.models
+                    and w.utilization + resident.share <= self.max_utilization
+                )
+                target = self.choose(resident.model, resident.bytes, kind, others, resident.tenant, resident.share)
+                if target is None:
+                    continue
+                result.append(Move(resident.model, source.id, target))
+                chosen = planned[target]
+                planned[target] = replace(
+                    chosen,
+                    utilization=chosen.utilization + resident.share,
+                    bytes_loaded=chosen.bytes_loaded + resident.bytes,
+                    models=(*chosen.models, resident.model),
+                )
+                staying -= resident.share
+                moved += 1
+        return tuple(result)
 
 
 @dataclass(frozen=True)
@@ -95,7 +221,13 @@ class LeastLoaded:
     """
 
     def choose(
-        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+        self,
+        model: str,
+        model_bytes: int,
+        device: str,
+        workers: tuple[WorkerView, ...],
+        tenant: str = DEFAULT_TENANT,
+        demand: float = 0.0,
     ) -> str | None:
         fits = [w for w in workers if w.ready and device_fits(device, w.device)]
         if not fits:
@@ -116,16 +248,22 @@ class TenantIsolated:
     inner: Placement = LeastLoaded()
 
     def choose(
-        self, model: str, model_bytes: int, device: str, workers: tuple[WorkerView, ...], tenant: str = DEFAULT_TENANT
+        self,
+        model: str,
+        model_bytes: int,
+        device: str,
+        workers: tuple[WorkerView, ...],
+        tenant: str = DEFAULT_TENANT,
+        demand: float = 0.0,
     ) -> str | None:
         allowed = tuple(w for w in workers if w.tenants <= {tenant})
         shared = any(w.tenants - {tenant} for w in workers)
         own = tuple(w for w in allowed if w.tenants)
         if shared and own:
-            choice = self.inner.choose(model, model_bytes, device, own, tenant)
+            choice = self.inner.choose(model, model_bytes, device, own, tenant, demand)
             if choice is not None:
                 return choice
-        return self.inner.choose(model, model_bytes, device, allowed, tenant)
+        return self.inner.choose(model, model_bytes, device, allowed, tenant, demand)
 
 
 def device_fits(wanted: str, have: str) -> bool:
@@ -135,3 +273,22 @@ def device_fits(wanted: str, have: str) -> bool:
     if ":" in wanted:
         return wanted == have
     return have.split(":", 1)[0] == wanted
+
+
+def device_share(rate: float, latency: LatencyModel, max_batch_size: int) -> float:
+    """The share of one device's time ``rate`` requests per second take, batched as they would be.
+
+    The smallest power-of-two batch ``b`` (at most ``max_batch_size``) whose batches keep up with the
+    rate (``rate * predict(b) / b <= 1``) sets the share; 1.0 when none does. 0 while nothing is
+    measured or nothing arrives.
+    """
+    if rate <= 0:
+        return 0.0
+    size = 1
+    while True:
+        share = rate * latency.predict(size) / size
+        if share <= 1.0:
+            return share
+        if size >= max_batch_size:
+            return 1.0
+        size = min(size * 2, max_batch_size)

@@ -17,6 +17,7 @@ tick; the warm tier's keep-alive and pre-warm, and the autoscaler, every ``warm_
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
@@ -28,6 +29,7 @@ from typing import Any
 from ember.errors import InvalidInput
 from ember.policies import (
     Bandwidths,
+    BatchDecision,
     Candidate,
     Demotion,
     EvictionCandidate,
@@ -35,10 +37,12 @@ from ember.policies import (
     LatencyModel,
     ModelView,
     QueueSnapshot,
+    Resident,
     ScaleState,
     ScaleView,
     WorkerView,
     admits,
+    device_share,
     warmup_batch_sizes,
 )
 from ember.sim.cluster import ClusterSpec, ModelSpec
@@ -77,8 +81,9 @@ class RunResult:
 
 
 class _Model:
-    __slots__ = ("arrivals", "histogram", "idx", "instances", "last_used", "latency", "max_batch", "name", "next_key",
-                 "prewarmed", "queue", "rate", "running", "scale_state", "slo_s", "spec", "wake_at")  # fmt: skip
+    __slots__ = ("arrivals", "candidate", "decided", "decision", "histogram", "idx", "instances", "last_used",
+                 "latency", "max_batch", "name", "next_key", "prewarmed", "queue", "rate", "running", "scale_state",
+                 "slo_s", "spec", "version", "wake_at")  # fmt: skip
 
     def __init__(self, idx: int, spec: ModelSpec, max_batch: int) -> None:
         self.idx, self.spec, self.name = idx, spec, spec.name
@@ -98,10 +103,17 @@ class _Model:
         self.next_key = 0
         self.arrivals = 0
         self.rate = 0.0
+        #: Bumped whenever the queue changes; the last batching decision, what it was asked about
+        #: (queue version, latency model) and the device candidate built from it.
+        self.version = 0
+        self.decision = BatchDecision(0)
+        self.decided: tuple[int, LatencyModel | None] = (-1, None)
+        self.candidate: Candidate | None = None
 
 
 class _Instance:
-    __slots__ = ("bytes", "device", "key", "last_used", "load_s", "model", "ready_at", "running", "source")
+    __slots__ = ("busy_s", "bytes", "device", "key", "last_used", "load_s", "measured", "model", "ready_at", "replaces",
+                 "retiring", "running", "share", "source")  # fmt: skip
 
     def __init__(self, key: str, model: _Model, device: _Device, ready_at: float, load_s: float, source: Tier) -> None:
         self.key, self.model, self.device = key, model, device
@@ -109,11 +121,18 @@ class _Instance:
         self.bytes = model.spec.weights_bytes
         self.last_used = ready_at
         self.running = False
+        #: Device seconds its batches took since the last tick, and its share of the device (smoothed).
+        self.busy_s = 0.0
+        self.share = 0.0
+        self.measured = False
+        #: A move in progress: the instance this one replaces once ready, and whether this one is leaving.
+        self.replaces: _Instance | None = None
+        self.retiring = False
 
 
 class _Device:
     __slots__ = ("busy", "capacity", "id", "idx", "instances", "load_free_at", "loading_bytes", "node", "pending",
-                 "running_bytes", "used", "view")  # fmt: skip
+                 "running_bytes", "used", "util", "view")  # fmt: skip
 
     def __init__(self, idx: int, node: int, capacity: int) -> None:
         self.idx, self.node, self.id, self.capacity = idx, node, f"n{node}/cuda:{idx}", capacity
@@ -122,6 +141,8 @@ class _Device:
         self.used = self.loading_bytes = self.running_bytes = 0
         self.busy = False
         self.load_free_at = 0.0
+        #: Its residents' shares: measured, plus the expected share of those placed since the last tick.
+        self.util = 0.0
         self.view: WorkerView | None = None
 
 
@@ -157,6 +178,7 @@ class Engine:
         self.rng = random.Random(seed)
         self.learns = policies.learns
         self.models = [_Model(i, s, policies.max_batch_size or s.max_batch_size) for i, s in enumerate(models)]
+        self.by_name = {m.name: m for m in self.models}
         per = cluster.devices_per_node
         self.devices = [_Device(i, i // per, cluster.device_memory_bytes) for i in range(cluster.num_devices)]
         self.by_id = {d.id: d for d in self.devices}
@@ -188,6 +210,17 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        # The loop allocates millions of short-lived tuples and frozen values, and no reference cycles
+        # that outlive an event: the cyclic collector's passes over them cost 10-20% of a run.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self) -> RunResult:
         if self.p.pinned:
             self._pin_all()
         self._arm_tick()
@@ -248,6 +281,7 @@ class Engine:
             self._scale(m)
             return
         m.queue.append((deadline, rows, now))
+        m.version += 1
         self.outstanding += 1
         if len(m.queue) + m.running > len(m.instances):  # more work than instances: the autoscaler may act now
             self._scale(m)
@@ -262,14 +296,16 @@ class Engine:
         if not m.instances:
             warm = self.p.warm_tier and any(m.idx in w for w in self.warm)
             return m.latency.predict_load(_WARM if warm else _COOL, m.spec.weights_bytes, self.bandwidths)
-        return max(0.0, min(x.ready_at for x in m.instances) - self.now)
+        instances = m.instances
+        ready = instances[0].ready_at if len(instances) == 1 else min(x.ready_at for x in instances)
+        return ready - self.now if ready > self.now else 0.0
 
     def _offer(self, dev: _Device) -> None:
         """The device is free: every resident model with work proposes a batch; the device scheduler picks one."""
         if dev.busy or not dev.pending:
             return
         now, batcher = self.now, self.p.batcher
-        proposals: list[tuple[_Model, _Instance, int]] = []
+        proposals: list[tuple[_Model, _Instance, int, int]] = []
         pending = list(dev.pending.values())
         if len(pending) > MAX_CANDIDATES:  # ask the models due first; a busy device may hold hundreds
             for m in pending:
@@ -290,12 +326,15 @@ class Engine:
             if inst is None:
                 del dev.pending[m.idx]  # put back on the next arrival, or when an instance here is ready
                 continue
-            queued = tuple(q) if len(q) <= m.max_batch else tuple(itertools.islice(q, m.max_batch + 1))
-            decision = batcher.decide(QueueSnapshot(now, queued, True, m.max_batch, m.latency))
+            decision = m.decision
+            if now >= decision.valid_until or m.decided[0] != m.version or m.decided[1] is not m.latency:
+                queued = tuple(q) if len(q) <= m.max_batch else tuple(itertools.islice(q, m.max_batch + 1))
+                decision = batcher.decide(QueueSnapshot(now, queued, True, m.max_batch, m.latency))
+                m.decision, m.decided, m.candidate = decision, (m.version, m.latency), None
             if decision.refuse:
                 self._refuse(m, decision.refuse)
             if decision.take > 0 and q:
-                proposals.append((m, inst, min(decision.take, len(q))))
+                proposals.append((m, inst, min(decision.take, len(q)), decision.rows))
             elif decision.wake_at is not None and (m.wake_at is None or decision.wake_at < m.wake_at):
                 m.wake_at = decision.wake_at
                 self._push(decision.wake_at, _WAKE, m)
@@ -304,21 +343,29 @@ class Engine:
         if not proposals:
             return
         if len(proposals) > 1:
-            by_name = {m.name: (m, inst, take) for m, inst, take in proposals}
-            candidates = tuple(
-                Candidate(m.name, m.queue[0][0], m.latency.predict(sum(m.queue[j][1] for j in range(take))), 0.0, take)
-                for m, _, take in proposals
-            )
+            by_name = {m.name: (m, inst, take) for m, inst, take, _ in proposals}
+            candidates = tuple(self._candidate(m, take, rows) for m, _, take, rows in proposals)
             chosen = self.p.devices.choose(now, candidates)
             if chosen is None:
                 return
             m, inst, take = by_name[chosen.model]
         else:
-            m, inst, take = proposals[0]
+            m, inst, take, _ = proposals[0]
         q = m.queue
+        m.version += 1
         self._start_batch(dev, inst, [q.popleft() for _ in range(take)])
 
+    def _candidate(self, m: _Model, take: int, rows: int) -> Candidate:
+        """The device scheduler's view of ``m``'s next batch, kept as long as its batching decision."""
+        candidate = m.candidate
+        if candidate is None or candidate.requests != take:
+            q = m.queue
+            run_s = m.latency.predict(rows or sum(q[j][1] for j in range(take)))
+            candidate = m.candidate = Candidate(m.name, q[0][0], run_s, 0.0, take)
+        return candidate
+
     def _refuse(self, m: _Model, positions: tuple[int, ...]) -> None:
+        m.version += 1
         for j in sorted(set(positions), reverse=True):
             if j < len(m.queue):
                 del m.queue[j]
@@ -333,6 +380,7 @@ class Engine:
         seconds = m.spec.batch_s(rows, self.rng)
         dev.busy, inst.running = True, True
         dev.running_bytes = inst.bytes
+        inst.busy_s += seconds
         m.running += len(batch)
         self.batches += 1
         if self.record:
@@ -357,6 +405,9 @@ class Engine:
         self.outstanding -= len(batch)
         inst.running, inst.last_used, m.last_used = False, now, now
         dev.busy, dev.running_bytes = False, 0
+        if inst.retiring and self._retire(inst):
+            self._offer(dev)
+            return
         if m.queue:
             dev.pending[m.idx] = m
         self._offer(dev)
@@ -374,6 +425,11 @@ class Engine:
             m.latency = m.latency.observe_load(inst.source, inst.load_s)
         if self.record:
             self.events.append((self.now, "ready", inst.key, dev.id))
+        old = inst.replaces
+        if old is not None:
+            inst.replaces = None
+            if old.key in self.instances and not old.running:
+                self._retire(old)
         if m.queue:
             dev.pending[m.idx] = m
         self._offer(dev)
@@ -399,16 +455,22 @@ class Engine:
 
     def _start_instance(self, m: _Model, preloaded: bool = False) -> bool:
         need = m.spec.weights_bytes
+        demand = 0.0 if preloaded else device_share(max(m.rate, m.arrivals / self.window_s), m.latency, m.max_batch)
         hosts = [d for d in self.devices if d.capacity - d.loading_bytes - d.running_bytes >= need]
-        chosen = self.p.placement.choose(m.name, need, "cuda", tuple(self._view(d, m) for d in hosts))
+        place = self.p.placement.choose
+        chosen = place(m.name, need, "cuda", tuple(self._view(d, m) for d in hosts), demand=demand)
         if chosen is None:  # no room anywhere: choose again as if every idle resident could be evicted
-            chosen = self.p.placement.choose(m.name, need, "cuda", tuple(self._view(d, m, True) for d in hosts))
+            chosen = place(m.name, need, "cuda", tuple(self._view(d, m, True) for d in hosts), demand=demand)
             if chosen is None:
                 return False
-        dev = self.by_id[chosen]
+        return self._place(m, self.by_id[chosen], demand, preloaded) is not None
+
+    def _place(self, m: _Model, dev: _Device, demand: float, preloaded: bool = False) -> _Instance | None:
+        """Load ``m`` on ``dev``, evicting idle residents if it must; None if it cannot."""
+        need = m.spec.weights_bytes
         short = dev.used + need - dev.capacity
         if short > 0 and (preloaded or not self._evict(dev, short)):  # pinning evicts nothing
-            return False
+            return None
         node, warm = dev.node, self.warm[dev.node]
         source = _HOT if preloaded else (_WARM if self.p.warm_tier and m.idx in warm else _COOL)
         load_s = 0.0 if preloaded else self.cluster.load_s(m.spec, source is _WARM, self.p.loader, self.rng)
@@ -418,6 +480,8 @@ class Engine:
         key = f"{m.name}#{m.next_key}"
         m.next_key += 1
         inst = _Instance(key, m, dev, ready, load_s, source)
+        inst.share = demand
+        dev.util += demand
         self._account()
         if not dev.instances:
             self.held += 1
@@ -435,7 +499,7 @@ class Engine:
         if not preloaded:
             dev.loading_bytes += need
             self._push(ready, _LOAD, inst)
-        return True
+        return inst
 
     def _evict(self, dev: _Device, need: int) -> bool:
         now, bw = self.now, self.bandwidths
@@ -458,10 +522,12 @@ class Engine:
         del self.instances[inst.key]
         m.instances.remove(inst)
         dev.used -= inst.bytes
+        dev.util = max(0.0, dev.util - inst.share)
         dev.view = None
         self.used_total -= inst.bytes
         if not dev.instances:
             self.held -= 1
+            dev.util = 0.0
         if to is _WARM and self.p.warm_tier:
             self._keep_warm(dev.node, m)
         if self.record:
@@ -491,7 +557,7 @@ class Engine:
         del self.warm[node][idx]
         self.warm_bytes[node] -= self.models[idx].spec.weights_bytes
 
-    def _view(self, dev: _Device, model: _Model, evictable_gone: bool = False) -> WorkerView:
+    def _view(self, dev: _Device, model: _Model | None = None, evictable_gone: bool = False) -> WorkerView:
         """The device as placement sees it, optionally as if its idle residents were gone.
 
         ``warm_models`` holds the model being placed when its weights sit in this node's host memory:
@@ -501,10 +567,11 @@ class Engine:
         if view is None or evictable_gone:
             names = tuple(x.model.name for x in dev.instances.values())
             loaded = dev.loading_bytes + dev.running_bytes if evictable_gone else dev.used
-            view = WorkerView(dev.id, True, dev.id.split("/", 1)[1], names, loaded, int(dev.busy), dev.capacity)
+            view = WorkerView(dev.id, True, dev.id.split("/", 1)[1], names, loaded, int(dev.busy), dev.capacity,
+                              utilization=dev.util)  # fmt: skip
             if not evictable_gone:
                 dev.view = view
-        if self.p.warm_tier and model.idx in self.warm[dev.node]:
+        if model is not None and self.p.warm_tier and model.idx in self.warm[dev.node]:
             view = replace(view, warm_models=(model.name,))
         return view
 
@@ -520,6 +587,9 @@ class Engine:
 
     def _tick(self, n: int) -> None:
         now, p = self.now, self.p
+        busiest = self._measure()
+        if p.rebalance is not None and busiest > p.rebalance.high:
+            self._rebalance()
         if p.keepalive is not None:
             views = tuple(self._hot_view(x) for x in self.instances.values() if x.ready_at <= now)
             for action in p.keepalive.decide(views):
@@ -547,6 +617,64 @@ class Engine:
         live = self.instances or self.blocked or (p.keepalive is not None and any(self.warm))
         if live and (now < self.duration_s or self.outstanding):
             self._arm_tick()
+
+    def _measure(self) -> float:
+        """Fold the device time each instance's batches took since the last tick into its share of the
+        device, and each device's utilization; returns the highest utilization."""
+        now, tick = self.now, self.tick_s
+        totals: dict[_Device, float] = {}
+        for x in self.instances.values():
+            up = min(tick, now - x.ready_at)
+            if up >= 0.5 * tick:  # up for most of the tick (until then it keeps its expected share)
+                share = x.busy_s / up
+                x.share = 0.5 * x.share + 0.5 * share if x.measured else share
+                x.measured = True
+            x.busy_s = 0.0
+            totals[x.device] = totals.get(x.device, 0.0) + x.share
+        for dev, util in totals.items():
+            if dev.util != util:
+                dev.util, dev.view = util, None
+        return max(totals.values(), default=0.0)
+
+    def _rebalance(self) -> None:
+        """Move models off overloaded devices: load on the destination, drop the source once it is ready."""
+        assert self.p.rebalance is not None
+        now, high = self.now, self.p.rebalance.high
+        views = []
+        for dev in self.devices:
+            view = self._view(dev)
+            if dev.util > high:
+                residents = tuple(
+                    Resident(x.model.name, x.bytes, x.share, x.measured and not x.retiring
+                             and all(y.ready_at <= now for y in x.model.instances))
+                    for x in dev.instances.values()
+                )  # fmt: skip
+                view = replace(view, residents=residents)
+            views.append(view)
+        for move in self.p.rebalance.moves(tuple(views)):
+            m, source, target = self.by_name[move.model], self.by_id[move.source], self.by_id[move.destination]
+            old = next((x for x in m.instances if x.device is source), None)
+            if old is None:
+                continue
+            new = self._place(m, target, old.share)
+            if new is None:
+                continue
+            new.replaces, old.retiring = old, True
+            if self.record:
+                self.events.append((now, "move", old.key, source.id, target.id))
+
+    def _retire(self, inst: _Instance) -> bool:
+        """Drop a moving instance once its replacement is ready; False while that still loads."""
+        m = inst.model
+        if any(x.replaces is inst for x in m.instances):
+            return False
+        self._remove(inst, _WARM)
+        if m.queue:
+            for x in m.instances:
+                if x.ready_at <= self.now:
+                    x.device.pending[m.idx] = m
+                    self._offer(x.device)
+        return True
 
     def _hot_view(self, x: _Instance) -> ModelView:
         m, p = x.model, self.p

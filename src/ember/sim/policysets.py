@@ -28,6 +28,7 @@ from ember.policies import (
     LruEviction,
     MemoryAwarePlacement,
     Placement,
+    Rebalancer,
     SloAutoscaler,
     SloBatcher,
 )
@@ -68,6 +69,8 @@ class PolicySet:
     max_batch_size: int | None = None
     keepalive_hot_s: float = 300.0
     keepalive_warm_s: float = 3600.0
+    #: Moves models off overloaded devices at each tick; None: nothing moves once placed.
+    rebalance: Rebalancer | None = None
 
 
 def build_policy_set(name: str, options: dict[str, float]) -> PolicySet:
@@ -96,11 +99,13 @@ def build_policy_set(name: str, options: dict[str, float]) -> PolicySet:
             raise InvalidInput("ray_serve: max_batch_size must be >= 1")
         return PolicySet(name, FixedSizeBatcher(options.get("max_wait_s", 0.01)), edf, None, spread,
                          OngoingRequests(), lru, Loader.PLAIN, warm_tier=False, max_batch_size=batch)  # fmt: skip
+    placement = MemoryAwarePlacement()
     return PolicySet(
         name, SloBatcher("refuse", options.get("max_wait_s", 0.0)), LatestStartFirst(), HybridHistogramKeepAlive(),
-        MemoryAwarePlacement(), SloAutoscaler(), ExpectedCostEviction(), Loader.EMBER, warm_tier=True,
+        placement, SloAutoscaler(), ExpectedCostEviction(), Loader.EMBER, warm_tier=True,
         admission=True, learns=True,
         keepalive_hot_s=options.get("keepalive_hot_s", 300.0), keepalive_warm_s=options.get("keepalive_warm_s", 3600.0),
+        rebalance=placement,
     )  # fmt: skip
 
 
