@@ -131,15 +131,17 @@ class EmberService:
             limits,
             options.spare_workers,
         )
+        placement = MemoryAwarePlacement()
         self.controller = Controller(
             self.clock,
             self.store,
             self.backend,
             HybridHistogramKeepAlive(),
-            TenantIsolated(MemoryAwarePlacement()),
+            TenantIsolated(placement),
             self.metrics,
             options.tick_s,
             device_memory_bytes=options.device_memory_bytes,
+            rebalancer=placement,
         )
         self.arbiter = DeviceArbiter(LatestStartFirst(), self.clock)
         self._runners: dict[str, ModelRunner] = {}

@@ -128,3 +128,34 @@ def test_a_full_device_evicts_the_cheapest_model_to_make_room(tmp_path, model_fi
             assert again.info("a").tier == "warm"  # evicted from the device, still in host memory
 
     run_in_virtual_time(main)
+
+
+def test_two_busy_models_packed_on_one_worker_are_spread_once_its_time_runs_out(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock)
+        async with service:
+            size = (await service.deploy(_spec(model_file, "a"), load=False)).bytes
+            await service.deploy(_spec(model_file, "b"), load=False)
+        # Two workers with room for three models each: packing by memory puts both on one.
+        again, backend = _service(tmp_path, clock, size=2, device_memory_bytes=3 * size)
+        async with again:
+            await again.load("a")
+            await again.load("b")
+            hosts = {m: again.controller.hot_instances(m)[0].id for m in ("a", "b")}
+            assert hosts["a"] == hosts["b"]
+            # 70 requests per second each, 10 ms a batch: together more than the one device has.
+            calls = []
+            for i in range(700):
+                for name in ("a", "b"):
+                    calls.append(asyncio.ensure_future(again.infer(name, _x(i))))
+                await clock.sleep(1 / 70)
+            results = await asyncio.gather(*calls)
+            assert len(results) == 1400 and all(r["x"].shape == (1, 4) for r in results)
+            spread = {m: [w.id for w in again.controller.hot_instances(m)] for m in ("a", "b")}
+            assert len(spread["a"]) == len(spread["b"]) == 1  # moved, not copied
+            assert spread["a"] != spread["b"]
+            # the instance that left was unloaded from its old worker
+            for worker in backend.workers():
+                assert len(worker.loaded) == 1
+
+    run_in_virtual_time(main)

@@ -7,7 +7,11 @@ policies (``ember.policies``) what to do:
 - keep-alive (``HybridHistogramKeepAlive`` by default): demote idle models one tier, or pre-warm a
   model whose next request is expected soon;
 - autoscaler (``SloAutoscaler``): how many instances a hot model needs, up to its ``max_instances``;
-  the loop adds one instance at a time and removes idle ones.
+  the loop adds one instance at a time and removes idle ones;
+- rebalancing (``MemoryAwarePlacement.moves``): each worker's utilization is the sum of its models'
+  shares of it (device seconds their batches took per second, measured every tick); a model on a
+  worker busier than the policy's ``high`` may be moved: loaded on the destination, then dropped
+  from the source once nothing of it runs there.
 
 Promotion is on demand: the first request for a model that is not hot calls :meth:`ensure_hot`,
 which brings it up one tier at a time (cool -> warm: the store copies the weights into host memory;
@@ -22,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ember.clock import Clock, run_blocking
 from ember.cluster.base import ClusterBackend, WorkerHandle
@@ -33,7 +37,7 @@ from ember.policies.autoscaler import Autoscaler, ScaleState, ScaleView, SloAuto
 from ember.policies.eviction import Eviction, EvictionCandidate, ExpectedCostEviction
 from ember.policies.keepalive import Demotion, IdleHistogram, KeepAlive, ModelView
 from ember.policies.latency import Bandwidths
-from ember.policies.placement import Placement, WorkerView, device_fits
+from ember.policies.placement import Placement, Rebalancer, Resident, WorkerView, device_fits, device_share
 from ember.scheduler.runner import ModelRunner
 from ember.store import Store, Tier
 
@@ -42,6 +46,8 @@ __all__ = ["ColdStart", "Controller"]
 WORKER_WAIT_S = 120.0
 #: Weight of the newest tick in the arrival-rate average.
 RATE_SMOOTHING = 0.3
+#: Weight of the newest tick in a model's share of a worker.
+SHARE_SMOOTHING = 0.5
 
 _log = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ class _Model:
     runner: ModelRunner
     workers: list[WorkerHandle] = field(default_factory=list)
     promoting: asyncio.Task[WorkerHandle] | None = None
-    scaling: asyncio.Task[None] | None = None
+    scaling: asyncio.Task[object] | None = None
     last_cold_start: ColdStart | None = None
     cold_starts: int = 0
     histogram: IdleHistogram = field(default_factory=IdleHistogram)
@@ -90,6 +96,7 @@ class Controller:
         eviction: Eviction | None = None,
         bandwidths: Bandwidths | None = None,
         device_memory_bytes: int | None = None,
+        rebalancer: Rebalancer | None = None,
     ) -> None:
         self._clock = clock
         self._store = store
@@ -106,6 +113,14 @@ class Controller:
         self._metrics = metrics
         self._tick_s = tick_s
         self._models: dict[str, _Model] = {}
+        self._rebalancer = rebalancer
+        #: (model, worker id) -> the model's measured share of that worker's time; and the expected
+        #: share of the placements made since the last measurement.
+        self._shares: dict[tuple[str, str], float] = {}
+        self._planned: dict[tuple[str, str], float] = {}
+        self._measured_at = clock.now()
+        #: Instances moved away, to unload once no batch of theirs runs there.
+        self._leaving: list[tuple[_Model, WorkerHandle]] = []
         backend.on_worker_lost(self._worker_lost)
 
     # -- registration ------------------------------------------------------------------------------
@@ -232,6 +247,10 @@ class Controller:
         for model in models:
             if model.deployment.max_instances > 1 and model.deployment.name in self._models:
                 await self._autoscale(model, now)
+        self._measure_shares(now)
+        await self._unload_left()
+        if self._rebalancer is not None:
+            await self._rebalance(self._rebalancer)
 
     def _measure(self, model: _Model, now: float) -> None:
         runner = model.runner
@@ -295,19 +314,102 @@ class Controller:
                 with contextlib.suppress(EmberError):
                     await worker.unload(d.key)
 
-    async def _add_instance(self, model: _Model) -> None:
+    async def _add_instance(self, model: _Model, worker: WorkerHandle | None = None) -> bool:
+        """Load one more instance of ``model``, on ``worker`` or where placement says; True if it is up."""
         d = model.deployment
         try:
-            worker = await self._choose_worker(d, exclude={w.id for w in model.workers}, wait=False)
             if worker is None:
-                return
+                worker = await self._choose_worker(d, exclude={w.id for w in model.workers}, wait=False)
+                if worker is None:
+                    return False
             assets = await run_blocking(self._clock, self._store.assets, d.key)
             await worker.load(d.key, d.model_ref, d.options, str(self._store.weights_path(d.key)), assets)
         except EmberError as exc:
             _log.warning("could not add an instance of %s: %s", d.name, exc.message)
+            return False
+        if d.name not in self._models:
+            return False
+        model.workers.append(worker)
+        return True
+
+    # -- rebalancing -------------------------------------------------------------------------------
+
+    def _share(self, name: str, worker_id: str) -> float:
+        key = (name, worker_id)
+        return self._shares.get(key, 0.0) + self._planned.get(key, 0.0)
+
+    def _measure_shares(self, now: float) -> None:
+        """Fold the device seconds each model's batches took on each worker since the last tick into its
+        share of that worker."""
+        elapsed, self._measured_at = now - self._measured_at, now
+        if elapsed <= 0:
             return
-        if d.name in self._models:
-            model.workers.append(worker)
+        shares: dict[tuple[str, str], float] = {}
+        for name, model in self._models.items():
+            busy = model.runner.busy_s
+            for worker in model.alive():
+                key = (name, worker.id)
+                measured = busy.get(worker.id, 0.0) / elapsed
+                before = self._shares.get(key)
+                shares[key] = measured if before is None else before + SHARE_SMOOTHING * (measured - before)
+            busy.clear()
+        self._shares = shares
+        self._planned.clear()
+
+    async def _rebalance(self, policy: Rebalancer) -> None:
+        """Move models off workers busier than ``policy.high``: load on the destination first."""
+        workers = {w.id: w for w in self._backend.workers()}
+        views = tuple(self._worker_view(w) for w in workers.values())
+        if not any(v.utilization > policy.high for v in views):
+            return
+        views = tuple(
+            replace(v, residents=self._residents(workers[v.id])) if v.utilization > policy.high else v for v in views
+        )
+        for move in policy.moves(views):
+            model = self._models.get(move.model)
+            source, target = workers.get(move.source), workers.get(move.destination)
+            if model is None or source is None or target is None or source not in model.workers:
+                continue
+            _log.info("moving %s from %s to %s: its worker is overloaded", move.model, move.source, move.destination)
+            self._planned[(move.model, move.destination)] = self._share(move.model, move.source)
+            model.scaling = asyncio.create_task(self._move(model, source, target), name=f"ember-move-{move.model}")
+
+    def _residents(self, worker: WorkerHandle) -> tuple[Resident, ...]:
+        leaving = {(id(m), w.id) for m, w in self._leaving}
+        return tuple(
+            Resident(
+                model=name,
+                bytes=m.deployment.metadata.bytes,
+                share=self._share(name, worker.id),
+                movable=(name, worker.id) in self._shares
+                and not self._promoting(m)
+                and (m.scaling is None or m.scaling.done())
+                and (id(m), worker.id) not in leaving,
+                tenant=str(m.deployment.extra.get("tenant", "default")),
+            )
+            for name, m in self._models.items()
+            if worker in m.workers
+        )
+
+    async def _move(self, model: _Model, source: WorkerHandle, target: WorkerHandle) -> None:
+        if not await self._add_instance(model, target) or source not in model.workers:
+            return
+        model.workers.remove(source)  # no new batch goes there; the one running finishes
+        self._leaving.append((model, source))
+        await self._unload_left()
+
+    async def _unload_left(self) -> None:
+        """Unload the instances moved away whose last batch has finished."""
+        still: list[tuple[_Model, WorkerHandle]] = []
+        for model, worker in self._leaving:
+            if worker in model.workers or model.deployment.name not in self._models:
+                continue  # back in use (placed there again), or removed: remove() unloaded it
+            if worker.id in model.runner.busy_instances():
+                still.append((model, worker))
+                continue
+            with contextlib.suppress(EmberError):
+                await worker.unload(model.deployment.key)
+        self._leaving = still
 
     # -- promotion ---------------------------------------------------------------------------------
 
@@ -375,11 +477,16 @@ class Controller:
             workers = {w.id: w for w in self._backend.workers() if not exclude or w.id not in exclude}
             views = tuple(self._worker_view(w, deployment) for w in workers.values())
             tenant = str(deployment.extra.get("tenant", "default"))
+            model = self._models.get(deployment.name)
+            demand = 0.0
+            if model is not None:
+                demand = device_share(model.arrival_rate, model.runner.latency, deployment.max_batch_size)
             choice = self._placement.choose(
-                deployment.name, deployment.metadata.bytes, deployment.device, views, tenant
+                deployment.name, deployment.metadata.bytes, deployment.device, views, tenant, demand
             )
             if choice is not None:
                 self._tenants_seen.setdefault(choice, set()).add(tenant)
+                self._planned[(deployment.name, choice)] = demand
                 return workers[choice]
             if await self._evict_for(deployment, views, workers):
                 continue
@@ -460,6 +567,7 @@ class Controller:
             warm_models=(deployment.name,) if deployment is not None and warm else (),
             tenants=frozenset(str(m.deployment.extra.get("tenant", "default")) for m in hosted)
             | frozenset(self._tenants_seen.get(worker.id, ())),
+            utilization=sum(self._share(m.deployment.name, worker.id) for m in hosted),
         )
 
     def _worker_lost(self, worker: WorkerHandle) -> None:

@@ -115,6 +115,9 @@ class ModelRunner:
         self.latency = LatencyModel()
         #: Idle periods that ended (seconds), for the keep-alive histogram; the controller drains it.
         self.idle_gaps: list[float] = []
+        #: Device seconds this model's batches took, per instance (worker id), since the controller
+        #: last drained it: its share of each device.
+        self.busy_s: dict[str, float] = {}
         self._refuse = deployment.on_unmeetable == "refuse"
         #: Batches running now, by instance id: when each is predicted to end, and its requests.
         self._running: dict[str, tuple[float, list[Pending]]] = {}
@@ -309,6 +312,7 @@ class ModelRunner:
         self.stats.batches += 1
         self.stats.rows += rows
         self.latency = self.latency.observe_batch(rows, result.compute_s)
+        self.busy_s[instance.id] = self.busy_s.get(instance.id, 0.0) + result.compute_s
         self._exec_count.inc()
         self._count.inc(rows)
         self._compute_us.inc(result.compute_s * 1e6)
