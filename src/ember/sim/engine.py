@@ -78,6 +78,8 @@ class RunResult:
     #: Requests served past their SLO, per model.
     missed: dict[str, int] = field(default_factory=dict)
     events: list[tuple[Any, ...]] = field(default_factory=list)
+    #: At each control tick: (time, instances hot or loading, warm copies in host memory, devices held).
+    occupancy: list[tuple[float, int, int, int]] = field(default_factory=list)
 
 
 class _Model:
@@ -194,6 +196,7 @@ class Engine:
         self.record = record_events
         self.events: list[tuple[Any, ...]] = []
         self.latencies: list[float] = []
+        self.occupancy: list[tuple[float, int, int, int]] = []
         self.met = self.refused = self.batches = self.outstanding = 0
         self.cold = {_WARM.value: 0, _COOL.value: 0}
         self.missed: dict[str, int] = {}
@@ -251,7 +254,7 @@ class Engine:
         self._account()
         return RunResult(
             self.p.name, end, self.latencies, self.met, self.refused, dict(self.cold), self.gpu_s, self.byte_s,
-            self.inst_s, len(self.devices), self.batches, self.missed, self.events,
+            self.inst_s, len(self.devices), self.batches, self.missed, self.events, self.occupancy,
         )  # fmt: skip
 
     def _push(self, t: float, kind: int, obj: Any) -> None:
@@ -587,6 +590,7 @@ class Engine:
 
     def _tick(self, n: int) -> None:
         now, p = self.now, self.p
+        self.occupancy.append((now, len(self.instances), sum(map(len, self.warm)), self.held))
         busiest = self._measure()
         if p.rebalance is not None and busiest > p.rebalance.high:
             self._rebalance()
