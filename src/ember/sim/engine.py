@@ -184,6 +184,11 @@ class Engine:
         per = cluster.devices_per_node
         self.devices = [_Device(i, i // per, cluster.device_memory_bytes) for i in range(cluster.num_devices)]
         self.by_id = {d.id: d for d in self.devices}
+        #: Devices with at least one instance, and the empty ones as a heap by id (stale entries, of
+        #: devices no longer empty, are dropped when met): see ``_hosts``.
+        self.occupied: dict[int, _Device] = {}
+        self.empty = [(d.id, d.idx) for d in self.devices]
+        heapq.heapify(self.empty)
         cal = cluster.calibration
         self.bandwidths = Bandwidths(cal.disk_read_bytes_per_s, cal.h2d_pinned_bytes_per_s, 0.0)
         self.warm: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(cluster.nodes)]
@@ -459,7 +464,7 @@ class Engine:
     def _start_instance(self, m: _Model, preloaded: bool = False) -> bool:
         need = m.spec.weights_bytes
         demand = 0.0 if preloaded else device_share(max(m.rate, m.arrivals / self.window_s), m.latency, m.max_batch)
-        hosts = [d for d in self.devices if d.capacity - d.loading_bytes - d.running_bytes >= need]
+        hosts = self._hosts(m, need)
         place = self.p.placement.choose
         chosen = place(m.name, need, "cuda", tuple(self._view(d, m) for d in hosts), demand=demand)
         if chosen is None:  # no room anywhere: choose again as if every idle resident could be evicted
@@ -467,6 +472,31 @@ class Engine:
             if chosen is None:
                 return False
         return self._place(m, self.by_id[chosen], demand, preloaded) is not None
+
+    def _hosts(self, m: _Model, need: int) -> list[_Device]:
+        """The devices placement is asked about for ``m``: every occupied one that could make room, and
+        of the empty ones only the first by id, plus the first on each node where ``m`` is warm.
+
+        Empty devices differ in nothing a placement policy reads but their id and whether ``m`` is
+        warm on their node, so the policies' choice is the same as over every device, at the cost of
+        the occupied ones only: a 1,000-device cluster mostly sits empty.
+        """
+        hosts = [d for d in self.occupied.values() if d.capacity - d.loading_bytes - d.running_bytes >= need]
+        empty, devices = self.empty, self.devices
+        while empty and devices[empty[0][1]].instances:
+            heapq.heappop(empty)
+        if not empty:
+            return hosts
+        first = devices[empty[0][1]]
+        hosts.append(first)
+        if self.p.warm_tier:
+            for node, warm in enumerate(self.warm):
+                if m.idx in warm and node != first.node:
+                    per = self.cluster.devices_per_node
+                    on_node = [d for d in devices[node * per : (node + 1) * per] if not d.instances]
+                    if on_node:
+                        hosts.append(min(on_node, key=lambda d: d.id))
+        return hosts
 
     def _place(self, m: _Model, dev: _Device, demand: float, preloaded: bool = False) -> _Instance | None:
         """Load ``m`` on ``dev``, evicting idle residents if it must; None if it cannot."""
@@ -488,6 +518,7 @@ class Engine:
         self._account()
         if not dev.instances:
             self.held += 1
+            self.occupied[dev.idx] = dev
         dev.instances[key] = inst
         dev.used += need
         dev.view = None
@@ -531,6 +562,8 @@ class Engine:
         if not dev.instances:
             self.held -= 1
             dev.util = 0.0
+            del self.occupied[dev.idx]
+            heapq.heappush(self.empty, (dev.id, dev.idx))
         if to is _WARM and self.p.warm_tier:
             self._keep_warm(dev.node, m)
         if self.record:
@@ -645,7 +678,7 @@ class Engine:
         assert self.p.rebalance is not None
         now, high = self.now, self.p.rebalance.high
         views = []
-        for dev in self.devices:
+        for dev in self.occupied.values():
             view = self._view(dev)
             if dev.util > high:
                 residents = tuple(
@@ -655,6 +688,10 @@ class Engine:
                 )  # fmt: skip
                 view = replace(view, residents=residents)
             views.append(view)
+        # Of the empty devices, as many as could receive a model (the first by id: see ``_hosts``).
+        movers = sum(len(d.instances) for d in self.occupied.values() if d.util > high)
+        empty = sorted((d for d in self.devices if not d.instances), key=lambda d: d.id)[:movers]
+        views.extend(self._view(d) for d in empty)
         for move in self.p.rebalance.moves(tuple(views)):
             m, source, target = self.by_name[move.model], self.by_id[move.source], self.by_id[move.destination]
             old = next((x for x in m.instances if x.device is source), None)
