@@ -59,7 +59,7 @@ class IdleHistogram:
 
     def edge(self, index: int) -> float:
         """The upper edge of bin ``index``."""
-        return self.first_edge_s * self.growth**index
+        return _edges(self.first_edge_s, self.growth, self.num_bins)[index]
 
     @property
     def total(self) -> int:
@@ -81,15 +81,24 @@ class IdleHistogram:
         total = self.total
         if total == 0:
             return 0.0
-        rank = max(1, math.ceil(quantile * total))
-        seen = 0
-        for index, count in enumerate(self.counts):
-            seen += count
-            if seen >= rank:
-                if upper:
-                    return self.edge(index)
-                return 0.0 if index == 0 else self.edge(index - 1)
-        return math.inf
+        index = _rank_bin(self.counts, max(1, math.ceil(quantile * total)))
+        if index < 0:
+            return math.inf
+        if upper:
+            return self.edge(index)
+        return 0.0 if index == 0 else self.edge(index - 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rank_bin(counts: tuple[int, ...], rank: int) -> int:
+    """The bin holding the ``rank``-th idle time (-1: past every bin). Cached: the keep-alive asks
+    about every model at every tick, and a model's counts change only when one of its idle periods ends."""
+    seen = 0
+    for index, count in enumerate(counts):
+        seen += count
+        if seen >= rank:
+            return index
+    return -1
 
 
 @functools.cache

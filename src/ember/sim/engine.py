@@ -133,8 +133,8 @@ class _Instance:
 
 
 class _Device:
-    __slots__ = ("busy", "capacity", "id", "idx", "instances", "load_free_at", "loading_bytes", "node", "pending",
-                 "running_bytes", "used", "util", "view")  # fmt: skip
+    __slots__ = ("busy", "capacity", "id", "idx", "instances", "load_free_at", "loading_bytes", "names", "node",
+                 "pending", "running_bytes", "used", "util", "view")  # fmt: skip
 
     def __init__(self, idx: int, node: int, capacity: int) -> None:
         self.idx, self.node, self.id, self.capacity = idx, node, f"n{node}/cuda:{idx}", capacity
@@ -146,6 +146,8 @@ class _Device:
         #: Its residents' shares: measured, plus the expected share of those placed since the last tick.
         self.util = 0.0
         self.view: WorkerView | None = None
+        #: The names of its residents (one per instance), kept as they come and go, for the view.
+        self.names: tuple[str, ...] = ()
 
 
 class Engine:
@@ -522,6 +524,7 @@ class Engine:
         dev.instances[key] = inst
         dev.used += need
         dev.view = None
+        dev.names = (*dev.names, m.name)
         self.used_total += need
         m.instances.append(inst)
         self.instances[key] = inst
@@ -558,6 +561,8 @@ class Engine:
         dev.used -= inst.bytes
         dev.util = max(0.0, dev.util - inst.share)
         dev.view = None
+        at = dev.names.index(m.name)
+        dev.names = (*dev.names[:at], *dev.names[at + 1 :])
         self.used_total -= inst.bytes
         if not dev.instances:
             self.held -= 1
@@ -601,7 +606,7 @@ class Engine:
         """
         view = dev.view
         if view is None or evictable_gone:
-            names = tuple(x.model.name for x in dev.instances.values())
+            names = dev.names
             loaded = dev.loading_bytes + dev.running_bytes if evictable_gone else dev.used
             view = WorkerView(dev.id, True, dev.id.split("/", 1)[1], names, loaded, int(dev.busy), dev.capacity,
                               utilization=dev.util)  # fmt: skip
