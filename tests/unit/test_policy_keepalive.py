@@ -148,3 +148,32 @@ def test_fixed_keepalive_known_answer_on_a_poisson_model():
         cold += policy.decide((view,)) == (Demotion("m", Tier.WARM),)
     expected = math.exp(-rate * keepalive)
     assert cold / (len(arrivals) - 1) == pytest.approx(expected, abs=0.01)
+
+
+@given(
+    idle_times=st.lists(st.floats(0, 1e4), max_size=40),
+    tier=st.sampled_from([Tier.HOT, Tier.WARM, Tier.COOL]),
+    idle=st.floats(0, 2e4),
+    later=st.floats(0, 1),
+    load_s=st.floats(0, 30),
+    prewarmed=st.booleans(),
+    fixed=st.booleans(),
+)
+def test_nothing_new_is_decided_before_recheck_s(idle_times, tier, idle, later, load_s, prewarmed, fixed):
+    """A loop may skip a model until ``recheck_s``: until then, its idle time alone changes nothing."""
+    policy = FixedKeepAlive() if fixed else HybridHistogramKeepAlive()
+    view = _view(tier, idle, _hist(idle_times), load_s=load_s, prewarmed=prewarmed)
+    recheck = policy.recheck_s(view)
+    assert recheck > idle
+    until = min(recheck, idle + 1e5)
+    between = idle + later * (until - idle)
+    if between < recheck:
+        moved = _view(tier, between, view.histogram, load_s=load_s, prewarmed=prewarmed)
+        assert [type(a) for a in policy.decide((moved,))] == [type(a) for a in policy.decide((view,))]
+
+
+def test_recheck_s_is_the_keepalive_for_an_idle_hot_model_and_never_for_a_busy_one():
+    assert FixedKeepAlive().recheck_s(_view(Tier.HOT, 10.0, IdleHistogram())) == 300.0
+    assert FixedKeepAlive().recheck_s(_view(Tier.WARM, 400.0, IdleHistogram())) == 900.0
+    busy = ModelView("m", Tier.HOT, 0.0, True, 300.0, 600.0)
+    assert HybridHistogramKeepAlive().recheck_s(busy) == math.inf

@@ -141,6 +141,17 @@ class Prewarm:
 class KeepAlive(Protocol):
     def decide(self, models: tuple[ModelView, ...]) -> tuple[Demotion | Prewarm, ...]: ...
 
+    def recheck_s(self, model: ModelView) -> float:
+        """Idle seconds before which :meth:`decide` does nothing new for ``model`` if only its idle time
+        changes: a caller asking about many models may skip it until then (inf: until it is busy or
+        its histogram changes)."""
+        ...
+
+
+def _next_threshold(idle_s: float, thresholds: tuple[float, ...]) -> float:
+    """The first of ``thresholds`` past ``idle_s`` (the decision is constant between them), or inf."""
+    return min((t for t in thresholds if t > idle_s), default=math.inf)
+
 
 @dataclass(frozen=True)
 class KeepAliveWindows:
@@ -170,6 +181,11 @@ class FixedKeepAlive:
             elif model.tier is Tier.WARM and model.idle_s >= model.keepalive_hot_s + model.keepalive_warm_s:
                 out.append(Demotion(model.name, Tier.COOL))
         return tuple(out)
+
+    def recheck_s(self, model: ModelView) -> float:
+        if model.busy:
+            return math.inf
+        return _next_threshold(model.idle_s, (model.keepalive_hot_s, model.keepalive_hot_s + model.keepalive_warm_s))
 
 
 @dataclass(frozen=True)
@@ -217,3 +233,12 @@ class HybridHistogramKeepAlive:
             elif model.tier is Tier.WARM and idle >= w.keepalive_s + model.keepalive_warm_s:
                 out.append(Demotion(model.name, Tier.COOL))
         return tuple(out)
+
+    def recheck_s(self, model: ModelView) -> float:
+        if model.busy:
+            return math.inf
+        w = self.windows(model)
+        thresholds: tuple[float, ...] = (w.keepalive_s, w.keepalive_s + model.keepalive_warm_s)
+        if w.prewarm_s:
+            thresholds = (*thresholds, w.prewarm_s - model.load_s)
+        return _next_threshold(model.idle_s, thresholds)

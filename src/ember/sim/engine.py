@@ -34,6 +34,7 @@ from ember.policies import (
     Demotion,
     EvictionCandidate,
     IdleHistogram,
+    KeepAlive,
     LatencyModel,
     ModelView,
     QueueSnapshot,
@@ -114,8 +115,8 @@ class _Model:
 
 
 class _Instance:
-    __slots__ = ("busy_s", "bytes", "device", "key", "last_used", "load_s", "measured", "model", "ready_at", "replaces",
-                 "retiring", "running", "share", "source")  # fmt: skip
+    __slots__ = ("busy_s", "bytes", "check_at", "checked", "device", "key", "last_used", "load_s", "measured", "model",
+                 "ready_at", "replaces", "retiring", "running", "share", "source")  # fmt: skip
 
     def __init__(self, key: str, model: _Model, device: _Device, ready_at: float, load_s: float, source: Tier) -> None:
         self.key, self.model, self.device = key, model, device
@@ -130,6 +131,10 @@ class _Instance:
         #: A move in progress: the instance this one replaces once ready, and whether this one is leaving.
         self.replaces: _Instance | None = None
         self.retiring = False
+        #: The keep-alive need not be asked about it before ``check_at`` while what it was asked
+        #: about (``checked``: last use, histogram, pre-warmed, latency model, busy) stays the same.
+        self.check_at = 0.0
+        self.checked: tuple[Any, ...] = ()
 
 
 class _Device:
@@ -633,11 +638,7 @@ class Engine:
         if p.rebalance is not None and busiest > p.rebalance.high:
             self._rebalance()
         if p.keepalive is not None:
-            views = tuple(self._hot_view(x) for x in self.instances.values() if x.ready_at <= now)
-            for action in p.keepalive.decide(views):
-                inst = self.instances.get(action.name)
-                if isinstance(action, Demotion) and inst is not None and not inst.running:
-                    self._remove(inst, action.to)
+            self._hot_tick(p.keepalive)
         slow = n % self.warm_every == 0
         if slow:
             for m in self.models:
@@ -721,6 +722,25 @@ class Engine:
                     x.device.pending[m.idx] = m
                     self._offer(x.device)
         return True
+
+    def _hot_tick(self, keepalive: KeepAlive) -> None:
+        """Ask the keep-alive about the hot instances whose answer may have changed since it was last
+        asked (``KeepAlive.recheck_s``), and demote what it says."""
+        now, asked = self.now, []
+        for x in self.instances.values():
+            if x.ready_at > now:
+                continue
+            m = x.model
+            state = (x.last_used, m.histogram, m.prewarmed, m.latency, x.running or bool(m.queue))
+            if now < x.check_at and state == x.checked:
+                continue
+            view = self._hot_view(x)
+            x.check_at, x.checked = x.last_used + keepalive.recheck_s(view), state
+            asked.append(view)
+        for action in keepalive.decide(tuple(asked)):
+            inst = self.instances.get(action.name)
+            if isinstance(action, Demotion) and inst is not None and not inst.running:
+                self._remove(inst, action.to)
 
     def _hot_view(self, x: _Instance) -> ModelView:
         m, p = x.model, self.p
