@@ -12,11 +12,13 @@ times), runs the ``ember`` policy set, and compares :class:`Outcome` s, overall 
 Where the time goes. The server's scheduler only ever sees compute: its latency model learns the
 worker's measured compute time, and a deadline is the gateway's arrival time plus the SLO. The
 client sees more: HTTP, JSON and the worker hop, paid once per request outside the scheduler's view.
-When the profile has the server's compute times, the engine's device time is that compute (so its
-admission, batching and capacity follow the server's own predictions) and each model's
-*overhead*, client time minus compute for a lone request, is added to every simulated latency
-afterwards: a simulated request meets its SLO when its engine latency plus the overhead is within
-it. Without compute times (older profiles) the curve is the client time and the overhead is zero.
+When the profile has the server's compute times, the engine's device time is that compute plus the
+*dispatch* time a batch holds the worker beyond it (a lone request's time inside the server less its
+compute: the worker hop), so the simulated capacity is the server's; each model's *overhead*, a lone
+request's client time minus that device time, is added to every simulated latency afterwards: a
+simulated request meets its SLO when its engine latency plus the overhead is within it. Without
+compute times (older profiles) the curve is the client time and the overhead is zero.
+
 Everything here is a pure function of its arguments.
 """
 
@@ -66,6 +68,10 @@ class MeasuredModel:
     #: ``(rows, seconds)`` of the same batches as the server's worker timed them (compute only); empty:
     #: not measured, and the engine charges the client times.
     compute_s: tuple[tuple[int, float], ...] = ()
+    #: Seconds a batch holds the worker beyond its compute (the worker hop, the scheduler's turn-around):
+    #: a lone request's time inside the server (admission to answer) less its compute. Part of the
+    #: device time, taken out of the overhead.
+    dispatch_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.batch_s:
@@ -77,18 +83,23 @@ class MeasuredModel:
                 f"measured model '{self.name}': compute times are for rows {[r for r, _ in self.compute_s]}, "
                 f"client times for {[r for r, _ in self.batch_s]}; measure both at the same row counts"
             )
+        if self.dispatch_s < 0 or not math.isfinite(self.dispatch_s):
+            raise InvalidInput(f"measured model '{self.name}': dispatch_s must be finite seconds >= 0")
 
     @property
     def device_s(self) -> tuple[tuple[int, float], ...]:
-        """What a batch holds the device for in the engine: the compute when measured, else the client time."""
-        return self.compute_s or self.batch_s
+        """What a batch holds the device for in the engine: compute plus dispatch when measured, else the
+        client time."""
+        if not self.compute_s:
+            return self.batch_s
+        return tuple((rows, seconds + self.dispatch_s) for rows, seconds in self.compute_s)
 
     @property
     def overhead_s(self) -> float:
-        """Seconds a request spends outside the scheduler's view (client time minus compute; 0 unmeasured)."""
+        """Seconds a request spends outside the device (client time minus device time; 0 unmeasured)."""
         if not self.compute_s:
             return 0.0
-        return max(0.0, statistics.median(c - k for (_, c), (_, k) in zip(self.batch_s, self.compute_s, strict=True)))
+        return max(0.0, statistics.median(c - d for (_, c), (_, d) in zip(self.batch_s, self.device_s, strict=True)))
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,7 @@ class MeasuredProfile:
                     float(m["load_s_warm"]),
                     float(m["load_s_cool"]),
                     tuple((int(r), float(s)) for r, s in m.get("compute_s", ())),
+                    float(m.get("dispatch_s", 0.0)),
                 )
                 for m in raw["models"]
             )
@@ -173,14 +185,18 @@ class Outcome:
     loads: dict[str, int]
     #: Served past the SLO (missed, as the refused are).
     late: int = 0
+    #: Batches that served them (0: not counted).
+    batches: int = 0
 
     @classmethod
-    def of(cls, latencies_s: Sequence[float], met: int, refused: int, loads: dict[str, int]) -> Outcome:
+    def of(
+        cls, latencies_s: Sequence[float], met: int, refused: int, loads: dict[str, int], batches: int = 0
+    ) -> Outcome:
         total = len(latencies_s) + refused
         lat = np.asarray(latencies_s, dtype=np.float64)
         p50, p99 = (float(v) * 1000 for v in np.percentile(lat, [50, 99])) if len(lat) else (math.nan, math.nan)
         return cls(total, len(lat), refused, met / total if total else 1.0, p50, p99,
-                   {"warm": loads.get("warm", 0), "cool": loads.get("cool", 0)}, len(lat) - met)  # fmt: skip
+                   {"warm": loads.get("warm", 0), "cool": loads.get("cool", 0)}, len(lat) - met, batches)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -214,22 +230,26 @@ def simulate(
         tick_s=profile.tick_s, warm_tick_s=profile.tick_s, record_events=True,
     )  # fmt: skip
     result = engine.run()
-    latencies, refused, loads = _tally(profile, result)
+    latencies, _, loads = _tally(profile, result)  # _tally checks the refusals add up to result.refused
     slo = {m.name: m.slo_s for m in profile.models}
     met = sum(s <= slo[name] for name, seen in latencies.items() for s in seen)
     loads_total = {tier: sum(counts.get(tier, 0) for counts in loads.values()) for tier in ("warm", "cool")}
     every = [s for seen in latencies.values() for s in seen]
-    return Outcome.of(every, met, sum(refused.values()), loads_total), result
+    return Outcome.of(every, met, result.refused, loads_total, result.batches), result
 
 
 def by_model(profile: MeasuredProfile, result: RunResult) -> dict[str, Outcome]:
     """Each model's outcome in ``result`` (a run of :func:`simulate` on ``profile``), overhead added."""
     latencies, refused, loads = _tally(profile, result)
-    return {
-        m.name: Outcome.of(latencies[m.name], sum(s <= m.slo_s for s in latencies[m.name]), refused[m.name],
-                           loads[m.name])  # fmt: skip
-        for m in profile.models
-    }
+    batches = dict.fromkeys(latencies, 0)
+    for event in result.events:
+        if event[1] == "batch":
+            batches[_model_of(event[2])] += 1
+    outcomes = {}
+    for m in profile.models:
+        seen, name = latencies[m.name], m.name
+        outcomes[name] = Outcome.of(seen, sum(s <= m.slo_s for s in seen), refused[name], loads[name], batches[name])
+    return outcomes
 
 
 def _tally(
