@@ -20,9 +20,9 @@ keep-alives:
 
 1. Profile: on separate deployments of the same models, time hot requests of 1 and ``max_batch_size``
    rows (client time; the compute and the admission-to-answer time the server counted for them) and
-   loads from each tier
-   (``/admin/models/NAME/load`` after the model left the device), then remove them, so the trace's
-   deployments start with empty idle-time histograms as in the engine.
+   loads from each tier (``/admin/models/NAME/load`` after the model left the device), then demote
+   them to cool. The trace's deployments are others, so they start with empty idle-time histograms
+   as in the engine.
 2. Replay the trace open loop (each request sent at its time, whatever the answers before it did)
    against fresh deployments demoted to cool; a request meets its SLO if the client had its answer
    within the SLO; a 429 is a refusal (a miss).
@@ -172,7 +172,9 @@ def wait_tier(client: Client, name: str, tier: str, timeout_s: float) -> None:
         if not seen or seen[-1] != now:
             seen.append(now)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} not {tier} after {timeout_s:g} s; tiers seen meanwhile: {seen}")
+            raise TimeoutError(
+                f"{name} not {tier} after {timeout_s:g} s; tiers seen meanwhile: {seen}; now: {client.model(name)}"
+            )
         time.sleep(0.05)
 
 
@@ -199,7 +201,12 @@ def server_counters(url: str, name: str) -> tuple[float, float, float, float]:
 
 
 def profile(url: str, scenario: Scenario = MIXED, repeats: int = 3) -> MeasuredProfile:
-    """Measure hot batch times and per-tier load times on deployments of their own, then remove them."""
+    """Measure hot batch times and per-tier load times on deployments of their own, then leave them cool.
+
+    They are demoted, not removed: removing a model while a control tick demotes it ends the server's
+    control loop (``Controller.demote`` then asks for the removed model's tier), and nothing is ever
+    demoted again. A cool model costs the trace nothing.
+    """
     measured: list[MeasuredModel] = []
     with Client(url) as client, httpx.Client(timeout=120) as http:
         for case in scenario.models:
@@ -235,7 +242,7 @@ def profile(url: str, scenario: Scenario = MIXED, repeats: int = 3) -> MeasuredP
                 shown = client.load(name)["last_cold_start"]
                 assert shown["tier"] == "warm", shown
                 warm.append(float(shown["seconds"]))
-            client.remove(name)
+            client.unload(name)
             measured.append(
                 MeasuredModel(
                     case.name,
