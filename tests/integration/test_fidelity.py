@@ -1,17 +1,30 @@
-"""Simulator fidelity: a seeded 20 s trace through a real ``ember serve`` and through ``ember.sim``.
+"""Simulator fidelity: seeded 20 s traces through a real ``ember serve`` and through ``ember.sim``.
 
-The simulator is calibrated with what this very server measured (hot batch times, load times per
-tier; ``ember.sim.measured``), then both sides take the same trace (``benchmarks/fidelity.py``:
-three models on one worker, Poisson, a burst, an idle gap longer than both keep-alives).
+The simulator is calibrated with what this very server measured (client, compute and in-server
+times of hot batches, load times per tier; ``ember.sim.measured``), then both sides take the same
+trace (``benchmarks/fidelity.py``), in two cases on one worker:
 
-Tolerances, and why they are what they are: the trace has about 80 requests, so one request is
-about 1.3 points of attainment; the real side runs on a shared 2-core host where a request can be
-delayed by anything else the machine does, which the simulator does not model. We allow 10 points
-of attainment (a handful of requests) and a p99 within a factor of two either way (the p99 of 80
-requests is its one or two slowest, which are cold loads and queueing in the burst, priced from a
-profile of two samples per figure). The loads from the cool tier are deterministic in the trace
-(each model's first request, and the linear model after its idle gap), so both sides must agree
-on them within one. ``docs/benchmarks.md`` ("Simulator fidelity") has the longer run's figures.
+* ``mixed`` (Poisson, a burst, an idle gap longer than both keep-alives): both sides meet nearly
+  every SLO. About 95 requests, so one request is about 1 point of attainment; the real side runs
+  on a shared 2-core host where anything else the machine does can delay a request, which the
+  simulator does not model. We allow 10 points of attainment (a handful of requests) and a p99
+  within a factor of two either way (the p99 of 95 requests is its one or two slowest: cold loads
+  and queueing in the burst, priced from a profile of two samples per figure). The loads from cool
+  are deterministic in the trace, so both sides must agree on them within one.
+* ``tight``: SLOs the real server misses on purpose (a 50 ms SLO behind other models' 50 ms
+  batches, bursts past a model's capacity, a load from cool longer than the SLO), so a simulator
+  that predicted 100 % would fail: the real side must miss at least 15 % of about 180 requests.
+  The tolerance is wider here, and says why: on this trace two differences between the server
+  and the engine cost the simulator 10 to 20 points of optimism (docs/benchmarks.md, "Simulator
+  fidelity"): the server's batching loop shows its policy only ``max_batch_size`` queued requests,
+  so under overload a refused head shrinks the batch (the engine shows one more), and a model
+  promoted because a request was refused is demoted again at the next tick (its idle clock still
+  runs from its last answered request), so the next request finds it cool and is refused too. We
+  allow 25 points overall. The model that neither difference touches (``tight``) must agree within
+  15 points: 3 to 6 on a host at a load average below 2, but 14 in a 90 s run at 5.5, where the
+  real server's own latencies grow and the simulator does not model the contention. The
+  overloaded one must stay in the real side's direction (the simulator may not be more
+  pessimistic than the server by more than 5 points).
 """
 
 from __future__ import annotations
@@ -26,11 +39,10 @@ from harness import REPO, Server, served
 sys.path.insert(0, str(REPO / "benchmarks"))
 import fidelity
 
-from ember.sim.measured import gap, simulate
+from ember.sim.measured import Outcome, by_model, gap, simulate
 
 DURATION_S = 20.0
 SEED = 4
-ATTAINMENT_TOLERANCE = 0.10
 P99_RATIO_BOUNDS = (0.5, 2.0)
 
 
@@ -42,17 +54,37 @@ def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield running
 
 
+def _run(url: str, scenario: fidelity.Scenario) -> tuple[Outcome, Outcome, dict[str, Outcome], dict[str, Outcome], str]:
+    trace = scenario.trace(DURATION_S, SEED)
+    assert trace == scenario.trace(DURATION_S, SEED)  # seeded: the same trace every run
+    measured = fidelity.profile(url, scenario, repeats=2)
+    real, real_by = fidelity.replay(url, trace, scenario)
+    sim, result = simulate(measured, fidelity.workload_of(trace), DURATION_S, seed=SEED)
+    sim_by = by_model(measured, result)
+    lines = [f"real {real}", f"sim  {sim}", f"gap  {gap(real, sim)}"]
+    lines += [f"{name}: real {real_by[name]}\n{name}: sim  {sim_by[name]}" for name in real_by]
+    assert real.requests == sim.requests == len(trace), "\n".join(lines)
+    assert real.served > 0 and sim.served > 0, "\n".join(lines)
+    return real, sim, real_by, sim_by, "\n".join(lines)
+
+
 def test_the_simulator_calibrated_by_the_server_predicts_its_attainment_and_p99(own: Server) -> None:
-    trace = fidelity.make_trace(DURATION_S, SEED)
-    assert trace == fidelity.make_trace(DURATION_S, SEED)  # seeded: the same trace every run
-    measured = fidelity.profile(own.url, repeats=2)
-    real = fidelity.replay(own.url, trace)
-    sim, _ = simulate(measured, fidelity.workload_of(trace), DURATION_S, seed=SEED)
+    real, sim, _, _, report = _run(own.url, fidelity.MIXED)
     g = gap(real, sim)
-    report = f"real {real}\nsim  {sim}\ngap  {g}"
-    assert real.requests == sim.requests == len(trace), report
-    assert real.served > 0 and sim.served > 0, report
-    assert g.attainment_abs <= ATTAINMENT_TOLERANCE, report
+    assert g.attainment_abs <= 0.10, report
     assert math.isfinite(g.p99_ratio) and P99_RATIO_BOUNDS[0] <= g.p99_ratio <= P99_RATIO_BOUNDS[1], report
-    assert real.loads["cool"] >= len(fidelity.CASES), report  # every model starts cool
+    assert real.loads["cool"] >= len(fidelity.MIXED.models), report  # every model starts cool
     assert abs(real.loads["cool"] - sim.loads["cool"]) <= 1, report
+
+
+def test_on_slos_the_server_misses_the_simulator_predicts_a_low_attainment_too(own: Server) -> None:
+    real, sim, real_by, sim_by, report = _run(own.url, fidelity.TIGHT)
+    # Discriminating: the server misses a substantial share, and the simulator must see it too.
+    assert real.slo_attainment <= 0.85 and real.refused > 0, report
+    assert sim.slo_attainment <= 0.90 and sim.refused > 0, report
+    assert gap(real, sim).attainment_abs <= 0.25, report
+    assert abs(real_by["tight"].slo_attainment - sim_by["tight"].slo_attainment) <= 0.15, report
+    assert sim_by["overload"].slo_attainment >= real_by["overload"].slo_attainment - 0.05, report
+    assert real_by["overload"].refused > 0 and sim_by["overload"].refused > 0, report
+    g = gap(real, sim)
+    assert math.isfinite(g.p99_ratio) and P99_RATIO_BOUNDS[0] <= g.p99_ratio <= P99_RATIO_BOUNDS[1], report
