@@ -165,21 +165,20 @@ def test_a_slow_measured_disk_refuses_a_tight_slo_that_the_defaults_would_serve(
 
     async def served(clock: VirtualClock) -> None:
         async with _service(tmp_path / "defaults", clock) as service:
-            await service.deploy(_spec(model_file, slo_ms=500), load=False)
+            await service.deploy(_spec(model_file, slo_ms=5000), load=False)
             assert (await service.infer("m", x))["x"][0, 0] == 1.0
 
     async def refused(clock: VirtualClock) -> None:
         async with _service(tmp_path / "measured", clock) as service:
             assert service.bandwidths.measured_at is not None
-            await service.deploy(_spec(model_file, slo_ms=500), load=False)
+            await service.deploy(_spec(model_file, slo_ms=5000), load=False)
             start = clock.now()
             with pytest.raises(DeadlineUnmeetable) as caught:
                 await service.infer("m", x)
-            assert clock.now() == start and caught.value.http_status == 429
-            assert service.info("m").tier == "cool"  # refused before any load began
+            assert clock.now() == start and caught.value.http_status == 429  # at once, not after a load
 
-    run_in_virtual_time(served)
-    _save(tmp_path / "measured", replace(DEFAULTS, disk_bytes_per_s=100.0))
+    run_in_virtual_time(served)  # predicted ~50 ms with the defaults
+    _save(tmp_path / "measured", replace(DEFAULTS, disk_bytes_per_s=100.0))  # ~40 s for its ~4 kB
     run_in_virtual_time(refused)
 
 
