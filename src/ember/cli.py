@@ -303,6 +303,15 @@ def status(
                 f" store: {t.get('models', 0)} models, {megabytes(int(t.get('bytes', 0)))} MB",
             )
         )
+    links = state.get("bandwidths")
+    if links:
+        origin = f"measured {links.get('measured_at')}" if links.get("measured") else "defaults"
+        console.print(
+            f"first loads: cool->warm {links['disk_bytes_per_s'] / 1e9:.2f} GB/s, "
+            f"warm->hot {links['host_to_device_bytes_per_s'] / 1e9:.2f} GB/s, setup {links['setup_s'] * 1000:.0f} ms "
+            f"({origin})",
+            highlight=False,
+        )
 
 
 # -- acting on one model ---------------------------------------------------------------------------

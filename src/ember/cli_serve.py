@@ -223,6 +223,9 @@ async def _serve(options: ServeOptions, sock: socket.socket, specs: Sequence[Dep
             gc.freeze()
             url = _url(sock)
             console.print(f"Ember serving on {url} ({options.workers} workers)", highlight=False)
+            console.print(f"first loads predicted with {service.bandwidths.describe()}", highlight=False)
+            if service.bandwidths.warning is not None:
+                err_console.print(f"warning: {service.bandwidths.warning}", style="yellow", highlight=False)
             key_file = None if options.insecure else options.home / ADMIN_KEY_FILE
             if key_file is None:
                 console.print("--insecure: requests without an API key act as admin", style="yellow", highlight=False)

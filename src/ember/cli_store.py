@@ -7,7 +7,8 @@
     ember store import ... --compress      ... compressed (the cool tier; kept only if 5% smaller in the store)
     ember store verify [KEY|FILE]          check every chunk's crc32 (all models when none is named)
     ember store export KEY|FILE --out F    write a checkpoint back out as safetensors
-    ember store bench                      the load benchmark (benchmarks/load.py) on a temporary checkpoint
+    ember store bench                      the load benchmark (benchmarks/load.py) on a temporary checkpoint;
+                                           saves this host's link speeds to HOME/bandwidths.json for `serve`
 
 Errors print ``error: <what to do>`` and exit 1, as the rest of the CLI does.
 """
@@ -171,13 +172,37 @@ def bench(
     threads: Annotated[int, typer.Option(min=1, help="Reader threads.")] = 4,
     cold: Annotated[bool, typer.Option(help="Also measure from cold disk (evicting the page cache).")] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows here.")] = None,
+    save: Annotated[
+        bool, typer.Option(help="Save the measured link speeds to HOME/bandwidths.json, which `ember serve` reads.")
+    ] = True,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
-    """Measure Ember's loader beside torch.load, safetensors and the raw link (benchmarks/load.py)."""
+    """Measure Ember's loader beside torch.load, safetensors and the raw link (benchmarks/load.py).
+
+    The checkpoint is written under HOME, on the disk that holds the store's cool tier. Unless
+    --no-save, the store's promotion and the warm tier's load rates go to HOME/bandwidths.json:
+    `ember serve` predicts a model's first load with them (docs/operations.md).
+    """
+    from ember.clock import WallClock
+    from ember.store.bandwidths import BANDWIDTHS_FILE, measured_bandwidths, save_bandwidths
     from ember.store.bench import format_table, run_benchmark
 
     with _errors():
-        rows, notes = run_benchmark(size_gb, repeat, threads, cold, say=console.print)
+        where = home.expanduser()
+        where.mkdir(parents=True, exist_ok=True)
+        rows, notes = run_benchmark(size_gb, repeat, threads, cold, workdir=where, say=console.print)
         console.print(format_table(rows), highlight=False)
         console.print(json.dumps(notes), highlight=False)
         if json_path is not None:
             json_path.write_text(json.dumps({"rows": [r.to_json() for r in rows], "notes": notes}, indent=2) + "\n")
+        if not save:
+            return
+        bandwidths, sources = measured_bandwidths(rows, bool(notes.get("cuda")))
+        facts = {**notes, "size_gb": size_gb, "repeat": repeat}
+        save_bandwidths(where / BANDWIDTHS_FILE, bandwidths, sources, facts, WallClock().wall())
+        console.print(
+            f"saved {where / BANDWIDTHS_FILE}: cool->warm {bandwidths.disk_bytes_per_s / 1e9:.2f} GB/s "
+            f"({sources['disk_bytes_per_s']['source']}), warm->hot {bandwidths.host_to_device_bytes_per_s / 1e9:.2f} "
+            f"GB/s ({sources['host_to_device_bytes_per_s']['source']}); `ember serve` predicts first loads with them",
+            highlight=False,
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -38,11 +39,14 @@ from ember.policies import (
 from ember.registry import DeploymentRecord, Registry
 from ember.scheduler import DeviceArbiter, ModelRunner
 from ember.store import Store
+from ember.store.bandwidths import HostBandwidths, read_bandwidths
 from ember.worker.protocol import Arrays
 
 __all__ = ["EmberService", "ModelInfo", "ServeOptions"]
 
 Progress = Callable[[dict[str, Any]], None]
+
+_log = logging.getLogger(__name__)
 
 #: Batch sizes the deploy-time warm-up measures (1, 2, 4), to seed each model's latency model.
 WARMUP_SIZES = 3
@@ -131,6 +135,10 @@ class EmberService:
             limits,
             options.spare_workers,
         )
+        #: The links first loads are predicted with: HOME/bandwidths.json (`ember store bench`), or defaults.
+        self.bandwidths: HostBandwidths = read_bandwidths(home)
+        if self.bandwidths.warning is not None:
+            _log.warning("%s", self.bandwidths.warning)
         placement = MemoryAwarePlacement()
         self.controller = Controller(
             self.clock,
@@ -140,6 +148,7 @@ class EmberService:
             TenantIsolated(placement),
             self.metrics,
             options.tick_s,
+            bandwidths=self.bandwidths.bandwidths,
             device_memory_bytes=options.device_memory_bytes,
             rebalancer=placement,
         )
@@ -355,6 +364,7 @@ class EmberService:
                 "warm": {"models": stats.warm.models, "bytes": stats.warm.bytes, "budget": stats.warm.budget_bytes},
                 "cool": {"models": stats.cool.models, "bytes": stats.cool.bytes, "budget": stats.cool.budget_bytes},
             },
+            "bandwidths": self.bandwidths.to_json(),
         }
 
     # -- internals ---------------------------------------------------------------------------------

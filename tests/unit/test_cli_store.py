@@ -58,7 +58,8 @@ def test_import_errors_say_what_to_do(tmp_path: Path) -> None:
 
 def test_bench_runs_small(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
-    args = ["store", "bench", "--size-gb", "0.004", "--repeat", "1", "--no-cold", "--json", str(out)]
+    args = ["store", "bench", "--size-gb", "0.004", "--repeat", "1", "--no-cold", "--json", str(out), "--no-save"]
+    args += ["--home", str(tmp_path / "home")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]

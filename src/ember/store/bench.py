@@ -25,11 +25,18 @@ measured again to the device (``-> cuda``: torch.load with ``map_location``, saf
 ``device=``, Ember's staged loader; a device load counts once ``torch.cuda.synchronize`` returns),
 and Ember from /dev/shm against a plain pinned host->device copy of the same bytes.
 
+``store.promote`` is the platform's own cool -> warm step, timed as the controller runs it: the
+same checkpoint committed to a :class:`Store` under the work folder, copied into the store's warm
+tier (/dev/shm where the host has it) and its chunk checksums checked, from page cache and from
+cold disk; its warm copy is dropped before each run. :mod:`ember.store.bandwidths` turns these
+rows into the link speeds ``ember serve`` predicts first loads with.
+
 torch and safetensors are imported inside the functions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import mmap
@@ -47,13 +54,16 @@ from typing import TYPE_CHECKING, Any
 from ember.store.convert import write_checkpoint
 from ember.store.format import PREAMBLE_BYTES, read_index
 from ember.store.loader import LoaderConfig, load_checkpoint
+from ember.store.store import WEIGHTS, Store
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Row", "run_benchmark"]
+__all__ = ["PROMOTE", "Row", "run_benchmark"]
 
 _PAGE = 4096
+#: The method name of the cool -> warm rows.
+PROMOTE = "store.promote (cool -> warm)"
 _SIZES_MIB = (64, 16, 4, 1, 0.25, 0.0625)  # a mix of tensor sizes, like a model's matrices and vectors
 
 
@@ -170,7 +180,9 @@ def run_benchmark(
 
     loader = loader or LoaderConfig(threads=threads)
     notes: dict[str, Any] = {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "threads": threads}
-    with _workdir(workdir) as folder:
+    if torch.cuda.is_available():
+        notes["device"] = torch.cuda.get_device_name()
+    with _workdir(workdir) as folder, contextlib.closing(Store(folder / "store")) as store:
         tensors = make_tensors(int(size_gb * 1e9))
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         files = {"ember": folder / "w.ember", "torch": folder / "w.pt", "safetensors": folder / "w.safetensors"}
@@ -179,6 +191,7 @@ def run_benchmark(
         torch.save(tensors, files["torch"])
         safetensors.torch.save_file(tensors, files["safetensors"])
         del tensors
+        promote, prepare_promote, cool_file = _committed(store, files["ember"], notes)
         read_loader = LoaderConfig(
             threads=loader.threads, chunk_bytes=loader.chunk_bytes, direct_io=loader.direct_io, map_on_cpu=False
         )
@@ -189,20 +202,29 @@ def run_benchmark(
             "safetensors.load_file": lambda: touch(safetensors.torch.load_file(files["safetensors"])),
             "ember (mmap)": lambda: touch(load_checkpoint(files["ember"], "cpu", loader)),
             "ember (read into new buffer)": lambda: touch(load_checkpoint(files["ember"], "cpu", read_loader)),
+            PROMOTE: promote,
         }
         if "backend" in inspect.signature(safetensors.torch.load_file).parameters:  # safetensors >= 0.7
             methods["safetensors.load_file pread"] = lambda: touch(
                 safetensors.torch.load_file(files["safetensors"], backend="pread")
             )
+        on_disk = [*files.values(), cool_file]
+
+        def cached() -> None:
+            prepare_promote()
+            warm_up(on_disk)
+
+        def evicted() -> None:
+            prepare_promote()
+            evict(on_disk)
+
         sources: list[tuple[str, Callable[[], object], dict[str, Callable[[], object]]]] = [
-            ("page cache", lambda: warm_up(list(files.values())), methods)
+            ("page cache", cached, methods)
         ]
         if cold:
-            means = evict(list(files.values()))
+            means = evict(on_disk)
             notes["cold_eviction"] = means
-            sources.append(
-                ("cold disk", lambda: evict([files["ember"], files["torch"], files["safetensors"]]), methods)
-            )
+            sources.append(("cold disk", evicted, methods))
         shm = Path("/dev/shm")
         if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * nbytes:
             with _workdir(shm) as shm_folder:
@@ -240,7 +262,7 @@ def run_benchmark(
             settings["ceiling (parallel pread)"] = ceiling(files["ember"], threads)
             rows += _measure("sweep", lambda: warm_up([files["ember"]]), settings, nbytes, repeat, say)
         if torch.cuda.is_available():
-            gpu_methods: dict[str, Callable[[], object]] = {
+            gpu_methods: dict[str, Callable[[], object]] = {  # the store's promotion is host-side only
                 "ceiling (parallel pread)": ceiling(files["ember"], threads),
                 "torch.load -> cuda": _synced(
                     lambda: torch.load(files["torch"], weights_only=True, map_location="cuda")
@@ -255,6 +277,23 @@ def run_benchmark(
             rows += _measure(source, prepare, table, nbytes, repeat, say)
         rows += rows_shm
     return rows, notes
+
+
+def _committed(
+    store: Store, checkpoint: Path, notes: dict[str, Any]
+) -> tuple[Callable[[], object], Callable[[], object], Path]:
+    """Commit ``checkpoint`` to ``store``: its promotion, what undoes one, and its cool file."""
+    key = "bench@1"
+    staging = store.staging(key)
+    shutil.copyfile(checkpoint, staging / WEIGHTS)
+    store.commit(key, staging)
+
+    def promote() -> object:
+        warm = store.promote(key)
+        notes["warm_tier"] = str(warm.parent)
+        return warm
+
+    return promote, lambda: store.demote(key), store.weights_path(key)
 
 
 def _measure(
