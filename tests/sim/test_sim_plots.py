@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from ember.cli import app
 from ember.errors import InvalidInput
 from ember.sim.engine import RunResult
-from ember.sim.plots import PLOT_FILES, RunSeries, series_of, write_plots
+from ember.sim.plots import MAX_OCCUPANCY_POINTS, PLOT_FILES, RunSeries, series_of, write_plots
 from ember.sim.runner import run_scenario
 from ember.sim.scenario import parse_scenario
 
@@ -59,6 +59,16 @@ def test_series_of_a_run_that_served_nothing_is_empty() -> None:
     s = series_of(_result([], [(0.0, 1, 0, 1), (5.0, 0, 1, 0)]))
     assert s.served == 0 and len(s.latency_ms) == 0
     assert s.occupancy.tolist() == [[0.0, 1, 0, 1], [5.0, 0, 1, 0]]
+
+
+def test_series_merges_long_occupancy_keeping_its_peaks() -> None:
+    occupancy = [(10.0 * k, k % 7, 3, 8 if k == 12_345 else 2) for k in range(25_000)]
+    s = series_of(_result([0.01], occupancy))
+    assert len(s.occupancy) <= MAX_OCCUPANCY_POINTS
+    assert s.occupancy[0, 0] == 0.0 and np.all(np.diff(s.occupancy[:, 0]) > 0)
+    assert s.occupancy[:, 1].max() == 6 and s.occupancy[:, 2].min() == 3
+    assert s.occupancy[:, 3].max() == 8  # one tick's peak survives
+    assert int(np.argmax(s.occupancy[:, 3])) == int(np.searchsorted(s.occupancy[:, 0], 123_450, side="right")) - 1
 
 
 def test_write_plots_draws_every_policy_set_of_the_small_scenario(tmp_path: Path) -> None:
