@@ -104,7 +104,7 @@ def prepare_plots_dir(directory: Path) -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise InvalidInput(
-            "plots need matplotlib, which is not installed: pip install 'ember-serve[plots]' (or matplotlib)"
+            "plots need matplotlib, which is not installed: pip install 'ember-serve[plots]' (or just matplotlib)"
         ) from None
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,8 @@ def _occupancy(scenario: str, series: Sequence[RunSeries], styles: _Styles) -> F
         ax.set_ylabel(title, fontsize=9)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-    fig.legend(loc="outside lower center", ncols=max(1, len(series)), fontsize=9)
+    if any(len(s.occupancy) for s in series):
+        fig.legend(loc="outside lower center", ncols=len(series), fontsize=9)
     axes[-1].set_xlabel(f"simulated time ({unit}), sampled at each control tick")
     fig.suptitle(f"{scenario}: tier occupancy over time")
     return fig
