@@ -4,6 +4,7 @@
     ember sim faas_single                  one Poisson model under classic FaaS (the known answer)
     ember sim my.yaml --json out.json      a scenario file; the figures also as JSON
     ember sim default --only ember --duration-s 3600
+    ember sim default --plots plots/       also PNGs: latency CDF, cost vs attainment, tier occupancy
 
 Prints one row per policy set: requests, SLO attainment, p50/p99 latency, cold starts by tier,
 mean instances, GPU-seconds (and their ratio to always-on), GPU-memory GB-seconds, models per GPU.
@@ -36,13 +37,21 @@ def sim(
     only: Annotated[list[str] | None, typer.Option("--only", help="Run only this policy set (repeatable).")] = None,
     duration_s: Annotated[float | None, typer.Option("--duration-s", help="Override the scenario's duration.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override the scenario's seed.")] = None,
+    plots_dir: Annotated[
+        Path | None,
+        typer.Option("--plots", help="Also write PNG plots into this folder (needs the 'plots' extra)."),
+    ] = None,
 ) -> None:
     """Replay a workload against always-on, classic FaaS, Ray-Serve-like and Ember policies in virtual time."""
+    from ember.sim.plots import RunSeries, prepare_plots_dir, series_of, write_plots
     from ember.sim.report import print_table, write_json
     from ember.sim.runner import run_scenario
     from ember.sim.scenario import load_scenario
 
+    series: list[RunSeries] = []
     try:
+        if plots_dir is not None:
+            prepare_plots_dir(plots_dir)  # before minutes of simulation, not after
         loaded = load_scenario(scenario)
         if duration_s is not None:
             if duration_s <= 0:
@@ -55,7 +64,10 @@ def sim(
         if missing:
             raise EmberError(f"policy set '{missing[0]}' is not in the scenario; it has: {', '.join(sorted(names))}")
         with _console.status("simulating") as status:
-            reports = run_scenario(loaded, tuple(only or ()), progress=lambda n: status.update(f"simulating {n}"))
+            reports = run_scenario(
+                loaded, tuple(only or ()), progress=lambda n: status.update(f"simulating {n}"),
+                on_result=None if plots_dir is None else lambda r: series.append(series_of(r)),
+            )  # fmt: skip
     except EmberError as exc:
         _err.print(Text(f"error: {exc.message}", style="red"))
         raise typer.Exit(1) from None
@@ -70,3 +82,10 @@ def sim(
     if json_path is not None:
         write_json(json_path, loaded.name, loaded.seed, reports)
         _console.print(f"wrote {json_path}", highlight=False)
+    if plots_dir is not None:
+        try:
+            written = write_plots(plots_dir, loaded.name, reports, series, [m.slo_s * 1000 for m in loaded.models])
+        except EmberError as exc:
+            _err.print(Text(f"error: {exc.message}", style="red"))
+            raise typer.Exit(1) from None
+        _console.print(f"wrote {', '.join(p.name for p in written)} in {plots_dir}", highlight=False)

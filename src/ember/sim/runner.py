@@ -26,9 +26,15 @@ def run_policy_set(
 
 
 def run_scenario(
-    scenario: Scenario, only: tuple[str, ...] = (), progress: Callable[[str], None] | None = None
+    scenario: Scenario,
+    only: tuple[str, ...] = (),
+    progress: Callable[[str], None] | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
 ) -> list[PolicyReport]:
-    """One report per policy set of ``scenario`` (or of ``only``, in the scenario's order)."""
+    """One report per policy set of ``scenario`` (or of ``only``, in the scenario's order, always-on first).
+
+    ``on_result``, if given, sees each set's full ``RunResult`` as it finishes (the plots use it).
+    """
     clock = WallClock()
     workload = scenario.workload()
     sets = [(n, o) for n, o in scenario.policy_sets if not only or n in only]
@@ -43,4 +49,6 @@ def run_scenario(
         if name == "always_on":
             always_on_gpu_s = result.gpu_seconds
         reports.append(summarise(result, clock.now() - start, always_on_gpu_s))
+        if on_result is not None:
+            on_result(result)
     return reports
