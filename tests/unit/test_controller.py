@@ -11,7 +11,9 @@ import pytest
 
 from ember.clock import VirtualClock
 from ember.config import DeploySpec
+from ember.errors import DeadlineUnmeetable
 from ember.service import EmberService, ServeOptions
+from ember.store import Tier
 from ember.testing import FakeBackend, LatencyProfile, run_in_virtual_time
 
 
@@ -157,5 +159,70 @@ def test_two_busy_models_packed_on_one_worker_are_spread_once_its_time_runs_out(
             # the instance that left was unloaded from its old worker
             for worker in backend.workers():
                 assert len(worker.loaded) == 1
+
+    run_in_virtual_time(main)
+
+
+def test_removing_a_model_while_it_is_demoted_leaves_the_control_loop_running(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        backend = FakeBackend(clock, profile=LatencyProfile(base_s=0.01, load_s=0.05, unload_s=0.5))
+        opts = ServeOptions(home=tmp_path / "home", warm_root=tmp_path / "shm")
+        service = EmberService(opts, clock=clock, backend=backend)
+        async with service:
+            await service.deploy(_spec(model_file, "a"))
+            demoting = asyncio.ensure_future(service.controller.demote("a", Tier.COOL))
+            await clock.sleep(0.1)  # the unload is under way
+            await service.remove("a")
+            await demoting  # no ModelNotFound: the removal dealt with it
+            # the loop still demotes: a model idle past its keep-alive leaves the device
+            await service.deploy(_spec(model_file, "b", keepalive_hot_s=2))
+            await service.infer("b", _x(1))
+            await clock.sleep(5.0)
+            assert service.info("b").tier != "hot"
+
+    run_in_virtual_time(main)
+
+
+def test_a_load_started_by_a_refused_request_stays_hot_for_the_retry(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        # A load is predicted to take 50 ms (the default links' set-up cost), longer than the 40 ms
+        # SLO: a request for the cool model is refused at admission, and the load it starts (0.3 s)
+        # must survive until the client retries.
+        backend = FakeBackend(clock, profile=LatencyProfile(base_s=0.01, load_s=0.3))
+        opts = ServeOptions(home=tmp_path / "home", warm_root=tmp_path / "shm")
+        service = EmberService(opts, clock=clock, backend=backend)
+        async with service:
+            await service.deploy(_spec(model_file, "m", slo_ms=40, keepalive_hot_s=5), load=False)
+            await clock.sleep(30.0)  # idle for longer than its keep-alive before anyone asks
+            with pytest.raises(DeadlineUnmeetable) as refused:
+                await service.infer("m", _x(1))
+            await clock.sleep(refused.value.retry_after_s or 1.0)
+            await clock.sleep(1.5)  # ticks pass after the load finished
+            assert service.info("m").tier == "hot"
+            assert (await service.infer("m", _x(2)))["x"][0, 0] == 2.0
+
+    run_in_virtual_time(main)
+
+
+def test_refusing_the_head_of_the_queue_does_not_shorten_the_batch_behind_it(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, backend = _service(tmp_path, clock)
+        async with service:
+            await service.deploy(_spec(model_file, max_batch_size=2, slo_ms=35))  # warm-up: 10 ms a batch
+            (worker,) = backend.workers()
+            worker.profile = LatencyProfile(base_s=0.03)  # from now on every batch takes 30 ms
+            first = asyncio.ensure_future(service.infer("m", _x(0)))  # runs until 30 ms
+            await clock.sleep(0.001)
+            doomed = asyncio.ensure_future(service.infer("m", _x(1)))  # admitted; due at 36 ms
+            await clock.sleep(0.028)
+            rest = [asyncio.ensure_future(service.infer("m", _x(i))) for i in (2, 3)]  # due at 64 ms
+            await first
+            # At 30 ms the model is known to take 30 ms: the second cannot make 36 ms and is refused;
+            # the two behind it can make 64 ms together, in one batch, though the policy's first
+            # look at the queue (two requests) saw only one of them.
+            with pytest.raises(DeadlineUnmeetable):
+                await doomed
+            assert [r["x"][0, 0] for r in await asyncio.gather(*rest)] == [2.0, 3.0]
+            assert worker.batches[-1][1] == 2
 
     run_in_virtual_time(main)

@@ -76,6 +76,9 @@ class _Model:
     arrival_rate: float = 0.0
     requests_seen: int = 0
     rate_since: float = 0.0
+    #: When its last promotion to hot finished: its idle time on the device counts from then at the
+    #: earliest (a load started by a refused request is not demoted at the next tick).
+    hot_since: float = 0.0
 
     def alive(self) -> list[WorkerHandle]:
         return [w for w in self.workers if w.alive]
@@ -218,6 +221,8 @@ class Controller:
         for worker in workers:
             with contextlib.suppress(EmberError):
                 await worker.unload(model.deployment.key)
+        if self._models.get(name) is not model:
+            return  # removed meanwhile: remove() has dealt with its files
         if to is Tier.COOL:
             await run_blocking(self._clock, self._store.demote, model.deployment.key)
         self._metrics.set_tier(name, self.tier(name).value)
@@ -227,7 +232,10 @@ class Controller:
     async def run(self) -> None:
         while True:
             await self._clock.sleep(self._tick_s)
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception:  # a bug in one decision must not stop every later one
+                _log.exception("a control tick failed; the next one runs as usual")
 
     async def tick(self) -> None:
         now = self._clock.now()
@@ -273,7 +281,7 @@ class Controller:
         return ModelView(
             name=name,
             tier=tier,
-            idle_s=0.0 if busy else max(0.0, now - model.runner.stats.last_active),
+            idle_s=0.0 if busy else max(0.0, now - max(model.runner.stats.last_active, model.hot_since)),
             busy=busy,
             keepalive_hot_s=model.deployment.keepalive_hot_s,
             keepalive_warm_s=model.deployment.keepalive_warm_s,
@@ -458,7 +466,8 @@ class Controller:
                     raise
         assert worker is not None
         model.workers.append(worker)
-        seconds = self._clock.now() - start
+        model.hot_since = self._clock.now()
+        seconds = model.hot_since - start
         model.runner.latency = model.runner.latency.observe_load(from_tier, seconds)
         model.last_cold_start = ColdStart(from_tier, seconds, self._clock.wall())
         model.cold_starts += 1

@@ -242,10 +242,10 @@ class ModelRunner:
                     for index in decision.refuse:
                         pending = peek[index]
                         _answer_error(pending, self._unmeetable(now, pending.deadline, pending.rows, pending.hard))
+                    continue  # decide again: requests beyond the window it saw may now join the batch
                 if decision.take == 0:
-                    if not decision.refuse:
-                        self.queue.changed.clear()
-                        await self._wait_change(decision.wake_at)
+                    self.queue.changed.clear()
+                    await self._wait_change(decision.wake_at)
                     continue
                 batch = self.queue.take(decision.take)
                 if not batch:

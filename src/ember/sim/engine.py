@@ -341,13 +341,17 @@ class Engine:
             if inst is None:
                 del dev.pending[m.idx]  # put back on the next arrival, or when an instance here is ready
                 continue
-            decision = m.decision
-            if now >= decision.valid_until or m.decided[0] != m.version or m.decided[1] is not m.latency:
-                queued = tuple(q) if len(q) <= m.max_batch else tuple(itertools.islice(q, m.max_batch + 1))
-                decision = batcher.decide(QueueSnapshot(now, queued, True, m.max_batch, m.latency))
-                m.decision, m.decided, m.candidate = decision, (m.version, m.latency), None
-            if decision.refuse:
+            while True:  # refusals first, then the batch decided on the queue without them
+                decision = m.decision
+                if now >= decision.valid_until or m.decided[0] != m.version or m.decided[1] is not m.latency:
+                    queued = tuple(q) if len(q) <= m.max_batch else tuple(itertools.islice(q, m.max_batch + 1))
+                    decision = batcher.decide(QueueSnapshot(now, queued, True, m.max_batch, m.latency))
+                    m.decision, m.decided, m.candidate = decision, (m.version, m.latency), None
+                if not decision.refuse:
+                    break
                 self._refuse(m, decision.refuse)
+                if not q:
+                    break
             if decision.take > 0 and q:
                 proposals.append((m, inst, min(decision.take, len(q)), decision.rows))
             elif decision.wake_at is not None and (m.wake_at is None or decision.wake_at < m.wake_at):

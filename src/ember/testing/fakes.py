@@ -31,11 +31,13 @@ def _identity(batch: Arrays) -> Arrays:
 
 @dataclass(frozen=True)
 class LatencyProfile:
-    """Seconds for a batch of ``rows``: ``base_s + per_row_s * rows``; loading takes ``load_s``."""
+    """Seconds for a batch of ``rows``: ``base_s + per_row_s * rows``; loading takes ``load_s``,
+    unloading ``unload_s``."""
 
     base_s: float = 0.005
     per_row_s: float = 0.0
     load_s: float = 0.05
+    unload_s: float = 0.0
 
     def batch_s(self, rows: int) -> float:
         return self.base_s + self.per_row_s * rows
@@ -79,6 +81,8 @@ class FakeWorker:
 
     async def unload(self, key: str) -> None:
         self._check()
+        if self.profile.unload_s > 0:
+            await self.clock.sleep(self.profile.unload_s)
         self.loaded.discard(key)
 
     async def infer(self, key: str, requests: list[Arrays]) -> Batch:
