@@ -62,3 +62,33 @@ def test_an_overloaded_device_sheds_models_to_idle_ones_and_meets_the_slo() -> N
     demoted = {e[2] for e in moved.events if e[1] == "demote"}
     assert {key for _, _, key, _, _ in moves} <= demoted
     assert len(moved.latencies_s) + moved.refused == len(scenario.workload())
+
+
+# One node of 4 devices: 30 vision models (100 ms SLO, ~6 ms batches) and 6 language models whose
+# requests run 16 decode steps (~180 ms, SLO 2 s), all placed in the first seconds.
+MIXED = """
+name: mixed
+seed: 5
+duration_s: 600
+tick_s: 5
+warm_tick_s: 60
+cluster: {nodes: 1, devices_per_node: 4, host_memory_gb: 100}
+models:
+  - {name: resnet, count: 30, profile: resnet50, slo_ms: 100, max_batch_size: 32}
+  - {name: llama, count: 6, profile: llama1b_decode, work_per_request: 16, slo_ms: 2000, max_batch_size: 8}
+workload:
+  synthetic: {total_rate_per_s: 40, zipf_s: 0.5, mix: {poisson: 1}}
+policy_sets:
+  - {name: ember, options: {keepalive_hot_s: 600}}
+"""
+
+
+def test_long_batches_get_devices_of_their_own_and_short_slos_are_met() -> None:
+    scenario = parse_scenario(MIXED, HERE, origin="mixed")
+    result = _run(scenario, rebalance=True)
+    hosts: dict[str, set[str]] = {}
+    for event in result.events:
+        if event[1] == "load":
+            hosts.setdefault(event[2].split("-")[0], set()).add(event[3])
+    assert hosts["resnet"].isdisjoint(hosts["llama"])
+    assert _attainment(result) > 0.99

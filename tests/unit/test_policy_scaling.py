@@ -159,6 +159,22 @@ def test_placement_fills_no_device_past_max_utilization_while_one_has_time(loads
         assert chosen.utilization == min(w.utilization for w in workers)
 
 
+def test_placement_keeps_long_batches_away_from_short_slos_while_a_device_has_time():
+    # "vision" holds 100 ms-SLO models with 6 ms batches; "empty" holds nothing; both have time.
+    vision = _worker("vision", 50, 100, utilization=0.2, shortest_slo_s=0.1, longest_batch_s=0.006)
+    empty = _worker("empty", 0, 100)
+    placement = MemoryAwarePlacement()
+    # a 175 ms batch would hold the device past a quarter of their SLO: it goes to the empty one
+    assert placement.choose("llm", 30, "cuda", (vision, empty), slo_s=1.0, batch_s=0.175) == "empty"
+    # another vision model packs with them (tightest fit)
+    assert placement.choose("resnet", 30, "cuda", (vision, empty), slo_s=0.1, batch_s=0.006) == "vision"
+    # and a short-SLO model stays off a device whose residents run long batches
+    llm = _worker("llm", 50, 100, utilization=0.2, shortest_slo_s=1.0, longest_batch_s=0.175)
+    assert placement.choose("resnet", 30, "cuda", (llm, empty), slo_s=0.1, batch_s=0.006) == "empty"
+    # when nothing else fits, sharing beats not placing at all
+    assert placement.choose("llm", 30, "cuda", (vision,), slo_s=1.0, batch_s=0.175) == "vision"
+
+
 def _device(wid: str, *shares: float, capacity: int = 100, movable: bool = True) -> WorkerView:
     residents = tuple(Resident(f"{wid}-m{i}", 10, share, movable) for i, share in enumerate(shares))
     return _worker(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field, replace
 
 from ember.clock import Clock, run_blocking
@@ -394,6 +395,8 @@ class Controller:
                 and (m.scaling is None or m.scaling.done())
                 and (id(m), worker.id) not in leaving,
                 tenant=str(m.deployment.extra.get("tenant", "default")),
+                slo_s=m.deployment.slo_ms / 1000.0,
+                batch_s=m.runner.latency.predict(1),
             )
             for name, m in self._models.items()
             if worker in m.workers
@@ -487,11 +490,19 @@ class Controller:
             views = tuple(self._worker_view(w, deployment) for w in workers.values())
             tenant = str(deployment.extra.get("tenant", "default"))
             model = self._models.get(deployment.name)
-            demand = 0.0
+            demand, batch_s = 0.0, 0.0
             if model is not None:
                 demand = device_share(model.arrival_rate, model.runner.latency, deployment.max_batch_size)
+                batch_s = model.runner.latency.predict(1)
             choice = self._placement.choose(
-                deployment.name, deployment.metadata.bytes, deployment.device, views, tenant, demand
+                deployment.name,
+                deployment.metadata.bytes,
+                deployment.device,
+                views,
+                tenant,
+                demand,
+                deployment.slo_ms / 1000.0,
+                batch_s,
             )
             if choice is not None:
                 self._tenants_seen.setdefault(choice, set()).add(tenant)
@@ -577,6 +588,8 @@ class Controller:
             tenants=frozenset(str(m.deployment.extra.get("tenant", "default")) for m in hosted)
             | frozenset(self._tenants_seen.get(worker.id, ())),
             utilization=sum(self._share(m.deployment.name, worker.id) for m in hosted),
+            shortest_slo_s=min((m.deployment.slo_ms / 1000.0 for m in hosted), default=math.inf),
+            longest_batch_s=max((m.runner.latency.predict(1) for m in hosted), default=0.0),
         )
 
     def _worker_lost(self, worker: WorkerHandle) -> None:

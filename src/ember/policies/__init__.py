@@ -44,6 +44,7 @@ from ember.policies.keepalive import (
 )
 from ember.policies.latency import Bandwidths, LatencyModel, warmup_batch_sizes, windowed_quantile
 from ember.policies.placement import (
+    DEFAULT_TENANT,
     LeastLoaded,
     MemoryAwarePlacement,
     Move,
@@ -57,6 +58,7 @@ from ember.policies.placement import (
 )
 
 __all__ = [
+    "DEFAULT_TENANT",
     "Autoscaler",
     "Bandwidths",
     "BatchDecision",

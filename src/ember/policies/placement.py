@@ -7,13 +7,18 @@ does), prefer
 1. a worker with *time* to spare: its measured utilization plus the share of a device the model is
    expected to need (``demand``) stays within ``max_utilization``. Memory alone would pack a
    thousand small models onto one device that cannot run their batches in time;
+   among those, one whose residents it can share a device with: a device runs one batch at a time,
+   so a batch longer than ``blocking`` (a quarter) of a neighbour's SLO makes it miss its deadline
+   however idle the device is on average. A 200 ms language-model step does not join 100 ms-SLO
+   vision models while another device has time;
 2. a worker where the model's weights already sit in a warm tier (its host memory): no disk read;
 3. on workers of known capacity, the tightest fit (least free memory left after placing): packing
    keeps large holes for large models and lets idle devices stay empty;
 4. then the least loaded (fewest batches in flight, fewest bytes, fewest models), then the id, so
    the choice is repeatable.
 
-When no worker has time to spare, the least utilized one that fits is chosen. ``None`` means no
+When no worker has time to spare, the least utilized one that fits is chosen (one whose residents
+it can share a device with, if any). ``None`` means no
 worker has room in memory: the caller evicts (see ``policies.eviction``) and asks again.
 :class:`LeastLoaded` is the baseline that spreads models and ignores memory.
 
@@ -28,6 +33,7 @@ device is not moved: it needs another instance, which is the autoscaler's decisi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -61,6 +67,9 @@ class Resident:
     #: Whether it may move now: ready, measured for a while, nothing in flight.
     movable: bool = True
     tenant: str = "default"
+    slo_s: float = math.inf
+    #: Predicted seconds of its shortest batch (one row).
+    batch_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,9 @@ class WorkerView:
     utilization: float = 0.0
     #: The loaded models with their shares of the device (only :meth:`MemoryAwarePlacement.moves` reads it).
     residents: tuple[Resident, ...] = ()
+    #: The shortest SLO among the loaded models, and the longest of their shortest batches.
+    shortest_slo_s: float = math.inf
+    longest_batch_s: float = 0.0
 
 
 class Placement(Protocol):
@@ -109,9 +121,12 @@ class Placement(Protocol):
         workers: tuple[WorkerView, ...],
         tenant: str = DEFAULT_TENANT,
         demand: float = 0.0,
+        slo_s: float = math.inf,
+        batch_s: float = 0.0,
     ) -> str | None:
         """The id of the worker that should load ``model`` (of ``tenant``, expected to take ``demand``
-        of a device's time), or None if none can."""
+        of a device's time, with an SLO of ``slo_s`` and batches of ``batch_s`` at least), or None if
+        none can."""
         ...
 
 
@@ -137,6 +152,8 @@ class MemoryAwarePlacement:
     high: float = 0.85
     #: At most this many moves off one device per decision.
     max_moves: int = 4
+    #: A batch may hold a device for at most this fraction of a neighbour's SLO.
+    blocking: float = 0.25
 
     def __post_init__(self) -> None:
         if not 0 < self.max_utilization <= self.high:
@@ -150,6 +167,8 @@ class MemoryAwarePlacement:
         workers: tuple[WorkerView, ...],
         tenant: str = DEFAULT_TENANT,
         demand: float = 0.0,
+        slo_s: float = math.inf,
+        batch_s: float = 0.0,
     ) -> str | None:
         fits = [
             w
@@ -158,17 +177,23 @@ class MemoryAwarePlacement:
         ]
         if not fits:
             return None
+        blocking = self.blocking
         limit = self.max_utilization - demand
         roomy = [w for w in fits if w.utilization <= limit]
+        together = [
+            w
+            for w in (roomy or fits)
+            if batch_s <= blocking * w.shortest_slo_s and w.longest_batch_s <= blocking * slo_s
+        ]
         if not roomy:
-            return min(fits, key=lambda w: (w.utilization, w.in_flight, w.id)).id
+            return min(together or fits, key=lambda w: (w.utilization, w.in_flight, w.id)).id
 
         def score(w: WorkerView) -> tuple[bool, float, int, int, int, str]:
             free = w.free_bytes
             left = float("inf") if free is None else float(free - model_bytes)
             return (model not in w.warm_models, left, w.in_flight, w.bytes_loaded, len(w.models), w.id)
 
-        return min(roomy, key=score).id
+        return min(together or roomy, key=score).id
 
     def moves(self, workers: tuple[WorkerView, ...]) -> tuple[Move, ...]:
         """Models to move off devices busier than ``high``, and where to (see the module's doc)."""
@@ -196,7 +221,10 @@ class MemoryAwarePlacement:
                     and resident.model not in w.models
                     and w.utilization + resident.share <= self.max_utilization
                 )
-                target = self.choose(resident.model, resident.bytes, kind, others, resident.tenant, resident.share)
+                target = self.choose(
+                    resident.model, resident.bytes, kind, others, resident.tenant, resident.share, resident.slo_s,
+                    resident.batch_s,
+                )  # fmt: skip
                 if target is None:
                     continue
                 result.append(Move(resident.model, source.id, target))
@@ -206,6 +234,8 @@ class MemoryAwarePlacement:
                     utilization=chosen.utilization + resident.share,
                     bytes_loaded=chosen.bytes_loaded + resident.bytes,
                     models=(*chosen.models, resident.model),
+                    shortest_slo_s=min(chosen.shortest_slo_s, resident.slo_s),
+                    longest_batch_s=max(chosen.longest_batch_s, resident.batch_s),
                 )
                 staying -= resident.share
                 moved += 1
@@ -228,6 +258,8 @@ class LeastLoaded:
         workers: tuple[WorkerView, ...],
         tenant: str = DEFAULT_TENANT,
         demand: float = 0.0,
+        slo_s: float = math.inf,
+        batch_s: float = 0.0,
     ) -> str | None:
         fits = [w for w in workers if w.ready and device_fits(device, w.device)]
         if not fits:
@@ -255,15 +287,17 @@ class TenantIsolated:
         workers: tuple[WorkerView, ...],
         tenant: str = DEFAULT_TENANT,
         demand: float = 0.0,
+        slo_s: float = math.inf,
+        batch_s: float = 0.0,
     ) -> str | None:
         allowed = tuple(w for w in workers if w.tenants <= {tenant})
         shared = any(w.tenants - {tenant} for w in workers)
         own = tuple(w for w in allowed if w.tenants)
         if shared and own:
-            choice = self.inner.choose(model, model_bytes, device, own, tenant, demand)
+            choice = self.inner.choose(model, model_bytes, device, own, tenant, demand, slo_s, batch_s)
             if choice is not None:
                 return choice
-        return self.inner.choose(model, model_bytes, device, allowed, tenant, demand)
+        return self.inner.choose(model, model_bytes, device, allowed, tenant, demand, slo_s, batch_s)
 
 
 def device_fits(wanted: str, have: str) -> bool:

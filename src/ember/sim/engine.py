@@ -28,6 +28,7 @@ from typing import Any
 
 from ember.errors import InvalidInput
 from ember.policies import (
+    DEFAULT_TENANT,
     Bandwidths,
     BatchDecision,
     Candidate,
@@ -138,8 +139,8 @@ class _Instance:
 
 
 class _Device:
-    __slots__ = ("busy", "capacity", "id", "idx", "instances", "load_free_at", "loading_bytes", "names", "node",
-                 "pending", "running_bytes", "used", "util", "view")  # fmt: skip
+    __slots__ = ("busy", "capacity", "id", "idx", "instances", "load_free_at", "loading_bytes", "longest_batch_s",
+                 "names", "node", "pending", "running_bytes", "shortest_slo_s", "used", "util", "view")  # fmt: skip
 
     def __init__(self, idx: int, node: int, capacity: int) -> None:
         self.idx, self.node, self.id, self.capacity = idx, node, f"n{node}/cuda:{idx}", capacity
@@ -151,8 +152,10 @@ class _Device:
         #: Its residents' shares: measured, plus the expected share of those placed since the last tick.
         self.util = 0.0
         self.view: WorkerView | None = None
-        #: The names of its residents (one per instance), kept as they come and go, for the view.
+        #: The names of its residents (one per instance), kept as they come and go, for the view; the
+        #: shortest SLO and the longest one-row batch among them.
         self.names: tuple[str, ...] = ()
+        self.shortest_slo_s, self.longest_batch_s = math.inf, 0.0
 
 
 class Engine:
@@ -477,9 +480,12 @@ class Engine:
         demand = 0.0 if preloaded else device_share(max(m.rate, m.arrivals / self.window_s), m.latency, m.max_batch)
         hosts = self._hosts(m, need)
         place = self.p.placement.choose
-        chosen = place(m.name, need, "cuda", tuple(self._view(d, m) for d in hosts), demand=demand)
+        slo_s, batch_s = m.slo_s, m.latency.predict(1)
+        chosen = place(m.name, need, "cuda", tuple(self._view(d, m) for d in hosts), DEFAULT_TENANT, demand, slo_s,
+                       batch_s)  # fmt: skip
         if chosen is None:  # no room anywhere: choose again as if every idle resident could be evicted
-            chosen = place(m.name, need, "cuda", tuple(self._view(d, m, True) for d in hosts), demand=demand)
+            chosen = place(m.name, need, "cuda", tuple(self._view(d, m, True) for d in hosts), DEFAULT_TENANT, demand,
+                           slo_s, batch_s)  # fmt: skip
             if chosen is None:
                 return False
         return self._place(m, self.by_id[chosen], demand, preloaded) is not None
@@ -534,6 +540,8 @@ class Engine:
         dev.used += need
         dev.view = None
         dev.names = (*dev.names, m.name)
+        dev.shortest_slo_s = min(dev.shortest_slo_s, m.slo_s)
+        dev.longest_batch_s = max(dev.longest_batch_s, m.latency.predict(1))
         self.used_total += need
         m.instances.append(inst)
         self.instances[key] = inst
@@ -572,6 +580,9 @@ class Engine:
         dev.view = None
         at = dev.names.index(m.name)
         dev.names = (*dev.names[:at], *dev.names[at + 1 :])
+        residents = [x.model for x in dev.instances.values()]
+        dev.shortest_slo_s = min((r.slo_s for r in residents), default=math.inf)
+        dev.longest_batch_s = max((r.latency.predict(1) for r in residents), default=0.0)
         self.used_total -= inst.bytes
         if not dev.instances:
             self.held -= 1
@@ -618,7 +629,8 @@ class Engine:
             names = dev.names
             loaded = dev.loading_bytes + dev.running_bytes if evictable_gone else dev.used
             view = WorkerView(dev.id, True, dev.id.split("/", 1)[1], names, loaded, int(dev.busy), dev.capacity,
-                              utilization=dev.util)  # fmt: skip
+                              utilization=dev.util, shortest_slo_s=dev.shortest_slo_s,
+                              longest_batch_s=dev.longest_batch_s)  # fmt: skip
             if not evictable_gone:
                 dev.view = view
         if model is not None and self.p.warm_tier and model.idx in self.warm[dev.node]:
@@ -693,7 +705,8 @@ class Engine:
             if dev.util > high:
                 residents = tuple(
                     Resident(x.model.name, x.bytes, x.share, x.measured and not x.retiring
-                             and all(y.ready_at <= now for y in x.model.instances))
+                             and all(y.ready_at <= now for y in x.model.instances), DEFAULT_TENANT, x.model.slo_s,
+                             x.model.latency.predict(1))
                     for x in dev.instances.values()
                 )  # fmt: skip
                 view = replace(view, residents=residents)
