@@ -57,6 +57,8 @@ __all__ = ["Engine", "RunResult"]
 _LOAD, _DONE, _WAKE, _TICK = 0, 1, 2, 3
 #: When a device frees, at most this many models (those due first) propose a batch to its scheduler.
 MAX_CANDIDATES = 8
+#: A node whose host memory fills frees 1/WARM_SLACK of it beyond what it needs.
+WARM_SLACK = 10
 _HOT, _WARM, _COOL = Tier.HOT, Tier.WARM, Tier.COOL
 
 Request = tuple[float, int, float]  # (deadline, rows, arrival)
@@ -606,6 +608,9 @@ class Engine:
         self.warm_bytes[node] += m.spec.weights_bytes
         over = self.warm_bytes[node] - self.cluster.host_memory_bytes
         if over > 0:
+            # Free a tenth of the host memory beyond what is needed: a full node would otherwise ask the
+            # eviction policy about all its thousands of warm models at every model it adds.
+            over += self.cluster.host_memory_bytes // WARM_SLACK
             candidates = tuple(
                 EvictionCandidate(str(i), self.models[i].spec.weights_bytes, 0.0, self.models[i].rate,
                                   self.models[i].last_used, i == m.idx)
