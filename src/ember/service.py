@@ -37,12 +37,15 @@ from ember.policies import (
 )
 from ember.registry import DeploymentRecord, Registry
 from ember.scheduler import DeviceArbiter, ModelRunner
-from ember.store import Store
+from ember.store import Store, Tier
 from ember.worker.protocol import Arrays
 
-__all__ = ["EmberService", "ModelInfo", "ServeOptions"]
+__all__ = ["UNLOAD_TIERS", "EmberService", "ModelInfo", "ServeOptions", "unload_tier"]
 
 Progress = Callable[[dict[str, Any]], None]
+
+#: The tiers an unload may demote to (``ember unload NAME --to TIER``); the first is the default.
+UNLOAD_TIERS = ("cool", "warm")
 
 #: Batch sizes the deploy-time warm-up measures (1, 2, 4), to seed each model's latency model.
 WARMUP_SIZES = 3
@@ -297,11 +300,13 @@ class EmberService:
         self.runner(name)
         await self.controller.ensure_hot(name)
 
-    async def unload(self, name: str) -> None:
-        from ember.store import Tier
-
+    async def unload(self, name: str, tier: str = "cool") -> None:
+        """Demote ``name`` to ``tier``: ``"warm"`` (off the device, weights kept in host memory) or
+        ``"cool"`` (weights on local disk only). It never promotes: a model already at or below
+        ``tier`` stays where it is. Raises InvalidInput for another tier name."""
+        target = unload_tier(tier)
         self.runner(name)
-        await self.controller.demote(name, Tier.COOL)
+        await self.controller.demote(name, target)
 
     # -- what is there -----------------------------------------------------------------------------
 
@@ -368,6 +373,21 @@ class EmberService:
         with contextlib.suppress(KeyError, EmberError, OSError):
             self.store.remove(key)
         shutil.rmtree(self.home / "code" / key, ignore_errors=True)
+
+
+def unload_tier(name: object) -> Tier:
+    """The tier an unload demotes to, from its name (``"warm"`` or ``"cool"``); InvalidInput otherwise."""
+    if name not in UNLOAD_TIERS:
+        raise InvalidInput(
+            f"cannot unload to tier {_shorten(name)}; use 'warm' (off the device, weights kept in host memory) "
+            "or 'cool' (weights on local disk only, the default)"
+        )
+    return Tier(str(name))
+
+
+def _shorten(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _deployment(record: DeploymentRecord) -> Deployment:
