@@ -37,15 +37,12 @@ from ember.policies import (
 )
 from ember.registry import DeploymentRecord, Registry
 from ember.scheduler import DeviceArbiter, ModelRunner
-from ember.store import Store, Tier
+from ember.store import Store
 from ember.worker.protocol import Arrays
 
-__all__ = ["UNLOAD_TIERS", "EmberService", "ModelInfo", "ServeOptions", "unload_tier"]
+__all__ = ["EmberService", "ModelInfo", "ServeOptions"]
 
 Progress = Callable[[dict[str, Any]], None]
-
-#: The tiers an unload may demote to (``ember unload NAME --to TIER``); the first is the default.
-UNLOAD_TIERS = ("cool", "warm")
 
 #: Batch sizes the deploy-time warm-up measures (1, 2, 4), to seed each model's latency model.
 WARMUP_SIZES = 3
@@ -304,9 +301,15 @@ class EmberService:
         """Demote ``name`` to ``tier``: ``"warm"`` (off the device, weights kept in host memory) or
         ``"cool"`` (weights on local disk only). It never promotes: a model already at or below
         ``tier`` stays where it is. Raises InvalidInput for another tier name."""
-        target = unload_tier(tier)
+        from ember.store import Tier
+
+        if tier not in ("cool", "warm"):
+            raise InvalidInput(
+                f"cannot unload to tier {_shorten(tier)}; use 'warm' (off the device, weights kept in host "
+                "memory) or 'cool' (weights on local disk only, the default)"
+            )
         self.runner(name)
-        await self.controller.demote(name, target)
+        await self.controller.demote(name, Tier(tier))
 
     # -- what is there -----------------------------------------------------------------------------
 
@@ -373,16 +376,6 @@ class EmberService:
         with contextlib.suppress(KeyError, EmberError, OSError):
             self.store.remove(key)
         shutil.rmtree(self.home / "code" / key, ignore_errors=True)
-
-
-def unload_tier(name: object) -> Tier:
-    """The tier an unload demotes to, from its name (``"warm"`` or ``"cool"``); InvalidInput otherwise."""
-    if name not in UNLOAD_TIERS:
-        raise InvalidInput(
-            f"cannot unload to tier {_shorten(name)}; use 'warm' (off the device, weights kept in host memory) "
-            "or 'cool' (weights on local disk only, the default)"
-        )
-    return Tier(str(name))
 
 
 def _shorten(value: object, limit: int = 40) -> str:
