@@ -7,14 +7,16 @@ answers its first request within 100 ms on this 2-core CPU machine, far sooner t
 without a warm pool, where a fresh process imports the libraries, loads the model, then answers.
 
 * Ember: ``python -m ember.cli serve --workers 1 --tick-s 0.1``; ``examples/minilm.py:MiniLM``
-  deployed with ``keepalive_hot_s=0.5`` and ``keepalive_warm_s=3600``, so an idle model drops to warm
-  after half a second and stays there.
+  deployed with an hour's keep-alive on the hot and the warm tier, so the keep-alive never moves it
+  during the run (the adaptive keep-alive learns idle times, which would make the rounds depend on
+  the ones before): only the script's own unloads do.
 * Each tier, ``--repeats`` times, in turn: put the model there (hot: answer one request first; warm:
-  wait until ``GET /admin/models/minilm`` says warm; cool: ``POST /admin/models/minilm/unload``), let it
+  make it hot, then ``POST /admin/models/minilm/unload?tier=warm``; cool: ``...?tier=cool``), let it
   settle (``--settle-s``: the worker finishes unloading), then time one ``POST /v1/embeddings`` with one
   short sentence, from connect to the last byte of the answer. Ember's own figure for the promotion
   (``last_cold_start``) is recorded beside it. The row "warm, at demotion" sends the request as soon
-  as the model reads warm, without settling: a request that arrives just as the keep-alive expires.
+  as the unload to warm has answered, without settling: a request that arrives just as its model is
+  demoted.
 * Baseline: a fresh ``python -c`` that imports torch and sentence-transformers, loads the same MiniLM
   folder with ``SentenceTransformer(path, device="cpu")`` and encodes the same sentence; timed from
   spawn to the answer printed. It reports its own phases (interpreter, imports, load, encode).
@@ -78,31 +80,21 @@ def ask(port: int) -> float:
     return seconds
 
 
-def wait_tier(client: Any, tier: str, timeout_s: float) -> dict[str, Any]:
-    """Poll ``GET /admin/models/minilm`` until the model is in ``tier``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info: dict[str, Any] = client.model(MODEL)
-        if info["tier"] == tier:
-            return info
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{MODEL} is still {info['tier']} after {timeout_s:g} s, not {tier}")
-        time.sleep(0.05)
+def demote(client: Any, tier: str) -> None:
+    """``POST /admin/models/minilm/unload?tier=TIER``; fails unless the model is then in ``tier``."""
+    info = client.unload(MODEL, tier=tier)
+    if info["tier"] != tier:
+        raise RuntimeError(f"{MODEL} is {info['tier']} after an unload to {tier}")
 
 
 def put_in(client: Any, port: int, tier: str, settle_s: float) -> None:
     """Bring the model to ``tier``; then wait ``settle_s`` for the demotion's own work to finish."""
     if tier == "hot":
-        ask(port)  # now hot, and idle for less than keepalive_hot_s when the timed request comes
-        wait_tier(client, "hot", 1.0)
+        ask(port)  # now hot; the hour's keep-alive keeps it there for the timed request
         return
-    if tier == "warm":
-        if client.model(MODEL)["tier"] == "cool":
-            ask(port)  # warm is reached from hot, after keepalive_hot_s
-        wait_tier(client, "warm", 30.0)
-    else:
-        client.unload(MODEL)
-        wait_tier(client, "cool", 5.0)
+    if tier == "warm" and client.model(MODEL)["tier"] != "hot":
+        ask(port)  # warm is reached from hot (an unload never promotes)
+    demote(client, tier)
     time.sleep(settle_s)  # the demotion's own work (unload, gc) is done before the request comes
 
 
@@ -182,7 +174,7 @@ def run(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, list[dict[st
             server.wait_ready("/v2/health/ready", timeout_s=180)
             # Best effort: the benchmark times the cold start itself, which may exceed the SLO.
             deployed = client.deploy(
-                SOURCE, name=MODEL, keepalive_hot_s=0.5, keepalive_warm_s=3600.0, on_unmeetable="best_effort"
+                SOURCE, name=MODEL, keepalive_hot_s=3600.0, keepalive_warm_s=3600.0, on_unmeetable="best_effort"
             )
             fresh_process(path, args.baseline_timeout_s)
         for round_ in range(max(args.repeats, args.baseline_repeats)):
@@ -193,7 +185,7 @@ def run(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, list[dict[st
                             measure_case(client, server.port, case, tier, args.settle_s if settle else 0.0)
                         )
                 if round_ < args.baseline_repeats:
-                    wait_tier(client, "warm", 30.0)  # Ember idle while the fresh process runs
+                    demote(client, "warm")  # Ember idle, and holding no model on the worker, while it runs
                     time.sleep(args.settle_s)
                     baseline.append(fresh_process(path, args.baseline_timeout_s))
     return samples, baseline, deployed

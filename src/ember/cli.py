@@ -4,7 +4,7 @@
     ember deploy SOURCE [options]         import a model into the store and bring it up
     ember ls | status | logs              what is deployed, how the server is, what the workers said
     ember invoke NAME --text/--data       call a model
-    ember load | unload | rm NAME         make hot now, demote to cool, remove
+    ember load | unload | rm NAME         make hot now, demote (--to cool|warm), remove
     ember store ls|import|verify|export|bench   the weight store, in --home (see ember.cli_store)
     ember sim SCENARIO [--json PATH]       replay a workload against the policies in virtual time (ember.cli_sim)
     ember keys create|ls|revoke, ember tenants set|ls   API keys and quotas (see ember.cli_keys)
@@ -81,6 +81,11 @@ class Kind(StrEnum):
     HF = "hf"
     EXPORTED = "exported"
     TORCHSCRIPT = "torchscript"
+
+
+class UnloadTier(StrEnum):
+    COOL = "cool"
+    WARM = "warm"
 
 
 class OnUnmeetable(StrEnum):
@@ -334,10 +339,17 @@ def load(name: str, url: UrlOption = DEFAULT_URL) -> None:
 
 
 @app.command()
-def unload(name: str, url: UrlOption = DEFAULT_URL) -> None:
-    """Demote a model to the cool tier; it stays deployed and callable."""
+def unload(
+    name: str,
+    to: Annotated[
+        UnloadTier,
+        typer.Option(help="The tier to demote to: warm keeps the weights in host memory, cool on disk only."),
+    ] = UnloadTier.COOL,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Demote a model off the device (to cool by default); it stays deployed and callable."""
     with errors(url), Client(url) as client:
-        model = client.unload(name)
+        model = client.unload(name, tier=to.value)
     console.print(f"{name} is {model['tier']}", highlight=False)
 
 

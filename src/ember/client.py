@@ -133,9 +133,12 @@ class Client:
         result: dict[str, Any] = self._json("POST", f"/admin/models/{_segment(name)}/load")
         return result
 
-    def unload(self, name: str) -> dict[str, Any]:
-        """Demote the model to the cool tier (it stays deployed and callable)."""
-        result: dict[str, Any] = self._json("POST", f"/admin/models/{_segment(name)}/unload")
+    def unload(self, name: str, tier: str = "cool") -> dict[str, Any]:
+        """Demote the model to ``tier``: ``"cool"`` (weights on local disk only) or ``"warm"`` (off the
+        device, weights kept in host memory). It stays deployed and callable; returns it as ``ember ls``
+        shows it. The server refuses another tier name with InvalidInput."""
+        path = f"/admin/models/{_segment(name)}/unload"
+        result: dict[str, Any] = self._json("POST", path, params={"tier": tier})
         return result
 
     def status(self) -> dict[str, Any]:
@@ -195,8 +198,8 @@ class Client:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _json(self, method: str, path: str, json: Any = None) -> Any:
-        response = self._http.request(method, path, json=json)
+    def _json(self, method: str, path: str, json: Any = None, params: Mapping[str, str] | None = None) -> Any:
+        response = self._http.request(method, path, json=json, params=params)
         if not response.is_success:
             raise _error_from_response(response)
         try:

@@ -308,11 +308,19 @@ class EmberService:
         self.runner(name)
         await self.controller.ensure_hot(name)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, tier: str = "cool") -> None:
+        """Demote ``name`` to ``tier``: ``"warm"`` (off the device, weights kept in host memory) or
+        ``"cool"`` (weights on local disk only). It never promotes: a model already at or below
+        ``tier`` stays where it is. Raises InvalidInput for another tier name."""
         from ember.store import Tier
 
+        if tier not in ("cool", "warm"):
+            raise InvalidInput(
+                f"cannot unload to tier {_shorten(tier)}; use 'warm' (off the device, weights kept in host "
+                "memory) or 'cool' (weights on local disk only, the default)"
+            )
         self.runner(name)
-        await self.controller.demote(name, Tier.COOL)
+        await self.controller.demote(name, Tier(tier))
 
     # -- what is there -----------------------------------------------------------------------------
 
@@ -380,6 +388,11 @@ class EmberService:
         with contextlib.suppress(KeyError, EmberError, OSError):
             self.store.remove(key)
         shutil.rmtree(self.home / "code" / key, ignore_errors=True)
+
+
+def _shorten(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _deployment(record: DeploymentRecord) -> Deployment:

@@ -538,6 +538,44 @@ def test_connection_refused_suggests_ember_serve(serve_with: Callable[[Handler],
     assert "error: cannot reach Ember" in result.output and "ember serve" in result.output
 
 
+def test_unload_names_the_tier_to_demote_to(serve_with: Callable[[Handler], None]) -> None:
+    seen: list[tuple[str, str, dict[str, str]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        params = dict(request.url.params)
+        seen.append((request.method, request.url.path, params))
+        return httpx.Response(200, json={**MODEL, "tier": params["tier"]})
+
+    serve_with(handler)
+    warm = runner.invoke(cli.app, ["unload", "double", "--to", "warm"])
+    assert warm.exit_code == 0, warm.output
+    assert "double is warm" in warm.output
+    cool = runner.invoke(cli.app, ["unload", "double"])
+    assert cool.exit_code == 0, cool.output
+    assert "double is cool" in cool.output
+    assert seen == [
+        ("POST", "/admin/models/double/unload", {"tier": "warm"}),
+        ("POST", "/admin/models/double/unload", {"tier": "cool"}),
+    ]
+    bad = runner.invoke(cli.app, ["unload", "double", "--to", "hot"])
+    assert bad.exit_code == 2  # refused by the CLI's own parser: nothing sent
+    assert "hot" in bad.output and len(seen) == 2
+
+
+def test_client_unload_passes_the_tier_and_raises_the_servers_refusal() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        tier = request.url.params["tier"]
+        if tier not in ("warm", "cool"):
+            return httpx.Response(400, json={"error": f"cannot unload to tier '{tier}'; use 'warm' or 'cool'"})
+        return httpx.Response(200, json={**MODEL, "tier": tier})
+
+    with client_for(handler) as client:
+        assert client.unload("double", tier="warm")["tier"] == "warm"
+        assert client.unload("double")["tier"] == "cool"
+        with pytest.raises(InvalidInput, match="cannot unload to tier 'hot'"):
+            client.unload("double", tier="hot")
+
+
 def test_invoke_with_data_prints_outputs_as_json(serve_with: Callable[[Handler], None]) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.method == "GET":

@@ -185,6 +185,82 @@ def test_metrics_use_tritons_names(tmp_path):
     _with_app(tmp_path, test)
 
 
+@pytest.mark.parametrize(
+    ("route", "how"),
+    [
+        ("/admin/models/m/unload", {"params": {"tier": "warm"}}),
+        ("/v2/repository/models/m/unload", {"json": {"parameters": {"tier": "warm", "unload_dependents": False}}}),
+    ],
+)
+def test_unload_to_warm_keeps_the_weights_in_host_memory(tmp_path, route, how):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.post(route, **how)
+        assert r.status_code == 200, r.text
+        model = (await client.get("/admin/models/m")).json()
+        assert model["tier"] == "warm" and model["instances"] == 0
+        assert (await client.post("/v2/models/m/infer", json=_json_request())).status_code == 200
+        model = (await client.get("/admin/models/m")).json()
+        assert model["tier"] == "hot" and model["cold_starts"] == 2
+        assert model["last_cold_start"]["tier"] == "warm"
+        text = (await client.get("/metrics")).text
+        assert 'ember_cold_starts_total{model="m",tier="warm"} 1.0' in text
+
+    _with_app(tmp_path, test)
+
+
+@pytest.mark.parametrize(
+    ("route", "how"),
+    [
+        ("/admin/models/m/unload", {}),
+        ("/admin/models/m/unload", {"params": {"tier": "cool"}}),
+        ("/v2/repository/models/m/unload", {}),
+        ("/v2/repository/models/m/unload", {"json": {}}),
+        ("/v2/repository/models/m/unload", {"json": {"parameters": {"unload_dependents": False}}}),
+        ("/v2/repository/models/m/unload", {"json": {"parameters": {"tier": "cool"}}}),
+    ],
+)
+def test_unload_demotes_to_cool_by_default(tmp_path, route, how):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        assert (await client.post(route, **how)).status_code == 200
+        assert (await client.get("/admin/models/m")).json()["tier"] == "cool"
+        assert (await client.post("/v2/models/m/infer", json=_json_request())).status_code == 200
+        assert (await client.get("/admin/models/m")).json()["last_cold_start"]["tier"] == "cool"
+
+    _with_app(tmp_path, test)
+
+
+def test_unload_to_warm_never_promotes_a_cool_model(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        await client.post("/admin/models/m/unload")
+        r = await client.post("/admin/models/m/unload", params={"tier": "warm"})
+        assert r.status_code == 200 and r.json()["tier"] == "cool"
+
+    _with_app(tmp_path, test)
+
+
+@pytest.mark.parametrize(
+    ("route", "how", "fragment"),
+    [
+        ("/admin/models/m/unload", {"params": {"tier": "hot"}}, "cannot unload to tier 'hot'"),
+        ("/admin/models/m/unload", {"params": {"tier": "WARM"}}, "use 'warm'"),
+        ("/admin/models/ghost/unload", {"params": {"tier": "cold"}}, "cannot unload to tier 'cold'"),
+        ("/v2/repository/models/m/unload", {"json": {"parameters": {"tier": "hot"}}}, "cannot unload to tier"),
+        ("/v2/repository/models/m/unload", {"json": {"parameters": {"tier": 1}}}, "must be a string"),
+        ("/v2/repository/models/m/unload", {"json": {"parameters": "warm"}}, '{"parameters": {"tier": "warm"}}'),
+        ("/v2/repository/models/m/unload", {"json": ["warm"]}, "JSON object"),
+    ],
+)
+def test_unload_to_a_bad_tier_is_refused_and_leaves_the_model_hot(tmp_path, route, how, fragment):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.post(route, **how)
+        assert r.status_code == 400
+        assert r.headers["ember-error"] == "InvalidInput"
+        assert fragment in r.json()["error"]
+        assert (await client.get("/admin/models/m")).json()["tier"] == "hot"
+
+    _with_app(tmp_path, test)
+
+
 def _receiver(*messages: dict) -> object:
     """An ASGI ``receive`` that hands out ``messages``, then waits for ever (a client gone quiet)."""
     queue = list(messages)

@@ -3,6 +3,10 @@
 ``POST /admin/models`` streams newline-delimited JSON progress events while the model is imported
 into the store and first loaded; the last line is ``{"stage": "done", "model": {...}}`` or
 ``{"stage": "error", "status": N, "error": "..."}``.
+
+``POST /admin/models/{name}/unload?tier=warm|cool`` demotes a model off the device: to warm (its
+weights stay in host memory) or to cool (the default; local disk only). Options are query
+parameters, as ``?load=false`` on deploy.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ def routes(service: EmberService) -> list[Route]:
 
     async def unload(request: Request) -> Response:
         name = request.path_params["name"]
-        await service.unload(name)
+        await service.unload(name, request.query_params.get("tier", "cool"))
         return JSONResponse(service.info(name).to_json())
 
     async def status(request: Request) -> Response:

@@ -3,7 +3,8 @@
 Routes: server metadata and health, model metadata, readiness and config, infer, and the model
 repository extension (index, load, unload). In Ember a deployed model is always ready to take
 requests: one that is not hot is brought up while its requests wait. ``load`` makes it hot now;
-``unload`` demotes it to the cool tier (it stays deployed and callable).
+``unload`` demotes it to the cool tier (it stays deployed and callable), or to the warm tier with
+Triton's request parameters: ``{"parameters": {"tier": "warm"}}``.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def routes(service: EmberService) -> list[Route]:
         return JSONResponse({})
 
     async def repository_unload(request: Request) -> Response:
-        await read_json(request)
-        await service.unload(request.path_params["name"])
+        tier = _unload_tier(await read_json(request))
+        await service.unload(request.path_params["name"], tier)
         return JSONResponse({})
 
     model = "/v2/models/{name}"
@@ -144,6 +145,21 @@ def routes(service: EmberService) -> list[Route]:
         Route("/v2/repository/models/{name}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", repository_unload, methods=["POST"]),
     ]
+
+
+def _unload_tier(body: Any) -> str:
+    """The tier an unload names in its body (``{"parameters": {"tier": "warm"}}``); cool by default.
+
+    Other parameters (tritonclient sends ``unload_dependents``) are accepted and mean nothing here."""
+    if body is None:
+        return "cool"
+    parameters = body.get("parameters", {}) if isinstance(body, dict) else None
+    if not isinstance(parameters, dict):
+        raise InvalidInput('the body must be a JSON object like {"parameters": {"tier": "warm"}}, or empty')
+    tier = parameters.get("tier", "cool")
+    if not isinstance(tier, str):
+        raise InvalidInput('the parameter "tier" must be a string: "warm" or "cool"')
+    return tier
 
 
 def infer_target(path: str) -> tuple[str, str | None] | None:

@@ -125,6 +125,16 @@ _QUOTA = {
     },
 }
 _EMPTY = {"type": "object"}
+_TIER = {"type": "string", "enum": ["cool", "warm"]}
+_UNLOAD = {
+    "type": "object",
+    "properties": {
+        "parameters": {
+            "type": "object",
+            "properties": {"tier": _TIER, "unload_dependents": {"type": "boolean"}},
+        }
+    },
+}
 
 
 def _model_paths(prefix: str) -> dict[str, Any]:
@@ -160,7 +170,9 @@ SCHEMA: dict[str, Any] = {
         **_model_paths("/v2/models/{name}/versions/{version}"),
         "/v2/repository/index": {"post": _op("every model of the caller's tenant", body=_EMPTY)},
         "/v2/repository/models/{name}/load": {"post": _op("make hot now", body=_EMPTY, params=["name"])},
-        "/v2/repository/models/{name}/unload": {"post": _op("demote to cool", body=_EMPTY, params=["name"])},
+        "/v2/repository/models/{name}/unload": {
+            "post": _op("demote to cool, or to parameters.tier (warm, cool)", body=_UNLOAD, params=["name"])
+        },
         "/v1/embeddings": {"post": _op("OpenAI embeddings", body=_EMBEDDINGS)},
         "/v1/models": {"get": _op("OpenAI model list")},
         "/v1/models/{name}": {"get": _op("one OpenAI model", params=["name"])},
@@ -174,7 +186,13 @@ SCHEMA: dict[str, Any] = {
         },
         "/admin/models/{name}": {"get": _op("one model", params=["name"]), "delete": _op("remove", params=["name"])},
         "/admin/models/{name}/load": {"post": _op("make hot now", params=["name"])},
-        "/admin/models/{name}/unload": {"post": _op("demote to cool", params=["name"])},
+        "/admin/models/{name}/unload": {
+            "post": _op(
+                "demote to cool, or to ?tier= (warm, cool)",
+                params=["name"],
+                query=[{"name": "tier", "in": "query", "schema": _TIER}],
+            )
+        },
         "/admin/status": {"get": _op("workers and store (admin)")},
         "/admin/keys": {
             "get": _op(
