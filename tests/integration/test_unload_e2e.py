@@ -9,10 +9,10 @@ import re
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
-from harness import Server, embed_binary, error_of, linear_weights
+from harness import Server, embed_binary, error_of, linear_weights, wait_until
 
 import ember
-from ember.errors import InvalidInput
+from ember.errors import DeadlineUnmeetable, InvalidInput
 
 
 def fp32(name: str, x: np.ndarray) -> triton_http.InferInput:
@@ -129,7 +129,13 @@ def test_python_client_unloads_minilm_to_warm(
         expected = client.embed(minilm, ["Ember keeps models warm."])
         unloaded = client.unload(minilm, tier="warm")
         assert unloaded["tier"] == "warm" and unloaded["instances"] == 0
-        again = client.embed(minilm, ["Ember keeps models warm."])
+        try:
+            again = client.embed(minilm, ["Ember keeps models warm."])
+        except DeadlineUnmeetable:
+            # On a busy host the load from warm can outlast the 250 ms SLO: the request is refused
+            # (429) and the load goes on, as for any client that retries after Retry-After.
+            wait_until(lambda: server.tier(minilm) == "hot", 60.0, "minilm hot again after its refusal")
+            again = client.embed(minilm, ["Ember keeps models warm."])
         np.testing.assert_allclose(again, expected, atol=1e-5)
         after = client.model(minilm)
         assert after["tier"] == "hot"
