@@ -22,33 +22,32 @@ import heapq
 import itertools
 import math
 import random
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field, replace
+from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 from ember.errors import InvalidInput
 from ember.policies import (
     DEFAULT_TENANT,
     Bandwidths,
-    BatchDecision,
     Candidate,
     Demotion,
     EvictionCandidate,
-    IdleHistogram,
     KeepAlive,
-    LatencyModel,
     ModelView,
     QueueSnapshot,
     Resident,
-    ScaleState,
     ScaleView,
     WorkerView,
     admits,
     device_share,
-    warmup_batch_sizes,
 )
 from ember.sim.cluster import ClusterSpec, ModelSpec
 from ember.sim.policysets import PolicySet
+from ember.sim.state import Device as _Device
+from ember.sim.state import Instance as _Instance
+from ember.sim.state import Model as _Model
+from ember.sim.state import Request, RunResult
 from ember.sim.workload import Workload
 from ember.store import Tier
 
@@ -60,104 +59,6 @@ MAX_CANDIDATES = 8
 #: A node whose host memory fills frees 1/WARM_SLACK of it beyond what it needs.
 WARM_SLACK = 10
 _HOT, _WARM, _COOL = Tier.HOT, Tier.WARM, Tier.COOL
-
-Request = tuple[float, int, float]  # (deadline, rows, arrival)
-
-
-@dataclass
-class RunResult:
-    """What one run measured; ``report.py`` turns it into figures."""
-
-    policy_set: str
-    duration_s: float
-    latencies_s: list[float]
-    met_slo: int
-    refused: int
-    cold_starts: dict[str, int]
-    gpu_seconds: float
-    gpu_memory_byte_seconds: float
-    instance_seconds: float
-    num_devices: int
-    batches: int
-    #: Requests served past their SLO, per model.
-    missed: dict[str, int] = field(default_factory=dict)
-    events: list[tuple[Any, ...]] = field(default_factory=list)
-    #: At each control tick: (time, instances hot or loading, warm copies in host memory, devices held).
-    occupancy: list[tuple[float, int, int, int]] = field(default_factory=list)
-
-
-class _Model:
-    __slots__ = ("arrivals", "candidate", "decided", "decision", "histogram", "idx", "instances", "last_used",
-                 "latency", "max_batch", "name", "next_key", "prewarmed", "queue", "rate", "running", "scale_state",
-                 "slo_s", "spec", "version", "wake_at")  # fmt: skip
-
-    def __init__(self, idx: int, spec: ModelSpec, max_batch: int) -> None:
-        self.idx, self.spec, self.name = idx, spec, spec.name
-        self.slo_s, self.max_batch = spec.slo_s, max_batch
-        latency = LatencyModel()
-        for rows in warmup_batch_sizes(max_batch):  # the deploy-time warm-up sweep
-            latency = latency.observe_batch(rows, spec.curve.batch_s(rows) * spec.work_per_request)
-        self.latency = latency
-        self.histogram = IdleHistogram()
-        self.queue: deque[Request] = deque()
-        self.running = 0
-        self.instances: list[_Instance] = []
-        self.last_used = 0.0
-        self.prewarmed = False
-        self.scale_state = ScaleState()
-        self.wake_at: float | None = None
-        self.next_key = 0
-        self.arrivals = 0
-        self.rate = 0.0
-        #: Bumped whenever the queue changes; the last batching decision, what it was asked about
-        #: (queue version, latency model) and the device candidate built from it.
-        self.version = 0
-        self.decision = BatchDecision(0)
-        self.decided: tuple[int, LatencyModel | None] = (-1, None)
-        self.candidate: Candidate | None = None
-
-
-class _Instance:
-    __slots__ = ("busy_s", "bytes", "check_at", "checked", "device", "key", "last_used", "load_s", "measured", "model",
-                 "ready_at", "replaces", "retiring", "running", "share", "source")  # fmt: skip
-
-    def __init__(self, key: str, model: _Model, device: _Device, ready_at: float, load_s: float, source: Tier) -> None:
-        self.key, self.model, self.device = key, model, device
-        self.ready_at, self.load_s, self.source = ready_at, load_s, source
-        self.bytes = model.spec.weights_bytes
-        self.last_used = ready_at
-        self.running = False
-        #: Device seconds its batches took since the last tick, and its share of the device (smoothed).
-        self.busy_s = 0.0
-        self.share = 0.0
-        self.measured = False
-        #: A move in progress: the instance this one replaces once ready, and whether this one is leaving.
-        self.replaces: _Instance | None = None
-        self.retiring = False
-        #: The keep-alive need not be asked about it before ``check_at`` while what it was asked
-        #: about (``checked``: last use, histogram, pre-warmed, latency model, busy) stays the same.
-        self.check_at = 0.0
-        self.checked: tuple[Any, ...] = ()
-
-
-class _Device:
-    __slots__ = ("busy", "capacity", "id", "idx", "instances", "load_free_at", "loading_bytes", "longest_batch_s",
-                 "names", "node", "pending", "running_bytes", "shortest_slo_s", "used", "util", "view")  # fmt: skip
-
-    def __init__(self, idx: int, node: int, capacity: int) -> None:
-        self.idx, self.node, self.id, self.capacity = idx, node, f"n{node}/cuda:{idx}", capacity
-        self.instances: dict[str, _Instance] = {}
-        self.pending: dict[int, _Model] = {}
-        self.used = self.loading_bytes = self.running_bytes = 0
-        self.busy = False
-        self.load_free_at = 0.0
-        #: Its residents' shares: measured, plus the expected share of those placed since the last tick.
-        self.util = 0.0
-        self.view: WorkerView | None = None
-        #: The names of its residents (one per instance), kept as they come and go, for the view; the
-        #: shortest SLO and the longest one-row batch among them.
-        self.names: tuple[str, ...] = ()
-        self.shortest_slo_s, self.longest_batch_s = math.inf, 0.0
 
 
 class Engine:
