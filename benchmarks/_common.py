@@ -166,10 +166,13 @@ def ember_server(
 # -- the load generator ----------------------------------------------------------------------------
 
 
-def http_request(host: str, port: int, method: str, path: str, body: bytes, content_type: str) -> bytes:
+def http_request(
+    host: str, port: int, method: str, path: str, body: bytes, content_type: str, headers: dict[str, str] | None = None
+) -> bytes:
     """A complete HTTP/1.1 keep-alive request, ready to be sent as is."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
-        f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n{extra}"
         f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
     )
     return head.encode("ascii") + body

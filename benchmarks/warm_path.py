@@ -6,7 +6,9 @@ Claim (DESIGN.md §3, the gateway <-> worker hop): for a trivial model, Ember ad
 median request, and at concurrency 32 it serves at least as many requests per second as a plain
 FastAPI + uvicorn server that runs the same model inline.
 
-* Model: ``examples/linear.py:Linear`` (16 -> 16), one row per request, OIP v2 JSON both ways.
+* Model: ``examples/linear.py:Linear`` (16 -> 16), one row per request, OIP v2 JSON both ways; on the
+  CPU, or with ``--device cuda`` on the GPU for both servers (Ember's worker and the baseline's inline
+  model), so a batch costs a host -> device copy, the layer and the copy back.
 * Baseline: a FastAPI app under uvicorn (uvloop, httptools, log level warning, one process) that
   builds the same layer with the same weights and answers ``POST /v2/models/linear/infer`` in the
   same JSON format by calling the model inline on its event loop. This script is that server when run
@@ -55,7 +57,7 @@ COUNTERS = (
 # -- the baseline server ---------------------------------------------------------------------------
 
 
-def serve_baseline(port: int) -> None:
+def serve_baseline(port: int, device: str = "cpu") -> None:
     """A plain FastAPI app that runs examples/linear.py inline; the uvicorn settings are Ember's.
 
     (This module has no ``from __future__ import annotations``: FastAPI must see ``Request`` itself.)
@@ -71,7 +73,8 @@ def serve_baseline(port: int) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model = module.Linear()
-    model.setup(model.source_weights(), {}, torch.device("cpu"))
+    target = torch.device(device)
+    model.setup({k: v.to(target) for k, v in model.source_weights().items()}, {}, target)
 
     app = FastAPI()
 
@@ -282,12 +285,13 @@ def socket_echo_p50_s(frame_bytes: int, iterations: int) -> float:
 def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """Both servers up; each cell measured in ``rounds`` slices, the servers taking turns, never together."""
     baseline_port = c.free_port()
+    script = str(Path(__file__).resolve())
     baseline = c.Server(
-        [c.PYTHON, str(Path(__file__).resolve()), "--serve-baseline", "--port", str(baseline_port)],
+        [c.PYTHON, script, "--serve-baseline", "--port", str(baseline_port), "--device", args.device],
         scratch / "baseline.log",
         baseline_port,
     )
-    ember = c.ember_server(scratch / "ember-home", c.free_port(), workers=1)
+    ember = c.ember_server(scratch / "ember-home", c.free_port(), workers=1, options=["--device", args.device])
     cells = {(name, conc): Cell(name, conc) for name in ("baseline", "ember") for conc in args.concurrency}
     load_average = [c.load_average()]
     with baseline, ember:
@@ -451,12 +455,13 @@ def main() -> None:
     parser.add_argument(
         "--hop-iterations", type=int, default=2000, help="Batches per size for the hop alone (0: skip)."
     )
+    parser.add_argument("--device", default="cpu", help="Where both run the model: cpu or cuda (default cpu).")
     parser.add_argument("--json", type=Path, help="Write the figures here.")
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_baseline:
-        serve_baseline(args.port)
+        serve_baseline(args.port, args.device)
         return
     with tempfile.TemporaryDirectory(prefix="ember-warm-path-") as scratch:
         results = run(args, Path(scratch))

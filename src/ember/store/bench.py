@@ -23,7 +23,9 @@ before timing), ``cold disk`` (the files evicted from the page cache before each
 (the Ember file in /dev/shm: the warm tier of a CPU host). On a CUDA host the same sources are
 measured again to the device (``-> cuda``: torch.load with ``map_location``, safetensors with
 ``device=``, Ember's staged loader; a device load counts once ``torch.cuda.synchronize`` returns),
-and Ember from /dev/shm against a plain pinned host->device copy of the same bytes.
+and Ember from /dev/shm against a plain pinned host->device copy of the same bytes; beside them the
+/dev/shm file mapped and page-locked in place with ``cudaHostRegister``, per load and once ahead
+(:func:`_registered`): what a warm tier registered as pinned memory would reach.
 
 ``store.promote`` is the platform's own cool -> warm step, timed as the controller runs it: the
 same checkpoint committed to a :class:`Store` under the work folder, copied into the store's warm
@@ -246,9 +248,16 @@ def run_benchmark(
                             lambda: load_checkpoint(shm_folder / "w.ember", "cuda", loader)
                         ),
                     }
-                    rows_shm += _measure(
-                        "shm -> cuda", lambda: None, host_methods, nbytes, repeat, say, "pinned h2d copy (ceiling)"
-                    )
+                    with _registered(shm_folder / "w.ember", device_copy, notes) as registered:
+                        rows_shm += _measure(
+                            "shm -> cuda",
+                            lambda: None,
+                            host_methods | registered,
+                            nbytes,
+                            repeat,
+                            say,
+                            "pinned h2d copy (ceiling)",
+                        )
                     del host, device_copy
         else:
             rows_shm = []
@@ -319,6 +328,57 @@ def _measure(
         rate = nbytes / seconds / 1e9
         rows.append(Row(name, source, round(rate, 3), round(rate / top, 3), round(seconds, 4), nbytes))
     return rows
+
+
+@contextmanager
+def _registered(
+    path: Path, device_copy: torch.Tensor, notes: dict[str, Any]
+) -> Iterator[dict[str, Callable[[], object]]]:
+    """The warm file mapped and page-locked in place (``cudaHostRegister``), then copied to the device.
+
+    Two rows: ``registered mapping -> cuda`` registers, copies and unregisters on every call (what a
+    warm tier of plain files would pay per load); ``... (pre-registered)`` registers once before the
+    timing (what a warm tier registered once, as an arena, pays per load). No rows if the runtime
+    refuses the registration; the reason goes in ``notes``.
+    """
+    import torch
+
+    data = read_index(path).data_length
+    fd = os.open(path, os.O_RDWR)
+    try:
+        host = torch.frombuffer(mmap.mmap(fd, PREAMBLE_BYTES + data), dtype=torch.uint8)[PREAMBLE_BYTES:]
+    finally:
+        os.close(fd)
+    start, cudart = host.data_ptr() - PREAMBLE_BYTES, torch.cuda.cudart()  # type: ignore[no-untyped-call]
+
+    def register() -> None:
+        error = cudart.cudaHostRegister(start, PREAMBLE_BYTES + data, 0)
+        if int(error) != 0:
+            raise RuntimeError(f"cudaHostRegister failed: {error}")
+
+    def copy() -> object:
+        return device_copy[:data].copy_(host, non_blocking=True)
+
+    def each_time() -> object:
+        register()
+        try:
+            return _synced(copy)()
+        finally:
+            cudart.cudaHostUnregister(start)
+
+    try:
+        register()
+    except RuntimeError as exc:
+        notes["registered_mapping"] = str(exc)
+        yield {}
+    else:
+        cudart.cudaHostUnregister(start)
+        methods: dict[str, Callable[[], object]] = {"registered mapping -> cuda": each_time}
+        register()
+        try:
+            yield methods | {"registered mapping -> cuda (pre-registered)": _synced(copy)}
+        finally:
+            cudart.cudaHostUnregister(start)  # the mapping goes with the last tensor over it
 
 
 def _synced(load: Callable[[], object]) -> Callable[[], object]:

@@ -15,6 +15,8 @@ Used by ``benchmarks/load.py`` (``--no-compressed`` skips it). Three parts, one 
   counts raw (uncompressed) bytes throughout.
 * **Promote**: ``Store.promote`` from a cold disk into the warm tier, the path a cool start takes:
   a checked copy of the uncompressed file against a checked decompression of the compressed one.
+* **To the device** (CUDA hosts): both forms from cold disk straight to the GPU through the staged
+  loader, the compressed one decompressed by ``threads`` threads into the pinned buffers.
 
 torch, numpy and zstandard are imported inside the functions.
 """
@@ -29,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.store.bench import Row, _measure, _workdir, ceiling, evict, touch, warm_up
+from ember.store.bench import Row, _measure, _synced, _workdir, ceiling, evict, touch, warm_up
 from ember.store.compress import (
     LEVEL,
     compress_checkpoint,
@@ -167,6 +169,14 @@ def run_compress_benchmark(
         if cold:
             notes["cold_eviction"] = evict([raw, packed])
             rows += _measure("cold disk", lambda: evict([raw, packed]), methods, nbytes, repeat, say)
+        if cold and torch.cuda.is_available():  # the cool tier straight to the device, as a cold start reads it
+            staged = LoaderConfig(threads=threads)
+            to_device: dict[str, Callable[[], object]] = {
+                "ceiling (parallel pread)": ceiling(raw, threads),
+                "ember (staged) -> cuda": _synced(lambda: load_checkpoint(raw, "cuda", staged)),
+                f"ember compressed -> cuda threads={threads}": _synced(lambda: load_checkpoint(packed, "cuda", staged)),
+            }
+            rows += _measure("cold disk -> cuda", lambda: evict([raw, packed]), to_device, nbytes, repeat, say)
         rows += _promote_rows(folder, raw, packed, nbytes, repeat, threads, cold, say)
         notes["pays"] = _verdicts(rows, index.file_bytes, raw.stat().st_size)
     return rows, ratios, notes
@@ -237,7 +247,7 @@ def _verdicts(rows: list[Row], compressed_bytes: int, raw_bytes: int) -> dict[st
     verdicts: dict[str, Any] = {}
     for source in sorted({r.source for r in rows}):
         by = {r.method: r.gb_per_s for r in rows if r.source == source}
-        plain = by.get("ember (read into new buffer)", by.get("promote uncompressed"))
+        plain = by.get("ember (read into new buffer)", by.get("promote uncompressed", by.get("ember (staged) -> cuda")))
         packed = max((v for k, v in by.items() if "compressed" in k and "uncompressed" not in k), default=None)
         link = by.get("ceiling (parallel pread)")
         if plain is None or packed is None or not link or not decompress:
