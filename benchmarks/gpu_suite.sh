@@ -6,6 +6,7 @@
 #
 #   OUT=/tmp/ember-gpu benchmarks/gpu_suite.sh            # on a CUDA host, from the repository root
 #   QUICK=1 OUT=/tmp/ember-gpu benchmarks/gpu_suite.sh    # the same steps at toy sizes (checks the script on a CPU)
+#   STEPS="tests load" benchmarks/gpu_suite.sh             # only these: tests load resnet decoder warm compressed
 #
 # Python packages Ember needs beyond those the host has may lie as wheels in .whl/: they are
 # installed into a scratch folder first (a GPU host here reaches no package registry).
@@ -27,9 +28,11 @@ else
   device=cuda; size=2; small=1; resnet=resnet50; decoder=decoder-1b
 fi
 failed=0
-step() {  # step NAME LIMIT_S COMMAND...: run it, say how it ended
-  local name=$1 limit=$2
-  shift 2
+steps=" ${STEPS:-tests load resnet decoder warm compressed} "
+step() {  # step KEY NAME LIMIT_S COMMAND...: run it if STEPS names KEY, say how it ended
+  local key=$1 name=$2 limit=$3
+  shift 3
+  [[ "$steps" == *" $key "* ]] || return 0
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@"
@@ -43,16 +46,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$PY" -c 'import torch, sys; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())'
 echo "cpus $(nproc)"; free -g | head -2; df -h /dev/shm "${TMPDIR:-/tmp}" | tail -2
 
-step "tests/gpu" 120 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
-step "load" 170 "$PY" benchmarks/load.py --size-gb "$size" --repeat 2 --threads 8 --sweep --no-compressed \
+step tests "tests/gpu" 120 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
+step load "load" 170 "$PY" benchmarks/load.py --size-gb "$size" --repeat 2 --threads 8 --sweep --no-compressed \
   --json "$OUT/load.json"
-step "cold start $resnet" 120 "$PY" benchmarks/cold_start.py --model "$resnet" --device "$device" \
+step resnet "cold start $resnet" 120 "$PY" benchmarks/cold_start.py --model "$resnet" --device "$device" \
   --repeats 3 --baseline-repeats 2 --settle-s 1 --json "$OUT/cold_start_$resnet.json"
-step "cold start $decoder" 150 "$PY" benchmarks/cold_start.py --model "$decoder" --device "$device" \
+step decoder "cold start $decoder" 150 "$PY" benchmarks/cold_start.py --model "$decoder" --device "$device" \
   --repeats 3 --baseline-repeats 2 --settle-s 1 --json "$OUT/cold_start_$decoder.json"
-step "warm path" 75 "$PY" benchmarks/warm_path.py --device "$device" --duration-s 3 --rounds 2 \
+step warm "warm path" 75 "$PY" benchmarks/warm_path.py --device "$device" --duration-s 3 --rounds 2 \
   --hop-iterations 500 --json "$OUT/warm_path.json"
-step "compressed tier" 110 "$PY" benchmarks/load.py --size-gb "$small" --repeat 2 --threads "$(nproc)" \
+step compressed "compressed tier" 110 "$PY" benchmarks/load.py --size-gb "$small" --repeat 2 --threads "$(nproc)" \
   --compressed-only --json "$OUT/load_compressed.json"
 echo "=== done: $failed step(s) failed"
 exit "$failed"

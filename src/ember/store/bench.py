@@ -336,10 +336,11 @@ def _registered(
 ) -> Iterator[dict[str, Callable[[], object]]]:
     """The warm file mapped and page-locked in place (``cudaHostRegister``), then copied to the device.
 
-    Two rows: ``registered mapping -> cuda`` registers, copies and unregisters on every call (what a
-    warm tier of plain files would pay per load); ``... (pre-registered)`` registers once before the
-    timing (what a warm tier registered once, as an arena, pays per load). No rows if the runtime
-    refuses the registration; the reason goes in ``notes``.
+    Two rows: ``registered mapping -> cuda (register per load)`` unregisters the last registration,
+    registers and copies (what a warm tier of plain files would pay on every load);
+    ``... (pre-registered)`` only copies, the registration held from the row before (what a warm tier
+    registered once, as an arena, pays per load). No rows if the runtime refuses the registration;
+    the reason goes in ``notes``.
     """
     import torch
 
@@ -350,35 +351,42 @@ def _registered(
     finally:
         os.close(fd)
     start, cudart = host.data_ptr() - PREAMBLE_BYTES, torch.cuda.cudart()  # type: ignore[no-untyped-call]
+    held = [False]
+
+    def release() -> None:
+        if held[0]:
+            cudart.cudaHostUnregister(start)
+            held[0] = False
 
     def register() -> None:
-        error = cudart.cudaHostRegister(start, PREAMBLE_BYTES + data, 0)
-        if int(error) != 0:
-            raise RuntimeError(f"cudaHostRegister failed: {error}")
+        release()
+        error = int(cudart.cudaHostRegister(start, PREAMBLE_BYTES + data, 0))
+        if error != 0:
+            raise RuntimeError(f"cudaHostRegister failed with CUDA error {error}")
+        held[0] = True
 
     def copy() -> object:
+        if not held[0]:
+            register()
         return device_copy[:data].copy_(host, non_blocking=True)
 
-    def each_time() -> object:
+    def per_load() -> object:
         register()
-        try:
-            return _synced(copy)()
-        finally:
-            cudart.cudaHostUnregister(start)
+        return _synced(copy)()
 
     try:
         register()
     except RuntimeError as exc:
         notes["registered_mapping"] = str(exc)
         yield {}
-    else:
-        cudart.cudaHostUnregister(start)
-        methods: dict[str, Callable[[], object]] = {"registered mapping -> cuda": each_time}
-        register()
-        try:
-            yield methods | {"registered mapping -> cuda (pre-registered)": _synced(copy)}
-        finally:
-            cudart.cudaHostUnregister(start)  # the mapping goes with the last tensor over it
+        return
+    try:
+        yield {
+            "registered mapping -> cuda (register per load)": per_load,
+            "registered mapping -> cuda (pre-registered)": _synced(copy),
+        }
+    finally:
+        release()  # the mapping goes with the last tensor over it
 
 
 def _synced(load: Callable[[], object]) -> Callable[[], object]:
