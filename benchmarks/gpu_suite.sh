@@ -23,9 +23,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 if [ -n "${QUICK:-}" ]; then
-  device=cpu; size=0.05; small=0.05; resnet=resnet-tiny; decoder=decoder-tiny
+  device=cpu; size=0.05; resnet=resnet-tiny; decoder=decoder-tiny
 else
-  device=cuda; size=2; small=1; resnet=resnet50; decoder=decoder-1b
+  device=cuda; size=1; resnet=resnet50; decoder=decoder-1b
 fi
 failed=0
 steps=" ${STEPS:-tests load resnet decoder warm compressed} "
@@ -47,7 +47,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 echo "cpus $(nproc)"; free -g | head -2; df -h /dev/shm "${TMPDIR:-/tmp}" | tail -2
 
 step tests "tests/gpu" 120 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
-step load "load" 170 "$PY" benchmarks/load.py --size-gb "$size" --repeat 2 --threads 8 --sweep --no-compressed \
+step load "load" 170 "$PY" benchmarks/load.py --size-gb "$size" --repeat 2 --threads 8 --no-compressed \
   --json "$OUT/load.json"
 step resnet "cold start $resnet" 120 "$PY" benchmarks/cold_start.py --model "$resnet" --device "$device" \
   --repeats 3 --baseline-repeats 2 --settle-s 1 --json "$OUT/cold_start_$resnet.json"
@@ -55,7 +55,7 @@ step decoder "cold start $decoder" 150 "$PY" benchmarks/cold_start.py --model "$
   --repeats 3 --baseline-repeats 2 --settle-s 1 --json "$OUT/cold_start_$decoder.json"
 step warm "warm path" 75 "$PY" benchmarks/warm_path.py --device "$device" --duration-s 3 --rounds 2 \
   --hop-iterations 500 --json "$OUT/warm_path.json"
-step compressed "compressed tier" 110 "$PY" benchmarks/load.py --size-gb "$small" --repeat 2 --threads "$(nproc)" \
+step compressed "compressed tier" 110 "$PY" benchmarks/load.py --size-gb "$size" --repeat 2 --threads "$(nproc)" \
   --compressed-only --json "$OUT/load_compressed.json"
 echo "=== done: $failed step(s) failed"
 exit "$failed"
