@@ -159,11 +159,12 @@ def deploy(
         bool, typer.Option("--compress", help="Keep the weights compressed on disk (pays when disk reads are slow).")
     ] = False,
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Deploy a model: import its weights into the store once, then bring it up."""
     options = parse_options(option or [])
     resolved = absolute_source(source)
-    with errors(url), Client(url) as client, console.status(f"importing {source} …") as status:
+    with errors(url), Client(url, home=home) as client, console.status(f"importing {source} …") as status:
 
         def progress(event: dict[str, Any]) -> None:
             stage = event.get("stage")
@@ -231,10 +232,11 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
 @app.command("ls")
 def list_models(
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the deployed models: tier, traffic, SLO attainment, last cold start."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         models = client.models()
     if as_json:
         typer.echo(json.dumps(models, indent=2))
@@ -271,10 +273,11 @@ def models_table(models: Sequence[Mapping[str, Any]]) -> Table:
 @app.command()
 def status(
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show the server: workers and store tiers."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         state = client.status()
     if as_json:
         typer.echo(json.dumps(state, indent=2))
@@ -323,17 +326,17 @@ def status(
 
 
 @app.command("rm")
-def remove(name: str, url: UrlOption = DEFAULT_URL) -> None:
+def remove(name: str, url: UrlOption = DEFAULT_URL, home: HomeOption = DEFAULT_HOME) -> None:
     """Remove a model and its stored weights."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         client.remove(name)
     console.print(f"removed {name}", highlight=False)
 
 
 @app.command()
-def load(name: str, url: UrlOption = DEFAULT_URL) -> None:
+def load(name: str, url: UrlOption = DEFAULT_URL, home: HomeOption = DEFAULT_HOME) -> None:
     """Make a model hot now (on the device, ready for the next batch)."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         model = client.load(name)
     console.print(f"{name} is {model['tier']} ({model['instances']} instances)", highlight=False)
 
@@ -346,9 +349,10 @@ def unload(
         typer.Option(help="The tier to demote to: warm keeps the weights in host memory, cool on disk only."),
     ] = UnloadTier.COOL,
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Demote a model off the device (to cool by default); it stays deployed and callable."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         model = client.unload(name, tier=to.value)
     console.print(f"{name} is {model['tier']}", highlight=False)
 
@@ -360,6 +364,7 @@ def invoke(
     data: Annotated[str | None, typer.Option("--data", help="Inputs as JSON, like '{\"x\": [[1, 2, 3, 4]]}'.")] = None,
     timeout_s: Annotated[float | None, typer.Option(min=0, help="The request's own deadline.")] = None,
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Call a model with texts (embedding and text models) or with JSON inputs."""
     if (text is None) == (data is None):
@@ -370,7 +375,7 @@ def invoke(
             parsed = json.loads(data)
         except ValueError as exc:
             raise typer.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         inputs: list[dict[str, Any]] = client.metadata(name)["inputs"]
         if text is not None:
             outputs = _invoke_texts(client, name, text, inputs, timeout_s)

@@ -38,7 +38,12 @@ UrlOption = Annotated[
 ]
 HomeOption = Annotated[
     Path,
-    typer.Option("--home", envvar="EMBER_HOME", help="Ember's home: registry, store, logs.", show_envvar=True),
+    typer.Option(
+        "--home",
+        envvar="EMBER_HOME",
+        help="Ember's home: registry, store, logs, and admin.key (read by the CLI on the server's machine).",
+        show_envvar=True,
+    ),
 ]
 DEFAULT_HOME = Path("~/.ember")
 DASH = "\N{EN DASH}"

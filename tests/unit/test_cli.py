@@ -433,7 +433,7 @@ def test_tail_lines_reads_the_end(tmp_path: Path) -> None:
 @pytest.fixture
 def serve_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Handler], None]]:
     def install(handler: Handler) -> None:
-        monkeypatch.setattr(cli, "Client", lambda url: Client(url, transport=httpx.MockTransport(handler)))
+        monkeypatch.setattr(cli, "Client", lambda url, **kw: Client(url, transport=httpx.MockTransport(handler), **kw))
 
     yield install
 
