@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import numpy.typing as npt
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -42,7 +41,8 @@ from ember.cli_common import (
     console,
     errors,
     fail,
-    megabytes,
+    print_table,
+    size_text,
 )
 from ember.cli_keys import keys_app, tenants_app
 from ember.cli_serve import curl_example, is_loopback, serve
@@ -171,7 +171,7 @@ def deploy(
             if stage == "importing":
                 status.update(f"importing {source} …")
             elif stage == "stored":
-                console.print(f"[green]✓[/] stored {megabytes(int(event.get('bytes', 0)))} MB", highlight=False)
+                console.print(f"[green]✓[/] stored {size_text(int(event.get('bytes', 0)))}", highlight=False)
                 status.update("stored")
             elif stage == "loading":
                 status.update(f"loading {event.get('model', '')} …")
@@ -199,7 +199,7 @@ def deploy(
             compress=compress or None,
         )
     console.print(
-        f"deployed {model['name']} v{model['version']}: {model['tier']}, {megabytes(int(model['bytes']))} MB, "
+        f"deployed {model['name']} v{model['version']}: {model['tier']}, {size_text(int(model['bytes']))}, "
         f"SLO {model['slo_ms']:g} ms",
         highlight=False,
     )
@@ -243,14 +243,14 @@ def list_models(
     elif not models:
         console.print("no models deployed; deploy one with `ember deploy SOURCE`", highlight=False)
     else:
-        _print_table(models_table(models))
+        print_table(models_table(models))
 
 
 def models_table(models: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold")
     for header in ("name", "version", "tier", "instances", "requests", "failed", "queued"):
         table.add_column(header, justify="right" if header not in ("name", "tier") else "left")
-    for header in ("SLO ms", "SLO met", "last cold start", "size MB"):
+    for header in ("SLO ms", "SLO met", "last cold start", "size"):
         table.add_column(header, justify="left" if header == "last cold start" else "right")
     for m in models:
         attained = m.get("slo_attainment")
@@ -265,7 +265,7 @@ def models_table(models: Sequence[Mapping[str, Any]]) -> Table:
             f"{float(m['slo_ms']):g}",
             DASH if attained is None else f"{100 * float(attained):.1f}%",
             cold_start(m.get("last_cold_start")),
-            megabytes(int(m.get("bytes", 0))),
+            size_text(int(m.get("bytes", 0))),
         )
     return table
 
@@ -302,13 +302,13 @@ def status(
         for w in rows:
             alive = Text("yes", style="green") if w.get("alive") else Text("no", style="red")
             table.add_row(str(w.get("id")), str(w.get("pid")), str(w.get("device")), alive, str(w.get("in_flight")))
-        _print_table(table)
+        print_table(table)
     for tier in ("warm", "cool"):
         t = store.get(tier, {})
         console.print(
             Text.assemble(
                 (f"{tier:>5}", _TIER_STYLES[tier]),
-                f" store: {t.get('models', 0)} models, {megabytes(int(t.get('bytes', 0)))} MB",
+                f" store: {t.get('models', 0)} models, {size_text(int(t.get('bytes', 0)))}",
             )
         )
     links = state.get("bandwidths")
@@ -514,14 +514,6 @@ def tail_lines(path: Path, count: int, block_bytes: int = 64 * 1024) -> list[str
             file.seek(position)
             data = file.read(step) + data
     return [line.decode("utf-8", "replace") for line in data.splitlines()[-count:]]
-
-
-# -- shared ----------------------------------------------------------------------------------------
-
-
-def _print_table(table: Table) -> None:
-    # Piped, a table keeps its natural width instead of folding to 80 columns.
-    (console if console.is_terminal else Console(width=200)).print(table)
 
 
 if __name__ == "__main__":

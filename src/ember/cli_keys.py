@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ember.auth.keys import Role
-from ember.cli_common import DEFAULT_HOME, HomeOption, UrlOption, console, errors
+from ember.cli_common import DEFAULT_HOME, HomeOption, UrlOption, console, errors, print_table
 from ember.client import DEFAULT_URL, Client
 
 __all__ = ["keys_app", "tenants_app"]
@@ -70,7 +70,7 @@ def list_keys(
         table.add_row(
             k["id"], k["role"], k["tenant"] or "*", k["label"], _when(k["created_at"]), _when(k["revoked_at"])
         )
-    console.print(table)
+    print_table(table)
 
 
 @keys_app.command("revoke")

@@ -29,8 +29,8 @@ from ember.cli_common import (
     err_console,
     errors,
     fail,
-    megabytes,
     print_error,
+    size_text,
 )
 from ember.errors import EmberError
 
@@ -267,7 +267,7 @@ async def _deploy_at_startup(
                 print_error(f"deploying {spec.source} failed: {type(exc).__name__}: {exc}; the server log has more")
                 continue
             console.print(
-                f"deployed {name} v{info.version}: {info.tier}, {megabytes(info.bytes)} MB, "
+                f"deployed {name} v{info.version}: {info.tier}, {size_text(info.bytes)}, "
                 f"cold start {cold_start(info.last_cold_start)}",
                 highlight=False,
             )

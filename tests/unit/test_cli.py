@@ -19,6 +19,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from ember import cli
+from ember.cli_common import size_text
 from ember.client import Client, _error_from
 from ember.config import DeploySpec
 from ember.errors import (
@@ -611,3 +612,21 @@ def test_logs_prints_the_tail_of_each_worker(tmp_path: Path) -> None:
     assert only.output == "y\n"
     missing = runner.invoke(cli.app, ["logs", "--home", str(tmp_path), "--worker", "5"])
     assert missing.exit_code == 1 and "error:" in missing.output
+
+
+@pytest.mark.parametrize(
+    ("num_bytes", "text"),
+    [(0, "0 B"), (612, "612 B"), (4_200, "4.2 kB"), (999_000, "999.0 kB"), (2_500_000, "2.5 MB"), (3.2e9, "3.20 GB")],
+)
+def test_sizes_below_a_megabyte_are_not_zero(num_bytes: float, text: str) -> None:
+    assert size_text(num_bytes) == text
+
+
+def test_ls_to_a_pipe_keeps_every_column_whole(serve_with: Callable[[Handler], None]) -> None:
+    long_name = "a-model-with-a-rather-long-name-for-a-narrow-terminal"
+    small = {**MODEL, "name": long_name, "bytes": 612, "slo_attainment": 0.5}
+    serve_with(lambda request: httpx.Response(200, json=[small]))
+    result = runner.invoke(cli.app, ["ls"])  # CliRunner's output is not a terminal: a pipe
+    assert result.exit_code == 0, result.output
+    assert "\N{HORIZONTAL ELLIPSIS}" not in result.output
+    assert long_name in result.output and "612 B" in result.output and "cool 12 ms" in result.output
