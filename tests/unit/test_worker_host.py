@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 from ember.api import Batch, ModelAPI, TensorSpec
-from ember.worker.host import ModelHost
+from ember.cluster.local import _error_from as local_error_from
+from ember.errors import InvalidInput
+from ember.worker.host import ClassNotFound, ModelHost, resolve_class
+from ember.worker.protocol import Reply
 
 
 class Picky(ModelAPI):
@@ -49,3 +55,44 @@ def test_a_batch_that_works_runs_once() -> None:
     batch = host.infer("picky@1", [{"x": np.ones((1, 2), np.float32)} for _ in range(3)])
     assert all(not isinstance(out, str) for out in batch.outputs)
     assert model.calls == [3]
+
+
+def _model_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / f"models_{abs(hash(text))}.py"
+    path.write_text(text)
+    return path
+
+
+LINEAR = "from ember import ModelAPI\n\nclass Linear(ModelAPI):\n    pass\n\nclass Other(ModelAPI):\n    pass\n"
+
+
+def test_a_class_name_typo_is_not_found_with_the_closest_model_class(tmp_path: Path) -> None:
+    path = _model_file(tmp_path, LINEAR)
+    with pytest.raises(ClassNotFound) as caught:
+        resolve_class(f"{path}:Linaer")
+    message = str(caught.value)
+    assert "class 'Linaer' not found" in message and "did you mean 'Linear'?" in message
+    assert "subclass" not in message
+    with pytest.raises(ClassNotFound, match="its model classes are Linear, Other"):
+        resolve_class(f"{path}:Zebra")
+    assert resolve_class(f"{path}:Linear").__name__ == "Linear"
+
+
+def test_a_name_that_is_not_a_model_class_says_so(tmp_path: Path) -> None:
+    path = _model_file(tmp_path, "helper = 3\n")
+    with pytest.raises(ValueError, match="helper is not a model class"):
+        resolve_class(f"{path}:helper")
+    with pytest.raises(ClassNotFound, match=r"defines no subclass of ember\.ModelAPI"):
+        resolve_class(f"{path}:Model")
+
+
+def test_the_worker_reply_for_a_typo_is_invalid_input_without_the_exception_name() -> None:
+    reply = Reply(
+        1,
+        False,
+        error="ember.worker.host.ClassNotFound: class 'Linaer' not found in m.py; did you mean 'Linear'?",
+        error_kind="ClassNotFound",
+    )
+    error = local_error_from(reply)
+    assert isinstance(error, InvalidInput)
+    assert error.message == "class 'Linaer' not found in m.py; did you mean 'Linear'?"

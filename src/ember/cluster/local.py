@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.cluster.base import WorkerHandle
-from ember.errors import EmberError, InternalError, ModelFailed, StorageFull, WorkerCrashed
+from ember.errors import EmberError, InternalError, InvalidInput, ModelFailed, StorageFull, WorkerCrashed
 from ember.worker.protocol import (
     Arrays,
     Batch,
@@ -288,6 +288,8 @@ def _error_from(reply: Reply) -> EmberError:
         return InternalError(f"worker: {reply.error}")
     if reply.extra.get("errno") == errno.ENOSPC:
         return storage_full(reply.error)
+    if reply.error_kind == "ClassNotFound":  # the deployer's typo, not the model's failure
+        return InvalidInput(reply.error.partition(": ")[2] or reply.error)
     return ModelFailed(f"the model raised {reply.error}; fix the model and redeploy it (`ember logs` shows more)")
 
 

@@ -8,6 +8,7 @@ each request's ``encode``. A failure is confined to the group (or request) it ha
 
 from __future__ import annotations
 
+import difflib
 import gc
 import hashlib
 import importlib
@@ -18,6 +19,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -30,9 +32,13 @@ from ember.store.loader import LoaderConfig, load_checkpoint
 from ember.store.store import WEIGHTS
 from ember.worker.protocol import Arrays, Batch, rows_of
 
-__all__ = ["ModelHost", "instantiate", "resolve_class"]
+__all__ = ["ClassNotFound", "ModelHost", "instantiate", "resolve_class"]
 
 Array = npt.NDArray[Any]
+
+
+class ClassNotFound(LookupError):
+    """The model reference names a class that its file or module does not define."""
 
 
 def resolve_class(model_ref: str) -> type[ModelAPI]:
@@ -59,9 +65,28 @@ def resolve_class(model_ref: str) -> type[ModelAPI]:
     else:
         module = importlib.import_module(ref)
     cls = getattr(module, attr, None)
+    if cls is None:
+        raise ClassNotFound(_not_found(ref, attr, module))
     if not isinstance(cls, type) or not issubclass(cls, ModelAPI):
-        raise ValueError(f"{model_ref}: {attr} is not a subclass of ember.ModelAPI")
+        raise ValueError(
+            f"{model_ref}: {attr} is not a model class; name a class of {ref} that subclasses ember.ModelAPI"
+        )
     return cls
+
+
+def _not_found(ref: str, attr: str, module: ModuleType) -> str:
+    """``class 'X' not found in ref``, with the closest model class the module defines."""
+    models = sorted(
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type) and issubclass(value, ModelAPI) and value is not ModelAPI
+    )
+    close = difflib.get_close_matches(attr, models, n=1, cutoff=0.5)
+    if close:
+        return f"class '{attr}' not found in {ref}; did you mean '{close[0]}'? Deploy {ref}:{close[0]}"
+    if models:
+        return f"class '{attr}' not found in {ref}; its model classes are {', '.join(models)}"
+    return f"class '{attr}' not found in {ref}, which defines no subclass of ember.ModelAPI"
 
 
 def instantiate(model_ref: str, options: Mapping[str, Any]) -> ModelAPI:
