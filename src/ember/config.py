@@ -128,10 +128,33 @@ def detect_kind(source: str) -> Kind:
     )
 
 
+#: Folder and file names that say nothing about the model (a package's ``model/`` folder, a Hugging
+#: Face cache's ``snapshots/<commit>``): the default name comes from the folder above them.
+_GENERIC_NAMES = frozenset(
+    {"model", "models", "weights", "checkpoint", "checkpoints", "snapshots", "main", "hf", "export", "exported"}
+)
+
+
 def default_name(source: str) -> str:
+    """The model name when none is given: the class name, else the folder's (or file's) own name.
+
+    A folder keeps its whole name (``bge-small-en-v1.5``); a file loses its suffix. Generic names
+    (``model``, ``weights``, a commit hash) are passed over for the folder above, and a Hugging Face
+    cache folder ``models--org--name`` gives ``name``.
+    """
     if ":" in source and not Path(source).exists():
         return source.rsplit(":", 1)[1].lower()
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", Path(source.rstrip("/")).stem).lower() or "model"
+    path = Path(source.rstrip("/") or "/")
+    parts = [path.name if path.is_dir() else path.stem, *(p.name for p in path.parents)]
+    for part in parts:
+        if part.startswith("models--"):
+            part = part.rsplit("--", 1)[-1]
+        if not part or part.lower() in _GENERIC_NAMES or re.fullmatch(r"[0-9a-f]{40}", part):
+            continue
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", part).lower().strip(".-_")[:63]
+        if name:
+            return name
+    return "model"
 
 
 def resolve_source(spec: DeploySpec) -> tuple[str, dict[str, Any]]:
