@@ -137,9 +137,9 @@ def _startup_spec(source: str) -> DeploySpec:
 def _validation_message(exc: Exception) -> str:
     from pydantic import ValidationError
 
-    if isinstance(exc, ValidationError):
-        return "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
-    return str(exc)
+    from ember.config import validation_message
+
+    return validation_message(exc) if isinstance(exc, ValidationError) else str(exc)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -291,3 +291,40 @@ def test_a_body_in_parts_is_joined_and_a_client_that_hangs_up_is_not_answered() 
         asyncio.run(edge.receive_body(_receiver(parts[0], {"type": "http.disconnect"}), None, ""))
     with pytest.raises(edge.PayloadTooLarge):
         asyncio.run(edge.receive_body(_receiver(*parts), None, "", limit=2))
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"source": "x.py:M", "slo_ms": -1}, "slo_ms must be greater than 0 (got -1)"),
+        ({"source": "x.py:M", "slo_ms": "fast"}, "slo_ms must be a number (got 'fast')"),
+        ({"source": "x.py:M", "slow_ms": 5}, "there is no field 'slow_ms'; the fields are "),
+        ({"slo_ms": 5}, "source is required"),
+        ({"source": "x.py:M", "on_unmeetable": "drop"}, "on_unmeetable must be 'refuse' or 'best_effort'"),
+        ({"source": "x.py:M", "max_queue": 1.5}, "max_queue must be a whole number"),
+        ({"source": "x.py:M", "name": "bad name"}, "model name 'bad name' is not allowed"),
+    ],
+)
+def test_a_bad_deploy_body_is_told_in_embers_words_not_pydantics(tmp_path, body, fragment):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.post("/admin/models", json=body)
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert fragment in error
+        for pydantic_words in ("Input should", "Value error", "Extra inputs", "Field required", "valid dictionary"):
+            assert pydantic_words not in error
+
+    _with_app(tmp_path, test)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/nowhere"])
+def test_openai_routes_that_do_not_exist_answer_in_the_openai_error_shape(tmp_path, path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.post(path, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code in (400, 404)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        if "completions" in path:
+            assert r.status_code == 400 and "/v1/embeddings" in error["message"]
+
+    _with_app(tmp_path, test)

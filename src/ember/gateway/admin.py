@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ember.config import DeploySpec
+from ember.config import DeploySpec, validation_message
 from ember.errors import EmberError, InvalidInput
 from ember.gateway import auth
 from ember.gateway.edge import read_json
@@ -36,8 +36,7 @@ def parse_spec(body: Any) -> DeploySpec:
     try:
         return DeploySpec.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors())
-        raise InvalidInput(f"invalid deployment: {problems}") from exc
+        raise InvalidInput(f"invalid deployment: {validation_message(exc, DeploySpec.model_fields)}") from exc
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
 

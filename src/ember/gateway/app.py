@@ -54,6 +54,9 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
         message = exc.detail if exc.status_code != 404 else f"no route {request.method} {request.url.path}"
         if exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
+        if request.url.path.startswith("/v1/"):  # the OpenAI clients read error.message
+            body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     async def unexpected(request: Request, exc: Exception) -> Response:

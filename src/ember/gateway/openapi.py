@@ -174,6 +174,8 @@ SCHEMA: dict[str, Any] = {
             "post": _op("demote to cool, or to parameters.tier (warm, cool)", body=_UNLOAD, params=["name"])
         },
         "/v1/embeddings": {"post": _op("OpenAI embeddings", body=_EMBEDDINGS)},
+        "/v1/chat/completions": {"post": _op("not served yet: 400 in the OpenAI error shape", body=_EMPTY)},
+        "/v1/completions": {"post": _op("not served yet: 400 in the OpenAI error shape", body=_EMPTY)},
         "/v1/models": {"get": _op("OpenAI model list")},
         "/v1/models/{name}": {"get": _op("one OpenAI model", params=["name"])},
         "/admin/models": {
