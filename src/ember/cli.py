@@ -384,8 +384,8 @@ def invoke(
         else:
             try:
                 arrays = arrays_from_json(parsed, inputs)
-            except ValueError as exc:
-                raise typer.BadParameter(str(exc), param_hint="--data") from None
+            except ValueError as exc:  # the inputs do not fit what the server says the model takes
+                fail(f"--data for model '{name}': {exc}")
             outputs = client.infer(name, arrays, timeout_s)
     typer.echo(json.dumps(outputs_to_json(outputs)))
 
@@ -396,7 +396,7 @@ def _invoke_texts(
     """Embed the texts (an embedding model), or send them as the model's one BYTES input."""
     if len(inputs) != 1 or inputs[0]["datatype"] != "BYTES":
         shown = ", ".join(f"{i['name']} ({i['datatype']})" for i in inputs)
-        raise typer.BadParameter(f"model {name!r} takes {shown}, not texts; use --data", param_hint="--text")
+        fail(f"model '{name}' takes {shown}, not texts; give them with --data")
     with contextlib.suppress(InvalidInput):
         vectors = client.embed(name, texts)
         console.print(f"{vectors.shape[0]} vectors of dimension {vectors.shape[1]}", highlight=False)

@@ -630,3 +630,25 @@ def test_ls_to_a_pipe_keeps_every_column_whole(serve_with: Callable[[Handler], N
     assert result.exit_code == 0, result.output
     assert "\N{HORIZONTAL ELLIPSIS}" not in result.output
     assert long_name in result.output and "612 B" in result.output and "cool 12 ms" in result.output
+
+
+def test_inputs_that_do_not_fit_the_model_are_an_error_sentence_and_exit_1(
+    serve_with: Callable[[Handler], None],
+) -> None:
+    metadata = {"name": "double", "inputs": DOUBLE_INPUTS, "outputs": []}
+    serve_with(lambda request: httpx.Response(200, json=metadata))
+    wrong_name = runner.invoke(cli.app, ["invoke", "double", "--data", '{"y": [[1, 2, 3, 4]]}'])
+    assert wrong_name.exit_code == 1
+    assert wrong_name.output.startswith("error: --data for model 'double': unknown y, missing x")
+    texts = runner.invoke(cli.app, ["invoke", "double", "--text", "hello"])
+    assert texts.exit_code == 1
+    assert texts.output.startswith("error: model 'double' takes x (FP32), not texts")
+    for result in (wrong_name, texts):
+        assert "Usage:" not in result.output and "Traceback" not in result.output
+
+
+def test_a_server_error_is_one_sentence_and_exit_1(serve_with: Callable[[Handler], None]) -> None:
+    serve_with(lambda request: httpx.Response(400, json={"error": "invalid deployment: slo_ms must be greater than 0"}))
+    result = runner.invoke(cli.app, ["load", "double"])
+    assert result.exit_code == 1
+    assert result.output == "error: invalid deployment: slo_ms must be greater than 0\n"
