@@ -233,7 +233,11 @@ class EmberService:
             say({"stage": "ready", "model": name, "load_s": cold.seconds if cold else 0.0})
             if deployment.warmup:
                 sizes = warmup_batch_sizes(deployment.max_batch_size, WARMUP_SIZES)
-                measured = await self.runner(name).warm_up(instance, sizes)
+                try:
+                    measured = await self.runner(name).warm_up(instance, sizes)
+                except ModelFailed as exc:  # its answers break its own declaration: not left deployed
+                    await self.remove(name)
+                    raise InvalidInput(f"{spec.source} was loaded, but {exc.message}") from exc
                 say({"stage": "warmed", "model": name, "batch_sizes": list(sizes[:measured])})
         return self.info(name)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ember.api import Batch, ModelAPI, TensorSpec
+from ember.api import ANSWER_MISMATCH, Batch, ModelAPI, TensorSpec
 from ember.cluster.local import _error_from as local_error_from
 from ember.errors import InvalidInput
 from ember.worker.host import ClassNotFound, ModelHost, resolve_class
@@ -96,3 +97,49 @@ def test_the_worker_reply_for_a_typo_is_invalid_input_without_the_exception_name
     error = local_error_from(reply)
     assert isinstance(error, InvalidInput)
     assert error.message == "class 'Linaer' not found in m.py; did you mean 'Linear'?"
+
+
+class Declared(ModelAPI):
+    """Declares ``y`` FP32 of 2 columns; answers whatever ``answer`` makes of the batch."""
+
+    inputs = (TensorSpec("x", "FP32", (-1, 2)),)
+    outputs = (TensorSpec("y", "FP32", (-1, 2)),)
+
+    def __init__(self, answer: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
+        self.answer = answer
+
+    def predict(self, batch: Batch) -> Batch:
+        return self.answer(batch["x"])
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment"),
+    [
+        (lambda x: {"y": x.astype(np.float64)}, "output 'y' is float64 but declared FP32"),
+        (lambda x: {"y": np.ones((len(x), 3), np.float32)}, "output 'y' has shape (1, 3) for 1 input rows"),
+        (lambda x: {"y": x[:, 0]}, "output 'y' has shape (1,) for 1 input rows"),
+        (lambda x: {"z": x}, "output 'y' is missing (predict returned z)"),
+        (lambda x: {"y": x, "z": x}, "predict returned z, which the model does not declare (y)"),
+        (lambda x: {"y": np.ones((1, 2), np.float32)}, "output 'y' has shape (1, 2) for a batch of 3 rows"),
+    ],
+)
+def test_an_answer_that_breaks_the_declared_outputs_fails_naming_the_output(
+    answer: Callable[[np.ndarray], dict[str, np.ndarray]], fragment: str
+) -> None:
+    host = ModelHost(torch.device("cpu"))
+    host.models["m@1"] = Declared(answer)
+    requests = [{"x": np.ones((1, 2), np.float32)}, {"x": np.ones((2, 2), np.float32)}]
+    if "batch of 3" not in fragment:
+        requests = requests[:1]
+    batch = host.infer("m@1", requests)
+    for result in batch.outputs:
+        assert isinstance(result, str)
+        assert result.startswith(ANSWER_MISMATCH) and fragment in result
+
+
+def test_an_answer_as_declared_passes() -> None:
+    host = ModelHost(torch.device("cpu"))
+    host.models["m@1"] = Declared(lambda x: {"y": 2 * x})
+    (result,) = host.infer("m@1", [{"x": np.ones((3, 2), np.float32)}]).outputs
+    assert not isinstance(result, str)
+    np.testing.assert_array_equal(result["y"], np.full((3, 2), 2, np.float32))

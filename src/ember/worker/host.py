@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ember.api import ModelAPI
+from ember.api import ANSWER_MISMATCH, ModelAPI, check_answer
 from ember.store.convert import write_checkpoint
 from ember.store.loader import LoaderConfig, load_checkpoint
 from ember.store.store import WEIGHTS
@@ -179,10 +179,6 @@ class ModelHost:
         try:
             with torch.inference_mode():
                 outputs = {name: np.asarray(value) for name, value in model.predict(batch).items()}
-            total = sum(rows)
-            for name, value in outputs.items():
-                if value.ndim == 0 or value.shape[0] != total:
-                    raise ValueError(f"predict returned {name} with shape {value.shape}; expected {total} rows first")
         except Exception as exc:
             if len(members) > 1:
                 # One request may have broken the whole batch: run each alone, so that only the
@@ -193,15 +189,30 @@ class ModelHost:
             _log_failure(key, "predict")
             results[members[0][0]] = f"predict failed: {type(exc).__name__}: {exc}"
             return
+        total = sum(rows)
+        for name, value in outputs.items():
+            if value.ndim == 0 or value.shape[0] != total:
+                # Not retried request by request: a model that answers one row whatever it is given
+                # would pass alone and fail every batch.
+                wrong = (
+                    f"{ANSWER_MISMATCH}: output '{name}' has shape {tuple(value.shape)} for a batch of {total} rows; "
+                    "predict must return one row per input row, in order"
+                )
+                for i, _ in members:
+                    results[i] = wrong
+                return
         offset = 0
         for (i, _), n in zip(members, rows, strict=True):
             part = {name: value[offset : offset + n] for name, value in outputs.items()}
             offset += n
             try:
-                results[i] = dict(model.encode(part))
+                answer = dict(model.encode(part))
             except Exception as exc:
                 _log_failure(key, "encode")
                 results[i] = f"encode failed: {type(exc).__name__}: {exc}"
+                continue
+            mismatch = check_answer(model.outputs, answer, n)
+            results[i] = answer if mismatch is None else mismatch
 
 
 def _log_failure(key: str, hook: str) -> None:
