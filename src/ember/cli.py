@@ -3,6 +3,7 @@
     ember serve [--deploy SOURCE ...]     run the server (and deploy the quick start's models)
     ember deploy SOURCE [options]         import a model into the store and bring it up
     ember ls | status | logs              what is deployed, how the server is, what the workers said
+    ember describe NAME                   one model in full: inputs, outputs, SLO, tier, options (ember.cli_describe)
     ember invoke NAME --text/--data       call a model
     ember load | unload | rm NAME         make hot now, demote (--to cool|warm), remove
     ember store ls|import|verify|export|bench   the weight store, in --home (see ember.cli_store)
@@ -44,6 +45,7 @@ from ember.cli_common import (
     print_table,
     size_text,
 )
+from ember.cli_describe import describe
 from ember.cli_keys import keys_app, tenants_app
 from ember.cli_serve import curl_example, is_loopback, serve
 from ember.cli_sim import sim
@@ -68,6 +70,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command()(serve)
+app.command("describe")(describe)
 app.add_typer(store_app)
 app.command("sim")(sim)
 app.add_typer(keys_app)

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -101,6 +101,8 @@ class ModelInfo:
     tenant: str = "default"
     #: The most instances the autoscaler may run (``ember deploy --max-instances``).
     max_instances: int = 1
+    #: What ``ember describe`` adds: inputs, outputs, batching, keep-alives, device, the model's options.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -359,6 +361,19 @@ class EmberService:
             created_at=d.created_at,
             tenant=str(d.extra.get("tenant", "default")),
             max_instances=d.max_instances,
+            settings={
+                "inputs": [t.to_json() for t in d.metadata.inputs],
+                "outputs": [t.to_json() for t in d.metadata.outputs],
+                "max_batch_size": d.max_batch_size,
+                "max_batch_wait_ms": d.max_batch_wait_ms,
+                "max_queue": d.max_queue,
+                "keepalive_hot_s": d.keepalive_hot_s,
+                "keepalive_warm_s": d.keepalive_warm_s,
+                "on_unmeetable": d.on_unmeetable,
+                "warmup": d.warmup,
+                "device": d.device,
+                "options": dict(d.options),
+            },
         )
 
     def models(self) -> list[ModelInfo]:

@@ -328,3 +328,15 @@ def test_openai_routes_that_do_not_exist_answer_in_the_openai_error_shape(tmp_pa
             assert r.status_code == 400 and "/v1/embeddings" in error["message"]
 
     _with_app(tmp_path, test)
+
+
+def test_the_admin_model_answer_holds_what_describe_shows(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        settings = (await client.get("/admin/models/m")).json()["settings"]
+        assert settings["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+        assert settings["outputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+        assert settings["max_batch_size"] == 1 and settings["max_queue"] == 2
+        assert settings["on_unmeetable"] == "best_effort" and settings["device"] == "auto"
+        assert settings["keepalive_hot_s"] == 300.0 and settings["options"] == {}
+
+    _with_app(tmp_path, test)
