@@ -19,7 +19,7 @@ import numpy as np
 import typer
 from rich.text import Text
 
-from ember.auth.keys import ADMIN_KEY_FILE
+from ember.auth.keys import ADMIN_KEY_FILE, METRICS_KEY_FILE
 from ember.cli_common import (
     DEFAULT_HOME,
     HomeOption,
@@ -231,6 +231,8 @@ async def _serve(options: ServeOptions, sock: socket.socket, specs: Sequence[Dep
                 console.print("--insecure: requests without an API key act as admin", style="yellow", highlight=False)
             else:
                 console.print(f"admin API key: {key_file} (`ember keys create` makes more)", highlight=False)
+            metrics_key = options.home / METRICS_KEY_FILE
+            console.print(f"metrics key: {metrics_key} (opens GET /metrics alone, for Prometheus)", highlight=False)
             if specs:
                 deploying = asyncio.create_task(_deploy_at_startup(service, specs, url, key_file), name="ember-deploy")
         await serving

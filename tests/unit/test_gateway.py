@@ -340,3 +340,31 @@ def test_the_admin_model_answer_holds_what_describe_shows(tmp_path):
         assert settings["keepalive_hot_s"] == 300.0 and settings["options"] == {}
 
     _with_app(tmp_path, test)
+
+
+def test_prometheus_scrapes_metrics_with_the_metrics_key_that_opens_nothing_else(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        key_file = tmp_path / "metrics.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        scraper = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
+        r = await client.get("/metrics", headers=scraper)
+        assert r.status_code == 200 and "nv_inference_request_success" in r.text
+        for method, path in (("GET", "/admin/models"), ("GET", "/admin/status"), ("POST", "/v2/models/m/infer")):
+            refused = await client.request(method, path, headers=scraper, json=_json_request())
+            assert refused.status_code == 403 and "metrics key" in refused.json()["error"], path
+        nobody = await client.get("/metrics", headers={"Authorization": "Bearer ember_nothing"})
+        assert nobody.status_code == 401
+
+    _with_app(tmp_path, test)
+
+
+def test_a_removed_models_series_leave_metrics(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        assert (await client.post("/v2/models/m/infer", json=_json_request())).status_code == 200
+        before = (await client.get("/metrics")).text
+        assert 'nv_inference_request_duration_us{model="m",version="1"}' in before
+        assert (await client.delete("/admin/models/m")).status_code == 200
+        after = (await client.get("/metrics")).text
+        assert 'model="m"' not in after
+
+    _with_app(tmp_path, test)

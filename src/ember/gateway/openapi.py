@@ -206,7 +206,7 @@ SCHEMA: dict[str, Any] = {
         "/admin/keys/{key_id}": {"delete": _op("revoke a key (admin)", params=["key_id"])},
         "/admin/tenants": {"get": _op("tenants' quotas (admin)")},
         "/admin/tenants/{tenant}": {"put": _op("set a tenant's quotas (admin)", body=_QUOTA, params=["tenant"])},
-        "/metrics": {"get": _op("Prometheus metrics (admin)")},
+        "/metrics": {"get": _op("Prometheus metrics (admin key, or the metrics key of HOME/metrics.key)")},
         "/openapi.json": {"get": {**_op("this document"), "security": []}},
         "/": {"get": {**_op("the live dashboard (HTML; its data calls need a key)"), "security": []}},
     },

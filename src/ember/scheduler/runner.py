@@ -107,6 +107,7 @@ class ModelRunner:
         self._compute_us = metrics.compute_us.labels(*labels)
         self._queue_us = metrics.queue_us.labels(*labels)
         self._success = metrics.success.labels(*labels)
+        self._request_us = metrics.request_us.labels(*labels)
         self._slo_total = metrics.slo_total.labels(name)
         self._latency = metrics.latency.labels(name)
         self._slo_met = metrics.slo_met.labels(name)
@@ -383,6 +384,7 @@ class ModelRunner:
         if ok:
             self.stats.succeeded += 1
             self._success.inc()
+            self._request_us.inc((now - pending.arrival) * 1e6)
             if now - pending.arrival <= self.deployment.slo_ms / 1000.0:
                 self.stats.slo_met += 1
                 self._slo_met.inc()
