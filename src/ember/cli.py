@@ -47,6 +47,7 @@ from ember.cli_common import (
 )
 from ember.cli_describe import describe
 from ember.cli_keys import keys_app, tenants_app
+from ember.cli_progress import DeployProgress
 from ember.cli_serve import curl_example, is_loopback, serve
 from ember.cli_sim import sim
 from ember.cli_store import store_app
@@ -167,21 +168,7 @@ def deploy(
     """Deploy a model: import its weights into the store once, then bring it up."""
     options = parse_options(option or [])
     resolved = absolute_source(source)
-    with errors(url), Client(url, home=home) as client, console.status(f"importing {source} …") as status:
-
-        def progress(event: dict[str, Any]) -> None:
-            stage = event.get("stage")
-            if stage == "importing":
-                status.update(f"importing {source} …")
-            elif stage == "stored":
-                console.print(f"[green]✓[/] stored {size_text(int(event.get('bytes', 0)))}", highlight=False)
-                status.update("stored")
-            elif stage == "loading":
-                status.update(f"loading {event.get('model', '')} …")
-            elif stage == "ready":
-                ms = 1000 * float(event.get("load_s", 0.0))
-                console.print(f"[green]✓[/] ready in {ms:.0f} ms", highlight=False)
-
+    with errors(url), Client(url, home=home) as client, DeployProgress(console, source) as progress:
         model = client.deploy(
             resolved,
             on_progress=progress,

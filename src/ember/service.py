@@ -226,8 +226,15 @@ class EmberService:
         self._add(deployment)
         if load:
             say({"stage": "loading", "model": name})
+            loop = asyncio.get_running_loop()
+            loaded = _progress_events(say, "loading", name)
+
+            def copied(done: int, total: int) -> None:  # the copy to the warm tier runs in a thread
+                loop.call_soon_threadsafe(loaded, done, total)
+
             try:
-                instance = await self.controller.ensure_hot(name)
+                with self.store.watch(deployment.key, copied):
+                    instance = await self.controller.ensure_hot(name)
             except EmberError as exc:  # a model that cannot load is not left deployed
                 await self.remove(name)
                 raise InvalidInput(f"{spec.source} was imported but could not be loaded: {exc.message}") from exc
@@ -274,7 +281,8 @@ class EmberService:
                     10.0,
                 )
             try:
-                described = await chosen.import_model(ref, options, str(staging))
+                imported = _progress_events(say, "importing", record.name)
+                described = await chosen.import_model(ref, options, str(staging), imported)
             except ModelFailed as exc:
                 raise InvalidInput(f"importing {spec.source} failed: {exc.message}") from exc
             try:
@@ -412,6 +420,19 @@ class EmberService:
 def _shorten(value: object, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _progress_events(say: Progress, stage: str, name: str) -> Callable[[int, int], None]:
+    """``progress(done, total)`` that says ``stage`` with the bytes and percent done, at each whole percent."""
+    last = [-1]
+
+    def report(done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        if percent > last[0]:
+            last[0] = percent
+            say({"stage": stage, "model": name, "bytes": done, "total_bytes": total, "percent": percent})
+
+    return report
 
 
 def _deployment(record: DeploymentRecord) -> Deployment:

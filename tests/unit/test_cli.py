@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from ember import cli
 from ember.cli_common import size_text
+from ember.cli_progress import DeployProgress
 from ember.client import Client, _error_from
 from ember.config import DeploySpec
 from ember.errors import (
@@ -652,3 +653,48 @@ def test_a_server_error_is_one_sentence_and_exit_1(serve_with: Callable[[Handler
     result = runner.invoke(cli.app, ["load", "double"])
     assert result.exit_code == 1
     assert result.output == "error: invalid deployment: slo_ms must be greater than 0\n"
+
+
+def _progress(stage: str, done: int, total: int) -> dict[str, Any]:
+    return {"stage": stage, "model": "double", "bytes": done, "total_bytes": total, "percent": 100 * done // total}
+
+
+DEPLOY_EVENTS = [
+    {"stage": "importing", "model": "double", "source": "pkg.models:Double"},
+    *(_progress("importing", n * 25_000, 2_500_000) for n in range(0, 101)),  # every percent, as the server sends
+    {"stage": "stored", "model": "double", "bytes": 2_500_000},
+    {"stage": "loading", "model": "double"},
+    _progress("loading", 1_250_000, 2_500_000),
+    _progress("loading", 2_500_000, 2_500_000),
+    {"stage": "ready", "model": "double", "load_s": 0.0123},
+    {"stage": "done", "model": MODEL},
+]
+
+
+def test_deploy_piped_prints_progress_lines_in_bytes_and_percent(serve_with: Callable[[Handler], None]) -> None:
+    serve_with(lambda request: httpx.Response(200, content=ndjson(*DEPLOY_EVENTS)))
+    result = runner.invoke(cli.app, ["deploy", "pkg.models:Double"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    imported = [line for line in lines if line.startswith("importing double:")]
+    assert imported[0] == "importing double: 0 B of 2.5 MB (0%)"
+    assert imported[5] == "importing double: 1.2 MB of 2.5 MB (50%)"
+    assert imported[-1] == "importing double: 2.5 MB of 2.5 MB (100%)" and len(imported) == 11  # one a tenth
+    assert "loading double: 1.2 MB of 2.5 MB (50%)" in lines and "loading double: 2.5 MB of 2.5 MB (100%)" in lines
+    order = [
+        next(i for i, line in enumerate(lines) if line.startswith(p))
+        for p in ("importing", "✓ stored", "loading", "✓ ready", "deployed")
+    ]
+    assert order == sorted(order)
+
+
+def test_deploy_on_a_terminal_draws_bars_with_bytes_and_percent() -> None:
+    out = io.StringIO()
+    terminal = Console(file=out, force_terminal=True, width=120)
+    with DeployProgress(terminal, "pkg.models:Double") as progress:
+        for event in DEPLOY_EVENTS[:-1]:
+            progress(event)
+    drawn = out.getvalue()
+    assert "importing pkg.models:Double" in drawn and "1.2/2.5 MB" in drawn and "50%" in drawn
+    assert "loading double" in drawn and "2.5/2.5 MB" in drawn and "100%" in drawn
+    assert "stored 2.5 MB" in drawn and "ready in 12 ms" in drawn

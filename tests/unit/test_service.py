@@ -321,3 +321,21 @@ def test_an_answer_of_the_wrong_datatype_is_model_failed_naming_the_output(tmp_p
                 await service.infer("m", _x(1.0))
 
     run_in_virtual_time(main)
+
+
+def test_a_deploy_reports_import_and_load_progress_in_bytes_and_percent(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock)
+        events: list[dict] = []
+        async with service:
+            await service.deploy(_spec(model_file), events.append)
+        progress = [e for e in events if "total_bytes" in e]
+        stages = [e["stage"] for e in progress]
+        assert "importing" in stages and "loading" in stages
+        for e in progress:
+            assert e["model"] == "m" and 0 <= e["bytes"] <= e["total_bytes"]
+            assert e["percent"] == 100 * e["bytes"] // e["total_bytes"]
+        assert [e["percent"] for e in progress if e["stage"] == "importing"][-1] == 100
+        assert [e["percent"] for e in progress if e["stage"] == "loading"][-1] == 100
+
+    run_in_virtual_time(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,3 +144,31 @@ def test_an_answer_as_declared_passes() -> None:
     (result,) = host.infer("m@1", [{"x": np.ones((3, 2), np.float32)}]).outputs
     assert not isinstance(result, str)
     np.testing.assert_array_equal(result["y"], np.full((3, 2), 2, np.float32))
+
+
+def test_an_import_tells_the_parent_its_progress_before_its_reply(tmp_path: Path) -> None:
+    from ember.worker.main import _handle
+    from ember.worker.protocol import Import, Progress, recv_message
+
+    path = _model_file(
+        tmp_path,
+        "import torch\nfrom ember import ModelAPI, TensorSpec\n\n"
+        "class Big(ModelAPI):\n"
+        "    inputs = (TensorSpec('x', 'FP32', (-1, 1)),)\n"
+        "    outputs = (TensorSpec('x', 'FP32', (-1, 1)),)\n\n"
+        "    def source_weights(self):\n"
+        "        return {'w': torch.zeros(5 << 20)}  # 20 MiB: several 8 MiB chunks\n",
+    )
+    (tmp_path / "staging").mkdir()
+    parent, child = socket.socketpair()
+    with parent, child:
+        reply = _handle(ModelHost(torch.device("cpu")), Import(7, f"{path}:Big", {}, str(tmp_path / "staging")), child)
+        child.shutdown(socket.SHUT_WR)
+        heard = []
+        while (message := recv_message(parent)) is not None:
+            heard.append(message)
+    assert reply.ok, reply.error
+    assert all(isinstance(m, Progress) and m.id == 7 for m in heard)
+    total = 20 << 20
+    assert len(heard) >= 3 and {m.total_bytes for m in heard} == {total}
+    assert [m.done_bytes for m in heard] == sorted(m.done_bytes for m in heard) and heard[-1].done_bytes == total

@@ -47,9 +47,15 @@ def routes(service: EmberService) -> list[Route]:
         load = request.query_params.get("load", "true") != "false"
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=64)
 
+        def say(event: dict[str, Any]) -> None:
+            # Progress (bytes so far) is lossy: a client reading slowly misses some, never the rest.
+            if "bytes" in event and "percent" in event and events.qsize() >= events.maxsize - 8:
+                return
+            events.put_nowait(event)
+
         async def work() -> None:
             try:
-                info = await service.deploy(spec, events.put_nowait, load=load)
+                info = await service.deploy(spec, say, load=load)
                 await events.put({"stage": "done", "model": info.to_json()})
             except EmberError as exc:
                 await events.put({"stage": "error", "status": exc.http_status, "error": exc.message})

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from ember.api import TensorSpec, check_answer
 from ember.clock import Clock, VirtualClock
-from ember.cluster.base import WorkerHandle
+from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.errors import ModelFailed, WorkerCrashed
 from ember.store import Store, StoredModel
 from ember.store.format import write_raw
@@ -66,8 +66,12 @@ class FakeWorker:
     _on_lost: Callable[[FakeWorker], None] | None = None
     _crash: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def import_model(self, model_ref: str, options: dict[str, Any], staging: str) -> dict[str, Any]:
+    async def import_model(
+        self, model_ref: str, options: dict[str, Any], staging: str, progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
         write_raw(Path(staging) / WEIGHTS, [("w", "uint8", (64,), bytes(64))])
+        if progress is not None:
+            progress(64, 64)
         return {
             "inputs": [spec.to_json() for spec in FAKE_INPUTS],
             "outputs": [spec.to_json() for spec in FAKE_OUTPUTS],

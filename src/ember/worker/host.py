@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -112,12 +112,20 @@ class ModelHost:
         self.loader = loader or LoaderConfig()
         self.models: dict[str, ModelAPI] = {}
 
-    def import_model(self, model_ref: str, options: Mapping[str, Any], staging: Path) -> dict[str, Any]:
+    def import_model(
+        self,
+        model_ref: str,
+        options: Mapping[str, Any],
+        staging: Path,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run the model's deploy-time hooks into ``staging``; ``progress(done, total)`` hears the
+        weight bytes written."""
         model = instantiate(model_ref, options)
         weights = model.source_weights()
         assets = model.source_assets()
         metadata = describe(model)
-        size = write_checkpoint(staging / WEIGHTS, weights)
+        size = write_checkpoint(staging / WEIGHTS, weights, progress=progress)
         (staging / "assets").mkdir(exist_ok=True)
         for name, data in assets.items():
             if "/" in name or name.startswith("."):
