@@ -446,7 +446,7 @@ runner = CliRunner()
 def test_help_lists_every_command() -> None:
     result = runner.invoke(cli.app, ["--help"])
     assert result.exit_code == 0
-    for command in ("serve", "deploy", "ls", "rm", "load", "unload", "status", "invoke", "logs"):
+    for command in ("serve", "deploy", "ls", "describe", "rm", "load", "unload", "status", "invoke", "logs"):
         assert command in result.output
 
 
