@@ -116,6 +116,21 @@ def test_deploy_piped_prints_import_and_load_progress_in_bytes_and_percent(serve
     server.cli("rm", "progress-24mb")
 
 
+def test_a_class_name_typo_is_not_found_with_the_closest_name(server: Server) -> None:
+    done = server.cli("deploy", f"{REPO / 'examples' / 'linear.py'}:Linaer", "--name", "typo")
+    assert done.returncode == 1
+    assert "class 'Linaer' not found" in done.stderr and "did you mean 'Linear'?" in done.stderr, done.stderr
+    assert "subclass" not in done.stderr and "Traceback" not in done.stderr
+    assert "typo" not in {m["name"] for m in server.get_json("/admin/models")}
+
+
+def test_a_model_that_answers_one_row_for_many_fails_its_deploy(server: Server) -> None:
+    done = server.cli("deploy", f"{MODELS / 'faulty.py'}:OneRow", "--name", "one-row")
+    assert done.returncode == 1
+    assert "does not match the declared outputs" in done.stderr and "output 'y'" in done.stderr, done.stderr
+    assert "one-row" not in {m["name"] for m in server.get_json("/admin/models")}
+
+
 def test_deploying_a_taken_name_fails(server: Server, linear: str) -> None:
     version = server.model(linear)["version"]
     done = server.cli("deploy", f"{REPO / 'examples' / 'linear.py'}:Linear", "--name", linear)
