@@ -261,18 +261,18 @@ def _key_hint(url: str, origin: str | None, home: Path) -> str:
     if origin is None:
         if _is_loopback(url):
             return (
-                f"no API key was sent: there is no readable {home / ADMIN_KEY_FILE}. Set EMBER_HOME (or pass "
+                f"No API key was sent: there is no readable {home / ADMIN_KEY_FILE}. Set EMBER_HOME (or pass "
                 "--home) to the folder `ember serve --home` uses, or set EMBER_API_KEY to a key"
             )
-        return "no API key was sent: set EMBER_API_KEY to a key for this server (`ember keys create` makes one)"
+        return "No API key was sent: set EMBER_API_KEY to a key for this server (`ember keys create` makes one)"
     if origin == "EMBER_API_KEY":
-        return "the key in EMBER_API_KEY was refused: set EMBER_API_KEY to a live key, or unset it to use admin.key"
+        return "The key in EMBER_API_KEY was refused: set EMBER_API_KEY to a live key, or unset it to use admin.key"
     if origin.endswith(ADMIN_KEY_FILE):
         return (
-            f"the key in {origin} was refused: that server runs with another home; set EMBER_HOME (or pass --home) "
+            f"The key in {origin} was refused: that server runs with another home; set EMBER_HOME (or pass --home) "
             "to the folder `ember serve --home` uses, or set EMBER_API_KEY"
         )
-    return f"the key from {origin} was refused"
+    return f"The key from {origin} was refused"
 
 
 def _segment(name: str) -> str:
