@@ -359,7 +359,7 @@ class ModelRunner:
                 break
             failed = [out for out in result.outputs if isinstance(out, str)]
             if any(out.startswith(ANSWER_MISMATCH) for out in failed):
-                raise ModelFailed(f"a warm-up batch of {size} zero rows: {failed[0]}")
+                raise ModelFailed(f"its warm-up batch of {size} zero rows failed: {failed[0]}")
             if failed:
                 break
             self.latency = self.latency.observe_batch(size, result.compute_s)
