@@ -39,7 +39,7 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Batch", "ModelAPI", "TensorSpec"]
+__all__ = ["ANSWER_MISMATCH", "Batch", "ModelAPI", "TensorSpec", "check_answer"]
 
 Array = npt.NDArray[Any]
 Batch = Mapping[str, Array]
@@ -90,6 +90,51 @@ class TensorSpec:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
         return cls(str(data["name"]), str(data["datatype"]), tuple(int(d) for d in data["shape"]))
+
+
+#: How every message of :func:`check_answer` begins: a model whose answer breaks its own declaration.
+ANSWER_MISMATCH = "the answer does not match the declared outputs"
+
+
+def check_answer(declared: tuple[TensorSpec, ...], answer: Mapping[str, Any], rows: int) -> str | None:
+    """None if ``answer`` (one request's outputs, ``rows`` rows) is what ``declared`` promises, else
+    what is wrong, naming the output: a missing or undeclared output, a wrong datatype, a wrong shape.
+    """
+    fix = "fix predict (or encode), or the declared outputs, and redeploy"
+    names = ", ".join(spec.name for spec in declared)
+    for spec in declared:
+        if spec.name not in answer:
+            return f"{ANSWER_MISMATCH}: output '{spec.name}' is missing (predict returned {_keys(answer)}); {fix}"
+        value = answer[spec.name]
+        if not isinstance(value, np.ndarray):
+            return f"{ANSWER_MISMATCH}: output '{spec.name}' is a {type(value).__name__}, not an array; {fix}"
+        if not _fits(value.dtype, spec.datatype):
+            return (
+                f"{ANSWER_MISMATCH}: output '{spec.name}' is {value.dtype} but declared {spec.datatype} "
+                f"({DATATYPES[spec.datatype]}); {fix}"
+            )
+        wanted = (rows, *spec.shape[1:])
+        if value.ndim != len(wanted) or any(w != -1 and w != d for w, d in zip(wanted, value.shape, strict=False)):
+            shown = "(" + ", ".join("-1" if w == -1 else str(w) for w in wanted) + ")"
+            return (
+                f"{ANSWER_MISMATCH}: output '{spec.name}' has shape {tuple(value.shape)} for {rows} input rows; "
+                f"declared {list(spec.shape)}, so {shown} was expected; {fix}"
+            )
+    extra = sorted(set(answer) - {spec.name for spec in declared})
+    if extra:
+        undeclared = ", ".join(extra)
+        return f"{ANSWER_MISMATCH}: predict returned {undeclared}, which the model does not declare ({names}); {fix}"
+    return None
+
+
+def _fits(dtype: np.dtype[Any], datatype: str) -> bool:
+    if datatype == "BYTES":
+        return dtype.kind in "OSU"
+    return dtype == DATATYPES[datatype]
+
+
+def _keys(answer: Mapping[str, Any]) -> str:
+    return ", ".join(sorted(answer)) or "nothing"
 
 
 class ModelAPI:

@@ -3,6 +3,7 @@
     ember serve [--deploy SOURCE ...]     run the server (and deploy the quick start's models)
     ember deploy SOURCE [options]         import a model into the store and bring it up
     ember ls | status | logs              what is deployed, how the server is, what the workers said
+    ember describe NAME                   one model in full: inputs, outputs, SLO, tier, options (ember.cli_describe)
     ember invoke NAME --text/--data       call a model
     ember load | unload | rm NAME         make hot now, demote (--to cool|warm), remove
     ember store ls|import|verify|export|bench   the weight store, in --home (see ember.cli_store)
@@ -27,7 +28,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import numpy.typing as npt
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -42,9 +42,12 @@ from ember.cli_common import (
     console,
     errors,
     fail,
-    megabytes,
+    print_table,
+    size_text,
 )
+from ember.cli_describe import describe
 from ember.cli_keys import keys_app, tenants_app
+from ember.cli_progress import DeployProgress
 from ember.cli_serve import curl_example, is_loopback, serve
 from ember.cli_sim import sim
 from ember.cli_store import store_app
@@ -68,6 +71,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command()(serve)
+app.command("describe")(describe)
 app.add_typer(store_app)
 app.command("sim")(sim)
 app.add_typer(keys_app)
@@ -159,25 +163,12 @@ def deploy(
         bool, typer.Option("--compress", help="Keep the weights compressed on disk (pays when disk reads are slow).")
     ] = False,
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Deploy a model: import its weights into the store once, then bring it up."""
     options = parse_options(option or [])
     resolved = absolute_source(source)
-    with errors(url), Client(url) as client, console.status(f"importing {source} …") as status:
-
-        def progress(event: dict[str, Any]) -> None:
-            stage = event.get("stage")
-            if stage == "importing":
-                status.update(f"importing {source} …")
-            elif stage == "stored":
-                console.print(f"[green]✓[/] stored {megabytes(int(event.get('bytes', 0)))} MB", highlight=False)
-                status.update("stored")
-            elif stage == "loading":
-                status.update(f"loading {event.get('model', '')} …")
-            elif stage == "ready":
-                ms = 1000 * float(event.get("load_s", 0.0))
-                console.print(f"[green]✓[/] ready in {ms:.0f} ms", highlight=False)
-
+    with errors(url), Client(url, home=home) as client, DeployProgress(console, source) as progress:
         model = client.deploy(
             resolved,
             on_progress=progress,
@@ -198,7 +189,7 @@ def deploy(
             compress=compress or None,
         )
     console.print(
-        f"deployed {model['name']} v{model['version']}: {model['tier']}, {megabytes(int(model['bytes']))} MB, "
+        f"deployed {model['name']} v{model['version']}: {model['tier']}, {size_text(int(model['bytes']))}, "
         f"SLO {model['slo_ms']:g} ms",
         highlight=False,
     )
@@ -231,24 +222,25 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
 @app.command("ls")
 def list_models(
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the deployed models: tier, traffic, SLO attainment, last cold start."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         models = client.models()
     if as_json:
         typer.echo(json.dumps(models, indent=2))
     elif not models:
         console.print("no models deployed; deploy one with `ember deploy SOURCE`", highlight=False)
     else:
-        _print_table(models_table(models))
+        print_table(models_table(models))
 
 
 def models_table(models: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold")
     for header in ("name", "version", "tier", "instances", "requests", "failed", "queued"):
         table.add_column(header, justify="right" if header not in ("name", "tier") else "left")
-    for header in ("SLO ms", "SLO met", "last cold start", "size MB"):
+    for header in ("SLO ms", "SLO met", "last cold start", "size"):
         table.add_column(header, justify="left" if header == "last cold start" else "right")
     for m in models:
         attained = m.get("slo_attainment")
@@ -263,7 +255,7 @@ def models_table(models: Sequence[Mapping[str, Any]]) -> Table:
             f"{float(m['slo_ms']):g}",
             DASH if attained is None else f"{100 * float(attained):.1f}%",
             cold_start(m.get("last_cold_start")),
-            megabytes(int(m.get("bytes", 0))),
+            size_text(int(m.get("bytes", 0))),
         )
     return table
 
@@ -271,10 +263,11 @@ def models_table(models: Sequence[Mapping[str, Any]]) -> Table:
 @app.command()
 def status(
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show the server: workers and store tiers."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         state = client.status()
     if as_json:
         typer.echo(json.dumps(state, indent=2))
@@ -299,13 +292,13 @@ def status(
         for w in rows:
             alive = Text("yes", style="green") if w.get("alive") else Text("no", style="red")
             table.add_row(str(w.get("id")), str(w.get("pid")), str(w.get("device")), alive, str(w.get("in_flight")))
-        _print_table(table)
+        print_table(table)
     for tier in ("warm", "cool"):
         t = store.get(tier, {})
         console.print(
             Text.assemble(
                 (f"{tier:>5}", _TIER_STYLES[tier]),
-                f" store: {t.get('models', 0)} models, {megabytes(int(t.get('bytes', 0)))} MB",
+                f" store: {t.get('models', 0)} models, {size_text(int(t.get('bytes', 0)))}",
             )
         )
     links = state.get("bandwidths")
@@ -323,17 +316,17 @@ def status(
 
 
 @app.command("rm")
-def remove(name: str, url: UrlOption = DEFAULT_URL) -> None:
+def remove(name: str, url: UrlOption = DEFAULT_URL, home: HomeOption = DEFAULT_HOME) -> None:
     """Remove a model and its stored weights."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         client.remove(name)
     console.print(f"removed {name}", highlight=False)
 
 
 @app.command()
-def load(name: str, url: UrlOption = DEFAULT_URL) -> None:
+def load(name: str, url: UrlOption = DEFAULT_URL, home: HomeOption = DEFAULT_HOME) -> None:
     """Make a model hot now (on the device, ready for the next batch)."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         model = client.load(name)
     console.print(f"{name} is {model['tier']} ({model['instances']} instances)", highlight=False)
 
@@ -346,9 +339,10 @@ def unload(
         typer.Option(help="The tier to demote to: warm keeps the weights in host memory, cool on disk only."),
     ] = UnloadTier.COOL,
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Demote a model off the device (to cool by default); it stays deployed and callable."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         model = client.unload(name, tier=to.value)
     console.print(f"{name} is {model['tier']}", highlight=False)
 
@@ -360,6 +354,7 @@ def invoke(
     data: Annotated[str | None, typer.Option("--data", help="Inputs as JSON, like '{\"x\": [[1, 2, 3, 4]]}'.")] = None,
     timeout_s: Annotated[float | None, typer.Option(min=0, help="The request's own deadline.")] = None,
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Call a model with texts (embedding and text models) or with JSON inputs."""
     if (text is None) == (data is None):
@@ -370,7 +365,7 @@ def invoke(
             parsed = json.loads(data)
         except ValueError as exc:
             raise typer.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         inputs: list[dict[str, Any]] = client.metadata(name)["inputs"]
         if text is not None:
             outputs = _invoke_texts(client, name, text, inputs, timeout_s)
@@ -379,8 +374,8 @@ def invoke(
         else:
             try:
                 arrays = arrays_from_json(parsed, inputs)
-            except ValueError as exc:
-                raise typer.BadParameter(str(exc), param_hint="--data") from None
+            except ValueError as exc:  # the inputs do not fit what the server says the model takes
+                fail(f"--data for model '{name}': {exc}")
             outputs = client.infer(name, arrays, timeout_s)
     typer.echo(json.dumps(outputs_to_json(outputs)))
 
@@ -391,7 +386,7 @@ def _invoke_texts(
     """Embed the texts (an embedding model), or send them as the model's one BYTES input."""
     if len(inputs) != 1 or inputs[0]["datatype"] != "BYTES":
         shown = ", ".join(f"{i['name']} ({i['datatype']})" for i in inputs)
-        raise typer.BadParameter(f"model {name!r} takes {shown}, not texts; use --data", param_hint="--text")
+        fail(f"model '{name}' takes {shown}, not texts; give them with --data")
     with contextlib.suppress(InvalidInput):
         vectors = client.embed(name, texts)
         console.print(f"{vectors.shape[0]} vectors of dimension {vectors.shape[1]}", highlight=False)
@@ -509,14 +504,6 @@ def tail_lines(path: Path, count: int, block_bytes: int = 64 * 1024) -> list[str
             file.seek(position)
             data = file.read(step) + data
     return [line.decode("utf-8", "replace") for line in data.splitlines()[-count:]]
-
-
-# -- shared ----------------------------------------------------------------------------------------
-
-
-def _print_table(table: Table) -> None:
-    # Piped, a table keeps its natural width instead of folding to 80 columns.
-    (console if console.is_terminal else Console(width=200)).print(table)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from ember.errors import EmberError
@@ -26,8 +27,9 @@ __all__ = [
     "err_console",
     "errors",
     "fail",
-    "megabytes",
     "print_error",
+    "print_table",
+    "size_text",
 ]
 
 console = Console(soft_wrap=True)
@@ -38,14 +40,39 @@ UrlOption = Annotated[
 ]
 HomeOption = Annotated[
     Path,
-    typer.Option("--home", envvar="EMBER_HOME", help="Ember's home: registry, store, logs.", show_envvar=True),
+    typer.Option(
+        "--home",
+        envvar="EMBER_HOME",
+        help="Ember's home: registry, store, logs, and admin.key (read by the CLI on the server's machine).",
+        show_envvar=True,
+    ),
 ]
 DEFAULT_HOME = Path("~/.ember")
 DASH = "\N{EN DASH}"
 
 
-def megabytes(num_bytes: int) -> str:
-    return f"{num_bytes / 1e6:.1f}"
+def size_text(num_bytes: float) -> str:
+    """A byte count for people: ``512 B``, ``12.3 kB``, ``2.5 MB``, ``1.25 GB`` (never ``0.0 MB``)."""
+    if num_bytes < 1e3:
+        return f"{num_bytes:.0f} B"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6)):
+        if num_bytes < 1e3 * scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes / 1e9:.2f} GB"
+
+
+def print_table(table: Table, to: Console | None = None) -> None:
+    """Print ``table`` on ``to`` (the standard console by default).
+
+    On a terminal it fits the window; to a pipe or a file it is printed at its natural width, so no
+    cell is cut to "…" (a pipe has no width, and rich would assume 80 columns).
+    """
+    target = to or console
+    if target.is_terminal:
+        target.print(table)
+        return
+    natural = Console(width=1 << 14).measure(table).maximum
+    Console(file=target.file, width=max(natural, 20), soft_wrap=True, no_color=target.no_color).print(table)
 
 
 def cold_start(last: Mapping[str, Any] | None) -> str:

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ember.auth.keys import Role
-from ember.cli_common import UrlOption, console, errors
+from ember.cli_common import DEFAULT_HOME, HomeOption, UrlOption, console, errors, print_table
 from ember.client import DEFAULT_URL, Client
 
 __all__ = ["keys_app", "tenants_app"]
@@ -36,10 +36,11 @@ def create(
     tenant: Annotated[str | None, typer.Option(help="The key's tenant (every role but admin needs one).")] = None,
     label: Annotated[str, typer.Option(help="A note to tell keys apart in `ember keys ls`.")] = "",
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Make a key and print it; Ember keeps only its hash, so this is the one time it is shown."""
     body: dict[str, Any] = {"role": role.value, "tenant": tenant, "label": label}
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         made = client.request_json("POST", "/admin/keys", body)
     typer.echo(made["key"])
     where = f"tenant {made['tenant']}" if made["tenant"] else "all tenants"
@@ -53,10 +54,11 @@ def list_keys(
     include_revoked: Annotated[bool, typer.Option("--all", help="Show revoked keys too.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """List the keys (never the keys themselves: ids, roles, tenants, labels)."""
     path = "/admin/keys?revoked=true" if include_revoked else "/admin/keys"
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         keys: list[dict[str, Any]] = client.request_json("GET", path)
     if as_json:
         typer.echo(json.dumps(keys, indent=2))
@@ -68,15 +70,17 @@ def list_keys(
         table.add_row(
             k["id"], k["role"], k["tenant"] or "*", k["label"], _when(k["created_at"]), _when(k["revoked_at"])
         )
-    console.print(table)
+    print_table(table)
 
 
 @keys_app.command("revoke")
 def revoke(
-    key_id: Annotated[str, typer.Argument(help="The key's id, from `ember keys ls`.")], url: UrlOption = DEFAULT_URL
+    key_id: Annotated[str, typer.Argument(help="The key's id, from `ember keys ls`.")],
+    url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Revoke a key: the next request with it is refused (401)."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         client.request_json("DELETE", f"/admin/keys/{key_id}")
     console.print(f"revoked {key_id}", highlight=False)
 
@@ -94,6 +98,7 @@ def set_tenant(
         int | None, typer.Option(min=0, help="Instances its models may run at once (the sum of their max_instances).")
     ] = None,
     url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Set a tenant's quotas (each one not given is unlimited)."""
     body = {
@@ -103,17 +108,19 @@ def set_tenant(
         "max_bytes": max_bytes,
         "max_instances": max_instances,
     }
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         quota = client.request_json("PUT", f"/admin/tenants/{name}", body)
     console.print(f"tenant {name}: {_quota_text(quota)}", highlight=False)
 
 
 @tenants_app.command("ls")
 def list_tenants(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, url: UrlOption = DEFAULT_URL
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """List the tenants that have quotas."""
-    with errors(url), Client(url) as client:
+    with errors(url), Client(url, home=home) as client:
         quotas: list[dict[str, Any]] = client.request_json("GET", "/admin/tenants")
     if as_json:
         typer.echo(json.dumps(quotas, indent=2))

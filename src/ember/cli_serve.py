@@ -19,7 +19,7 @@ import numpy as np
 import typer
 from rich.text import Text
 
-from ember.auth.keys import ADMIN_KEY_FILE
+from ember.auth.keys import ADMIN_KEY_FILE, METRICS_KEY_FILE
 from ember.cli_common import (
     DEFAULT_HOME,
     HomeOption,
@@ -29,8 +29,8 @@ from ember.cli_common import (
     err_console,
     errors,
     fail,
-    megabytes,
     print_error,
+    size_text,
 )
 from ember.errors import EmberError
 
@@ -137,9 +137,9 @@ def _startup_spec(source: str) -> DeploySpec:
 def _validation_message(exc: Exception) -> str:
     from pydantic import ValidationError
 
-    if isinstance(exc, ValidationError):
-        return "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
-    return str(exc)
+    from ember.config import validation_message
+
+    return validation_message(exc) if isinstance(exc, ValidationError) else str(exc)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -231,6 +231,8 @@ async def _serve(options: ServeOptions, sock: socket.socket, specs: Sequence[Dep
                 console.print("--insecure: requests without an API key act as admin", style="yellow", highlight=False)
             else:
                 console.print(f"admin API key: {key_file} (`ember keys create` makes more)", highlight=False)
+            metrics_key = options.home / METRICS_KEY_FILE
+            console.print(f"metrics key: {metrics_key} (opens GET /metrics alone, for Prometheus)", highlight=False)
             if specs:
                 deploying = asyncio.create_task(_deploy_at_startup(service, specs, url, key_file), name="ember-deploy")
         await serving
@@ -267,7 +269,7 @@ async def _deploy_at_startup(
                 print_error(f"deploying {spec.source} failed: {type(exc).__name__}: {exc}; the server log has more")
                 continue
             console.print(
-                f"deployed {name} v{info.version}: {info.tier}, {megabytes(info.bytes)} MB, "
+                f"deployed {name} v{info.version}: {info.tier}, {size_text(info.bytes)}, "
                 f"cold start {cold_start(info.last_cold_start)}",
                 highlight=False,
             )

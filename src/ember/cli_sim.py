@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from ember.cli_common import print_table
 from ember.errors import EmberError
 
 __all__ = ["sim"]
@@ -44,7 +45,7 @@ def sim(
 ) -> None:
     """Replay a workload against always-on, classic FaaS, Ray-Serve-like and Ember policies in virtual time."""
     from ember.sim.plots import RunSeries, prepare_plots_dir, series_of, write_plots
-    from ember.sim.report import print_table, write_json
+    from ember.sim.report import table, write_json
     from ember.sim.runner import run_scenario
     from ember.sim.scenario import load_scenario
 
@@ -71,7 +72,7 @@ def sim(
     except EmberError as exc:
         _err.print(Text(f"error: {exc.message}", style="red"))
         raise typer.Exit(1) from None
-    print_table(loaded.name, reports, _console)
+    print_table(table(loaded.name, reports), _console)
     total_wall = sum(r.wall_s for r in reports)
     simulated = sum(r.requests for r in reports)
     _console.print(

@@ -25,7 +25,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ember.cli_common import DEFAULT_HOME, HomeOption, console, err_console, fail
+from ember.cli_common import DEFAULT_HOME, HomeOption, console, err_console, fail, print_table, size_text
 from ember.errors import EmberError
 from ember.store import Store
 
@@ -64,7 +64,7 @@ def _errors() -> Iterator[None]:
 def list_stored(home: HomeOption = DEFAULT_HOME) -> None:
     """List the models in the store with their tier and size, and each tier's budget."""
     with _errors(), _store(home) as opened:
-        table = Table("model", "tier", "MB", "compressed", "assets", "sha256")
+        table = Table("model", "tier", "size", "compressed", "assets", "sha256")
         keys = opened.keys()
         for key in keys:
             model = opened.get(key)
@@ -72,16 +72,16 @@ def list_stored(home: HomeOption = DEFAULT_HOME) -> None:
             table.add_row(
                 key,
                 str(opened.tier(key)),
-                f"{model.bytes / 1e6:.1f}",
+                size_text(model.bytes),
                 ratio,
                 str(len(model.assets)),
                 model.sha256[:12],
             )
-        console.print(table)
+        print_table(table)
         stats = opened.statistics()
         for name, tier in (("warm", stats.warm), ("cool", stats.cool)):
-            budget = "unlimited" if tier.budget_bytes is None else f"{tier.budget_bytes / 1e6:.1f} MB"
-            console.print(f"{name}: {tier.models} models, {tier.bytes / 1e6:.1f} MB of {budget}")
+            budget = "unlimited" if tier.budget_bytes is None else size_text(tier.budget_bytes)
+            console.print(f"{name}: {tier.models} models, {size_text(tier.bytes)} of {budget}")
 
 
 @store_app.command("import")
@@ -103,7 +103,7 @@ def import_weights(
     with _errors():
         if out is not None:
             size = import_source(source, out, compress=compress)
-            console.print(f"wrote {out}: {size / 1e6:.1f} MB")
+            console.print(f"wrote {out}: {size_text(size)}")
             return
         assert key is not None
         with _store(home) as opened:
@@ -115,7 +115,7 @@ def import_weights(
                 opened.abort(staging)
                 raise
             packed = "" if model.raw_bytes is None else f" (compressed {model.raw_bytes / model.bytes:.2f}x)"
-            console.print(f"stored {model.key}: {model.bytes / 1e6:.1f} MB in the cool tier{packed}")
+            console.print(f"stored {model.key}: {size_text(model.bytes)} in the cool tier{packed}")
 
 
 @store_app.command("verify")
@@ -162,7 +162,7 @@ def export(
         else:
             with _store(home) as opened:
                 size = export_safetensors(opened.weights_path(target), out)
-        console.print(f"wrote {out}: {size / 1e6:.1f} MB")
+        console.print(f"wrote {out}: {size_text(size)}")
 
 
 @store_app.command("bench")

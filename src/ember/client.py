@@ -10,8 +10,9 @@ Protocol v2 with binary tensors (:meth:`Client.infer`) and the OpenAI embeddings
         vectors = ember.embed("minilm", ["hello", "world"])
 
 Every request carries an API key as ``Authorization: Bearer <key>``: the ``api_key`` argument, else
-``EMBER_API_KEY``, else, for a server on this machine (a loopback URL), the admin key file in
-``EMBER_HOME`` (default ``~/.ember``) when it is readable here, so the server's owner needs no setup.
+``EMBER_API_KEY``, else, for a server on this machine (a loopback URL), the admin key file in the
+server's home (the ``home`` argument, else ``EMBER_HOME``, default ``~/.ember``) when it is readable
+here, so the server's owner needs no setup. A 401 answer says which of these to set.
 
 An error answer from the server comes back as the matching :mod:`ember.errors` class (400
 ``InvalidInput``, 401 ``Unauthorized``, 403 ``Forbidden``, 404 ``ModelNotFound``, 409 ``ModelExists``,
@@ -71,9 +72,14 @@ class Client:
         *,
         transport: httpx.BaseTransport | None = None,
         api_key: str | None = None,
+        home: Path | str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        key = api_key or find_api_key(self.url)
+        self._key_origin = "the api_key argument" if api_key else None
+        key = api_key
+        if not key:
+            key, self._key_origin = _find_key(self.url, home)
+        self._home = _home(home)
         headers = {"Authorization": f"Bearer {key}"} if key else None
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, transport=transport, headers=headers)
 
@@ -106,7 +112,7 @@ class Client:
         with self._http.stream("POST", "/admin/models", json=body, params=params) as response:
             if not response.is_success:
                 response.read()
-                raise _error_from_response(response)
+                raise self._error(response)
             return _read_deploy_stream(response.iter_lines(), on_progress)
 
     def models(self) -> list[dict[str, Any]]:
@@ -161,7 +167,7 @@ class Client:
             headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
         response = self._http.post(f"/v2/models/{_segment(name)}/infer", content=body, headers=headers)
         if not response.is_success:
-            raise _error_from_response(response)
+            raise self._error(response)
         raw_length = response.headers.get(HEADER_LENGTH)
         if raw_length is not None and not raw_length.strip().isdigit():
             raise EmberError(f"the server sent {HEADER_LENGTH}: {raw_length!r}, which is not a byte count")
@@ -198,34 +204,75 @@ class Client:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _error(self, response: httpx.Response) -> EmberError:
+        error = _error_from_response(response)
+        if isinstance(error, Unauthorized):
+            return Unauthorized(f"{error.message.rstrip('.')}. {_key_hint(self.url, self._key_origin, self._home)}")
+        return error
+
     def _json(self, method: str, path: str, json: Any = None, params: Mapping[str, str] | None = None) -> Any:
         response = self._http.request(method, path, json=json, params=params)
         if not response.is_success:
-            raise _error_from_response(response)
+            raise self._error(response)
         try:
             return response.json()
         except ValueError as exc:
             raise EmberError(f"{method} {path} answered with something that is not JSON: {exc}") from exc
 
 
-def find_api_key(url: str = DEFAULT_URL) -> str | None:
-    """``EMBER_API_KEY``, else the admin key file in ``EMBER_HOME`` (default ``~/.ember``), else None.
+def find_api_key(url: str = DEFAULT_URL, home: Path | str | None = None) -> str | None:
+    """``EMBER_API_KEY``, else the admin key file in ``home`` (default: ``EMBER_HOME``, else
+    ``~/.ember``), else None.
 
     The file is read only for a server on this machine (a loopback ``url``): the local admin key is
     never sent elsewhere.
     """
-    key = os.environ.get("EMBER_API_KEY", "").strip()
-    if key:
-        return key
+    return _find_key(url, home)[0]
+
+
+def _find_key(url: str, home: Path | str | None) -> tuple[str | None, str | None]:
+    """The key and where it came from (None, None: no key)."""
+    from_env = os.environ.get("EMBER_API_KEY", "").strip()
+    if from_env:
+        return from_env, "EMBER_API_KEY"
+    if not _is_loopback(url):
+        return None, None
+    path = _home(home) / ADMIN_KEY_FILE
+    from_file = read_key_file(path)
+    return (from_file, str(path)) if from_file else (None, None)
+
+
+def _home(home: Path | str | None) -> Path:
+    return Path(home or os.environ.get("EMBER_HOME") or "~/.ember").expanduser()
+
+
+def _is_loopback(url: str) -> bool:
     host = (urlsplit(url).hostname or "").lower()
-    if host != "localhost":
-        try:
-            if not ipaddress.ip_address(host).is_loopback:
-                return None
-        except ValueError:
-            return None
-    home = Path(os.environ.get("EMBER_HOME") or "~/.ember").expanduser()
-    return read_key_file(home / ADMIN_KEY_FILE)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _key_hint(url: str, origin: str | None, home: Path) -> str:
+    """What to set when the server refused this client's key (or its lack of one)."""
+    if origin is None:
+        if _is_loopback(url):
+            return (
+                f"No API key was sent: there is no readable {home / ADMIN_KEY_FILE}. Set EMBER_HOME (or pass "
+                "--home) to the folder `ember serve --home` uses, or set EMBER_API_KEY to a key"
+            )
+        return "No API key was sent: set EMBER_API_KEY to a key for this server (`ember keys create` makes one)"
+    if origin == "EMBER_API_KEY":
+        return "The key in EMBER_API_KEY was refused: set EMBER_API_KEY to a live key, or unset it to use admin.key"
+    if origin.endswith(ADMIN_KEY_FILE):
+        return (
+            f"The key in {origin} was refused: that server runs with another home; set EMBER_HOME (or pass --home) "
+            "to the folder `ember serve --home` uses, or set EMBER_API_KEY"
+        )
+    return f"The key from {origin} was refused"
 
 
 def _segment(name: str) -> str:

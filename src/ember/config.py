@@ -8,11 +8,12 @@ or one of the built-in adapters for Hugging Face folders, ``torch.export`` progr
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ember.api import TensorSpec
 
@@ -25,6 +26,7 @@ __all__ = [
     "ModelMetadata",
     "OnUnmeetable",
     "resolve_source",
+    "validation_message",
 ]
 
 #: How long a model stays on the device after its last request, then in host memory.
@@ -112,6 +114,69 @@ class DeploySpec(BaseModel):
         return self
 
 
+_KINDS_OF_VALUE = {
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "dict": "a JSON object",
+    "list": "a JSON list",
+}
+
+
+def validation_message(exc: ValidationError, fields: Iterable[str] = ()) -> str:
+    """Every problem pydantic found, in Ember's words: ``slo_ms must be greater than 0 (got -1)``.
+
+    pydantic's own sentences ("Input should be ...", "Value error, ...") never reach a user. An
+    unknown field's message lists ``fields``, the ones there are.
+    """
+    known = sorted(fields)
+    return "; ".join(_problem(error, known) for error in exc.errors())
+
+
+def _problem(error: Any, fields: list[str]) -> str:
+    kind = str(error["type"])
+    field = ".".join(str(part) for part in error["loc"]) or "the body"
+    ctx = error.get("ctx") or {}
+    got = error.get("input")
+    shown = f" (got {got!r})" if isinstance(got, int | float | str | bool) and len(repr(got)) <= 80 else ""
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx.get("error", error["msg"])).removeprefix("Value error, ")
+    if kind == "missing":
+        return f"{field} is required"
+    if kind == "extra_forbidden":
+        known = f"; the fields are {', '.join(fields)}" if fields else ""
+        return f"there is no field '{field}'{known}"
+    bounds = {
+        "greater_than": ("greater than", "gt"),
+        "greater_than_equal": ("at least", "ge"),
+        "less_than": ("less than", "lt"),
+        "less_than_equal": ("at most", "le"),
+    }
+    if kind in bounds:
+        words, key = bounds[kind]
+        bound = ctx.get(key)
+        return (
+            f"{field} must be {words} {bound:g}{shown}"
+            if isinstance(bound, float)
+            else f"{field} must be {words} {bound}{shown}"
+        )
+    if kind == "finite_number":
+        return f"{field} must be a finite number{shown}"
+    if kind == "string_too_short":
+        return f"{field} must not be empty" if ctx.get("min_length") == 1 else f"{field} is too short{shown}"
+    if kind == "string_too_long":
+        return f"{field} must be at most {ctx.get('max_length')} characters long"
+    if kind == "literal_error":
+        return f"{field} must be {ctx.get('expected')}{shown}"
+    if kind == "int_from_float":
+        return f"{field} must be a whole number{shown}"
+    for prefix, wanted in _KINDS_OF_VALUE.items():
+        if kind.startswith(f"{prefix}_"):
+            return f"{field} must be {wanted}{shown}"
+    return f"{field} has a value Ember cannot use{shown}"
+
+
 def detect_kind(source: str) -> Kind:
     if ":" in source and not Path(source).exists():
         return "class"
@@ -128,10 +193,33 @@ def detect_kind(source: str) -> Kind:
     )
 
 
+#: Folder and file names that say nothing about the model (a package's ``model/`` folder, a Hugging
+#: Face cache's ``snapshots/<commit>``): the default name comes from the folder above them.
+_GENERIC_NAMES = frozenset(
+    {"model", "models", "weights", "checkpoint", "checkpoints", "snapshots", "main", "hf", "export", "exported"}
+)
+
+
 def default_name(source: str) -> str:
+    """The model name when none is given: the class name, else the folder's (or file's) own name.
+
+    A folder keeps its whole name (``bge-small-en-v1.5``); a file loses its suffix. Generic names
+    (``model``, ``weights``, a commit hash) are passed over for the folder above, and a Hugging Face
+    cache folder ``models--org--name`` gives ``name``.
+    """
     if ":" in source and not Path(source).exists():
         return source.rsplit(":", 1)[1].lower()
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", Path(source.rstrip("/")).stem).lower() or "model"
+    path = Path(source.rstrip("/") or "/")
+    parts = [path.name if path.is_dir() else path.stem, *(p.name for p in path.parents)]
+    for part in parts:
+        if part.startswith("models--"):
+            part = part.rsplit("--", 1)[-1]
+        if not part or part.lower() in _GENERIC_NAMES or re.fullmatch(r"[0-9a-f]{40}", part):
+            continue
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", part).lower().strip(".-_")[:63]
+        if name:
+            return name
+    return "model"
 
 
 def resolve_source(spec: DeploySpec) -> tuple[str, dict[str, Any]]:

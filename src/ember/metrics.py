@@ -1,13 +1,15 @@
 """Prometheus metrics, with Triton's names where one exists so existing dashboards carry over.
 
 Triton's: ``nv_inference_request_success``, ``nv_inference_request_failure``, ``nv_inference_count``
-(inferences, i.e. rows), ``nv_inference_exec_count`` (batches), ``nv_inference_queue_duration_us``,
-``nv_inference_compute_infer_duration_us`` (cumulative microseconds), ``nv_inference_pending_request_count``.
-Ember's own: cold starts by tier, load-duration histogram, tier per model, SLO attainment.
+(inferences, i.e. rows), ``nv_inference_exec_count`` (batches), ``nv_inference_request_duration_us``,
+``nv_inference_queue_duration_us``, ``nv_inference_compute_infer_duration_us`` (cumulative
+microseconds), ``nv_inference_pending_request_count``. Ember's own: cold starts by tier, load-duration
+histogram, tier per model, SLO attainment. A removed model's series are dropped (:meth:`Metrics.forget`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -80,6 +82,9 @@ class Metrics:
         self.failure = _TritonFamily("nv_inference_request_failure", "Failed requests", counter, (*labels, "reason"))
         self.count = _TritonFamily("nv_inference_count", "Inferences performed (rows)", counter, labels)
         self.exec_count = _TritonFamily("nv_inference_exec_count", "Batches executed", counter, labels)
+        self.request_us = _TritonFamily(
+            "nv_inference_request_duration_us", "Cumulative request duration, arrival to answer (us)", counter, labels
+        )
         self.queue_us = _TritonFamily("nv_inference_queue_duration_us", "Cumulative queue time (us)", counter, labels)
         self.compute_us = _TritonFamily(
             "nv_inference_compute_infer_duration_us", "Cumulative compute time (us)", counter, labels
@@ -90,6 +95,7 @@ class Metrics:
             self.failure,
             self.count,
             self.exec_count,
+            self.request_us,
             self.queue_us,
             self.compute_us,
             self.pending,
@@ -125,10 +131,18 @@ class Metrics:
         for t in _TIERS:
             self.tier.labels(model, t).set(1.0 if t == tier else 0.0)
 
-    def forget(self, model: str, version: str) -> None:
+    def forget(self, model: str) -> None:
+        """Drop every series of ``model`` (all its versions): it was removed, and a dashboard should not
+        show it as present with its last values for ever."""
+        for family in self._triton:
+            family.children = {values: c for values, c in family.children.items() if values[0] != model}
+        for metric in (self.slo_met, self.slo_total, self.slo_attainment, self.latency):
+            with contextlib.suppress(KeyError):
+                metric.remove(model)
         for t in _TIERS:
-            self.tier.labels(model, t).set(0.0)
-        self.pending.labels(model, version).set(0)
+            for metric in (self.tier, self.cold_starts):
+                with contextlib.suppress(KeyError):
+                    metric.remove(model, t)
 
     def render(self) -> bytes:
         return "".join(f.render() for f in self._triton).encode() + generate_latest(self.registry)

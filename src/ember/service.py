@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -101,6 +101,8 @@ class ModelInfo:
     tenant: str = "default"
     #: The most instances the autoscaler may run (``ember deploy --max-instances``).
     max_instances: int = 1
+    #: What ``ember describe`` adds: inputs, outputs, batching, keep-alives, device, the model's options.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -224,8 +226,15 @@ class EmberService:
         self._add(deployment)
         if load:
             say({"stage": "loading", "model": name})
+            loop = asyncio.get_running_loop()
+            loaded = _progress_events(say, "loading", name)
+
+            def copied(done: int, total: int) -> None:  # the copy to the warm tier runs in a thread
+                loop.call_soon_threadsafe(loaded, done, total)
+
             try:
-                instance = await self.controller.ensure_hot(name)
+                with self.store.watch(deployment.key, copied):
+                    instance = await self.controller.ensure_hot(name)
             except EmberError as exc:  # a model that cannot load is not left deployed
                 await self.remove(name)
                 raise InvalidInput(f"{spec.source} was imported but could not be loaded: {exc.message}") from exc
@@ -233,7 +242,11 @@ class EmberService:
             say({"stage": "ready", "model": name, "load_s": cold.seconds if cold else 0.0})
             if deployment.warmup:
                 sizes = warmup_batch_sizes(deployment.max_batch_size, WARMUP_SIZES)
-                measured = await self.runner(name).warm_up(instance, sizes)
+                try:
+                    measured = await self.runner(name).warm_up(instance, sizes)
+                except ModelFailed as exc:  # its answers break its own declaration: not left deployed
+                    await self.remove(name)
+                    raise InvalidInput(f"{spec.source} was loaded, but {exc.message}") from exc
                 say({"stage": "warmed", "model": name, "batch_sizes": list(sizes[:measured])})
         return self.info(name)
 
@@ -268,7 +281,8 @@ class EmberService:
                     10.0,
                 )
             try:
-                described = await chosen.import_model(ref, options, str(staging))
+                imported = _progress_events(say, "importing", record.name)
+                described = await chosen.import_model(ref, options, str(staging), imported)
             except ModelFailed as exc:
                 raise InvalidInput(f"importing {spec.source} failed: {exc.message}") from exc
             try:
@@ -355,6 +369,19 @@ class EmberService:
             created_at=d.created_at,
             tenant=str(d.extra.get("tenant", "default")),
             max_instances=d.max_instances,
+            settings={
+                "inputs": [t.to_json() for t in d.metadata.inputs],
+                "outputs": [t.to_json() for t in d.metadata.outputs],
+                "max_batch_size": d.max_batch_size,
+                "max_batch_wait_ms": d.max_batch_wait_ms,
+                "max_queue": d.max_queue,
+                "keepalive_hot_s": d.keepalive_hot_s,
+                "keepalive_warm_s": d.keepalive_warm_s,
+                "on_unmeetable": d.on_unmeetable,
+                "warmup": d.warmup,
+                "device": d.device,
+                "options": dict(d.options),
+            },
         )
 
     def models(self) -> list[ModelInfo]:
@@ -393,6 +420,19 @@ class EmberService:
 def _shorten(value: object, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _progress_events(say: Progress, stage: str, name: str) -> Callable[[int, int], None]:
+    """``progress(done, total)`` that says ``stage`` with the bytes and percent done, at each whole percent."""
+    last = [-1]
+
+    def report(done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        if percent > last[0]:
+            last[0] = percent
+            say({"stage": stage, "model": name, "bytes": done, "total_bytes": total, "percent": percent})
+
+    return report
 
 
 def _deployment(record: DeploymentRecord) -> Deployment:

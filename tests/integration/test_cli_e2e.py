@@ -104,6 +104,33 @@ def test_rm_then_invoke_fails(server: Server) -> None:
     assert "error:" in again.stderr
 
 
+def test_deploy_piped_prints_import_and_load_progress_in_bytes_and_percent(server: Server) -> None:
+    done = server.deploy(f"{MODELS / 'heavy.py'}:Sized", "--name", "progress-24mb", "--option", "mb=24")
+    lines = done.stdout.splitlines()
+    imported = [line for line in lines if line.startswith("importing progress-24mb: ")]
+    loaded = [line for line in lines if line.startswith("loading progress-24mb: ")]
+    total = "25.2 MB"  # 24 MiB
+    assert len(imported) >= 3 and imported[-1] == f"importing progress-24mb: {total} of {total} (100%)", done.stdout
+    assert loaded and loaded[-1].endswith(f"of {total} (100%)"), done.stdout
+    assert all(re.fullmatch(r"\w+ progress-24mb: [\d.]+ [kMG]?B of 25\.2 MB \(\d+%\)", x) for x in imported + loaded)
+    server.cli("rm", "progress-24mb")
+
+
+def test_a_class_name_typo_is_not_found_with_the_closest_name(server: Server) -> None:
+    done = server.cli("deploy", f"{REPO / 'examples' / 'linear.py'}:Linaer", "--name", "typo")
+    assert done.returncode == 1
+    assert "class 'Linaer' not found" in done.stderr and "did you mean 'Linear'?" in done.stderr, done.stderr
+    assert "subclass" not in done.stderr and "Traceback" not in done.stderr
+    assert "typo" not in {m["name"] for m in server.get_json("/admin/models")}
+
+
+def test_a_model_that_answers_one_row_for_many_fails_its_deploy(server: Server) -> None:
+    done = server.cli("deploy", f"{MODELS / 'faulty.py'}:OneRow", "--name", "one-row")
+    assert done.returncode == 1
+    assert "does not match the declared outputs" in done.stderr and "output 'y'" in done.stderr, done.stderr
+    assert "one-row" not in {m["name"] for m in server.get_json("/admin/models")}
+
+
 def test_deploying_a_taken_name_fails(server: Server, linear: str) -> None:
     version = server.model(linear)["version"]
     done = server.cli("deploy", f"{REPO / 'examples' / 'linear.py'}:Linear", "--name", linear)

@@ -97,3 +97,14 @@ def test_non_embedding_model_is_a_bad_request(client: openai.OpenAI, linear: str
 def test_error_message_reaches_the_openai_client(client: openai.OpenAI, linear: str) -> None:
     with pytest.raises(openai.BadRequestError, match="not an embedding model"):
         client.embeddings.create(model=linear, input="hello")
+
+
+def test_chat_completions_is_a_bad_request_the_openai_client_can_read(client: openai.OpenAI, minilm: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=minilm, messages=[{"role": "user", "content": "hello"}])
+    assert caught.value.status_code == 400
+    body = caught.value.body
+    assert isinstance(body, dict) and body["type"] == "invalid_request_error"
+    assert "/v1/chat/completions" in body["message"] and "/v1/embeddings" in body["message"]
+    with pytest.raises(openai.BadRequestError, match="no generative"):
+        client.completions.create(model=minilm, prompt="hello")

@@ -83,6 +83,17 @@ def test_the_admin_key_file_is_private(server: Server) -> None:
     assert path.read_text().strip() == server.key
 
 
+def test_a_scraper_reads_metrics_with_the_metrics_key_and_nothing_else(server: Server) -> None:
+    path = server.home / "metrics.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    scraper = {"Authorization": f"Bearer {path.read_text().strip()}"}
+    metrics = httpx.get(f"{server.url}/metrics", headers=scraper, timeout=30)
+    assert metrics.status_code == 200 and "nv_inference_request_duration_us" in metrics.text
+    for path_ in ("/admin/models", "/admin/keys", f"/v2/models/{MODEL}"):
+        refused = httpx.get(f"{server.url}{path_}", headers=scraper, timeout=30)
+        assert refused.status_code == 403 and "metrics key" in refused.json()["error"], path_
+
+
 def test_the_printed_curl_sends_the_key_and_works(server: Server) -> None:
     def printed() -> str | None:
         lines = server.log_path.read_text().splitlines()

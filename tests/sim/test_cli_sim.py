@@ -43,3 +43,14 @@ def test_ember_sim_refuses_a_policy_set_the_scenario_lacks(tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["sim", str(scenario), "--only", "nope"])
     assert result.exit_code == 1
     assert "policy set 'nope' is not in the scenario" in result.output
+
+
+def test_ember_sim_to_a_pipe_keeps_every_cell_whole(tmp_path: Path) -> None:
+    scenario = tmp_path / "small.yaml"
+    scenario.write_text(SMALL)
+    result = CliRunner().invoke(app, ["sim", str(scenario), "--duration-s", "120", "--only", "always_on"])
+    assert result.exit_code == 0, result.output
+    assert "\N{HORIZONTAL ELLIPSIS}" not in result.output
+    header = next(line for line in result.output.splitlines() if "policy set" in line)
+    for column in ("requests", "SLO met", "p50 ms", "p99 ms", "cold w/c", "GPU-s", "xAO", "GB-s", "models/GPU"):
+        assert column in header

@@ -213,7 +213,7 @@ def test_ember_status_shows_the_links_in_use(tmp_path: Path, monkeypatch: pytest
     run_in_virtual_time(main)
     body = json.loads(json.dumps(statuses[0], default=str))
     transport = httpx.MockTransport(lambda request: httpx.Response(200, json=body))
-    monkeypatch.setattr(cli, "Client", lambda url: Client(url, transport=transport))
+    monkeypatch.setattr(cli, "Client", lambda url, **kw: Client(url, transport=transport, **kw))
     result = runner.invoke(cli.app, ["status"])
     assert result.exit_code == 0, result.output
     assert "cool->warm 0.25 GB/s" in result.output and "warm->hot 3.50 GB/s" in result.output

@@ -19,6 +19,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from ember import cli
+from ember.cli_common import size_text
+from ember.cli_progress import DeployProgress
 from ember.client import Client, _error_from
 from ember.config import DeploySpec
 from ember.errors import (
@@ -433,7 +435,7 @@ def test_tail_lines_reads_the_end(tmp_path: Path) -> None:
 @pytest.fixture
 def serve_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Handler], None]]:
     def install(handler: Handler) -> None:
-        monkeypatch.setattr(cli, "Client", lambda url: Client(url, transport=httpx.MockTransport(handler)))
+        monkeypatch.setattr(cli, "Client", lambda url, **kw: Client(url, transport=httpx.MockTransport(handler), **kw))
 
     yield install
 
@@ -444,7 +446,7 @@ runner = CliRunner()
 def test_help_lists_every_command() -> None:
     result = runner.invoke(cli.app, ["--help"])
     assert result.exit_code == 0
-    for command in ("serve", "deploy", "ls", "rm", "load", "unload", "status", "invoke", "logs"):
+    for command in ("serve", "deploy", "ls", "describe", "rm", "load", "unload", "status", "invoke", "logs"):
         assert command in result.output
 
 
@@ -611,3 +613,88 @@ def test_logs_prints_the_tail_of_each_worker(tmp_path: Path) -> None:
     assert only.output == "y\n"
     missing = runner.invoke(cli.app, ["logs", "--home", str(tmp_path), "--worker", "5"])
     assert missing.exit_code == 1 and "error:" in missing.output
+
+
+@pytest.mark.parametrize(
+    ("num_bytes", "text"),
+    [(0, "0 B"), (612, "612 B"), (4_200, "4.2 kB"), (999_000, "999.0 kB"), (2_500_000, "2.5 MB"), (3.2e9, "3.20 GB")],
+)
+def test_sizes_below_a_megabyte_are_not_zero(num_bytes: float, text: str) -> None:
+    assert size_text(num_bytes) == text
+
+
+def test_ls_to_a_pipe_keeps_every_column_whole(serve_with: Callable[[Handler], None]) -> None:
+    long_name = "a-model-with-a-rather-long-name-for-a-narrow-terminal"
+    small = {**MODEL, "name": long_name, "bytes": 612, "slo_attainment": 0.5}
+    serve_with(lambda request: httpx.Response(200, json=[small]))
+    result = runner.invoke(cli.app, ["ls"])  # CliRunner's output is not a terminal: a pipe
+    assert result.exit_code == 0, result.output
+    assert "\N{HORIZONTAL ELLIPSIS}" not in result.output
+    assert long_name in result.output and "612 B" in result.output and "cool 12 ms" in result.output
+
+
+def test_inputs_that_do_not_fit_the_model_are_an_error_sentence_and_exit_1(
+    serve_with: Callable[[Handler], None],
+) -> None:
+    metadata = {"name": "double", "inputs": DOUBLE_INPUTS, "outputs": []}
+    serve_with(lambda request: httpx.Response(200, json=metadata))
+    wrong_name = runner.invoke(cli.app, ["invoke", "double", "--data", '{"y": [[1, 2, 3, 4]]}'])
+    assert wrong_name.exit_code == 1
+    assert wrong_name.output.startswith("error: --data for model 'double': unknown y, missing x")
+    texts = runner.invoke(cli.app, ["invoke", "double", "--text", "hello"])
+    assert texts.exit_code == 1
+    assert texts.output.startswith("error: model 'double' takes x (FP32), not texts")
+    for result in (wrong_name, texts):
+        assert "Usage:" not in result.output and "Traceback" not in result.output
+
+
+def test_a_server_error_is_one_sentence_and_exit_1(serve_with: Callable[[Handler], None]) -> None:
+    serve_with(lambda request: httpx.Response(400, json={"error": "invalid deployment: slo_ms must be greater than 0"}))
+    result = runner.invoke(cli.app, ["load", "double"])
+    assert result.exit_code == 1
+    assert result.output == "error: invalid deployment: slo_ms must be greater than 0\n"
+
+
+def _progress(stage: str, done: int, total: int) -> dict[str, Any]:
+    return {"stage": stage, "model": "double", "bytes": done, "total_bytes": total, "percent": 100 * done // total}
+
+
+DEPLOY_EVENTS = [
+    {"stage": "importing", "model": "double", "source": "pkg.models:Double"},
+    *(_progress("importing", n * 25_000, 2_500_000) for n in range(0, 101)),  # every percent, as the server sends
+    {"stage": "stored", "model": "double", "bytes": 2_500_000},
+    {"stage": "loading", "model": "double"},
+    _progress("loading", 1_250_000, 2_500_000),
+    _progress("loading", 2_500_000, 2_500_000),
+    {"stage": "ready", "model": "double", "load_s": 0.0123},
+    {"stage": "done", "model": MODEL},
+]
+
+
+def test_deploy_piped_prints_progress_lines_in_bytes_and_percent(serve_with: Callable[[Handler], None]) -> None:
+    serve_with(lambda request: httpx.Response(200, content=ndjson(*DEPLOY_EVENTS)))
+    result = runner.invoke(cli.app, ["deploy", "pkg.models:Double"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    imported = [line for line in lines if line.startswith("importing double:")]
+    assert imported[0] == "importing double: 0 B of 2.5 MB (0%)"
+    assert imported[5] == "importing double: 1.2 MB of 2.5 MB (50%)"
+    assert imported[-1] == "importing double: 2.5 MB of 2.5 MB (100%)" and len(imported) == 11  # one a tenth
+    assert "loading double: 1.2 MB of 2.5 MB (50%)" in lines and "loading double: 2.5 MB of 2.5 MB (100%)" in lines
+    order = [
+        next(i for i, line in enumerate(lines) if line.startswith(p))
+        for p in ("importing", "✓ stored", "loading", "✓ ready", "deployed")
+    ]
+    assert order == sorted(order)
+
+
+def test_deploy_on_a_terminal_draws_bars_with_bytes_and_percent() -> None:
+    out = io.StringIO()
+    terminal = Console(file=out, force_terminal=True, width=120)
+    with DeployProgress(terminal, "pkg.models:Double") as progress:
+        for event in DEPLOY_EVENTS[:-1]:
+            progress(event)
+    drawn = out.getvalue()
+    assert "importing pkg.models:Double" in drawn and "1.2/2.5 MB" in drawn and "50%" in drawn
+    assert "loading double" in drawn and "2.5/2.5 MB" in drawn and "100%" in drawn
+    assert "stored 2.5 MB" in drawn and "ready in 12 ms" in drawn

@@ -235,3 +235,17 @@ def test_the_staged_pipeline_never_reuses_a_buffer_before_its_copy(tmp_path: Pat
     assert len(log) == math.ceil(index.data_length / 4096)
     expected = path.read_bytes()[index.data_offset : index.data_offset + index.data_length]
     assert bytes(target.numpy()) == expected
+
+
+def test_writing_reports_its_progress_chunk_by_chunk(tmp_path: Path) -> None:
+    heard: list[int] = []
+    data = bytes(range(256)) * 64  # 16 KiB: four 4 KiB chunks
+    write_raw(tmp_path / "w.ember", [("w", "uint8", (len(data),), data)], chunk_bytes=4096, progress=heard.append)
+    assert heard == [4096, 8192, 12288, 16384]
+    seen: list[tuple[int, int]] = []
+    named = {"w": torch.arange(50_000, dtype=torch.float32), "b": torch.ones(3)}
+    write_checkpoint(tmp_path / "c.ember", named, progress=lambda done, total: seen.append((done, total)))
+    total = 50_000 * 4 + 3 * 4
+    assert seen[-1] == (total, total) and all(t == total for _, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert same(load_checkpoint(tmp_path / "c.ember", torch.device("cpu"))["w"], named["w"])

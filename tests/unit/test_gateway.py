@@ -291,3 +291,80 @@ def test_a_body_in_parts_is_joined_and_a_client_that_hangs_up_is_not_answered() 
         asyncio.run(edge.receive_body(_receiver(parts[0], {"type": "http.disconnect"}), None, ""))
     with pytest.raises(edge.PayloadTooLarge):
         asyncio.run(edge.receive_body(_receiver(*parts), None, "", limit=2))
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"source": "x.py:M", "slo_ms": -1}, "slo_ms must be greater than 0 (got -1)"),
+        ({"source": "x.py:M", "slo_ms": "fast"}, "slo_ms must be a number (got 'fast')"),
+        ({"source": "x.py:M", "slow_ms": 5}, "there is no field 'slow_ms'; the fields are "),
+        ({"slo_ms": 5}, "source is required"),
+        ({"source": "x.py:M", "on_unmeetable": "drop"}, "on_unmeetable must be 'refuse' or 'best_effort'"),
+        ({"source": "x.py:M", "max_queue": 1.5}, "max_queue must be a whole number"),
+        ({"source": "x.py:M", "name": "bad name"}, "model name 'bad name' is not allowed"),
+    ],
+)
+def test_a_bad_deploy_body_is_told_in_embers_words_not_pydantics(tmp_path, body, fragment):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.post("/admin/models", json=body)
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert fragment in error
+        for pydantic_words in ("Input should", "Value error", "Extra inputs", "Field required", "valid dictionary"):
+            assert pydantic_words not in error
+
+    _with_app(tmp_path, test)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/nowhere"])
+def test_openai_routes_that_do_not_exist_answer_in_the_openai_error_shape(tmp_path, path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.post(path, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code in (400, 404)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        if "completions" in path:
+            assert r.status_code == 400 and "/v1/embeddings" in error["message"]
+
+    _with_app(tmp_path, test)
+
+
+def test_the_admin_model_answer_holds_what_describe_shows(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        settings = (await client.get("/admin/models/m")).json()["settings"]
+        assert settings["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+        assert settings["outputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+        assert settings["max_batch_size"] == 1 and settings["max_queue"] == 2
+        assert settings["on_unmeetable"] == "best_effort" and settings["device"] == "auto"
+        assert settings["keepalive_hot_s"] == 300.0 and settings["options"] == {}
+
+    _with_app(tmp_path, test)
+
+
+def test_prometheus_scrapes_metrics_with_the_metrics_key_that_opens_nothing_else(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        key_file = tmp_path / "metrics.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        scraper = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
+        r = await client.get("/metrics", headers=scraper)
+        assert r.status_code == 200 and "nv_inference_request_success" in r.text
+        for method, path in (("GET", "/admin/models"), ("GET", "/admin/status"), ("POST", "/v2/models/m/infer")):
+            refused = await client.request(method, path, headers=scraper, json=_json_request())
+            assert refused.status_code == 403 and "metrics key" in refused.json()["error"], path
+        nobody = await client.get("/metrics", headers={"Authorization": "Bearer ember_nothing"})
+        assert nobody.status_code == 401
+
+    _with_app(tmp_path, test)
+
+
+def test_a_removed_models_series_leave_metrics(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        assert (await client.post("/v2/models/m/infer", json=_json_request())).status_code == 200
+        before = (await client.get("/metrics")).text
+        assert 'nv_inference_request_duration_us{model="m",version="1"}' in before
+        assert (await client.delete("/admin/models/m")).status_code == 200
+        after = (await client.get("/metrics")).text
+        assert 'model="m"' not in after
+
+    _with_app(tmp_path, test)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import httpx
 import pytest
+import typer
 from typer.testing import CliRunner
 
-from ember import cli_keys
+from ember import cli, cli_keys
 from ember.cli import app, curl_example, is_loopback
 from ember.client import Client, find_api_key
 
@@ -56,7 +58,7 @@ def test_the_client_finds_its_key_in_the_environment_then_the_home(tmp_path, mon
 
 def _serve_with(monkeypatch, handler):
     monkeypatch.setenv("EMBER_API_KEY", "ember_admin")
-    monkeypatch.setattr(cli_keys, "Client", lambda url: Client(url, transport=httpx.MockTransport(handler)))
+    monkeypatch.setattr(cli_keys, "Client", lambda url, **kw: Client(url, transport=httpx.MockTransport(handler), **kw))
 
 
 def test_keys_create_ls_revoke_speak_the_admin_api(monkeypatch):
@@ -102,3 +104,64 @@ def test_serve_refuses_an_admin_key_file_others_can_read(tmp_path):
     result = runner.invoke(app, ["serve", "--host", "127.0.0.1", "--port", "0", "--home", str(tmp_path)])
     assert result.exit_code == 1, result.output
     assert f"chmod 600 {key_file}" in result.output
+
+
+def _commands(group: typer.Typer, prefix: str = "") -> list[tuple[str, inspect.Signature]]:
+    found = [
+        (f"{prefix}{c.name or c.callback.__name__}", inspect.signature(c.callback)) for c in group.registered_commands
+    ]
+    for sub in group.registered_groups:
+        found += _commands(sub.typer_instance, f"{prefix}{sub.name or sub.typer_instance.info.name} ")
+    return found
+
+
+def test_every_command_that_talks_to_the_server_takes_home():
+    talking = [name for name, signature in _commands(app) if "url" in signature.parameters]
+    assert len(talking) >= 12, talking
+    assert [
+        name
+        for name, signature in _commands(app)
+        if "url" in signature.parameters and "home" not in signature.parameters
+    ] == []
+
+
+def test_home_finds_the_admin_key_of_a_server_started_with_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("EMBER_API_KEY", raising=False)
+    monkeypatch.delenv("EMBER_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))  # ~/.ember holds no key
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "admin.key").write_text("ember_srvkey\n")
+    sent: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("authorization"))
+        return httpx.Response(200, json=[])
+
+    monkeypatch.setattr(cli, "Client", lambda url, **kw: Client(url, transport=httpx.MockTransport(handler), **kw))
+    _serve_with_keys(monkeypatch, handler)
+    assert runner.invoke(app, ["ls", "--home", str(tmp_path / "srv")]).exit_code == 0
+    assert runner.invoke(app, ["keys", "ls", "--home", str(tmp_path / "srv")]).exit_code == 0
+    monkeypatch.setenv("EMBER_HOME", str(tmp_path / "srv"))
+    assert runner.invoke(app, ["tenants", "ls"]).exit_code == 0
+    assert sent == ["Bearer ember_srvkey"] * 3
+
+
+def test_a_refused_key_names_what_to_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("EMBER_API_KEY", raising=False)
+    monkeypatch.setenv("EMBER_HOME", str(tmp_path))
+    refuse = lambda request: httpx.Response(401, json={"error": "this request needs an API key"})  # noqa: E731
+    monkeypatch.setattr(cli, "Client", lambda url, **kw: Client(url, transport=httpx.MockTransport(refuse), **kw))
+    missing = runner.invoke(app, ["ls"])
+    assert missing.exit_code == 1
+    assert "EMBER_HOME" in missing.output and "--home" in missing.output and "EMBER_API_KEY" in missing.output
+    assert str(tmp_path / "admin.key") in missing.output
+    (tmp_path / "admin.key").write_text("ember_stale\n")
+    stale = runner.invoke(app, ["ls"])
+    assert stale.exit_code == 1 and "was refused" in stale.output and "EMBER_HOME" in stale.output
+    monkeypatch.setenv("EMBER_API_KEY", "ember_wrong")
+    wrong = runner.invoke(app, ["ls"])
+    assert wrong.exit_code == 1 and "EMBER_API_KEY was refused" in wrong.output
+
+
+def _serve_with_keys(monkeypatch, handler):
+    monkeypatch.setattr(cli_keys, "Client", lambda url, **kw: Client(url, transport=httpx.MockTransport(handler), **kw))

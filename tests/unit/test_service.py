@@ -10,7 +10,7 @@ import pytest
 
 from ember.clock import VirtualClock
 from ember.config import DeploySpec
-from ember.errors import DeadlineUnmeetable, InvalidInput, ModelNotFound, Overloaded, WorkerCrashed
+from ember.errors import DeadlineUnmeetable, InvalidInput, ModelFailed, ModelNotFound, Overloaded, WorkerCrashed
 from ember.service import EmberService, ServeOptions
 from ember.testing import FakeBackend, LatencyProfile, run_in_virtual_time
 
@@ -287,5 +287,55 @@ def test_a_queued_request_that_can_no_longer_make_its_slo_is_refused_not_served_
                 await second
             assert len(worker.batches) == warmup + 1  # the second request never ran
             assert service.info("m").failed == 1
+
+    run_in_virtual_time(main)
+
+
+def test_a_model_that_answers_one_row_for_many_fails_its_deploy_naming_the_output(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, backend = _service(tmp_path, clock)
+        backend.model = lambda batch: {"x": batch["x"][:1]}  # right for one row, wrong for more
+        async with service:
+            with pytest.raises(InvalidInput) as caught:
+                await service.deploy(_spec(model_file))
+            message = caught.value.message
+            assert "warm-up batch of 2 zero rows" in message and "output 'x'" in message
+            assert "does not match the declared outputs" in message
+            with pytest.raises(ModelNotFound):
+                service.info("m")  # not left deployed
+
+    run_in_virtual_time(main)
+
+
+def test_an_answer_of_the_wrong_datatype_is_model_failed_naming_the_output(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, backend = _service(tmp_path, clock)
+        async with service:
+            await service.deploy(_spec(model_file, warmup=False))
+            (worker,) = backend.workers()
+            worker.model = lambda batch: {"x": batch["x"].astype(np.float64)}
+            with pytest.raises(ModelFailed, match=r"output 'x' is float64 but declared FP32"):
+                await service.infer("m", _x(1.0))
+            worker.model = lambda batch: {"y": batch["x"]}
+            with pytest.raises(ModelFailed, match=r"output 'x' is missing \(predict returned y\)"):
+                await service.infer("m", _x(1.0))
+
+    run_in_virtual_time(main)
+
+
+def test_a_deploy_reports_import_and_load_progress_in_bytes_and_percent(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock)
+        events: list[dict] = []
+        async with service:
+            await service.deploy(_spec(model_file), events.append)
+        progress = [e for e in events if "total_bytes" in e]
+        stages = [e["stage"] for e in progress]
+        assert "importing" in stages and "loading" in stages
+        for e in progress:
+            assert e["model"] == "m" and 0 <= e["bytes"] <= e["total_bytes"]
+            assert e["percent"] == 100 * e["bytes"] // e["total_bytes"]
+        assert [e["percent"] for e in progress if e["stage"] == "importing"][-1] == 100
+        assert [e["percent"] for e in progress if e["stage"] == "loading"][-1] == 100
 
     run_in_virtual_time(main)

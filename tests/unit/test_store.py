@@ -272,3 +272,20 @@ def test_commit_refuses_weights_that_are_not_an_ember_checkpoint(store: Store) -
     with pytest.raises(CorruptCheckpoint, match="magic"):
         store.commit("m@1", folder)
     assert store.tier("m@1") is Tier.COLD
+
+
+def test_a_watched_promote_reports_the_bytes_it_copies(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ember.store.store as store_module
+
+    monkeypatch.setattr(store_module, "COPY_STEP_BYTES", 4096)  # several steps for a small checkpoint
+    model = add(store, "m@1", numel=10_000)
+    heard: list[tuple[int, int]] = []
+    with store.watch("m@1", lambda done, total: heard.append((done, total))):
+        store.promote("m@1")
+    assert heard[-1] == (model.bytes, model.bytes) and len(heard) == -(-model.bytes // 4096)
+    assert [d for d, _ in heard] == sorted(d for d, _ in heard)
+    assert store.tier("m@1") is Tier.WARM
+    store.demote("m@1")
+    heard.clear()
+    store.promote("m@1")  # no longer watched
+    assert heard == []

@@ -27,6 +27,7 @@ __all__ = [
     "ADMIN_KEY_FILE",
     "DEFAULT_TENANT",
     "KEY_PREFIX",
+    "METRICS_KEY_FILE",
     "KeyRecord",
     "NewKey",
     "Principal",
@@ -42,6 +43,8 @@ __all__ = [
 DEFAULT_TENANT = "default"
 #: The file in Ember's home holding the admin key made at first start (mode 0600).
 ADMIN_KEY_FILE = "admin.key"
+#: The file in Ember's home holding the key that opens ``GET /metrics`` alone (mode 0600).
+METRICS_KEY_FILE = "metrics.key"
 KEY_PREFIX = "ember_"
 
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

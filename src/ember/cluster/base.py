@@ -11,7 +11,10 @@ from typing import Any, Protocol
 
 from ember.worker.protocol import Arrays, Batch
 
-__all__ = ["ClusterBackend", "WorkerHandle"]
+__all__ = ["ClusterBackend", "ProgressCallback", "WorkerHandle"]
+
+#: ``progress(done_bytes, total_bytes)``: how far a long piece of work (an import) has got.
+ProgressCallback = Callable[[int, int], None]
 
 
 class WorkerHandle(Protocol):
@@ -27,7 +30,11 @@ class WorkerHandle(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    async def import_model(self, model_ref: str, options: dict[str, Any], staging: str) -> dict[str, Any]: ...
+    async def import_model(
+        self, model_ref: str, options: dict[str, Any], staging: str, progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
+        """Run the model's deploy-time hooks into ``staging``; ``progress`` hears the weight bytes written."""
+        ...
 
     async def load(
         self, key: str, model_ref: str, options: dict[str, Any], weights_path: str, assets: dict[str, bytes]

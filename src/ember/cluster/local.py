@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.cluster.base import WorkerHandle
-from ember.errors import EmberError, InternalError, ModelFailed, StorageFull, WorkerCrashed
+from ember.cluster.base import ProgressCallback, WorkerHandle
+from ember.errors import EmberError, InternalError, InvalidInput, ModelFailed, StorageFull, WorkerCrashed
 from ember.worker.protocol import (
     Arrays,
     Batch,
@@ -28,6 +28,7 @@ from ember.worker.protocol import (
     Infer,
     Load,
     Message,
+    Progress,
     Reply,
     Shutdown,
     Unload,
@@ -85,6 +86,8 @@ class LocalWorker:
         self._device = device
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
+        #: Who hears the Progress messages of a message in flight, by its id.
+        self._progress: dict[int, ProgressCallback] = {}
         self._process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -154,8 +157,10 @@ class LocalWorker:
         self._lost_callback = on_lost
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"ember-worker-{self._id}")
 
-    async def import_model(self, model_ref: str, options: dict[str, Any], staging: str) -> dict[str, Any]:
-        reply = await self._call(lambda i: Import(i, model_ref, options, staging))
+    async def import_model(
+        self, model_ref: str, options: dict[str, Any], staging: str, progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
+        reply = await self._call(lambda i: Import(i, model_ref, options, staging), progress=progress)
         value: dict[str, Any] = reply.value
         return value
 
@@ -194,14 +199,19 @@ class LocalWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader_task
 
-    async def _call(self, make: Callable[[int], Message], timeout_s: float | None = None) -> Reply:
+    async def _call(
+        self, make: Callable[[int], Message], timeout_s: float | None = None, progress: ProgressCallback | None = None
+    ) -> Reply:
         """Send a message and wait for its reply; with ``timeout_s``, raise TimeoutError once the worker
-        has spent that long on this message itself (not on the ones it answers first)."""
+        has spent that long on this message itself (not on the ones it answers first). ``progress``
+        hears the worker's Progress messages about it."""
         if not self._alive or self._writer is None:
             raise WorkerCrashed(f"worker {self._id} is not running")
         msg_id = next(self._ids)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = future
+        if progress is not None:
+            self._progress[msg_id] = progress
         try:
             async with self._write_lock:
                 await write_frame(self._writer, make(msg_id))
@@ -212,6 +222,7 @@ class LocalWorker:
             raise WorkerCrashed(f"worker {self._id} connection broke: {exc}") from exc
         finally:
             self._pending.pop(msg_id, None)
+            self._progress.pop(msg_id, None)
         if not reply.ok:
             raise _error_from(reply)
         return reply
@@ -260,6 +271,10 @@ class LocalWorker:
                     future = self._pending.get(message.id)
                     if future is not None and not future.done():
                         future.set_result(message)
+                elif isinstance(message, Progress):
+                    listener = self._progress.get(message.id)
+                    if listener is not None:
+                        listener(message.done_bytes, message.total_bytes)
         finally:
             self._alive = False
             crash = WorkerCrashed(f"worker {self._id} (pid {self.pid}) exited; see {self._log_path}")
@@ -288,6 +303,8 @@ def _error_from(reply: Reply) -> EmberError:
         return InternalError(f"worker: {reply.error}")
     if reply.extra.get("errno") == errno.ENOSPC:
         return storage_full(reply.error)
+    if reply.error_kind == "ClassNotFound":  # the deployer's typo, not the model's failure
+        return InvalidInput(reply.error.partition(": ")[2] or reply.error)
     return ModelFailed(f"the model raised {reply.error}; fix the model and redeploy it (`ember logs` shows more)")
 
 

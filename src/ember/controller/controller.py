@@ -147,7 +147,7 @@ class Controller:
             with contextlib.suppress(EmberError):
                 await worker.unload(model.deployment.key)
         model.workers.clear()
-        self._metrics.forget(name, str(model.deployment.version))
+        self._metrics.forget(name)
 
     async def import_worker(self, tenant: str) -> WorkerHandle | None:
         """The worker to run a deploy-time import of ``tenant``'s model: placement decides, as for a load,

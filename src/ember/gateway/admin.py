@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ember.config import DeploySpec
+from ember.config import DeploySpec, validation_message
 from ember.errors import EmberError, InvalidInput
 from ember.gateway import auth
 from ember.gateway.edge import read_json
@@ -36,8 +36,7 @@ def parse_spec(body: Any) -> DeploySpec:
     try:
         return DeploySpec.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors())
-        raise InvalidInput(f"invalid deployment: {problems}") from exc
+        raise InvalidInput(f"invalid deployment: {validation_message(exc, DeploySpec.model_fields)}") from exc
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
 
@@ -48,9 +47,15 @@ def routes(service: EmberService) -> list[Route]:
         load = request.query_params.get("load", "true") != "false"
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=64)
 
+        def say(event: dict[str, Any]) -> None:
+            # Progress (bytes so far) is lossy: a client reading slowly misses some, never the rest.
+            if "bytes" in event and "percent" in event and events.qsize() >= events.maxsize - 8:
+                return
+            events.put_nowait(event)
+
         async def work() -> None:
             try:
-                info = await service.deploy(spec, events.put_nowait, load=load)
+                info = await service.deploy(spec, say, load=load)
                 await events.put({"stage": "done", "model": info.to_json()})
             except EmberError as exc:
                 await events.put({"stage": "error", "status": exc.http_status, "error": exc.message})

@@ -54,6 +54,9 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
         message = exc.detail if exc.status_code != 404 else f"no route {request.method} {request.url.path}"
         if exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
+        if request.url.path.startswith("/v1/"):  # the OpenAI clients read error.message
+            body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
@@ -129,14 +132,24 @@ table{border-collapse:collapse}td,th{padding:.3rem .8rem;border-bottom:1px solid
 <th>failed</th><th>queued</th><th>SLO (ms)</th><th>SLO met</th><th>last cold start</th></tr></thead>
 <tbody id="models"></tbody></table>
 <script>
+let noKey=false;
 async function get(path){
-  const r=await fetch(path,{headers:{Authorization:'Bearer '+(localStorage.getItem('emberKey')||'')}});
-  if(r.status===401){const k=prompt('Ember admin API key (admin.key in the server home):');
-    if(k){localStorage.setItem('emberKey',k.trim());return get(path);}}
-  return r.json();
+  const key=localStorage.getItem('emberKey')||'';
+  const r=await fetch(path,{headers:{Authorization:'Bearer '+key}});
+  if(r.status!==401)return r.json();
+  if((localStorage.getItem('emberKey')||'')!==key)return get(path);  // a key was entered meanwhile
+  if(!noKey){const k=prompt('Ember admin API key (admin.key in the server home):');
+    if(k&&k.trim()){localStorage.setItem('emberKey',k.trim());return get(path);}
+    noKey=true;}  // cancelled: ask no more until the page is reloaded
+  throw new Error('no API key');
 }
 async function refresh(){
-  const [models,status]=await Promise.all([get('/admin/models'),get('/admin/status')]);
+  if(noKey)return;
+  let models,status;
+  try{[models,status]=await Promise.all([get('/admin/models'),get('/admin/status')]);}
+  catch(e){if(noKey){clearInterval(timer);
+    document.getElementById('status').textContent='No API key given: reload the page to enter one.';}
+    return;}
   document.getElementById('status').textContent=
     `${status.models} models, ${status.workers.ready}/${status.workers.size} workers ready`;
   const rows=models.map(m=>{
@@ -150,6 +163,6 @@ async function refresh(){
     return tr;});
   document.getElementById('models').replaceChildren(...rows);
 }
-refresh();setInterval(refresh,2000);
+const timer=setInterval(refresh,2000);refresh();
 </script></body></html>
 """

@@ -18,7 +18,8 @@ Rules, in order:
    the default tenant, whose names are plain) answers 404, word for word what an absent model gets.
    Lists show only the caller's tenant.
 4. Then the role: keys and tenants, status and metrics are admin's (403 otherwise); deploy, remove,
-   load and unload need deployer; calling and reading need invoker.
+   load and unload need deployer; calling and reading need invoker. ``GET /metrics`` also takes the
+   metrics key of ``HOME/metrics.key``, which opens nothing else (for a Prometheus scraper).
 5. A call (infer, embeddings) takes a token from its tenant's bucket, or is refused with 429 and
    ``Retry-After``.
 
@@ -27,6 +28,7 @@ Routes that take a model name from the body (``/v1/embeddings``) call :func:`che
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ember.auth.keyfile import ensure_admin_key
+from ember.auth.keyfile import ensure_admin_key, ensure_metrics_key
 from ember.auth.keys import (
     DEFAULT_TENANT,
     TENANT_SEPARATOR,
@@ -102,6 +104,7 @@ class Guard:
         self.insecure = insecure
         #: The admin key this start made (and wrote to the home's key file), or None.
         self.made_admin_key: NewKey | None = ensure_admin_key(home, registry, clock.wall())
+        self._metrics_key = ensure_metrics_key(home).encode()
         self._principals: dict[str, Principal] = {}
         #: Keys presented lately that are live, as sent: skips the hash on the next request with one.
         #: Cleared on every revocation; only valid keys enter, so a flood of wrong keys cannot grow it.
@@ -118,6 +121,10 @@ class Guard:
         self._buckets = {}
 
     # -- per request -------------------------------------------------------------------------------
+
+    def is_metrics_key(self, key: bytes) -> bool:
+        """Whether ``key`` is the home's metrics key (good for ``GET /metrics`` alone)."""
+        return hmac.compare_digest(key, self._metrics_key)
 
     def authenticate(self, key: bytes | None) -> Principal:
         if key is not None:
@@ -287,6 +294,10 @@ class AuthMiddleware:
         path: str = scope["path"]
         if path in PUBLIC_PATHS:
             return
+        if key is not None and self.guard.is_metrics_key(key):
+            if path == "/metrics":
+                return
+            raise Forbidden(f"the metrics key (metrics.key) opens GET /metrics alone, not {path}; send an API key")
         principal = self.guard.authenticate(key)
         scope["ember.principal"] = principal
         route = self._routes.get((principal.tenant, scope["method"], path))

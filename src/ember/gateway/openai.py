@@ -1,5 +1,8 @@
 """The OpenAI-compatible routes: ``POST /v1/embeddings`` and ``GET /v1/models``.
 
+``/v1/chat/completions`` and ``/v1/completions`` answer 400 in the OpenAI error shape, saying that no
+generative model is served, so the official client raises a readable ``BadRequestError``.
+
 A model fits ``/v1/embeddings`` when it declares ``task = "embeddings"``: one BYTES input of texts
 and one FP32 output of shape (-1, dim). Both ``encoding_format`` values work (``float``, and
 ``base64``, which the official client asks for by default). ``usage`` counts whitespace-separated
@@ -90,8 +93,16 @@ def routes(service: EmberService) -> list[Route]:
         m = service.info(request.path_params["name"])
         return JSONResponse({"id": m.name, "object": "model", "created": int(m.created_at), "owned_by": "ember"})
 
+    async def generative(request: Request) -> Response:
+        raise InvalidInput(
+            f"Ember does not serve {request.url.path} yet: it has no generative (chat or completion) models. "
+            "Embedding models answer on /v1/embeddings; every model answers on /v2/models/{name}/infer"
+        )
+
     return [
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/chat/completions", generative, methods=["POST"]),
+        Route("/v1/completions", generative, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{name}", model, methods=["GET"]),
     ]

@@ -174,6 +174,8 @@ SCHEMA: dict[str, Any] = {
             "post": _op("demote to cool, or to parameters.tier (warm, cool)", body=_UNLOAD, params=["name"])
         },
         "/v1/embeddings": {"post": _op("OpenAI embeddings", body=_EMBEDDINGS)},
+        "/v1/chat/completions": {"post": _op("not served yet: 400 in the OpenAI error shape", body=_EMPTY)},
+        "/v1/completions": {"post": _op("not served yet: 400 in the OpenAI error shape", body=_EMPTY)},
         "/v1/models": {"get": _op("OpenAI model list")},
         "/v1/models/{name}": {"get": _op("one OpenAI model", params=["name"])},
         "/admin/models": {
@@ -204,7 +206,7 @@ SCHEMA: dict[str, Any] = {
         "/admin/keys/{key_id}": {"delete": _op("revoke a key (admin)", params=["key_id"])},
         "/admin/tenants": {"get": _op("tenants' quotas (admin)")},
         "/admin/tenants/{tenant}": {"put": _op("set a tenant's quotas (admin)", body=_QUOTA, params=["tenant"])},
-        "/metrics": {"get": _op("Prometheus metrics (admin)")},
+        "/metrics": {"get": _op("Prometheus metrics (admin key, or the metrics key of HOME/metrics.key)")},
         "/openapi.json": {"get": {**_op("this document"), "security": []}},
         "/": {"get": {**_op("the live dashboard (HTML; its data calls need a key)"), "security": []}},
     },

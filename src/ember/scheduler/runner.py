@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ember.api import DATATYPES
+from ember.api import ANSWER_MISMATCH, DATATYPES
 from ember.clock import Clock
 from ember.cluster.base import WorkerHandle
 from ember.config import Deployment
@@ -107,6 +107,7 @@ class ModelRunner:
         self._compute_us = metrics.compute_us.labels(*labels)
         self._queue_us = metrics.queue_us.labels(*labels)
         self._success = metrics.success.labels(*labels)
+        self._request_us = metrics.request_us.labels(*labels)
         self._slo_total = metrics.slo_total.labels(name)
         self._latency = metrics.latency.labels(name)
         self._slo_met = metrics.slo_met.labels(name)
@@ -344,7 +345,8 @@ class ModelRunner:
         """Run one batch of zeros per size in ``sizes`` on ``instance``; fold the times in. Returns batches run.
 
         A size the model rejects ends the sweep: warm-up only seeds the latency model, and the model's
-        own traffic keeps refining it.
+        own traffic keeps refining it. An answer that breaks the model's declared outputs (a wrong
+        shape or datatype, one row for several) is a broken model, not a rejected size: ModelFailed.
         """
         measured = 0
         for size in sizes:
@@ -355,7 +357,10 @@ class ModelRunner:
                 result = await instance.infer(self.deployment.key, [inputs])
             except EmberError:
                 break
-            if any(isinstance(out, str) for out in result.outputs):
+            failed = [out for out in result.outputs if isinstance(out, str)]
+            if any(out.startswith(ANSWER_MISMATCH) for out in failed):
+                raise ModelFailed(f"its warm-up batch of {size} zero rows failed: {failed[0]}")
+            if failed:
                 break
             self.latency = self.latency.observe_batch(size, result.compute_s)
             measured += 1
@@ -379,6 +384,7 @@ class ModelRunner:
         if ok:
             self.stats.succeeded += 1
             self._success.inc()
+            self._request_us.inc((now - pending.arrival) * 1e6)
             if now - pending.arrival <= self.deployment.slo_ms / 1000.0:
                 self.stats.slo_met += 1
                 self._slo_met.inc()

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from ember.sim.engine import RunResult
@@ -76,10 +75,6 @@ def table(scenario: str, reports: list[PolicyReport]) -> Table:
             ratio, f"{r.gpu_memory_gb_seconds:,.0f}", f"{r.models_per_gpu:.1f}",
         )  # fmt: skip
     return t
-
-
-def print_table(scenario: str, reports: list[PolicyReport], console: Console | None = None) -> None:
-    (console or Console()).print(table(scenario, reports))
 
 
 def write_json(path: Path, scenario: str, seed: int, reports: list[PolicyReport]) -> None:

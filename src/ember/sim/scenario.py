@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ember.config import validation_message
 from ember.errors import InvalidInput
 from ember.sim.calibration import BUILTIN_CALIBRATIONS, LatencyCurve, load_calibration
 from ember.sim.cluster import ClusterSpec, Distribution, ModelSpec, ServiceTime
@@ -203,9 +204,7 @@ def parse_scenario(text: str, folder: Path, origin: str = "<scenario>") -> Scena
     try:
         s = ScenarioIn.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "(top level)"
-        raise InvalidInput(f"{origin}: {where}: {first['msg']} ({e.error_count()} problem(s) in all)") from e
+        raise InvalidInput(f"{origin}: {validation_message(e)}") from e
     cal = load_calibration(s.calibration if s.calibration in BUILTIN_CALIBRATIONS else folder / s.calibration)
     memory = int(s.cluster.device_memory_gb * 1e9) if s.cluster.device_memory_gb else cal.device_memory_bytes
     cluster = ClusterSpec(cal, s.cluster.nodes, s.cluster.devices_per_node, memory, int(s.cluster.host_memory_gb * 1e9))

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ember.config import validation_message
 from ember.policies.latency import Bandwidths
 from ember.store.bench import PROMOTE, Row
 
@@ -153,8 +154,7 @@ def read_bandwidths(home: Path) -> HostBandwidths:
     try:
         parsed = _File.model_validate_json(text)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors())
-        return _fallback(path, f"is not a bandwidths file ({problems})")
+        return _fallback(path, f"is not a bandwidths file ({validation_message(exc)})")
     links = parsed.bandwidths
     return HostBandwidths(
         Bandwidths(links.disk_bytes_per_s, links.host_to_device_bytes_per_s, links.setup_s),

@@ -13,7 +13,7 @@ loading a pickle never runs code from it. torch is imported inside the functions
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +28,17 @@ __all__ = ["export_safetensors", "import_source", "read_source", "write_checkpoi
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
+def write_checkpoint(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
     """Write ``tensors`` to ``path`` in Ember's format, atomically; return the bytes written.
 
     Tensors are moved to the CPU and made contiguous one at a time; views sharing storage are fine.
     TypeError for a name that is not a string, a value that is not a tensor or a dtype Ember cannot hold.
+    ``progress(done, total)`` hears the tensor bytes written so far, out of all of them, as it goes.
     """
     import torch
 
@@ -49,7 +55,12 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], metadata: 
             raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
             yield name, dtype_name(tensor.dtype), tuple(tensor.shape), raw.numpy().data
 
-    return write_raw(Path(path), contents(), metadata)
+    if progress is None:
+        return write_raw(Path(path), contents(), metadata)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    size = write_raw(Path(path), contents(), metadata, progress=lambda done: progress(min(done, total), total))
+    progress(total, total)
+    return size
 
 
 def read_source(source: Path) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,11 +121,13 @@ def write_raw(
     tensors: Iterable[tuple[str, str, tuple[int, ...], memoryview | bytes]],
     metadata: Mapping[str, str] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Write ``(name, dtype name, shape, bytes)`` tensors to ``path`` atomically; return its size.
 
     The bytes must be the tensor's contiguous little-endian contents. Needs no torch, so tests and
-    fakes can write checkpoints from plain bytes.
+    fakes can write checkpoints from plain bytes. ``progress`` is called with the data bytes written
+    so far (alignment padding included) after every chunk.
     """
     if chunk_bytes <= 0 or chunk_bytes % PREAMBLE_BYTES:
         raise ValueError(f"chunk_bytes={chunk_bytes}: use a positive multiple of {PREAMBLE_BYTES}")
@@ -136,16 +138,18 @@ def write_raw(
 
     def feed(out: Any, data: memoryview) -> None:
         nonlocal crc, filled, cursor
-        out.write(data)
-        cursor += len(data)
         while len(data):
             take = min(len(data), chunk_bytes - filled)
+            out.write(data[:take])
             crc = zlib.crc32(data[:take], crc)
+            cursor += take
             filled += take
             data = data[take:]
             if filled == chunk_bytes:
                 crcs.append(crc)
                 crc, filled = 0, 0
+                if progress is not None:
+                    progress(cursor)
 
     with atomic_file(path) as out:
         out.write(bytes(PREAMBLE_BYTES))

@@ -38,7 +38,7 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +172,8 @@ class Store:
         self._warm_root = Path(warm_root) if warm_root is not None else _default_warm_root(self._root)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        #: Who hears the progress of a model's copy to the warm tier (see :meth:`watch`).
+        self._watchers: dict[str, Callable[[int, int], None]] = {}
         self._lock_fd: int | None = os.open(self._root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         with contextlib.suppress(BlockingIOError):  # another store is open on root: leave its work be
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -336,6 +338,16 @@ class Store:
             cool=TierStats(cool_models, cool_bytes, self._budgets[Tier.COOL]),
         )
 
+    @contextlib.contextmanager
+    def watch(self, key: str, progress: Callable[[int, int], None]) -> Iterator[None]:
+        """Within the block, ``progress(done, total)`` hears the weight bytes of ``key``'s copy to the warm
+        tier as a :meth:`promote` makes it (from the promoting thread)."""
+        self._watchers[key] = progress
+        try:
+            yield
+        finally:
+            self._watchers.pop(key, None)
+
     def promote(self, key: str) -> Path:
         """Copy the model to the warm tier and check the copy's checksums; return the warm folder.
 
@@ -358,10 +370,13 @@ class Store:
             scratch = self._warm_root / f".promote-{key}.{secrets.token_hex(8)}"
             scratch.mkdir(parents=True)  # the warm root is made on first use, and closing removes it
             try:
+                progress = self._watchers.get(key)
                 if manifest.raw_bytes is None:
-                    shutil.copyfile(cool / WEIGHTS, scratch / WEIGHTS)
+                    _copy(cool / WEIGHTS, scratch / WEIGHTS, progress)
                 else:  # checks the frames and the decompressed chunks as it goes
                     _decompress(cool / WEIGHTS, scratch / WEIGHTS, self._verify_threads, key)
+                    if progress is not None:
+                        progress(manifest.warm_size, manifest.warm_size)
                 _check_weights(
                     scratch / WEIGHTS,
                     manifest.warm_size,
@@ -546,6 +561,28 @@ def _check_weights(
             check_file(path, threads)
         else:
             read_index(path)
+
+
+#: Bytes per step of a watched copy: progress is heard this often.
+COPY_STEP_BYTES = 64 << 20
+
+
+def _copy(src: Path, dst: Path, progress: Callable[[int, int], None] | None) -> None:
+    """``shutil.copyfile``; watched, the same kernel copy (``sendfile``) in steps, each one reported."""
+    if progress is None:
+        shutil.copyfile(src, dst)
+        return
+    total = src.stat().st_size
+    with open(src, "rb") as source, open(dst, "wb") as target:
+        done = 0
+        while done < total:
+            sent = os.sendfile(target.fileno(), source.fileno(), done, min(COPY_STEP_BYTES, total - done))
+            if sent == 0:
+                raise OSError(f"{src} ended at {done} of {total} bytes while being copied")
+            done += sent
+            progress(done, total)
+    if total == 0:
+        progress(0, 0)
 
 
 def _decompress(src: Path, dst: Path, threads: int, key: str) -> None:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ember.api import TensorSpec, check_answer
 from ember.clock import Clock, VirtualClock
-from ember.cluster.base import WorkerHandle
+from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.errors import ModelFailed, WorkerCrashed
 from ember.store import Store, StoredModel
 from ember.store.format import write_raw
@@ -23,6 +24,10 @@ __all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "run_in_virtual_time",
 T = TypeVar("T")
 
 Model = Callable[[Arrays], Arrays]
+
+#: What every fake model declares: ``x`` in, ``x`` out, FP32 rows of 4.
+FAKE_INPUTS = (TensorSpec("x", "FP32", (-1, 4)),)
+FAKE_OUTPUTS = (TensorSpec("x", "FP32", (-1, 4)),)
 
 
 def _identity(batch: Arrays) -> Arrays:
@@ -61,11 +66,15 @@ class FakeWorker:
     _on_lost: Callable[[FakeWorker], None] | None = None
     _crash: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def import_model(self, model_ref: str, options: dict[str, Any], staging: str) -> dict[str, Any]:
+    async def import_model(
+        self, model_ref: str, options: dict[str, Any], staging: str, progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
         write_raw(Path(staging) / WEIGHTS, [("w", "uint8", (64,), bytes(64))])
+        if progress is not None:
+            progress(64, 64)
         return {
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
-            "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+            "inputs": [spec.to_json() for spec in FAKE_INPUTS],
+            "outputs": [spec.to_json() for spec in FAKE_OUTPUTS],
             "max_batch_size": 8,
             "task": None,
         }
@@ -92,7 +101,13 @@ class FakeWorker:
         self.batches.append((key, rows))
         seconds = self.profile.batch_s(rows)
         await self._take(seconds)
-        return Batch([self.model(r) for r in requests], seconds)
+        return Batch([self._answer(r) for r in requests], seconds)
+
+    def _answer(self, request: Arrays) -> Arrays | str:
+        """``model``'s answer, checked against the declared outputs as a real worker checks it."""
+        answer = self.model(request)
+        mismatch = check_answer(FAKE_OUTPUTS, answer, rows_of(request))
+        return answer if mismatch is None else mismatch
 
     def crash(self) -> None:
         """Die now: batches in flight fail with WorkerCrashed and the backend is told."""

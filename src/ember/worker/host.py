@@ -8,6 +8,7 @@ each request's ``encode``. A failure is confined to the group (or request) it ha
 
 from __future__ import annotations
 
+import difflib
 import gc
 import hashlib
 import importlib
@@ -16,23 +17,28 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from ember.api import ModelAPI
+from ember.api import ANSWER_MISMATCH, ModelAPI, check_answer
 from ember.store.convert import write_checkpoint
 from ember.store.loader import LoaderConfig, load_checkpoint
 from ember.store.store import WEIGHTS
 from ember.worker.protocol import Arrays, Batch, rows_of
 
-__all__ = ["ModelHost", "instantiate", "resolve_class"]
+__all__ = ["ClassNotFound", "ModelHost", "instantiate", "resolve_class"]
 
 Array = npt.NDArray[Any]
+
+
+class ClassNotFound(LookupError):
+    """The model reference names a class that its file or module does not define."""
 
 
 def resolve_class(model_ref: str) -> type[ModelAPI]:
@@ -59,9 +65,28 @@ def resolve_class(model_ref: str) -> type[ModelAPI]:
     else:
         module = importlib.import_module(ref)
     cls = getattr(module, attr, None)
+    if cls is None:
+        raise ClassNotFound(_not_found(ref, attr, module))
     if not isinstance(cls, type) or not issubclass(cls, ModelAPI):
-        raise ValueError(f"{model_ref}: {attr} is not a subclass of ember.ModelAPI")
+        raise ValueError(
+            f"{model_ref}: {attr} is not a model class; name a class of {ref} that subclasses ember.ModelAPI"
+        )
     return cls
+
+
+def _not_found(ref: str, attr: str, module: ModuleType) -> str:
+    """``class 'X' not found in ref``, with the closest model class the module defines."""
+    models = sorted(
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type) and issubclass(value, ModelAPI) and value is not ModelAPI
+    )
+    close = difflib.get_close_matches(attr, models, n=1, cutoff=0.5)
+    if close:
+        return f"class '{attr}' not found in {ref}; did you mean '{close[0]}'? Deploy {ref}:{close[0]}"
+    if models:
+        return f"class '{attr}' not found in {ref}; its model classes are {', '.join(models)}"
+    return f"class '{attr}' not found in {ref}, which defines no subclass of ember.ModelAPI"
 
 
 def instantiate(model_ref: str, options: Mapping[str, Any]) -> ModelAPI:
@@ -87,12 +112,20 @@ class ModelHost:
         self.loader = loader or LoaderConfig()
         self.models: dict[str, ModelAPI] = {}
 
-    def import_model(self, model_ref: str, options: Mapping[str, Any], staging: Path) -> dict[str, Any]:
+    def import_model(
+        self,
+        model_ref: str,
+        options: Mapping[str, Any],
+        staging: Path,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run the model's deploy-time hooks into ``staging``; ``progress(done, total)`` hears the
+        weight bytes written."""
         model = instantiate(model_ref, options)
         weights = model.source_weights()
         assets = model.source_assets()
         metadata = describe(model)
-        size = write_checkpoint(staging / WEIGHTS, weights)
+        size = write_checkpoint(staging / WEIGHTS, weights, progress=progress)
         (staging / "assets").mkdir(exist_ok=True)
         for name, data in assets.items():
             if "/" in name or name.startswith("."):
@@ -154,10 +187,6 @@ class ModelHost:
         try:
             with torch.inference_mode():
                 outputs = {name: np.asarray(value) for name, value in model.predict(batch).items()}
-            total = sum(rows)
-            for name, value in outputs.items():
-                if value.ndim == 0 or value.shape[0] != total:
-                    raise ValueError(f"predict returned {name} with shape {value.shape}; expected {total} rows first")
         except Exception as exc:
             if len(members) > 1:
                 # One request may have broken the whole batch: run each alone, so that only the
@@ -168,15 +197,30 @@ class ModelHost:
             _log_failure(key, "predict")
             results[members[0][0]] = f"predict failed: {type(exc).__name__}: {exc}"
             return
+        total = sum(rows)
+        for name, value in outputs.items():
+            if value.ndim == 0 or value.shape[0] != total:
+                # Not retried request by request: a model that answers one row whatever it is given
+                # would pass alone and fail every batch.
+                wrong = (
+                    f"{ANSWER_MISMATCH}: output '{name}' has shape {tuple(value.shape)} for a batch of {total} rows; "
+                    "predict must return one row per input row, in order"
+                )
+                for i, _ in members:
+                    results[i] = wrong
+                return
         offset = 0
         for (i, _), n in zip(members, rows, strict=True):
             part = {name: value[offset : offset + n] for name, value in outputs.items()}
             offset += n
             try:
-                results[i] = dict(model.encode(part))
+                answer = dict(model.encode(part))
             except Exception as exc:
                 _log_failure(key, "encode")
                 results[i] = f"encode failed: {type(exc).__name__}: {exc}"
+                continue
+            mismatch = check_answer(model.outputs, answer, n)
+            results[i] = answer if mismatch is None else mismatch
 
 
 def _log_failure(key: str, hook: str) -> None:

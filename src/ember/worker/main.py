@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from ember.worker.protocol import (
     Load,
     Message,
     Ping,
+    Progress,
     Reply,
     Shutdown,
     Unload,
@@ -79,7 +81,7 @@ def _serve(sock: socket.socket, host: ModelHost, max_memory_bytes: int) -> None:
             if isinstance(message, Shutdown):
                 send_message(sock, Reply(message.id, True))
             return
-        send_message(sock, _handle(host, message))
+        send_message(sock, _handle(host, message, sock))
         if max_memory_bytes and isinstance(message, Infer):
             rss = resident_bytes()
             if rss > max_memory_bytes:
@@ -94,13 +96,26 @@ def _serve(sock: socket.socket, host: ModelHost, max_memory_bytes: int) -> None:
                 return
 
 
+def _progress_sender(sock: socket.socket, msg_id: int) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` that tells the parent at each whole percent (and at the end)."""
+    last = [-1]
+
+    def send(done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        if percent > last[0] or done == total:
+            last[0] = percent
+            send_message(sock, Progress(msg_id, done, total))
+
+    return send
+
+
 def resident_bytes() -> int:
     """The most resident memory this process has held (``getrusage``: a syscall, where reading /proc
     costs about 100 us in a VM)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _handle(host: ModelHost, message: Message) -> Reply:
+def _handle(host: ModelHost, message: Message, sock: socket.socket | None = None) -> Reply:
     msg_id = getattr(message, "id", -1)
     try:
         if isinstance(message, Infer):
@@ -114,7 +129,9 @@ def _handle(host: ModelHost, message: Message) -> Reply:
             host.unload(message.key)
             return Reply(msg_id, True)
         if isinstance(message, Import):
-            return Reply(msg_id, True, host.import_model(message.model_ref, message.options, Path(message.staging)))
+            progress = None if sock is None else _progress_sender(sock, msg_id)
+            described = host.import_model(message.model_ref, message.options, Path(message.staging), progress)
+            return Reply(msg_id, True, described)
         if isinstance(message, Ping):
             return Reply(msg_id, True, sorted(host.models))
         return Reply(msg_id, False, error=f"unknown message {type(message).__name__}", error_kind="InternalError")

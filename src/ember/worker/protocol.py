@@ -24,6 +24,7 @@ __all__ = [
     "Infer",
     "Load",
     "Ping",
+    "Progress",
     "Reply",
     "Shutdown",
     "Unload",
@@ -115,7 +116,16 @@ class Reply:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Message = WorkerReady | Import | Load | Unload | Infer | Ping | Shutdown | Reply
+@dataclass(frozen=True)
+class Progress:
+    """Sent by the worker while it works on message ``id`` (an import): bytes done out of a total."""
+
+    id: int
+    done_bytes: int
+    total_bytes: int
+
+
+Message = WorkerReady | Import | Load | Unload | Infer | Ping | Shutdown | Reply | Progress
 
 
 def _dumps(message: Message) -> bytes:
