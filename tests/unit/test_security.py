@@ -384,6 +384,19 @@ def test_keys_are_accepted_as_x_api_key_too(tmp_path):
     with_world(tmp_path, test)
 
 
+def test_a_request_with_several_key_headers_is_refused_whichever_comes_last(tmp_path):
+    async def test(world: World) -> None:
+        good, bad = f"Bearer {world.keys['admin']}", "Bearer ember_" + "x" * 43
+        for pair in ((bad, good), (good, bad), (good, good)):
+            headers = [("Authorization", pair[0]), ("Authorization", pair[1])]
+            r = await world.client.get("/admin/models", headers=headers)
+            assert r.status_code == 400 and "several Authorization headers" in r.json()["error"], pair
+        headers = [("X-API-Key", str(world.keys["admin"])), ("X-API-Key", str(world.keys["admin"]))]
+        assert (await world.client.get("/admin/models", headers=headers)).status_code == 400
+
+    with_world(tmp_path, test)
+
+
 def test_an_old_home_gains_the_key_tables_and_keeps_its_deployments(tmp_path):
     path = tmp_path / "registry.sqlite"
     old = sqlite3.connect(path)

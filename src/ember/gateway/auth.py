@@ -10,7 +10,8 @@ Rules, in order:
 1. Headers over :data:`MAX_HEADER_BYTES` are refused (431), before anything else is read.
 2. Health checks and the OpenAPI schema are public. Every other route needs a key, sent as
    ``Authorization: Bearer <key>`` (what the openai client sends, and what tritonclient sends when
-   given ``headers=``) or ``X-API-Key: <key>``; none or a wrong one is 401. With ``--insecure`` (on
+   given ``headers=``) or ``X-API-Key: <key>``; none or a wrong one is 401, and several of either
+   header is 400 (servers and proxies disagree on which one counts). With ``--insecure`` (on
    loopback only) a request without a known key acts as admin; a known key still acts as itself.
 3. Model names are per tenant: a key of ``acme`` naming ``m`` names ``acme+m`` (the path is
    rewritten before routing), so it cannot even name another tenant's model, and deploying a name
@@ -59,6 +60,7 @@ from ember.errors import (
     TooLarge,
     Unauthorized,
 )
+from ember.gateway.connections import CONNECTION_SCOPE_KEY
 from ember.gateway.edge import error_response
 from ember.registry import Registry
 
@@ -273,22 +275,33 @@ class AuthMiddleware:
         return route
 
     def _check(self, scope: Scope) -> None:
-        key: bytes | None = None
+        bearer: bytes | None = None
+        api_key: bytes | None = None
+        repeated: str | None = None
         size = 0
         for name, value in scope["headers"]:
             size += len(name) + len(value)
             if name == b"authorization":
+                if bearer is not None:
+                    repeated = "Authorization"
                 scheme, _, token = value.partition(b" ")
-                key = token.strip() if scheme.lower() == b"bearer" else value
-            elif name == b"x-api-key" and key is None:
-                key = value.strip()
+                bearer = token.strip() if scheme.lower() == b"bearer" else value
+            elif name == b"x-api-key":
+                if api_key is not None:
+                    repeated = "X-API-Key"
+                api_key = value.strip()
         if size > MAX_HEADER_BYTES:
             raise TooLarge(f"the request headers are {size} bytes; the limit is {MAX_HEADER_BYTES} bytes", 431)
         path: str = scope["path"]
         if path in PUBLIC_PATHS:
             return
-        principal = self.guard.authenticate(key)
+        if repeated is not None:  # which one a proxy or a server would pick differs: pick none
+            raise InvalidInput(f"the request has several {repeated} headers; send the API key in one")
+        principal = self.guard.authenticate(bearer if bearer is not None else api_key)
         scope["ember.principal"] = principal
+        connection = scope.get(CONNECTION_SCOPE_KEY)
+        if connection is not None:  # a keyed connection is no longer capped (ember.gateway.connections)
+            connection.authenticated()
         route = self._routes.get((principal.tenant, scope["method"], path))
         if route is None:
             route = self._route(principal.tenant, scope["method"], path)
