@@ -32,7 +32,8 @@ DEFAULT_KEEPALIVE_HOT_S = 300.0
 DEFAULT_KEEPALIVE_WARM_S = 3600.0
 DEFAULT_SLO_MS = 100.0
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: Matched whole (``fullmatch``): ``$`` alone would let a trailing newline through.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 Kind = Literal["class", "hf", "exported", "torchscript"]
 #: What to do with a request whose deadline cannot be met even if served alone.
@@ -46,11 +47,12 @@ _ADAPTERS: dict[str, str] = {
 
 
 #: A model name in a tenant's namespace: ``acme+resnet`` (see ``ember.auth.keys.qualify``).
-QUALIFIED_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\+[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+QUALIFIED_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\+[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def check_name(name: str) -> str:
-    if not (NAME_PATTERN.match(name) or QUALIFIED_PATTERN.match(name)) or ".." in name:
+    whole = isinstance(name, str) and (NAME_PATTERN.fullmatch(name) or QUALIFIED_PATTERN.fullmatch(name))
+    if not whole or ".." in name:
         raise ValueError(
             f"model name {name!r} is not allowed: use 1-63 letters, digits, '_', '-' or '.', starting with a "
             "letter or digit (a tenant's model may be named TENANT+NAME)"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -24,7 +26,7 @@ from typing import Any
 from ember.clock import Clock, WallClock, run_blocking
 from ember.cluster.base import ClusterBackend
 from ember.cluster.local import LocalBackend, WorkerLimits, storage_full
-from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
+from ember.config import Deployment, DeploySpec, ModelMetadata, check_name, resolve_source
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ModelUnavailable, ShuttingDown
 from ember.metrics import Metrics
@@ -47,6 +49,9 @@ __all__ = ["EmberService", "ModelInfo", "ServeOptions"]
 Progress = Callable[[dict[str, Any]], None]
 
 _log = logging.getLogger(__name__)
+
+#: Where registry rows that cannot be served are moved at start (``EmberService._set_aside``).
+SET_ASIDE_DIR = "set-aside"
 
 #: Batch sizes the deploy-time warm-up measures (1, 2, 4), to seed each model's latency model.
 WARMUP_SIZES = 3
@@ -173,7 +178,12 @@ class EmberService:
             self._discard_files(record.key)
         await self.backend.start()
         for record in self.registry.all():
-            self._add(_deployment(record))
+            try:
+                deployment = _deployment(record)
+            except Exception as exc:  # a row this Ember cannot serve must not keep the others down
+                self._set_aside(record, exc)
+                continue
+            self._add(deployment)
         self._controller_task = asyncio.create_task(self.controller.run(), name="ember-controller")
         self._accepting = True
         self.ready = True
@@ -223,19 +233,26 @@ class EmberService:
             self._deploying.discard(name)
         self._add(deployment)
         if load:
-            say({"stage": "loading", "model": name})
             try:
-                instance = await self.controller.ensure_hot(name)
-            except EmberError as exc:  # a model that cannot load is not left deployed
+                await self._first_load(deployment, spec, say)
+            except Exception:  # a model that cannot load (or a bug on the way) is not left deployed
                 await self.remove(name)
-                raise InvalidInput(f"{spec.source} was imported but could not be loaded: {exc.message}") from exc
-            cold = self.controller.last_cold_start(name)
-            say({"stage": "ready", "model": name, "load_s": cold.seconds if cold else 0.0})
-            if deployment.warmup:
-                sizes = warmup_batch_sizes(deployment.max_batch_size, WARMUP_SIZES)
-                measured = await self.runner(name).warm_up(instance, sizes)
-                say({"stage": "warmed", "model": name, "batch_sizes": list(sizes[:measured])})
+                raise
         return self.info(name)
+
+    async def _first_load(self, deployment: Deployment, spec: DeploySpec, say: Progress) -> None:
+        name = deployment.name
+        say({"stage": "loading", "model": name})
+        try:
+            instance = await self.controller.ensure_hot(name)
+        except EmberError as exc:
+            raise InvalidInput(f"{spec.source} was imported but could not be loaded: {exc.message}") from exc
+        cold = self.controller.last_cold_start(name)
+        say({"stage": "ready", "model": name, "load_s": cold.seconds if cold else 0.0})
+        if deployment.warmup:
+            sizes = warmup_batch_sizes(deployment.max_batch_size, WARMUP_SIZES)
+            measured = await self.runner(name).warm_up(instance, sizes)
+            say({"stage": "warmed", "model": name, "batch_sizes": list(sizes[:measured])})
 
     async def _import(
         self,
@@ -246,8 +263,9 @@ class EmberService:
         say: Progress,
     ) -> Deployment:
         key = record.key
-        staging = self.store.staging(key)
+        staging: Path | None = None
         try:
+            staging = self.store.staging(key)
             ref = model_ref
             code_path, _, attr = model_ref.rpartition(":")
             if code_path.endswith(".py"):
@@ -290,8 +308,10 @@ class EmberService:
                 },
             )
         except BaseException:
+            # Whatever went wrong (an Ember error, a bug, a cancelled request), no row is left importing.
             self.registry.abort(record.name)
-            self.store.abort(staging)
+            if staging is not None:
+                self.store.abort(staging)
             self._discard_files(key)
             raise
         return _deployment(finished)
@@ -385,9 +405,27 @@ class EmberService:
         runner.start()
 
     def _discard_files(self, key: str) -> None:
-        with contextlib.suppress(KeyError, EmberError, OSError):
+        with contextlib.suppress(KeyError, EmberError, OSError, ValueError):  # ValueError: not a valid key
             self.store.remove(key)
-        shutil.rmtree(self.home / "code" / key, ignore_errors=True)
+            shutil.rmtree(self.home / "code" / key, ignore_errors=True)
+
+    def _set_aside(self, record: DeploymentRecord, error: Exception) -> None:
+        """Move a registry row that cannot be served to ``HOME/set-aside/`` (as JSON), and say so in the log."""
+        folder = self.home / SET_ASIDE_DIR
+        folder.mkdir(exist_ok=True)
+        digest = hashlib.sha256(record.name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        path = folder / f"{digest}-v{record.version}.json"
+        row = {"name": record.name, "version": record.version, "spec": record.spec, "metadata": record.metadata}
+        path.write_text(json.dumps({**row, "created_at": record.created_at, "error": repr(error)}, default=str))
+        self.registry.remove_row(record.name)
+        _log.error(
+            "deployment %r v%d cannot be served (%s: %s); it was set aside in %s: deploy the model again",
+            record.name,
+            record.version,
+            type(error).__name__,
+            error,
+            path,
+        )
 
 
 def _shorten(value: object, limit: int = 40) -> str:
@@ -396,6 +434,7 @@ def _shorten(value: object, limit: int = 40) -> str:
 
 
 def _deployment(record: DeploymentRecord) -> Deployment:
+    check_name(record.name)
     spec = DeploySpec.model_validate(record.spec)
     meta = record.metadata
     return Deployment(

@@ -397,6 +397,28 @@ def test_a_request_with_several_key_headers_is_refused_whichever_comes_last(tmp_
     with_world(tmp_path, test)
 
 
+def test_a_deploy_ends_with_an_error_event_whatever_fails_and_names_must_match_whole(tmp_path):
+    async def test(world: World) -> None:
+        source = f"{world.model_file}:M"
+        for bad in ({"name": "m\n"}, {"name": "acme+m\n"}, {"tenant": "acme\n"}):
+            r = await world.call("admin", "POST", "/admin/models", {"source": source, **bad})
+            assert r.status_code == 400 and "is not allowed" in r.json()["error"], bad
+        assert (await world.call("admin", "PUT", "/admin/tenants/acme%0A", {})).status_code == 400
+        workers = world.service.backend.workers()
+        for worker in workers:
+            worker.described = {"inputs": "not a list of tensors"}  # a bug past the edge: not an EmberError
+        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        assert r.status_code == 200
+        last = json.loads(r.text.splitlines()[-1])
+        assert last["stage"] == "error" and last["status"] == 500 and "server log says more" in last["error"], r.text
+        for worker in workers:
+            worker.described = None
+        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        assert json.loads(r.text.splitlines()[-1])["stage"] == "done", r.text
+
+    with_world(tmp_path, test)
+
+
 def test_an_old_home_gains_the_key_tables_and_keeps_its_deployments(tmp_path):
     path = tmp_path / "registry.sqlite"
     old = sqlite3.connect(path)

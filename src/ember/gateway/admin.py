@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,12 +23,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ember.config import DeploySpec
-from ember.errors import EmberError, InvalidInput
+from ember.errors import EmberError, InternalError, InvalidInput
 from ember.gateway import auth
 from ember.gateway.edge import read_json
 from ember.service import EmberService
 
 __all__ = ["routes"]
+
+log = logging.getLogger("ember.gateway")
 
 
 def parse_spec(body: Any) -> DeploySpec:
@@ -54,6 +57,11 @@ def routes(service: EmberService) -> list[Route]:
                 await events.put({"stage": "done", "model": info.to_json()})
             except EmberError as exc:
                 await events.put({"stage": "error", "status": exc.http_status, "error": exc.message})
+            except Exception as exc:  # a bug: the stream still ends with an error, and the log has the trace
+                log.exception("deploying %s failed", spec.name)
+                what = type(exc).__name__
+                error = InternalError(f"deploying failed: internal error ({what}); the server log says more")
+                await events.put({"stage": "error", "status": error.http_status, "error": error.message})
             finally:
                 await events.put(None)
 

@@ -22,7 +22,7 @@ from ember.gateway.tensors import DATATYPES
 
 __all__ = ["SCHEMA", "routes"]
 
-_NAME = {"type": "string", "pattern": f"{NAME_PATTERN.pattern}|{QUALIFIED_PATTERN.pattern}"}
+_NAME = {"type": "string", "pattern": f"^(?:{NAME_PATTERN.pattern}|{QUALIFIED_PATTERN.pattern})$"}
 _ERROR = {
     "description": "an error",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},

@@ -54,6 +54,8 @@ class FakeWorker:
     device: str = "cpu"
     #: When set, every load fails with this message, as a model whose setup raises.
     load_error: str | None = None
+    #: What an import reports about the model; None: one FP32 input and output ``x`` of shape [-1, 4].
+    described: dict[str, Any] | None = None
     alive: bool = True
     loaded: set[str] = field(default_factory=set)
     batches: list[tuple[str, int]] = field(default_factory=list)
@@ -63,6 +65,8 @@ class FakeWorker:
 
     async def import_model(self, model_ref: str, options: dict[str, Any], staging: str) -> dict[str, Any]:
         write_raw(Path(staging) / WEIGHTS, [("w", "uint8", (64,), bytes(64))])
+        if self.described is not None:
+            return self.described
         return {
             "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
             "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
