@@ -216,7 +216,18 @@ class EmberService:
 
     # -- deployments -------------------------------------------------------------------------------
 
-    async def deploy(self, spec: DeploySpec, progress: Progress | None = None, load: bool = True) -> ModelInfo:
+    async def deploy(
+        self,
+        spec: DeploySpec,
+        progress: Progress | None = None,
+        load: bool = True,
+        on_stored: Callable[[int], None] | None = None,
+    ) -> ModelInfo:
+        """Import ``spec``'s model into the store, register it and (with ``load``) bring it up hot.
+
+        ``on_stored`` is called with the stored bytes before the deployment is committed; whatever it
+        raises refuses the deploy, which is then rolled back (the gateway checks byte quotas with it).
+        """
         say = progress or (lambda event: None)
         name = str(spec.name)
         if name in self._deploying:
@@ -228,7 +239,7 @@ class EmberService:
         self._deploying.add(name)
         try:
             record = self.registry.begin(name, spec.model_dump(), self.clock.wall())
-            deployment = await self._import(record, spec, model_ref, options, say)
+            deployment = await self._import(record, spec, model_ref, options, say, on_stored)
         finally:
             self._deploying.discard(name)
         self._add(deployment)
@@ -261,6 +272,7 @@ class EmberService:
         model_ref: str,
         options: dict[str, Any],
         say: Progress,
+        on_stored: Callable[[int], None] | None,
     ) -> Deployment:
         key = record.key
         staging: Path | None = None
@@ -295,6 +307,8 @@ class EmberService:
                 if exc.errno != errno.ENOSPC:
                     raise
                 raise storage_full(str(exc)) from exc
+            if on_stored is not None:
+                on_stored(stored.bytes)
             say({"stage": "stored", "model": record.name, "bytes": stored.bytes})
             metadata = ModelMetadata.from_json({**described, "bytes": stored.bytes})
             max_batch = min(spec.max_batch_size or metadata.max_batch_size, metadata.max_batch_size)

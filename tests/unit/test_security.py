@@ -7,6 +7,7 @@ of another tenant gets exactly the 404 an absent model gets.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import json
@@ -362,6 +363,48 @@ def test_a_tenants_model_count_is_limited(tmp_path):
         for bad in ({"rate_per_s": -1}, {"max_models": 1.5}, {"cpu": 3}, {"burst": True}):
             assert (await world.call("admin", "PUT", "/admin/tenants/acme", bad)).status_code == 400, bad
         assert (await world.call("admin", "PUT", "/admin/tenants/Bad..Name", {})).status_code == 400
+
+    with_world(tmp_path, test)
+
+
+async def _deploy_six_at_once(world: World, **body: object) -> list[str]:
+    """Six deploys of acme's deployer at once; the names of those that ended deployed."""
+    source = f"{world.model_file}:M"
+    names = [f"c{i}" for i in range(6)]
+    answers = await asyncio.gather(
+        *(world.call("deployer", "POST", "/admin/models", {"source": source, "name": n, **body}) for n in names)
+    )
+    done = []
+    for name, r in zip(names, answers, strict=True):
+        if r.status_code == 200 and json.loads(r.text.splitlines()[-1])["stage"] == "done":
+            done.append(name)
+        else:  # refused at once, or rolled back at the end of its stream
+            assert r.status_code == 429 or json.loads(r.text.splitlines()[-1])["status"] == 429, r.text
+    deployed = {m.name for m in world.service.models() if m.tenant == "acme"}
+    assert deployed == {"acme+a", *(f"acme+{n}" for n in done)}
+    assert world.service.registry.all() == [world.service.registry.get(n) for n in sorted(world.service._runners)]
+    return done
+
+
+@pytest.mark.parametrize(
+    ("quota", "body"),
+    [({"max_models": 4}, {}), ({"max_instances": 7}, {"max_instances": 2})],
+    ids=["max_models", "max_instances"],
+)
+def test_concurrent_deploys_cannot_pass_the_tenants_quota_together(tmp_path, quota, body):
+    async def test(world: World) -> None:
+        assert (await world.call("admin", "PUT", "/admin/tenants/acme", quota)).status_code == 200
+        # acme holds 'a' (1 instance): 3 more models, or 3 more of 2 instances each, fit.
+        assert len(await _deploy_six_at_once(world, **body)) == 3
+
+    with_world(tmp_path, test)
+
+
+def test_concurrent_deploys_cannot_pass_the_tenants_bytes_together(tmp_path):
+    async def test(world: World) -> None:
+        size = world.service.info("acme+a").bytes
+        assert (await world.call("admin", "PUT", "/admin/tenants/acme", {"max_bytes": 3 * size})).status_code == 200
+        assert len(await _deploy_six_at_once(world)) == 2
 
     with_world(tmp_path, test)
 

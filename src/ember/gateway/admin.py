@@ -47,13 +47,14 @@ def parse_spec(body: Any) -> DeploySpec:
 
 def routes(service: EmberService) -> list[Route]:
     async def deploy(request: Request) -> Response:
-        spec = auth.admit_deploy(request, parse_spec(await read_json(request)), service.models())
+        spec, reservation = auth.admit_deploy(request, parse_spec(await read_json(request)), service.models)
         load = request.query_params.get("load", "true") != "false"
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=64)
+        on_stored = None if reservation is None else reservation.stored
 
         async def work() -> None:
             try:
-                info = await service.deploy(spec, events.put_nowait, load=load)
+                info = await service.deploy(spec, events.put_nowait, load=load, on_stored=on_stored)
                 await events.put({"stage": "done", "model": info.to_json()})
             except EmberError as exc:
                 await events.put({"stage": "error", "status": exc.http_status, "error": exc.message})
@@ -63,6 +64,8 @@ def routes(service: EmberService) -> list[Route]:
                 error = InternalError(f"deploying failed: internal error ({what}); the server log says more")
                 await events.put({"stage": "error", "status": error.http_status, "error": error.message})
             finally:
+                if reservation is not None:
+                    reservation.release()
                 await events.put(None)
 
         async def stream() -> AsyncIterator[bytes]:
