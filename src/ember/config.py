@@ -85,6 +85,9 @@ class DeploySpec(BaseModel):
     compress: bool = False  # keep the cool copy compressed (ember.store.compress), if that saves 5%
     #: The tenant that owns the model; set by the gateway from the caller's key (admins may choose).
     tenant: str | None = None
+    #: Set by the server for an uploaded model: the folder it was unpacked into, which ``source`` is
+    #: relative to (``ember.packaging``). None: ``source`` is on the server (admin keys only).
+    package: str | None = None
 
     @field_validator("tenant")
     @classmethod
@@ -105,10 +108,15 @@ class DeploySpec(BaseModel):
             raise ValueError(f"device {value!r}: use auto, cpu, cuda or cuda:N")
         return value
 
+    @property
+    def located(self) -> str:
+        """``source`` as a path on this machine: inside the package, if the model was uploaded."""
+        return self.source if self.package is None else str(Path(self.package) / self.source)
+
     @model_validator(mode="after")
     def _kind(self) -> DeploySpec:
         if self.kind is None:
-            object.__setattr__(self, "kind", detect_kind(self.source))
+            object.__setattr__(self, "kind", detect_kind(self.located))
         if self.name is None:
             object.__setattr__(self, "name", check_name(default_name(self.source)))
         return self
@@ -138,18 +146,19 @@ def default_name(source: str) -> str:
 
 def resolve_source(spec: DeploySpec) -> tuple[str, dict[str, Any]]:
     """The ``module:Class`` (or ``file.py:Class``) a worker instantiates, and its keyword options."""
+    source = spec.located
     if spec.kind == "class":
-        ref, _, attr = spec.source.rpartition(":")
+        ref, _, attr = source.rpartition(":")
         if ref.endswith(".py"):
             path = Path(ref).expanduser().resolve()
             if not path.is_file():
                 raise ValueError(f"{ref} does not exist; give the path to the file that defines {attr}")
             ref = str(path)
         return f"{ref}:{attr}", dict(spec.options)
-    path = Path(spec.source).expanduser().resolve()
+    path = Path(source).expanduser().resolve()
     if not path.exists():
         raise ValueError(f"{spec.source} does not exist")
-    return _ADAPTERS[str(spec.kind)], {"path": str(path), **spec.options}
+    return _ADAPTERS[str(spec.kind)], {**spec.options, "path": str(path)}  # options cannot move the source
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ _log = logging.getLogger(__name__)
 
 #: Where registry rows that cannot be served are moved at start (``EmberService._set_aside``).
 SET_ASIDE_DIR = "set-aside"
+#: Where uploaded packages are unpacked while their deploy runs (``new_upload_folder``).
+UPLOADS_DIR = "uploads"
 
 #: Batch sizes the deploy-time warm-up measures (1, 2, 4), to seed each model's latency model.
 WARMUP_SIZES = 3
@@ -173,7 +176,15 @@ class EmberService:
     ) -> None:
         await self.stop()
 
+    def new_upload_folder(self) -> Path:
+        """A fresh, empty folder under ``HOME/uploads`` for one uploaded package (its owner removes it)."""
+        uploads = self.home / UPLOADS_DIR
+        uploads.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=uploads))
+
     async def start(self) -> None:
+        # Packages of deploys that a stop cut short; a deploy removes its own when it ends.
+        shutil.rmtree(self.home / UPLOADS_DIR, ignore_errors=True)
         for record in self.registry.recover():
             self._discard_files(record.key)
         await self.backend.start()
@@ -281,11 +292,16 @@ class EmberService:
             ref = model_ref
             code_path, _, attr = model_ref.rpartition(":")
             if code_path.endswith(".py"):
-                # Keep a copy of the user's file: later starts never go back to the source.
+                # Keep a copy of the user's code: later starts never go back to the source.
                 code_dir = self.home / "code" / key
                 code_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(code_path, code_dir / Path(code_path).name)
-                ref = f"{code_dir / Path(code_path).name}:{attr}"
+                if spec.package is None:
+                    shutil.copy2(code_path, code_dir / Path(code_path).name)
+                    ref = f"{code_dir / Path(code_path).name}:{attr}"
+                else:  # an uploaded package: every module in it, where it was (helpers import each other)
+                    root = Path(spec.package).resolve()
+                    await run_blocking(self.clock, _copy_modules, root, code_dir)
+                    ref = f"{code_dir / Path(code_path).relative_to(root)}:{attr}"
             say({"stage": "importing", "model": record.name, "source": spec.source})
             worker = self.backend.workers()
             if not worker:
@@ -440,6 +456,14 @@ class EmberService:
             error,
             path,
         )
+
+
+def _copy_modules(root: Path, into: Path) -> None:
+    """Copy every ``.py`` file under ``root`` to the same place under ``into``."""
+    for module in root.rglob("*.py"):
+        target = into / module.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module, target)
 
 
 def _shorten(value: object, limit: int = 40) -> str:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import io
 import json
 import sqlite3
 import stat
+import tarfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +24,11 @@ import pytest
 
 from ember.auth.keys import ADMIN_KEY_FILE, Role
 from ember.clock import VirtualClock
-from ember.config import DeploySpec
+from ember.config import DeploySpec, resolve_source
 from ember.errors import InvalidInput
 from ember.gateway.app import build_app
 from ember.gateway.auth import MAX_HEADER_BYTES, Guard
+from ember.packaging import PACKAGE_MEDIA_TYPE, SPEC_HEADER, pack
 from ember.registry import Registry
 from ember.registry.sqlite import SCHEMA_VERSION
 from ember.service import EmberService, ServeOptions
@@ -44,12 +47,30 @@ class World:
     model_file: Path
 
     async def call(
-        self, who: str, method: str, path: str, body: object = None, headers: dict[str, str] | None = None
+        self,
+        who: str,
+        method: str,
+        path: str,
+        body: object = None,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
     ) -> httpx.Response:
         key = self.keys[who]
         sent = dict(headers or {}) if key is None else {**(headers or {}), "Authorization": f"Bearer {key}"}
-        content = None if body is None else json.dumps(body).encode()
+        if body is not None:
+            content = json.dumps(body).encode()
         return await self.client.request(method, path, content=content, headers=sent)
+
+    async def deploy(self, who: str, body: dict[str, object]) -> httpx.Response:
+        """``POST /admin/models`` as ``ember deploy`` sends it: the model packed, the deployment in a header."""
+        package = pack(str(body["source"]))
+        assert package is not None
+        try:
+            spec = json.dumps({**body, "source": package.source})
+            headers = {"Content-Type": PACKAGE_MEDIA_TYPE, SPEC_HEADER: spec}
+            return await self.call(who, "POST", "/admin/models", headers=headers, content=package.file.read_bytes())
+        finally:
+            package.remove()
 
 
 def with_world(
@@ -236,19 +257,19 @@ def test_health_and_the_schema_need_no_key_but_server_metadata_does(tmp_path):
 def test_deployers_deploy_into_their_own_tenant_only(tmp_path):
     async def test(world: World) -> None:
         source = f"{world.model_file}:M"
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        r = await world.deploy("deployer", {"source": source, "name": "b"})
         assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["model"]["name"] == "acme+b"
         assert world.service.tenant_of("acme+b") == "acme"
         # The same name in another tenant is no clash, so it tells nothing about acme's models.
-        r = await world.call("other_deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        r = await world.deploy("other_deployer", {"source": source, "name": "b"})
         assert r.status_code == 200 and world.service.tenant_of("globex+b") == "globex"
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        r = await world.deploy("deployer", {"source": source, "name": "b"})
         assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["status"] == 409  # its own clash
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "globex+x"})
+        r = await world.deploy("deployer", {"source": source, "name": "globex+x"})
         assert r.status_code == 400 and "is in tenant 'globex'" in r.json()["error"]
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "c", "tenant": "globex"})
+        r = await world.deploy("deployer", {"source": source, "name": "c", "tenant": "globex"})
         assert r.status_code == 403 and "only into 'acme'" in r.json()["error"]
-        r = await world.call("invoker", "POST", "/admin/models", {"source": source, "name": "c"})
+        r = await world.deploy("invoker", {"source": source, "name": "c"})
         assert r.status_code == 403
         # Imported only, on the third worker: the others hold acme's and globex's models.
         r = await world.call("admin", "POST", "/admin/models?load=false", {"source": source, "name": "d"})
@@ -349,16 +370,16 @@ def test_a_tenants_model_count_is_limited(tmp_path):
     async def test(world: World) -> None:
         assert (await world.call("admin", "PUT", "/admin/tenants/acme", {"max_models": 1})).status_code == 200
         source = f"{world.model_file}:M"
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        r = await world.deploy("deployer", {"source": source, "name": "b"})
         assert r.status_code == 429 and "max_models 1" in r.json()["error"] and "retry-after" in r.headers
-        r = await world.call("other_deployer", "POST", "/admin/models", {"source": source, "name": "h"})
+        r = await world.deploy("other_deployer", {"source": source, "name": "h"})
         assert r.status_code == 200
         # globex may run 3 instances in all: its model 'g' and 'h' hold 2, so 2 more do not fit.
         assert (await world.call("admin", "PUT", "/admin/tenants/globex", {"max_instances": 3})).status_code == 200
         body = {"source": source, "name": "i", "max_instances": 2}
-        r = await world.call("other_deployer", "POST", "/admin/models", body)
+        r = await world.deploy("other_deployer", body)
         assert r.status_code == 429 and "max_instances 3" in r.json()["error"]
-        r = await world.call("other_deployer", "POST", "/admin/models", {**body, "max_instances": 1})
+        r = await world.deploy("other_deployer", {**body, "max_instances": 1})
         assert r.status_code == 200
         for bad in ({"rate_per_s": -1}, {"max_models": 1.5}, {"cpu": 3}, {"burst": True}):
             assert (await world.call("admin", "PUT", "/admin/tenants/acme", bad)).status_code == 400, bad
@@ -371,9 +392,7 @@ async def _deploy_six_at_once(world: World, **body: object) -> list[str]:
     """Six deploys of acme's deployer at once; the names of those that ended deployed."""
     source = f"{world.model_file}:M"
     names = [f"c{i}" for i in range(6)]
-    answers = await asyncio.gather(
-        *(world.call("deployer", "POST", "/admin/models", {"source": source, "name": n, **body}) for n in names)
-    )
+    answers = await asyncio.gather(*(world.deploy("deployer", {"source": source, "name": n, **body}) for n in names))
     done = []
     for name, r in zip(names, answers, strict=True):
         if r.status_code == 200 and json.loads(r.text.splitlines()[-1])["stage"] == "done":
@@ -450,13 +469,13 @@ def test_a_deploy_ends_with_an_error_event_whatever_fails_and_names_must_match_w
         workers = world.service.backend.workers()
         for worker in workers:
             worker.described = {"inputs": "not a list of tensors"}  # a bug past the edge: not an EmberError
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        r = await world.deploy("deployer", {"source": source, "name": "b"})
         assert r.status_code == 200
         last = json.loads(r.text.splitlines()[-1])
         assert last["stage"] == "error" and last["status"] == 500 and "server log says more" in last["error"], r.text
         for worker in workers:
             worker.described = None
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        r = await world.deploy("deployer", {"source": source, "name": "b"})
         assert json.loads(r.text.splitlines()[-1])["stage"] == "done", r.text
 
     with_world(tmp_path, test)
@@ -486,7 +505,7 @@ def test_models_of_different_tenants_never_share_a_worker(tmp_path):
     async def test(world: World) -> None:
         source = f"{world.model_file}:M"
         for who, name in (("deployer", "a2"), ("other_deployer", "g2")):
-            r = await world.call(who, "POST", "/admin/models", {"source": source, "name": name})
+            r = await world.deploy(who, {"source": source, "name": name})
             assert r.status_code == 200 and '"done"' in r.text.splitlines()[-1]
         hosting = {w.id: {key.split("@")[0] for key in w.loaded} for w in world.service.backend.workers()}
         tenants = {wid: {world.service.tenant_of(name) for name in names} for wid, names in hosting.items()}
@@ -524,7 +543,8 @@ def _nested(depth: int) -> bytes:
 def test_edge_limits_answer_4xx_naming_the_limit_and_reach_no_worker(tmp_path, path, body, headers, status, fragment):
     async def test(world: World) -> None:
         batches = sum(len(w.batches) for w in world.service.backend.workers())
-        sent = {**headers, "Authorization": f"Bearer {world.keys['deployer']}"}
+        who = "admin" if path == "/admin/models" else "deployer"  # a JSON deploy names a server path: admin only
+        sent = {**headers, "Authorization": f"Bearer {world.keys[who]}"}
         r = await world.client.post(path, content=body, headers=sent)
         error = r.json()["error"]
         assert r.status_code == status, r.text
@@ -558,3 +578,48 @@ def test_a_worker_that_ran_one_tenants_code_is_recycled_before_another_tenant_us
             assert backend.workers() == (second,) and backend.restarts == 1
 
     run_in_virtual_time(main)
+
+
+def test_a_deployer_deploys_only_what_it_uploads_and_learns_nothing_of_server_paths(tmp_path):
+    async def test(world: World) -> None:
+        stored = next((world.service.home / "code").glob("globex+g@*/model.py"))  # another tenant's code
+        answers = []
+        for source in (f"{stored}:M", f"{tmp_path}/absent.py:M", f"{world.model_file}:M", "os:getcwd"):
+            r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "x"})
+            assert r.status_code == 403 and "needs an admin key" in r.json()["error"], source
+            answers.append(r.content)
+        assert len(set(answers)) == 1  # the same answer whether the path exists or not
+        for source in ("../model.py:M", "/etc/passwd", f"{world.model_file}:M", "absent.py:M", "os:getcwd"):
+            r = await _deploy_package(world, {"model.py": b"class M: ...\n"}, {"source": source})
+            assert r.status_code == 400 and "package" in r.json()["error"], (source, r.text)
+        r = await _deploy_package(
+            world, {"model.py": b"class M: ...\n", "../escaped.py": b""}, {"source": "model.py:M"}
+        )
+        assert r.status_code == 400 and "outside" in r.json()["error"]
+        assert not (world.service.home / "escaped.py").exists()
+        r = await _deploy_package(world, {"model.py": b"class M: ...\n"}, {"source": "model.py:M", "package": "/"})
+        assert r.status_code == 400
+        r = await _deploy_package(world, {"model.py": b"class M: ...\n"}, {"source": "model.py:M", "name": "p"})
+        assert json.loads(r.text.splitlines()[-1])["stage"] == "done", r.text
+        assert world.service.deployment("acme+p").model_ref.startswith(str(world.service.home / "code" / "acme+p@1"))
+        assert list((world.service.home / "uploads").iterdir()) == []  # each package goes when its deploy ends
+
+    with_world(tmp_path, test)
+
+
+async def _deploy_package(world: World, files: dict[str, bytes], spec: dict[str, object]) -> httpx.Response:
+    """A deployer's packaged deploy of a tar holding ``files`` (names as given, even hostile ones)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    headers = {"Content-Type": PACKAGE_MEDIA_TYPE, SPEC_HEADER: json.dumps(spec)}
+    return await world.call("deployer", "POST", "/admin/models", headers=headers, content=buffer.getvalue())
+
+
+def test_options_cannot_move_an_adapters_source_out_of_its_package(tmp_path):
+    (tmp_path / "net.pt2").write_bytes(b"")
+    spec = DeploySpec(source="net.pt2", package=str(tmp_path), options={"path": "/etc"})
+    assert resolve_source(spec)[1]["path"] == str((tmp_path / "net.pt2").resolve())
