@@ -31,6 +31,8 @@ __all__ = [
 DEFAULT_KEEPALIVE_HOT_S = 300.0
 DEFAULT_KEEPALIVE_WARM_S = 3600.0
 DEFAULT_SLO_MS = 100.0
+#: The longest keep-alive (30 days): a model that should never leave a tier is better pinned by traffic.
+MAX_KEEPALIVE_S = 30 * 24 * 3600.0
 
 #: Matched whole (``fullmatch``): ``$`` alone would let a trailing newline through.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -71,8 +73,8 @@ class DeploySpec(BaseModel):
     slo_ms: float = Field(DEFAULT_SLO_MS, gt=0, le=3_600_000)
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     max_batch_wait_ms: float = Field(0.0, ge=0, le=60_000)
-    keepalive_hot_s: float = Field(DEFAULT_KEEPALIVE_HOT_S, ge=0)
-    keepalive_warm_s: float = Field(DEFAULT_KEEPALIVE_WARM_S, ge=0)
+    keepalive_hot_s: float = Field(DEFAULT_KEEPALIVE_HOT_S, ge=0, le=MAX_KEEPALIVE_S)
+    keepalive_warm_s: float = Field(DEFAULT_KEEPALIVE_WARM_S, ge=0, le=MAX_KEEPALIVE_S)
     max_queue: int = Field(1024, ge=1, le=1_000_000)
     #: ``refuse``: answer an unmeetable request at once with 429 + Retry-After; ``best_effort``: serve it late.
     on_unmeetable: OnUnmeetable = "refuse"

@@ -623,3 +623,49 @@ def test_options_cannot_move_an_adapters_source_out_of_its_package(tmp_path):
     (tmp_path / "net.pt2").write_bytes(b"")
     spec = DeploySpec(source="net.pt2", package=str(tmp_path), options={"path": "/etc"})
     assert resolve_source(spec)[1]["path"] == str((tmp_path / "net.pt2").resolve())
+
+
+def test_values_that_are_not_finite_or_too_many_dimensions_are_400_before_anything_is_stored(tmp_path):
+    async def test(world: World) -> None:
+        deep = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1] * 1000, "data": [1.0]}]}
+        r = await world.call("invoker", "POST", "/v2/models/a/infer", deep)
+        assert r.status_code == 400 and "1000 dimensions" in r.json()["error"], r.text
+        for timeout in ("NaN", "Infinity", "-1"):
+            raw = json.dumps(INFER)[:-1] + f', "parameters": {{"timeout": {timeout}}}}}'
+            r = await world.call("invoker", "POST", "/v2/models/a/infer", headers={}, content=raw.encode())
+            assert r.status_code == 400 and "parameter 'timeout'" in r.json()["error"], (timeout, r.text)
+        for quota in ('{"rate_per_s": Infinity}', '{"rate_per_s": NaN}', '{"max_bytes": 99999999999999999999}'):
+            r = await world.call("admin", "PUT", "/admin/tenants/acme", content=quota.encode())
+            assert r.status_code == 400, (quota, r.text)
+        assert world.guard.quota("acme").rate_per_s is None and world.service.registry.quotas() == []
+        for keepalive in ("Infinity", "NaN", "1e12"):
+            raw = f'{{"source": "{world.model_file}:M", "name": "k", "keepalive_hot_s": {keepalive}}}'
+            r = await world.call("admin", "POST", "/admin/models", content=raw.encode())
+            assert r.status_code == 400 and "keepalive_hot_s" in r.json()["error"], (keepalive, r.text)
+
+    with_world(tmp_path, test)
+
+
+def test_text_that_is_not_utf8_is_400_at_the_edge_for_an_embedding_model(tmp_path):
+    async def test(world: World) -> None:
+        for worker in world.service.backend.workers():
+            worker.described = {
+                "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+                "outputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+                "max_batch_size": 8,
+                "task": "embeddings",
+            }
+        r = await world.deploy("deployer", {"source": f"{world.model_file}:M", "name": "e"})
+        assert json.loads(r.text.splitlines()[-1])["stage"] == "done", r.text
+        header = json.dumps(
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 15}}]}
+        ).encode()
+        body = header + (3).to_bytes(4, "little") + b"abc" + (4).to_bytes(4, "little") + b"\xff\xfe\x00a"
+        headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+        batches = sum(len(w.batches) for w in world.service.backend.workers())
+        r = await world.call("invoker", "POST", "/v2/models/e/infer", headers=headers, content=body)
+        assert r.status_code == 400 and "element 1 is not UTF-8" in r.json()["error"], r.text  # the 2nd text
+        assert sum(len(w.batches) for w in world.service.backend.workers()) == batches
+        assert world.service.info("acme+e").failed == 0
+
+    with_world(tmp_path, test)

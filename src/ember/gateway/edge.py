@@ -188,6 +188,8 @@ def check_inputs(deployment: Deployment, inputs: Mapping[str, np.ndarray]) -> in
             want != -1 and have != want for have, want in zip(array.shape[1:], spec.shape[1:], strict=False)
         ):
             raise InvalidInput(f"input '{name}' has shape {list(array.shape)}; the model takes {list(spec.shape)}")
+        if deployment.metadata.task == "embeddings" and spec.datatype == "BYTES":
+            _check_texts(deployment.name, name, array)
         n = int(array.shape[0])
         if rows is None:
             rows = n
@@ -201,6 +203,19 @@ def check_inputs(deployment: Deployment, inputs: Mapping[str, np.ndarray]) -> in
             "per request: split it"
         )
     return rows
+
+
+def _check_texts(model: str, name: str, array: np.ndarray) -> None:
+    """An embedding model's BYTES input holds texts: every element must be UTF-8."""
+    for i, item in enumerate(array.reshape(-1).tolist()):
+        if isinstance(item, bytes | bytearray):
+            try:
+                item.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(
+                    f"input '{name}' element {i} is not UTF-8 text ({exc.reason} at byte {exc.start}); model "
+                    f"'{model}' embeds texts: send them UTF-8 encoded"
+                ) from None
 
 
 def _datatype_name(array: np.ndarray) -> str:
