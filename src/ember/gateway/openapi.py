@@ -179,7 +179,9 @@ SCHEMA: dict[str, Any] = {
         "/admin/models": {
             "get": _op("the caller's models"),
             "post": _op(
-                "deploy (streams NDJSON progress)",
+                "deploy (streams NDJSON progress). This JSON body names a source on the server (admin keys "
+                "only); `ember deploy` uploads the model instead, as application/x-tar with this JSON in the "
+                "Ember-Deploy header",
                 body=_DEPLOY,
                 query=[{"name": "load", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}}],
             ),
