@@ -437,7 +437,11 @@ class EmberService:
     def _discard_files(self, key: str) -> None:
         with contextlib.suppress(KeyError, EmberError, OSError, ValueError):  # ValueError: not a valid key
             self.store.remove(key)
-            shutil.rmtree(self.home / "code" / key, ignore_errors=True)
+        name, _, version = key.rpartition("@")
+        with contextlib.suppress(ValueError):  # a key no valid name makes names no folder of ours
+            check_name(name)
+            if version.isdigit():
+                shutil.rmtree(self.home / "code" / key, ignore_errors=True)
 
     def _set_aside(self, record: DeploymentRecord, error: Exception) -> None:
         """Move a registry row that cannot be served to ``HOME/set-aside/`` (as JSON), and say so in the log."""
