@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from ember.errors import InvalidInput
+
 __all__ = [
     "MAX_PACKAGE_BYTES",
     "MAX_PACKAGE_FILES",
@@ -82,7 +84,10 @@ def local_source(source: str, cwd: Path | None = None) -> tuple[Path, str] | Non
 
 
 def pack(source: str, cwd: Path | None = None, into: Path | None = None) -> Package | None:
-    """Pack a local ``source`` (see the module) into a tar file; None when ``source`` is not local."""
+    """Pack a local ``source`` (see the module) into a tar file; None when ``source`` is not local.
+
+    Raises :class:`~ember.errors.InvalidInput` when a class file's folder holds over
+    :data:`MAX_PACKAGE_FILES` files (the file is not in a folder of its own, say a home directory)."""
     found = local_source(source, cwd)
     if found is None:
         return None
@@ -95,6 +100,11 @@ def pack(source: str, cwd: Path | None = None, into: Path | None = None) -> Pack
             if attr:  # file.py:Class: the file's folder
                 for child in sorted(path.parent.iterdir()):
                     _add(tar, child, child.name)
+                    if len(tar.getmembers()) > MAX_PACKAGE_FILES:
+                        raise InvalidInput(
+                            f"{path.parent} holds over {MAX_PACKAGE_FILES} files, and ember deploy uploads the "
+                            f"folder of {path.name}: move the model's files into a folder of their own"
+                        )
                 package = Package(file, f"{path.name}:{attr}")
             else:
                 _add(tar, path, path.name)

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ember import packaging
 from ember.auth.keys import ADMIN_KEY_FILE, Role
 from ember.clock import VirtualClock
 from ember.config import DeploySpec, resolve_source
@@ -669,3 +670,27 @@ def test_text_that_is_not_utf8_is_400_at_the_edge_for_an_embedding_model(tmp_pat
         assert world.service.info("acme+e").failed == 0
 
     with_world(tmp_path, test)
+
+
+def test_the_client_packs_a_class_files_folder_and_refuses_a_crowded_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(packaging, "MAX_PACKAGE_FILES", 8)
+    folder = tmp_path / "model"
+    (folder / "__pycache__").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    (folder / "helpers").mkdir()
+    for name in ("model.py", "weights.safetensors", "helpers/util.py", ".git/config", "__pycache__/model.pyc"):
+        (folder / name).write_bytes(b"")
+    package = pack(f"{folder}/model.py:M")
+    assert package is not None and package.source == "model.py:M"
+    with tarfile.open(package.file) as tar:
+        assert sorted(tar.getnames()) == ["helpers", "helpers/util.py", "model.py", "weights.safetensors"]
+    package.remove()
+    assert pack("os:getcwd") is None and pack(f"{tmp_path}/absent.py:M") is None
+    crowded = tmp_path / "home"
+    crowded.mkdir()
+    (crowded / "model.py").write_bytes(b"")
+    for i in range(packaging.MAX_PACKAGE_FILES):
+        (crowded / f"f{i}").write_bytes(b"")
+    with pytest.raises(InvalidInput, match="a folder of their own"):
+        pack(f"{crowded}/model.py:M", into=tmp_path)
+    assert not list(tmp_path.glob("ember-package-*"))  # the half-made package is gone

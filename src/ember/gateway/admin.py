@@ -15,6 +15,7 @@ parameters, as ``?load=false`` on deploy.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import shutil
@@ -29,6 +30,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ember.clock import Clock, run_blocking
+from ember.cluster.local import storage_full
 from ember.config import DeploySpec
 from ember.errors import EmberError, Forbidden, InternalError, InvalidInput
 from ember.gateway import auth
@@ -79,6 +81,28 @@ async def receive_package(request: Request, folder: Path, clock: Clock) -> Path:
     """Write the uploaded package under ``folder`` and unpack it; returns the folder it unpacked into."""
     check_declared_length(request.headers.get("content-length"), MAX_PACKAGE_BYTES)
     tar_file = folder / "package.tar"
+    try:
+        await _write_package(request, tar_file)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise storage_full(str(exc)) from exc
+    root = folder / "root"
+    root.mkdir()
+    try:
+        await run_blocking(clock, unpack, tar_file, root)
+    except PackageError as exc:
+        raise InvalidInput(str(exc)) from exc
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise storage_full(str(exc)) from exc
+    finally:
+        tar_file.unlink(missing_ok=True)
+    return root
+
+
+async def _write_package(request: Request, tar_file: Path) -> None:
     size = 0
     chunks = request.stream().__aiter__()
     with tar_file.open("wb") as out:
@@ -94,15 +118,6 @@ async def receive_package(request: Request, folder: Path, clock: Clock) -> Path:
             if size > MAX_PACKAGE_BYTES:
                 raise PayloadTooLarge(f"the package is over {MAX_PACKAGE_BYTES} bytes; package the model alone")
             out.write(chunk)
-    root = folder / "root"
-    root.mkdir()
-    try:
-        await run_blocking(clock, unpack, tar_file, root)
-    except PackageError as exc:
-        raise InvalidInput(str(exc)) from exc
-    finally:
-        tar_file.unlink(missing_ok=True)
-    return root
 
 
 class DeployStream(StreamingResponse):
