@@ -165,7 +165,11 @@ def deploy(
     url: UrlOption = DEFAULT_URL,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
-    """Deploy a model: import its weights into the store once, then bring it up."""
+    """Deploy a model: import its weights into the store once, then bring it up.
+
+    A SOURCE on this machine is uploaded (a class file's folder, a Hugging Face folder, a .pt2 or .pt
+    file), so the server may be anywhere; a module:Class names code on the server (admin keys only).
+    """
     options = parse_options(option or [])
     resolved = absolute_source(source)
     with errors(url), Client(url, home=home) as client, DeployProgress(console, source) as progress:

@@ -170,6 +170,7 @@ def _server(service: EmberService) -> uvicorn.Server:
     import uvicorn
 
     from ember.gateway.app import build_app
+    from ember.gateway.connections import HEAD_TIMEOUT_S, Connections, protocol_factory
 
     class Server(uvicorn.Server):
         # `ember serve` takes SIGINT/SIGTERM itself, so it can stop its startup deploys before the service.
@@ -179,7 +180,11 @@ def _server(service: EmberService) -> uvicorn.Server:
 
     # The service's lifetime is _serve's, not the app's: no lifespan (it would only log a forced stop).
     app = build_app(service, manage_lifetime=False)
-    return Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    # Idle and half-sent connections are closed, and key-less ones capped (ember.gateway.connections).
+    http = protocol_factory(Connections())
+    return Server(
+        uvicorn.Config(app, log_level="warning", lifespan="off", http=http, timeout_keep_alive=int(HEAD_TIMEOUT_S))
+    )
 
 
 async def _serve(options: ServeOptions, sock: socket.socket, specs: Sequence[DeploySpec]) -> None:

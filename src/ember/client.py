@@ -51,6 +51,7 @@ from ember.errors import (
     Unauthorized,
 )
 from ember.gateway.tensors import encode_infer_request, parse_infer_response
+from ember.packaging import PACKAGE_MEDIA_TYPE, SPEC_HEADER, pack
 
 __all__ = ["Client", "find_api_key"]
 
@@ -59,7 +60,7 @@ Progress = Callable[[dict[str, Any]], None]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-_DEPLOY_OPTIONS = frozenset(DeploySpec.model_fields) - {"source"}
+_DEPLOY_OPTIONS = frozenset(DeploySpec.model_fields) - {"source", "package"}
 
 
 class Client:
@@ -95,9 +96,20 @@ class Client:
     # -- deployments -------------------------------------------------------------------------------
 
     def deploy(
-        self, source: str, *, on_progress: Progress | None = None, load: bool = True, **options: Any
+        self,
+        source: str,
+        *,
+        on_progress: Progress | None = None,
+        load: bool = True,
+        upload: bool = True,
+        **options: Any,
     ) -> dict[str, Any]:
         """Deploy ``source``; ``options`` are :class:`~ember.config.DeploySpec` fields (None = default).
+
+        A ``source`` on this machine (``file.py:Class``, a Hugging Face folder, a .pt2 or .pt file) is
+        packed and uploaded with the deploy (:mod:`ember.packaging`), so the server may be anywhere.
+        Anything else (``module:Class``, or any source with ``upload=False``) names something on the
+        server, which only an admin key may deploy.
 
         ``on_progress`` gets every event the server streams (``importing``, ``stored``, ``loading``,
         ``ready``, ``done``); returns the deployed model as ``ember ls --json`` shows it.
@@ -109,11 +121,19 @@ class Client:
             )
         body = {"source": source, **{k: v for k, v in options.items() if v is not None}}
         params = None if load else {"load": "false"}
-        with self._http.stream("POST", "/admin/models", json=body, params=params) as response:
-            if not response.is_success:
-                response.read()
-                raise self._error(response)
-            return _read_deploy_stream(response.iter_lines(), on_progress)
+        package = pack(source) if upload else None
+        if package is None:
+            with self._http.stream("POST", "/admin/models", json=body, params=params) as response:
+                return self._deploy_answer(response, on_progress)
+        try:
+            headers = {"Content-Type": PACKAGE_MEDIA_TYPE, SPEC_HEADER: json.dumps({**body, "source": package.source})}
+            with (
+                package.open() as content,
+                self._http.stream("POST", "/admin/models", content=content, headers=headers, params=params) as response,
+            ):
+                return self._deploy_answer(response, on_progress)
+        finally:
+            package.remove()
 
     def models(self) -> list[dict[str, Any]]:
         """Every deployed model, as ``ember ls`` shows them."""
@@ -203,6 +223,12 @@ class Client:
         return self._json(method, path, json=body)
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _deploy_answer(self, response: httpx.Response, on_progress: Progress | None) -> dict[str, Any]:
+        if not response.is_success:
+            response.read()
+            raise self._error(response)
+        return _read_deploy_stream(response.iter_lines(), on_progress)
 
     def _error(self, response: httpx.Response) -> EmberError:
         error = _error_from_response(response)

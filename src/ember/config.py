@@ -33,8 +33,11 @@ __all__ = [
 DEFAULT_KEEPALIVE_HOT_S = 300.0
 DEFAULT_KEEPALIVE_WARM_S = 3600.0
 DEFAULT_SLO_MS = 100.0
+#: The longest keep-alive (30 days): a model that should never leave a tier is better pinned by traffic.
+MAX_KEEPALIVE_S = 30 * 24 * 3600.0
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: Matched whole (``fullmatch``): ``$`` alone would let a trailing newline through.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 Kind = Literal["class", "hf", "exported", "torchscript"]
 #: What to do with a request whose deadline cannot be met even if served alone.
@@ -48,11 +51,12 @@ _ADAPTERS: dict[str, str] = {
 
 
 #: A model name in a tenant's namespace: ``acme+resnet`` (see ``ember.auth.keys.qualify``).
-QUALIFIED_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\+[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+QUALIFIED_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\+[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def check_name(name: str) -> str:
-    if not (NAME_PATTERN.match(name) or QUALIFIED_PATTERN.match(name)) or ".." in name:
+    whole = isinstance(name, str) and (NAME_PATTERN.fullmatch(name) or QUALIFIED_PATTERN.fullmatch(name))
+    if not whole or ".." in name:
         raise ValueError(
             f"model name {name!r} is not allowed: use 1-63 letters, digits, '_', '-' or '.', starting with a "
             "letter or digit (a tenant's model may be named TENANT+NAME)"
@@ -71,8 +75,8 @@ class DeploySpec(BaseModel):
     slo_ms: float = Field(DEFAULT_SLO_MS, gt=0, le=3_600_000)
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     max_batch_wait_ms: float = Field(0.0, ge=0, le=60_000)
-    keepalive_hot_s: float = Field(DEFAULT_KEEPALIVE_HOT_S, ge=0)
-    keepalive_warm_s: float = Field(DEFAULT_KEEPALIVE_WARM_S, ge=0)
+    keepalive_hot_s: float = Field(DEFAULT_KEEPALIVE_HOT_S, ge=0, le=MAX_KEEPALIVE_S)
+    keepalive_warm_s: float = Field(DEFAULT_KEEPALIVE_WARM_S, ge=0, le=MAX_KEEPALIVE_S)
     max_queue: int = Field(1024, ge=1, le=1_000_000)
     #: ``refuse``: answer an unmeetable request at once with 429 + Retry-After; ``best_effort``: serve it late.
     on_unmeetable: OnUnmeetable = "refuse"
@@ -85,6 +89,9 @@ class DeploySpec(BaseModel):
     compress: bool = False  # keep the cool copy compressed (ember.store.compress), if that saves 5%
     #: The tenant that owns the model; set by the gateway from the caller's key (admins may choose).
     tenant: str | None = None
+    #: Set by the server for an uploaded model: the folder it was unpacked into, which ``source`` is
+    #: relative to (``ember.packaging``). None: ``source`` is on the server (admin keys only).
+    package: str | None = None
 
     @field_validator("tenant")
     @classmethod
@@ -105,10 +112,15 @@ class DeploySpec(BaseModel):
             raise ValueError(f"device {value!r}: use auto, cpu, cuda or cuda:N")
         return value
 
+    @property
+    def located(self) -> str:
+        """``source`` as a path on this machine: inside the package, if the model was uploaded."""
+        return self.source if self.package is None else str(Path(self.package) / self.source)
+
     @model_validator(mode="after")
     def _kind(self) -> DeploySpec:
         if self.kind is None:
-            object.__setattr__(self, "kind", detect_kind(self.source))
+            object.__setattr__(self, "kind", detect_kind(self.located))
         if self.name is None:
             object.__setattr__(self, "name", check_name(default_name(self.source)))
         return self
@@ -224,18 +236,19 @@ def default_name(source: str) -> str:
 
 def resolve_source(spec: DeploySpec) -> tuple[str, dict[str, Any]]:
     """The ``module:Class`` (or ``file.py:Class``) a worker instantiates, and its keyword options."""
+    source = spec.located
     if spec.kind == "class":
-        ref, _, attr = spec.source.rpartition(":")
+        ref, _, attr = source.rpartition(":")
         if ref.endswith(".py"):
             path = Path(ref).expanduser().resolve()
             if not path.is_file():
                 raise ValueError(f"{ref} does not exist; give the path to the file that defines {attr}")
             ref = str(path)
         return f"{ref}:{attr}", dict(spec.options)
-    path = Path(spec.source).expanduser().resolve()
+    path = Path(source).expanduser().resolve()
     if not path.exists():
         raise ValueError(f"{spec.source} does not exist")
-    return _ADAPTERS[str(spec.kind)], {"path": str(path), **spec.options}
+    return _ADAPTERS[str(spec.kind)], {**spec.options, "path": str(path)}  # options cannot move the source
 
 
 @dataclass(frozen=True)

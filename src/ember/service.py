@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from typing import Any
 from ember.clock import Clock, WallClock, run_blocking
 from ember.cluster.base import ClusterBackend
 from ember.cluster.local import LocalBackend, WorkerLimits, storage_full
-from ember.config import Deployment, DeploySpec, ModelMetadata, resolve_source
+from ember.config import Deployment, DeploySpec, ModelMetadata, check_name, resolve_source
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ModelUnavailable, ShuttingDown
 from ember.metrics import Metrics
@@ -47,6 +50,11 @@ __all__ = ["EmberService", "ModelInfo", "ServeOptions"]
 Progress = Callable[[dict[str, Any]], None]
 
 _log = logging.getLogger(__name__)
+
+#: Where registry rows that cannot be served are moved at start (``EmberService._set_aside``).
+SET_ASIDE_DIR = "set-aside"
+#: Where uploaded packages are unpacked while their deploy runs (``new_upload_folder``).
+UPLOADS_DIR = "uploads"
 
 #: Batch sizes the deploy-time warm-up measures (1, 2, 4), to seed each model's latency model.
 WARMUP_SIZES = 3
@@ -170,12 +178,25 @@ class EmberService:
     ) -> None:
         await self.stop()
 
+    def new_upload_folder(self) -> Path:
+        """A fresh, empty folder under ``HOME/uploads`` for one uploaded package (its owner removes it)."""
+        uploads = self.home / UPLOADS_DIR
+        uploads.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=uploads))
+
     async def start(self) -> None:
+        # Packages of deploys that a stop cut short; a deploy removes its own when it ends.
+        shutil.rmtree(self.home / UPLOADS_DIR, ignore_errors=True)
         for record in self.registry.recover():
             self._discard_files(record.key)
         await self.backend.start()
         for record in self.registry.all():
-            self._add(_deployment(record))
+            try:
+                deployment = _deployment(record)
+            except Exception as exc:  # a row this Ember cannot serve must not keep the others down
+                self._set_aside(record, exc)
+                continue
+            self._add(deployment)
         self._controller_task = asyncio.create_task(self.controller.run(), name="ember-controller")
         self._accepting = True
         self.ready = True
@@ -208,7 +229,18 @@ class EmberService:
 
     # -- deployments -------------------------------------------------------------------------------
 
-    async def deploy(self, spec: DeploySpec, progress: Progress | None = None, load: bool = True) -> ModelInfo:
+    async def deploy(
+        self,
+        spec: DeploySpec,
+        progress: Progress | None = None,
+        load: bool = True,
+        on_stored: Callable[[int], None] | None = None,
+    ) -> ModelInfo:
+        """Import ``spec``'s model into the store, register it and (with ``load``) bring it up hot.
+
+        ``on_stored`` is called with the stored bytes before the deployment is committed; whatever it
+        raises refuses the deploy, which is then rolled back (the gateway checks byte quotas with it).
+        """
         say = progress or (lambda event: None)
         name = str(spec.name)
         if name in self._deploying:
@@ -220,35 +252,41 @@ class EmberService:
         self._deploying.add(name)
         try:
             record = self.registry.begin(name, spec.model_dump(), self.clock.wall())
-            deployment = await self._import(record, spec, model_ref, options, say)
+            deployment = await self._import(record, spec, model_ref, options, say, on_stored)
         finally:
             self._deploying.discard(name)
         self._add(deployment)
         if load:
-            say({"stage": "loading", "model": name})
-            loop = asyncio.get_running_loop()
-            loaded = _progress_events(say, "loading", name)
-
-            def copied(done: int, total: int) -> None:  # the copy to the warm tier runs in a thread
-                loop.call_soon_threadsafe(loaded, done, total)
-
             try:
-                with self.store.watch(deployment.key, copied):
-                    instance = await self.controller.ensure_hot(name)
-            except EmberError as exc:  # a model that cannot load is not left deployed
+                await self._first_load(deployment, spec, say)
+            except Exception:  # a model that cannot load (or a bug on the way) is not left deployed
                 await self.remove(name)
-                raise InvalidInput(f"{spec.source} was imported but could not be loaded: {exc.message}") from exc
-            cold = self.controller.last_cold_start(name)
-            say({"stage": "ready", "model": name, "load_s": cold.seconds if cold else 0.0})
-            if deployment.warmup:
-                sizes = warmup_batch_sizes(deployment.max_batch_size, WARMUP_SIZES)
-                try:
-                    measured = await self.runner(name).warm_up(instance, sizes)
-                except ModelFailed as exc:  # its answers break its own declaration: not left deployed
-                    await self.remove(name)
-                    raise InvalidInput(f"{spec.source} was loaded, but {exc.message}") from exc
-                say({"stage": "warmed", "model": name, "batch_sizes": list(sizes[:measured])})
+                raise
         return self.info(name)
+
+    async def _first_load(self, deployment: Deployment, spec: DeploySpec, say: Progress) -> None:
+        name = deployment.name
+        say({"stage": "loading", "model": name})
+        loop = asyncio.get_running_loop()
+        loaded = _progress_events(say, "loading", name)
+
+        def copied(done: int, total: int) -> None:  # the copy to the warm tier runs in a thread
+            loop.call_soon_threadsafe(loaded, done, total)
+
+        try:
+            with self.store.watch(deployment.key, copied):
+                instance = await self.controller.ensure_hot(name)
+        except EmberError as exc:
+            raise InvalidInput(f"{spec.source} was imported but could not be loaded: {exc.message}") from exc
+        cold = self.controller.last_cold_start(name)
+        say({"stage": "ready", "model": name, "load_s": cold.seconds if cold else 0.0})
+        if deployment.warmup:
+            sizes = warmup_batch_sizes(deployment.max_batch_size, WARMUP_SIZES)
+            try:
+                measured = await self.runner(name).warm_up(instance, sizes)
+            except ModelFailed as exc:  # its answers break its own declaration: not left deployed
+                raise InvalidInput(f"{spec.source} was loaded, but {exc.message}") from exc
+            say({"stage": "warmed", "model": name, "batch_sizes": list(sizes[:measured])})
 
     async def _import(
         self,
@@ -257,18 +295,25 @@ class EmberService:
         model_ref: str,
         options: dict[str, Any],
         say: Progress,
+        on_stored: Callable[[int], None] | None,
     ) -> Deployment:
         key = record.key
-        staging = self.store.staging(key)
+        staging: Path | None = None
         try:
+            staging = self.store.staging(key)
             ref = model_ref
             code_path, _, attr = model_ref.rpartition(":")
             if code_path.endswith(".py"):
-                # Keep a copy of the user's file: later starts never go back to the source.
+                # Keep a copy of the user's code: later starts never go back to the source.
                 code_dir = self.home / "code" / key
                 code_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(code_path, code_dir / Path(code_path).name)
-                ref = f"{code_dir / Path(code_path).name}:{attr}"
+                if spec.package is None:
+                    shutil.copy2(code_path, code_dir / Path(code_path).name)
+                    ref = f"{code_dir / Path(code_path).name}:{attr}"
+                else:  # an uploaded package: every module in it, where it was (helpers import each other)
+                    root = Path(spec.package).resolve()
+                    await run_blocking(self.clock, _copy_modules, root, code_dir)
+                    ref = f"{code_dir / Path(code_path).relative_to(root)}:{attr}"
             say({"stage": "importing", "model": record.name, "source": spec.source})
             worker = self.backend.workers()
             if not worker:
@@ -291,6 +336,8 @@ class EmberService:
                 if exc.errno != errno.ENOSPC:
                     raise
                 raise storage_full(str(exc)) from exc
+            if on_stored is not None:
+                on_stored(stored.bytes)
             say({"stage": "stored", "model": record.name, "bytes": stored.bytes})
             metadata = ModelMetadata.from_json({**described, "bytes": stored.bytes})
             max_batch = min(spec.max_batch_size or metadata.max_batch_size, metadata.max_batch_size)
@@ -304,8 +351,10 @@ class EmberService:
                 },
             )
         except BaseException:
+            # Whatever went wrong (an Ember error, a bug, a cancelled request), no row is left importing.
             self.registry.abort(record.name)
-            self.store.abort(staging)
+            if staging is not None:
+                self.store.abort(staging)
             self._discard_files(key)
             raise
         return _deployment(finished)
@@ -412,9 +461,39 @@ class EmberService:
         runner.start()
 
     def _discard_files(self, key: str) -> None:
-        with contextlib.suppress(KeyError, EmberError, OSError):
+        with contextlib.suppress(KeyError, EmberError, OSError, ValueError):  # ValueError: not a valid key
             self.store.remove(key)
-        shutil.rmtree(self.home / "code" / key, ignore_errors=True)
+        name, _, version = key.rpartition("@")
+        with contextlib.suppress(ValueError):  # a key no valid name makes names no folder of ours
+            check_name(name)
+            if version.isdigit():
+                shutil.rmtree(self.home / "code" / key, ignore_errors=True)
+
+    def _set_aside(self, record: DeploymentRecord, error: Exception) -> None:
+        """Move a registry row that cannot be served to ``HOME/set-aside/`` (as JSON), and say so in the log."""
+        folder = self.home / SET_ASIDE_DIR
+        folder.mkdir(exist_ok=True)
+        digest = hashlib.sha256(record.name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        path = folder / f"{digest}-v{record.version}.json"
+        row = {"name": record.name, "version": record.version, "spec": record.spec, "metadata": record.metadata}
+        path.write_text(json.dumps({**row, "created_at": record.created_at, "error": repr(error)}, default=str))
+        self.registry.remove_row(record.name)
+        _log.error(
+            "deployment %r v%d cannot be served (%s: %s); it was set aside in %s: deploy the model again",
+            record.name,
+            record.version,
+            type(error).__name__,
+            error,
+            path,
+        )
+
+
+def _copy_modules(root: Path, into: Path) -> None:
+    """Copy every ``.py`` file under ``root`` to the same place under ``into``."""
+    for module in root.rglob("*.py"):
+        target = into / module.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module, target)
 
 
 def _shorten(value: object, limit: int = 40) -> str:
@@ -436,6 +515,7 @@ def _progress_events(say: Progress, stage: str, name: str) -> Callable[[int, int
 
 
 def _deployment(record: DeploymentRecord) -> Deployment:
+    check_name(record.name)
     spec = DeploySpec.model_validate(record.spec)
     meta = record.metadata
     return Deployment(

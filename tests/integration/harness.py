@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -105,8 +106,17 @@ class BearerAuth(InferenceServerClientPlugin):
 class Server:
     """One ``ember serve`` subprocess with its own home; restartable on the same home."""
 
-    def __init__(self, home: Path, workers: int = 2, tick_s: float | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        home: Path,
+        workers: int = 2,
+        tick_s: float | None = None,
+        args: tuple[str, ...] = (),
+        max_open_files: int | None = None,
+    ) -> None:
         self.home = home
+        #: The server's file descriptor limit (RLIMIT_NOFILE, soft and hard); None: this process's.
+        self.max_open_files = max_open_files
         self.workers = workers
         self.tick_s = tick_s
         #: More ``ember serve`` arguments (``--deploy SOURCE``, ...).
@@ -147,6 +157,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: the workers can be killed with it
+                preexec_fn=None if self.max_open_files is None else self._limit_open_files,
             )
         try:
             wait_until(self._ready, timeout_s, f"ember serve on {self.url} to be ready", interval_s=0.1)
@@ -155,6 +166,10 @@ class Server:
             raise
         self.key = (self.home / "admin.key").read_text().strip()
         self.http.headers["Authorization"] = f"Bearer {self.key}"
+
+    def _limit_open_files(self) -> None:
+        assert self.max_open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files, self.max_open_files))
 
     @property
     def auth(self) -> dict[str, str]:

@@ -163,6 +163,20 @@ def test_a_revoked_key_stops_working_at_once(server: Server, keys: dict[str, str
     assert server.cli("keys", "ls", key=keys["invoker"]).returncode == 1  # not an admin
 
 
+def test_a_deployer_cannot_deploy_what_is_on_the_server(server: Server, keys: dict[str, str]) -> None:
+    """The deployer's CLI deploy uploaded its model (the fixture); naming a server path is refused alike
+    for the default tenant's stored code, any file, and a path that does not exist."""
+    stored = next((server.home / "code").glob("linear@*/linear.py"))
+    headers = {"Authorization": f"Bearer {keys['deployer']}"}
+    answers = set()
+    for source in (f"{stored}:Linear", f"{EXAMPLES / 'linear.py'}:Linear", "/nowhere/x.py:X", "os:getcwd"):
+        r = httpx.post(f"{server.url}/admin/models", json={"source": source, "name": "stolen"}, headers=headers)
+        assert r.status_code == 403 and "admin key" in error_of(r), source
+        answers.add(r.content)
+    assert len(answers) == 1
+    assert not (server.home / "uploads").exists() or not any((server.home / "uploads").iterdir())
+
+
 def test_insecure_is_refused_off_loopback() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "ember.cli", "serve", "--insecure", "--host", "0.0.0.0", "--port", str(free_port())],

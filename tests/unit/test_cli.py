@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from ember.errors import (
     Refused,
 )
 from ember.gateway.tensors import encode_infer_response, parse_infer_request
+from ember.packaging import PACKAGE_MEDIA_TYPE, SPEC_HEADER
 
 Handler = Callable[[httpx.Request], httpx.Response]
 HEADER = "Inference-Header-Content-Length"
@@ -466,7 +468,16 @@ def test_models_table_marks_missing_attainment() -> None:
     assert "\N{EN DASH}" in text and "98.7%" in text
 
 
-def test_deploy_sends_an_absolute_path_and_prints_a_summary(
+def uploaded(request: httpx.Request) -> dict[str, Any]:
+    """The deployment of a packaged deploy (from its header), with the files the package held."""
+    assert request.headers["content-type"] == PACKAGE_MEDIA_TYPE
+    with tarfile.open(fileobj=io.BytesIO(request.read())) as tar:
+        names = sorted(tar.getnames())
+    spec: dict[str, Any] = json.loads(request.headers[SPEC_HEADER])
+    return {**spec, "files": names}
+
+
+def test_deploy_uploads_the_models_folder_and_prints_a_summary(
     serve_with: Callable[[Handler], None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "double.py").write_text("")
@@ -474,7 +485,7 @@ def test_deploy_sends_an_absolute_path_and_prints_a_summary(
     bodies: list[dict[str, Any]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        bodies.append(json.loads(request.content))
+        bodies.append(uploaded(request))
         return httpx.Response(
             200,
             content=ndjson(
@@ -490,7 +501,7 @@ def test_deploy_sends_an_absolute_path_and_prints_a_summary(
     )
     assert result.exit_code == 0, result.output
     assert bodies == [
-        {"source": f"{tmp_path}/double.py:Double", "kind": "class", "slo_ms": 50.0, "options": {"dim": 4}}
+        {"source": "double.py:Double", "kind": "class", "slo_ms": 50.0, "options": {"dim": 4}, "files": ["double.py"]}
     ]
     assert "stored 2.5 MB" in result.output and "ready in 12 ms" in result.output
     assert "deployed double v1: hot, 2.5 MB, SLO 50 ms" in result.output
@@ -504,7 +515,7 @@ def test_deploy_sends_the_slo_policy_options(
     bodies: list[dict[str, Any]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        bodies.append(json.loads(request.content))
+        bodies.append(uploaded(request))
         return httpx.Response(200, content=ndjson({"stage": "done", "model": MODEL}))
 
     serve_with(handler)
@@ -513,7 +524,7 @@ def test_deploy_sends_the_slo_policy_options(
     assert result.exit_code == 0, result.output
     assert bodies[0]["on_unmeetable"] == "best_effort"
     assert bodies[0]["warmup"] is False and bodies[0]["max_instances"] == 2
-    DeploySpec.model_validate(bodies[0])  # what the CLI sends, the server accepts
+    DeploySpec.model_validate({k: v for k, v in bodies[0].items() if k != "files"})  # what the server accepts
     bad = runner.invoke(cli.app, ["deploy", "double.py:Double", "--on-unmeetable", "drop"])
     assert bad.exit_code != 0
 

@@ -282,6 +282,12 @@ def test_a_body_that_stops_arriving_is_cut_off_with_408(monkeypatch: pytest.Monk
     assert caught.value.http_status == 408
 
 
+def test_a_body_that_never_starts_is_cut_off_with_408(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(edge, "BODY_TIMEOUT_S", 0.01)
+    with pytest.raises(edge.BodyTimeout):
+        asyncio.run(edge.receive_body(_receiver(), "100", ""))
+
+
 def test_a_body_in_parts_is_joined_and_a_client_that_hangs_up_is_not_answered() -> None:
     parts = [
         {"type": "http.request", "body": chunk, "more_body": more} for chunk, more in ((b"ab", True), (b"c", False))

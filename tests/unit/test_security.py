@@ -7,11 +7,14 @@ of another tenant gets exactly the 404 an absent model gets.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
+import io
 import json
 import sqlite3
 import stat
+import tarfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +22,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ember import packaging
 from ember.auth.keys import ADMIN_KEY_FILE, Role
 from ember.clock import VirtualClock
-from ember.config import DeploySpec
+from ember.config import DeploySpec, resolve_source
 from ember.errors import InvalidInput
 from ember.gateway.app import build_app
 from ember.gateway.auth import MAX_HEADER_BYTES, Guard
+from ember.packaging import PACKAGE_MEDIA_TYPE, SPEC_HEADER, pack
 from ember.registry import Registry
 from ember.registry.sqlite import SCHEMA_VERSION
 from ember.service import EmberService, ServeOptions
@@ -43,12 +48,30 @@ class World:
     model_file: Path
 
     async def call(
-        self, who: str, method: str, path: str, body: object = None, headers: dict[str, str] | None = None
+        self,
+        who: str,
+        method: str,
+        path: str,
+        body: object = None,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
     ) -> httpx.Response:
         key = self.keys[who]
         sent = dict(headers or {}) if key is None else {**(headers or {}), "Authorization": f"Bearer {key}"}
-        content = None if body is None else json.dumps(body).encode()
+        if body is not None:
+            content = json.dumps(body).encode()
         return await self.client.request(method, path, content=content, headers=sent)
+
+    async def deploy(self, who: str, body: dict[str, object]) -> httpx.Response:
+        """``POST /admin/models`` as ``ember deploy`` sends it: the model packed, the deployment in a header."""
+        package = pack(str(body["source"]))
+        assert package is not None
+        try:
+            spec = json.dumps({**body, "source": package.source})
+            headers = {"Content-Type": PACKAGE_MEDIA_TYPE, SPEC_HEADER: spec}
+            return await self.call(who, "POST", "/admin/models", headers=headers, content=package.file.read_bytes())
+        finally:
+            package.remove()
 
 
 def with_world(
@@ -235,19 +258,19 @@ def test_health_and_the_schema_need_no_key_but_server_metadata_does(tmp_path):
 def test_deployers_deploy_into_their_own_tenant_only(tmp_path):
     async def test(world: World) -> None:
         source = f"{world.model_file}:M"
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        r = await world.deploy("deployer", {"source": source, "name": "b"})
         assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["model"]["name"] == "acme+b"
         assert world.service.tenant_of("acme+b") == "acme"
         # The same name in another tenant is no clash, so it tells nothing about acme's models.
-        r = await world.call("other_deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        r = await world.deploy("other_deployer", {"source": source, "name": "b"})
         assert r.status_code == 200 and world.service.tenant_of("globex+b") == "globex"
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        r = await world.deploy("deployer", {"source": source, "name": "b"})
         assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["status"] == 409  # its own clash
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "globex+x"})
+        r = await world.deploy("deployer", {"source": source, "name": "globex+x"})
         assert r.status_code == 400 and "is in tenant 'globex'" in r.json()["error"]
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "c", "tenant": "globex"})
+        r = await world.deploy("deployer", {"source": source, "name": "c", "tenant": "globex"})
         assert r.status_code == 403 and "only into 'acme'" in r.json()["error"]
-        r = await world.call("invoker", "POST", "/admin/models", {"source": source, "name": "c"})
+        r = await world.deploy("invoker", {"source": source, "name": "c"})
         assert r.status_code == 403
         # Imported only, on the third worker: the others hold acme's and globex's models.
         r = await world.call("admin", "POST", "/admin/models?load=false", {"source": source, "name": "d"})
@@ -348,20 +371,60 @@ def test_a_tenants_model_count_is_limited(tmp_path):
     async def test(world: World) -> None:
         assert (await world.call("admin", "PUT", "/admin/tenants/acme", {"max_models": 1})).status_code == 200
         source = f"{world.model_file}:M"
-        r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "b"})
+        r = await world.deploy("deployer", {"source": source, "name": "b"})
         assert r.status_code == 429 and "max_models 1" in r.json()["error"] and "retry-after" in r.headers
-        r = await world.call("other_deployer", "POST", "/admin/models", {"source": source, "name": "h"})
+        r = await world.deploy("other_deployer", {"source": source, "name": "h"})
         assert r.status_code == 200
         # globex may run 3 instances in all: its model 'g' and 'h' hold 2, so 2 more do not fit.
         assert (await world.call("admin", "PUT", "/admin/tenants/globex", {"max_instances": 3})).status_code == 200
         body = {"source": source, "name": "i", "max_instances": 2}
-        r = await world.call("other_deployer", "POST", "/admin/models", body)
+        r = await world.deploy("other_deployer", body)
         assert r.status_code == 429 and "max_instances 3" in r.json()["error"]
-        r = await world.call("other_deployer", "POST", "/admin/models", {**body, "max_instances": 1})
+        r = await world.deploy("other_deployer", {**body, "max_instances": 1})
         assert r.status_code == 200
         for bad in ({"rate_per_s": -1}, {"max_models": 1.5}, {"cpu": 3}, {"burst": True}):
             assert (await world.call("admin", "PUT", "/admin/tenants/acme", bad)).status_code == 400, bad
         assert (await world.call("admin", "PUT", "/admin/tenants/Bad..Name", {})).status_code == 400
+
+    with_world(tmp_path, test)
+
+
+async def _deploy_six_at_once(world: World, **body: object) -> list[str]:
+    """Six deploys of acme's deployer at once; the names of those that ended deployed."""
+    source = f"{world.model_file}:M"
+    names = [f"c{i}" for i in range(6)]
+    answers = await asyncio.gather(*(world.deploy("deployer", {"source": source, "name": n, **body}) for n in names))
+    done = []
+    for name, r in zip(names, answers, strict=True):
+        if r.status_code == 200 and json.loads(r.text.splitlines()[-1])["stage"] == "done":
+            done.append(name)
+        else:  # refused at once, or rolled back at the end of its stream
+            assert r.status_code == 429 or json.loads(r.text.splitlines()[-1])["status"] == 429, r.text
+    deployed = {m.name for m in world.service.models() if m.tenant == "acme"}
+    assert deployed == {"acme+a", *(f"acme+{n}" for n in done)}
+    assert world.service.registry.all() == [world.service.registry.get(n) for n in sorted(world.service._runners)]
+    return done
+
+
+@pytest.mark.parametrize(
+    ("quota", "body"),
+    [({"max_models": 4}, {}), ({"max_instances": 7}, {"max_instances": 2})],
+    ids=["max_models", "max_instances"],
+)
+def test_concurrent_deploys_cannot_pass_the_tenants_quota_together(tmp_path, quota, body):
+    async def test(world: World) -> None:
+        assert (await world.call("admin", "PUT", "/admin/tenants/acme", quota)).status_code == 200
+        # acme holds 'a' (1 instance): 3 more models, or 3 more of 2 instances each, fit.
+        assert len(await _deploy_six_at_once(world, **body)) == 3
+
+    with_world(tmp_path, test)
+
+
+def test_concurrent_deploys_cannot_pass_the_tenants_bytes_together(tmp_path):
+    async def test(world: World) -> None:
+        size = world.service.info("acme+a").bytes
+        assert (await world.call("admin", "PUT", "/admin/tenants/acme", {"max_bytes": 3 * size})).status_code == 200
+        assert len(await _deploy_six_at_once(world)) == 2
 
     with_world(tmp_path, test)
 
@@ -380,6 +443,41 @@ def test_keys_are_accepted_as_x_api_key_too(tmp_path):
         assert r.status_code == 200
         r = await world.client.get("/v2/models/a", headers={"Authorization": f"Basic {world.keys['invoker']}"})
         assert r.status_code == 401
+
+    with_world(tmp_path, test)
+
+
+def test_a_request_with_several_key_headers_is_refused_whichever_comes_last(tmp_path):
+    async def test(world: World) -> None:
+        good, bad = f"Bearer {world.keys['admin']}", "Bearer ember_" + "x" * 43
+        for pair in ((bad, good), (good, bad), (good, good)):
+            headers = [("Authorization", pair[0]), ("Authorization", pair[1])]
+            r = await world.client.get("/admin/models", headers=headers)
+            assert r.status_code == 400 and "several Authorization headers" in r.json()["error"], pair
+        headers = [("X-API-Key", str(world.keys["admin"])), ("X-API-Key", str(world.keys["admin"]))]
+        assert (await world.client.get("/admin/models", headers=headers)).status_code == 400
+
+    with_world(tmp_path, test)
+
+
+def test_a_deploy_ends_with_an_error_event_whatever_fails_and_names_must_match_whole(tmp_path):
+    async def test(world: World) -> None:
+        source = f"{world.model_file}:M"
+        for bad in ({"name": "m\n"}, {"name": "acme+m\n"}, {"tenant": "acme\n"}):
+            r = await world.call("admin", "POST", "/admin/models", {"source": source, **bad})
+            assert r.status_code == 400 and "is not allowed" in r.json()["error"], bad
+        assert (await world.call("admin", "PUT", "/admin/tenants/acme%0A", {})).status_code == 400
+        workers = world.service.backend.workers()
+        for worker in workers:
+            worker.described = {"inputs": "not a list of tensors"}  # a bug past the edge: not an EmberError
+        r = await world.deploy("deployer", {"source": source, "name": "b"})
+        assert r.status_code == 200
+        last = json.loads(r.text.splitlines()[-1])
+        assert last["stage"] == "error" and last["status"] == 500 and "server log says more" in last["error"], r.text
+        for worker in workers:
+            worker.described = None
+        r = await world.deploy("deployer", {"source": source, "name": "b"})
+        assert json.loads(r.text.splitlines()[-1])["stage"] == "done", r.text
 
     with_world(tmp_path, test)
 
@@ -408,7 +506,7 @@ def test_models_of_different_tenants_never_share_a_worker(tmp_path):
     async def test(world: World) -> None:
         source = f"{world.model_file}:M"
         for who, name in (("deployer", "a2"), ("other_deployer", "g2")):
-            r = await world.call(who, "POST", "/admin/models", {"source": source, "name": name})
+            r = await world.deploy(who, {"source": source, "name": name})
             assert r.status_code == 200 and '"done"' in r.text.splitlines()[-1]
         hosting = {w.id: {key.split("@")[0] for key in w.loaded} for w in world.service.backend.workers()}
         tenants = {wid: {world.service.tenant_of(name) for name in names} for wid, names in hosting.items()}
@@ -446,7 +544,8 @@ def _nested(depth: int) -> bytes:
 def test_edge_limits_answer_4xx_naming_the_limit_and_reach_no_worker(tmp_path, path, body, headers, status, fragment):
     async def test(world: World) -> None:
         batches = sum(len(w.batches) for w in world.service.backend.workers())
-        sent = {**headers, "Authorization": f"Bearer {world.keys['deployer']}"}
+        who = "admin" if path == "/admin/models" else "deployer"  # a JSON deploy names a server path: admin only
+        sent = {**headers, "Authorization": f"Bearer {world.keys[who]}"}
         r = await world.client.post(path, content=body, headers=sent)
         error = r.json()["error"]
         assert r.status_code == status, r.text
@@ -480,3 +579,118 @@ def test_a_worker_that_ran_one_tenants_code_is_recycled_before_another_tenant_us
             assert backend.workers() == (second,) and backend.restarts == 1
 
     run_in_virtual_time(main)
+
+
+def test_a_deployer_deploys_only_what_it_uploads_and_learns_nothing_of_server_paths(tmp_path):
+    async def test(world: World) -> None:
+        stored = next((world.service.home / "code").glob("globex+g@*/model.py"))  # another tenant's code
+        answers = []
+        for source in (f"{stored}:M", f"{tmp_path}/absent.py:M", f"{world.model_file}:M", "os:getcwd"):
+            r = await world.call("deployer", "POST", "/admin/models", {"source": source, "name": "x"})
+            assert r.status_code == 403 and "needs an admin key" in r.json()["error"], source
+            answers.append(r.content)
+        assert len(set(answers)) == 1  # the same answer whether the path exists or not
+        for source in ("../model.py:M", "/etc/passwd", f"{world.model_file}:M", "absent.py:M", "os:getcwd"):
+            r = await _deploy_package(world, {"model.py": b"class M: ...\n"}, {"source": source})
+            assert r.status_code == 400 and "package" in r.json()["error"], (source, r.text)
+        r = await _deploy_package(
+            world, {"model.py": b"class M: ...\n", "../escaped.py": b""}, {"source": "model.py:M"}
+        )
+        assert r.status_code == 400 and "outside" in r.json()["error"]
+        assert not (world.service.home / "escaped.py").exists()
+        r = await _deploy_package(world, {"model.py": b"class M: ...\n"}, {"source": "model.py:M", "package": "/"})
+        assert r.status_code == 400
+        r = await _deploy_package(world, {"model.py": b"class M: ...\n"}, {"source": "model.py:M", "name": "p"})
+        assert json.loads(r.text.splitlines()[-1])["stage"] == "done", r.text
+        assert world.service.deployment("acme+p").model_ref.startswith(str(world.service.home / "code" / "acme+p@1"))
+        assert list((world.service.home / "uploads").iterdir()) == []  # each package goes when its deploy ends
+
+    with_world(tmp_path, test)
+
+
+async def _deploy_package(world: World, files: dict[str, bytes], spec: dict[str, object]) -> httpx.Response:
+    """A deployer's packaged deploy of a tar holding ``files`` (names as given, even hostile ones)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    headers = {"Content-Type": PACKAGE_MEDIA_TYPE, SPEC_HEADER: json.dumps(spec)}
+    return await world.call("deployer", "POST", "/admin/models", headers=headers, content=buffer.getvalue())
+
+
+def test_options_cannot_move_an_adapters_source_out_of_its_package(tmp_path):
+    (tmp_path / "net.pt2").write_bytes(b"")
+    spec = DeploySpec(source="net.pt2", package=str(tmp_path), options={"path": "/etc"})
+    assert resolve_source(spec)[1]["path"] == str((tmp_path / "net.pt2").resolve())
+
+
+def test_values_that_are_not_finite_or_too_many_dimensions_are_400_before_anything_is_stored(tmp_path):
+    async def test(world: World) -> None:
+        deep = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1] * 1000, "data": [1.0]}]}
+        r = await world.call("invoker", "POST", "/v2/models/a/infer", deep)
+        assert r.status_code == 400 and "1000 dimensions" in r.json()["error"], r.text
+        for timeout in ("NaN", "Infinity", "-1"):
+            raw = json.dumps(INFER)[:-1] + f', "parameters": {{"timeout": {timeout}}}}}'
+            r = await world.call("invoker", "POST", "/v2/models/a/infer", headers={}, content=raw.encode())
+            assert r.status_code == 400 and "parameter 'timeout'" in r.json()["error"], (timeout, r.text)
+        for quota in ('{"rate_per_s": Infinity}', '{"rate_per_s": NaN}', '{"max_bytes": 99999999999999999999}'):
+            r = await world.call("admin", "PUT", "/admin/tenants/acme", content=quota.encode())
+            assert r.status_code == 400, (quota, r.text)
+        assert world.guard.quota("acme").rate_per_s is None and world.service.registry.quotas() == []
+        for keepalive in ("Infinity", "NaN", "1e12"):
+            raw = f'{{"source": "{world.model_file}:M", "name": "k", "keepalive_hot_s": {keepalive}}}'
+            r = await world.call("admin", "POST", "/admin/models", content=raw.encode())
+            assert r.status_code == 400 and "keepalive_hot_s" in r.json()["error"], (keepalive, r.text)
+
+    with_world(tmp_path, test)
+
+
+def test_text_that_is_not_utf8_is_400_at_the_edge_for_an_embedding_model(tmp_path):
+    async def test(world: World) -> None:
+        for worker in world.service.backend.workers():
+            worker.described = {
+                "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+                "outputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+                "max_batch_size": 8,
+                "task": "embeddings",
+            }
+        r = await world.deploy("deployer", {"source": f"{world.model_file}:M", "name": "e"})
+        assert json.loads(r.text.splitlines()[-1])["stage"] == "done", r.text
+        header = json.dumps(
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 15}}]}
+        ).encode()
+        body = header + (3).to_bytes(4, "little") + b"abc" + (4).to_bytes(4, "little") + b"\xff\xfe\x00a"
+        headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+        batches = sum(len(w.batches) for w in world.service.backend.workers())
+        r = await world.call("invoker", "POST", "/v2/models/e/infer", headers=headers, content=body)
+        assert r.status_code == 400 and "element 1 is not UTF-8" in r.json()["error"], r.text  # the 2nd text
+        assert sum(len(w.batches) for w in world.service.backend.workers()) == batches
+        assert world.service.info("acme+e").failed == 0
+
+    with_world(tmp_path, test)
+
+
+def test_the_client_packs_a_class_files_folder_and_refuses_a_crowded_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(packaging, "MAX_PACKAGE_FILES", 8)
+    folder = tmp_path / "model"
+    (folder / "__pycache__").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    (folder / "helpers").mkdir()
+    for name in ("model.py", "weights.safetensors", "helpers/util.py", ".git/config", "__pycache__/model.pyc"):
+        (folder / name).write_bytes(b"")
+    package = pack(f"{folder}/model.py:M")
+    assert package is not None and package.source == "model.py:M"
+    with tarfile.open(package.file) as tar:
+        assert sorted(tar.getnames()) == ["helpers", "helpers/util.py", "model.py", "weights.safetensors"]
+    package.remove()
+    assert pack("os:getcwd") is None and pack(f"{tmp_path}/absent.py:M") is None
+    crowded = tmp_path / "home"
+    crowded.mkdir()
+    (crowded / "model.py").write_bytes(b"")
+    for i in range(packaging.MAX_PACKAGE_FILES):
+        (crowded / f"f{i}").write_bytes(b"")
+    with pytest.raises(InvalidInput, match="a folder of their own"):
+        pack(f"{crowded}/model.py:M", into=tmp_path)
+    assert not list(tmp_path.glob("ember-package-*"))  # the half-made package is gone

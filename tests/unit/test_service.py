@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from ember.clock import VirtualClock
 from ember.config import DeploySpec
 from ember.errors import DeadlineUnmeetable, InvalidInput, ModelFailed, ModelNotFound, Overloaded, WorkerCrashed
-from ember.service import EmberService, ServeOptions
+from ember.service import SET_ASIDE_DIR, EmberService, ServeOptions
 from ember.testing import FakeBackend, LatencyProfile, run_in_virtual_time
 
 
@@ -307,6 +309,31 @@ def test_a_model_that_answers_one_row_for_many_fails_its_deploy_naming_the_outpu
     run_in_virtual_time(main)
 
 
+@pytest.mark.parametrize("name", ["m\n", "m\r", "acme+m\n", " m", "m\x00"])
+def test_names_and_tenants_must_match_whole(name):
+    with pytest.raises(ValueError, match="is not allowed"):
+        DeploySpec.model_validate({"source": "x.py:M", "name": name})
+    with pytest.raises(ValueError, match="is not allowed"):
+        DeploySpec.model_validate({"source": "x.py:M", "tenant": "acme\n"})
+
+
+def test_a_deploy_that_fails_on_a_bug_leaves_no_row_and_the_name_stays_deployable(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, backend = _service(tmp_path, clock)
+        async with service:
+            for worker in backend.workers():
+                worker.described = {"inputs": "not a list of tensors"}  # metadata that does not parse
+            with pytest.raises(Exception) as failed:  # whatever the bug raises
+                await service.deploy(_spec(model_file))
+            assert not isinstance(failed.value, InvalidInput)
+            assert service.models() == [] and service.registry.all() == [] and service.store.keys() == []
+            for worker in backend.workers():
+                worker.described = None
+            assert (await service.deploy(_spec(model_file))).version == 2
+
+    run_in_virtual_time(main)
+
+
 def test_an_answer_of_the_wrong_datatype_is_model_failed_naming_the_output(tmp_path, model_file):
     async def main(clock: VirtualClock) -> None:
         service, backend = _service(tmp_path, clock)
@@ -337,5 +364,27 @@ def test_a_deploy_reports_import_and_load_progress_in_bytes_and_percent(tmp_path
             assert e["percent"] == 100 * e["bytes"] // e["total_bytes"]
         assert [e["percent"] for e in progress if e["stage"] == "importing"][-1] == 100
         assert [e["percent"] for e in progress if e["stage"] == "loading"][-1] == 100
+
+    run_in_virtual_time(main)
+
+
+def test_a_start_sets_aside_a_registry_row_it_cannot_serve_and_serves_the_rest(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock)
+        async with service:
+            await service.deploy(_spec(model_file))
+        registry = tmp_path / "home" / "registry.sqlite"
+        with sqlite3.connect(registry) as db:  # rows an older Ember let in: names ending in a newline
+            spec = json.dumps({"source": model_file, "name": "bad\n"})
+            db.execute("INSERT INTO deployments VALUES ('bad\n', 1, 'ready', ?, '{}', 1.0)", (spec,))
+            db.execute("INSERT INTO deployments VALUES ('wedged\n', 1, 'importing', ?, '{}', 1.0)", (spec,))
+        db.close()
+        again, _ = _service(tmp_path, clock)
+        async with again:
+            assert [m.name for m in again.models()] == ["m"]
+            assert (await again.infer("m", _x(2)))["x"][0, 0] == 2.0
+            assert [r.name for r in again.registry.all()] == ["m"]
+            (aside,) = (tmp_path / "home" / SET_ASIDE_DIR).iterdir()
+            assert json.loads(aside.read_text())["name"] == "bad\n"
 
     run_in_virtual_time(main)

@@ -47,7 +47,8 @@ ADMIN_KEY_FILE = "admin.key"
 METRICS_KEY_FILE = "metrics.key"
 KEY_PREFIX = "ember_"
 
-TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: Matched whole (``fullmatch``): ``$`` alone would let a trailing newline through.
+TENANT_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 #: Between a tenant and a model name: ``acme+resnet``. Model and tenant names cannot hold it.
 TENANT_SEPARATOR = "+"
 
@@ -60,7 +61,7 @@ class Role(StrEnum):
 
 def check_tenant_name(name: str) -> str:
     """``name`` if it is a valid tenant name; ``ValueError`` saying the rule otherwise."""
-    if not isinstance(name, str) or not TENANT_PATTERN.match(name):
+    if not isinstance(name, str) or not TENANT_PATTERN.fullmatch(name):
         raise ValueError(
             f"tenant name {name!r} is not allowed: use 1-63 lowercase letters, digits, '_' or '-', "
             "starting with a letter or digit"

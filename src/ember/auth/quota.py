@@ -6,10 +6,14 @@ so the same code runs on the wall clock and on a virtual one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TenantQuota", "TokenBucket"]
+__all__ = ["MAX_LIMIT", "TenantQuota", "TokenBucket"]
+
+#: The largest count a quota may hold (what the registry can store: a signed 64-bit integer).
+MAX_LIMIT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -27,12 +31,12 @@ class TenantQuota:
     max_instances: int | None = None
 
     def __post_init__(self) -> None:
-        if self.rate_per_s is not None and not self.rate_per_s > 0:
-            raise ValueError(f"rate_per_s must be above 0, not {self.rate_per_s}")
+        if self.rate_per_s is not None and not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
+            raise ValueError(f"rate_per_s must be a finite number above 0 (or null: unlimited), not {self.rate_per_s}")
         for name in ("burst", "max_models", "max_bytes", "max_instances"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be 0 or more, not {value}")
+            if value is not None and not 0 <= value <= MAX_LIMIT:
+                raise ValueError(f"{name} must be 0 or more, and at most {MAX_LIMIT}, not {value}")
 
     def bucket(self, now: float) -> TokenBucket | None:
         if self.rate_per_s is None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.errors import EmberError, InternalError, InvalidInput, ModelFailed, StorageFull, WorkerCrashed
+from ember.worker.lifeline import PARENT_ENV
 from ember.worker.protocol import (
     Arrays,
     Batch,
@@ -134,7 +135,7 @@ class LocalWorker:
         for module in self._preload:
             args += ["--preload", module]
         # Ember never downloads weights at run time: keep Hugging Face libraries offline.
-        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **os.environ}
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **os.environ, PARENT_ENV: str(os.getpid())}
         with open(self._log_path, "ab") as log:
             self._process = await asyncio.create_subprocess_exec(
                 *args, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env

@@ -10,7 +10,8 @@ Rules, in order:
 1. Headers over :data:`MAX_HEADER_BYTES` are refused (431), before anything else is read.
 2. Health checks and the OpenAPI schema are public. Every other route needs a key, sent as
    ``Authorization: Bearer <key>`` (what the openai client sends, and what tritonclient sends when
-   given ``headers=``) or ``X-API-Key: <key>``; none or a wrong one is 401. With ``--insecure`` (on
+   given ``headers=``) or ``X-API-Key: <key>``; none or a wrong one is 401, and several of either
+   header is 400 (servers and proxies disagree on which one counts). With ``--insecure`` (on
    loopback only) a request without a known key acts as admin; a known key still acts as itself.
 3. Model names are per tenant: a key of ``acme`` naming ``m`` names ``acme+m`` (the path is
    rewritten before routing), so it cannot even name another tenant's model, and deploying a name
@@ -29,7 +30,7 @@ Routes that take a model name from the body (``/v1/embeddings``) call :func:`che
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ from ember.errors import (
     TooLarge,
     Unauthorized,
 )
+from ember.gateway.connections import CONNECTION_SCOPE_KEY
 from ember.gateway.edge import error_response
 from ember.registry import Registry
 
@@ -68,6 +70,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "AuthMiddleware",
     "Guard",
+    "Reservation",
     "admit_deploy",
     "check_model",
     "principal_of",
@@ -111,6 +114,8 @@ class Guard:
         self._seen: dict[bytes, Principal] = {}
         self._quotas: dict[str, TenantQuota] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        #: Deploys in flight per tenant, counted against its quotas until they end.
+        self._reserved: dict[str, set[Reservation]] = {}
         self.reload()
 
     def reload(self) -> None:
@@ -192,33 +197,101 @@ class Guard:
     def quotas(self) -> list[TenantQuota]:
         return sorted(self._quotas.values(), key=lambda q: q.tenant)
 
-    def check_deploy(self, spec: DeploySpec, models: Iterable[Any]) -> None:
-        """Refuse a deploy that would put the spec's tenant over its model count or bytes."""
+    def reserve_deploy(self, spec: DeploySpec, models: Callable[[], Iterable[Any]]) -> Reservation:
+        """Count a deploy against its tenant's quotas from now until the reservation is released.
+
+        Refuses (429) a deploy that would put the tenant over ``max_models`` or ``max_instances``, or
+        whose tenant already holds ``max_bytes``; deploys in flight count as deployed models, so
+        concurrent deploys cannot all pass the same check. ``models()`` lists the deployed models
+        (``ModelInfo``); the check and the reservation happen without a pause in between.
+        """
         tenant = str(spec.tenant)
+        reservation = Reservation(self, tenant, str(spec.name), spec.max_instances, models)
+        self._check_models(reservation, models())
+        self._reserved.setdefault(tenant, set()).add(reservation)
+        return reservation
+
+    def _check_models(self, new: Reservation, models: Iterable[Any]) -> None:
+        tenant = new.tenant
         quota = self._quotas.get(tenant)
         if quota is None:
             return
-        owned = [m for m in models if m.tenant == tenant]
-        if quota.max_models is not None and len(owned) >= quota.max_models:
+        owned, pending = self._holdings(new, models)
+        count = len(owned) + len(pending)
+        if quota.max_models is not None and count >= quota.max_models:
             raise QuotaExceeded(
-                f"tenant '{tenant}' has {len(owned)} models deployed, its quota (max_models {quota.max_models}); "
-                "remove one first",
+                f"tenant '{tenant}' has {_models_phrase(len(owned), len(pending))}, its quota (max_models "
+                f"{quota.max_models}); remove one first",
                 retry_after_s=60.0,
             )
-        used = sum(int(m.bytes) for m in owned)
-        if quota.max_bytes is not None and used >= quota.max_bytes:
-            raise QuotaExceeded(
-                f"tenant '{tenant}' models hold {used} bytes, its quota (max_bytes {quota.max_bytes}); "
-                "remove one first",
-                retry_after_s=60.0,
-            )
-        instances = sum(int(m.max_instances) for m in owned) + spec.max_instances
+        self._check_bytes(new, owned, pending, with_new=False)
+        instances = sum(int(m.max_instances) for m in owned) + sum(r.max_instances for r in pending) + new.max_instances
         if quota.max_instances is not None and instances > quota.max_instances:
             raise QuotaExceeded(
                 f"tenant '{tenant}' models would run up to {instances} instances, over its quota (max_instances "
                 f"{quota.max_instances}); deploy with a lower --max-instances, or remove a model first",
                 retry_after_s=60.0,
             )
+
+    def _holdings(self, new: Reservation, models: Iterable[Any]) -> tuple[list[Any], list[Reservation]]:
+        """The tenant's deployed models, and its other deploys in flight (a deploy that has just ended
+        counts once, as a model)."""
+        owned = [m for m in models if m.tenant == new.tenant]
+        names = {m.name for m in owned}
+        pending = [r for r in self._reserved.get(new.tenant, ()) if r is not new and r.name not in names]
+        return owned, pending
+
+    def _check_bytes(self, new: Reservation, owned: list[Any], pending: list[Reservation], with_new: bool) -> None:
+        quota = self._quotas.get(new.tenant)
+        if quota is None or quota.max_bytes is None:
+            return
+        used = sum(int(m.bytes) for m in owned) + sum(r.bytes for r in pending)
+        if used >= quota.max_bytes:
+            raise QuotaExceeded(
+                f"tenant '{new.tenant}' models hold {used} bytes, its quota (max_bytes {quota.max_bytes}); "
+                "remove one first",
+                retry_after_s=60.0,
+            )
+        if with_new and used + new.bytes > quota.max_bytes:
+            raise QuotaExceeded(
+                f"the model's weights are {new.bytes} bytes; with the {used} bytes tenant '{new.tenant}' holds "
+                f"that is over its quota (max_bytes {quota.max_bytes}); remove a model first",
+                retry_after_s=60.0,
+            )
+
+
+def _models_phrase(deployed: int, deploying: int) -> str:
+    phrase = f"{deployed} models deployed"
+    return phrase if not deploying else f"{phrase} and {deploying} being deployed"
+
+
+class Reservation:
+    """A deploy in flight, counted against its tenant's quotas (see :meth:`Guard.reserve_deploy`)."""
+
+    def __init__(
+        self, guard: Guard, tenant: str, name: str, max_instances: int, models: Callable[[], Iterable[Any]]
+    ) -> None:
+        self._guard = guard
+        self._models = models
+        self.tenant = tenant
+        self.name = name
+        self.max_instances = max_instances
+        #: The model's stored bytes, once known (:meth:`stored`).
+        self.bytes = 0
+
+    def stored(self, size: int) -> None:
+        """The weights are stored: refuse (and so roll back) the deploy if they put the tenant over
+        ``max_bytes``, counting the other deploys in flight."""
+        self.bytes = size
+        try:
+            self._guard._check_bytes(self, *self._guard._holdings(self, self._models()), with_new=True)
+        except QuotaExceeded:
+            self.bytes = 0  # refused: it will hold nothing
+            raise
+
+    def release(self) -> None:
+        """The deploy has ended (deployed or not): from now its model counts only if it is deployed."""
+        self._guard._reserved.get(self.tenant, set()).discard(self)
 
 
 def _classify(method: str, path: str) -> tuple[Action, int]:
@@ -280,26 +353,38 @@ class AuthMiddleware:
         return route
 
     def _check(self, scope: Scope) -> None:
-        key: bytes | None = None
+        bearer: bytes | None = None
+        api_key: bytes | None = None
+        repeated: str | None = None
         size = 0
         for name, value in scope["headers"]:
             size += len(name) + len(value)
             if name == b"authorization":
+                if bearer is not None:
+                    repeated = "Authorization"
                 scheme, _, token = value.partition(b" ")
-                key = token.strip() if scheme.lower() == b"bearer" else value
-            elif name == b"x-api-key" and key is None:
-                key = value.strip()
+                bearer = token.strip() if scheme.lower() == b"bearer" else value
+            elif name == b"x-api-key":
+                if api_key is not None:
+                    repeated = "X-API-Key"
+                api_key = value.strip()
         if size > MAX_HEADER_BYTES:
             raise TooLarge(f"the request headers are {size} bytes; the limit is {MAX_HEADER_BYTES} bytes", 431)
         path: str = scope["path"]
         if path in PUBLIC_PATHS:
             return
+        if repeated is not None:  # which one a proxy or a server would pick differs: pick none
+            raise InvalidInput(f"the request has several {repeated} headers; send the API key in one")
+        key = bearer if bearer is not None else api_key
         if key is not None and self.guard.is_metrics_key(key):
             if path == "/metrics":
                 return
             raise Forbidden(f"the metrics key (metrics.key) opens GET /metrics alone, not {path}; send an API key")
         principal = self.guard.authenticate(key)
         scope["ember.principal"] = principal
+        connection = scope.get(CONNECTION_SCOPE_KEY)
+        if connection is not None:  # a keyed connection is no longer capped (ember.gateway.connections)
+            connection.authenticated()
         route = self._routes.get((principal.tenant, scope["method"], path))
         if route is None:
             route = self._route(principal.tenant, scope["method"], path)
@@ -365,10 +450,13 @@ def scope_spec(request: Request, spec: DeploySpec) -> DeploySpec:
     return spec.model_copy(update={"tenant": tenant, "name": qualify(tenant, name)})
 
 
-def admit_deploy(request: Request, spec: DeploySpec, models: Iterable[Any]) -> DeploySpec:
-    """The spec scoped to the caller's tenant (:func:`scope_spec`), after the tenant's model quotas."""
+def admit_deploy(
+    request: Request, spec: DeploySpec, models: Callable[[], Iterable[Any]]
+) -> tuple[DeploySpec, Reservation | None]:
+    """The spec scoped to the caller's tenant (:func:`scope_spec`), and its reservation of the tenant's
+    model quotas (:meth:`Guard.reserve_deploy`); release it when the deploy ends."""
     scoped = scope_spec(request, spec)
     guard = getattr(request.app.state, "guard", None)
     if isinstance(guard, Guard):
-        guard.check_deploy(scoped, models)
-    return scoped
+        return scoped, guard.reserve_deploy(scoped, models)
+    return scoped, None

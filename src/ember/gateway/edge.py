@@ -34,8 +34,8 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 MAX_JSON_DEPTH = 64
 
 
-#: A body that has begun must arrive whole within this many seconds: a client that trickles it holds
-#: a connection and the bytes so far, and is cut off with 408.
+#: A body must arrive whole within this many seconds of its request head: a client that withholds or
+#: trickles it holds a connection and the bytes so far, and is cut off with 408.
 BODY_TIMEOUT_S = 30.0
 
 
@@ -93,26 +93,21 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 async def receive_body(receive: Receive, declared: str | None, encoding: str, limit: int = MAX_BODY_BYTES) -> bytes:
     """:func:`read_body` for a raw ASGI handler; raises :class:`ClientGone` if the client hangs up."""
     check_declared_length(declared, limit)
-    message = await receive()
-    if message["type"] != "http.request":  # http.disconnect
-        raise ClientGone
-    body: bytes = message.get("body", b"")
-    if message.get("more_body", False):  # the body comes in parts: the rest within BODY_TIMEOUT_S
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):  # clock-ok: a bound on a real socket
-                body = await _rest_of_body(receive, body, limit)
-        except TimeoutError:
-            raise BodyTimeout(
-                f"the request body did not arrive within {BODY_TIMEOUT_S:g} s; send it faster, or smaller"
-            ) from None
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):  # clock-ok: a bound on a real socket
+            body = await _whole_body(receive, limit)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within {BODY_TIMEOUT_S:g} s; send it faster, or smaller"
+        ) from None
     if len(body) > limit:
         raise _over_limit(limit)
     return decode_body(body, encoding, limit)
 
 
-async def _rest_of_body(receive: Receive, first: bytes, limit: int) -> bytes:
-    chunks = [first]
-    size = len(first)
+async def _whole_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
@@ -123,7 +118,7 @@ async def _rest_of_body(receive: Receive, first: bytes, limit: int) -> bytes:
             raise _over_limit(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            return chunk if len(chunks) == 1 else b"".join(chunks)
 
 
 class ClientGone(Exception):
@@ -193,6 +188,8 @@ def check_inputs(deployment: Deployment, inputs: Mapping[str, np.ndarray]) -> in
             want != -1 and have != want for have, want in zip(array.shape[1:], spec.shape[1:], strict=False)
         ):
             raise InvalidInput(f"input '{name}' has shape {list(array.shape)}; the model takes {list(spec.shape)}")
+        if deployment.metadata.task == "embeddings" and spec.datatype == "BYTES":
+            _check_texts(deployment.name, name, array)
         n = int(array.shape[0])
         if rows is None:
             rows = n
@@ -206,6 +203,19 @@ def check_inputs(deployment: Deployment, inputs: Mapping[str, np.ndarray]) -> in
             "per request: split it"
         )
     return rows
+
+
+def _check_texts(model: str, name: str, array: np.ndarray) -> None:
+    """An embedding model's BYTES input holds texts: every element must be UTF-8."""
+    for i, item in enumerate(array.reshape(-1).tolist()):
+        if isinstance(item, bytes | bytearray):
+            try:
+                item.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(
+                    f"input '{name}' element {i} is not UTF-8 text ({exc.reason} at byte {exc.start}); model "
+                    f"'{model}' embeds texts: send them UTF-8 encoded"
+                ) from None
 
 
 def _datatype_name(array: np.ndarray) -> str:

@@ -9,6 +9,7 @@ Triton's request parameters: ``{"parameters": {"tier": "warm"}}``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from starlette.requests import Request
@@ -238,6 +239,6 @@ def _timeout_s(parameters: dict[str, Any]) -> float | None:
     raw = parameters.get("timeout")
     if raw is None:
         return None
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
-        raise InvalidInput(f"parameter 'timeout' must be a positive number of microseconds, not {raw!r}")
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw) or raw <= 0:
+        raise InvalidInput(f"parameter 'timeout' must be a positive, finite number of microseconds, not {raw!r}")
     return float(raw) / 1e6

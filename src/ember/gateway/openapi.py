@@ -22,7 +22,7 @@ from ember.gateway.tensors import DATATYPES
 
 __all__ = ["SCHEMA", "routes"]
 
-_NAME = {"type": "string", "pattern": f"{NAME_PATTERN.pattern}|{QUALIFIED_PATTERN.pattern}"}
+_NAME = {"type": "string", "pattern": f"^(?:{NAME_PATTERN.pattern}|{QUALIFIED_PATTERN.pattern})$"}
 _ERROR = {
     "description": "an error",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -181,7 +181,9 @@ SCHEMA: dict[str, Any] = {
         "/admin/models": {
             "get": _op("the caller's models"),
             "post": _op(
-                "deploy (streams NDJSON progress)",
+                "deploy (streams NDJSON progress). This JSON body names a source on the server (admin keys "
+                "only); `ember deploy` uploads the model instead, as application/x-tar with this JSON in the "
+                "Ember-Deploy header",
                 body=_DEPLOY,
                 query=[{"name": "load", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}}],
             ),

@@ -83,6 +83,8 @@ class Limits:
     max_inputs: int = 64
     max_bytes_element: int = 16 * 1024 * 1024
     max_json_depth: int = 64
+    #: Dimensions of one tensor (numpy's own limit is 64; no model takes anywhere near this many).
+    max_dims: int = 32
 
 
 _CLIENT_LIMITS = Limits(max_elements=2**62, max_inputs=2**31, max_bytes_element=2**32, max_json_depth=2**31)
@@ -198,6 +200,8 @@ def _parameters(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
 def _shape(raw: object, where: str, limits: Limits) -> tuple[tuple[int, ...], int]:
     if not isinstance(raw, list) or not all(type(d) is int and d >= 0 for d in raw):
         raise InvalidInput(f"{where} needs 'shape' as a list of non-negative integers, got {_show(raw)}")
+    if len(raw) > limits.max_dims:
+        raise InvalidInput(f"{where} has {len(raw)} dimensions, over the limit of {limits.max_dims}; check its shape")
     shape = tuple(raw)
     count = math.prod(shape)
     if count > limits.max_elements or any(d > limits.max_elements for d in shape):

@@ -156,6 +156,11 @@ class Registry:
             self._db.execute("DELETE FROM deployments WHERE name = ?", (name,))
         return record
 
+    def remove_row(self, name: str) -> None:
+        """Delete ``name``'s row whatever its state (for a row that cannot be served)."""
+        with self._lock:
+            self._db.execute("DELETE FROM deployments WHERE name = ?", (name,))
+
     def recover(self) -> list[DeploymentRecord]:
         """Drop deployments a crash left half-imported; returns them so their files can go too."""
         with self._lock, self._transaction():

@@ -59,6 +59,8 @@ class FakeWorker:
     device: str = "cpu"
     #: When set, every load fails with this message, as a model whose setup raises.
     load_error: str | None = None
+    #: What an import reports about the model; None: one FP32 input and output ``x`` of shape [-1, 4].
+    described: dict[str, Any] | None = None
     alive: bool = True
     loaded: set[str] = field(default_factory=set)
     batches: list[tuple[str, int]] = field(default_factory=list)
@@ -72,6 +74,8 @@ class FakeWorker:
         write_raw(Path(staging) / WEIGHTS, [("w", "uint8", (64,), bytes(64))])
         if progress is not None:
             progress(64, 64)
+        if self.described is not None:
+            return self.described
         return {
             "inputs": [spec.to_json() for spec in FAKE_INPUTS],
             "outputs": [spec.to_json() for spec in FAKE_OUTPUTS],
