@@ -42,6 +42,7 @@ from ember.policies import (
     admits,
     device_share,
 )
+from ember.policies.baselines import IdleInstance
 from ember.sim.cluster import ClusterSpec, ModelSpec
 from ember.sim.policysets import PolicySet
 from ember.sim.state import Device as _Device
@@ -201,6 +202,10 @@ class Engine:
                 self.events.append((now, "refuse", m.name))
             self._scale(m)
             return
+        if self.p.router is not None:
+            self.outstanding += 1
+            self._bind(m, (deadline, rows, now))
+            return
         m.queue.append((deadline, rows, now))
         m.version += 1
         self.outstanding += 1
@@ -211,6 +216,30 @@ class Engine:
             dev.pending[m.idx] = m
             if not dev.busy and inst.ready_at <= now:
                 self._offer(dev)
+
+    def _bind(self, m: _Model, request: Request) -> None:
+        """FaaS dispatch: bind ``request`` to the idle instance the router picks, else to a new instance
+        started for it (served cold by it); with no room anywhere it waits in the model's queue."""
+        now = self.now
+        idle = [x for x in m.instances if x.bound is None and not x.running and x.ready_at <= now and not x.retiring]
+        if idle:
+            inst = idle[0]
+            if len(idle) > 1:
+                assert self.p.router is not None
+                name = self.p.router.choose(tuple(IdleInstance(x.key, x.started_at, x.last_used) for x in idle))
+                inst = self.instances[name]
+            inst.bound = request
+            inst.device.waiting.append(inst)
+            self._offer(inst.device)
+            return
+        started = self._start_instance(m)
+        if started is None:
+            m.queue.append(request)
+            m.version += 1
+            self.blocked[m.idx] = m
+            self._arm_tick()
+            return
+        started.bound = request
 
     def _start_delay(self, m: _Model) -> float:
         """Seconds before a batch of ``m`` could start: 0 when an instance is up, else the soonest load."""
@@ -223,7 +252,12 @@ class Engine:
 
     def _offer(self, dev: _Device) -> None:
         """The device is free: every resident model with work proposes a batch; the device scheduler picks one."""
-        if dev.busy or not dev.pending:
+        if dev.busy:
+            return
+        if dev.waiting:
+            self._run_bound(dev)
+            return
+        if not dev.pending:
             return
         now, batcher = self.now, self.p.batcher
         proposals: list[tuple[_Model, _Instance, int, int]] = []
@@ -280,6 +314,22 @@ class Engine:
         m.version += 1
         self._start_batch(dev, inst, [q.popleft() for _ in range(take)])
 
+    def _run_bound(self, dev: _Device) -> None:
+        """Run one of the requests bound to instances of ``dev`` (the device scheduler picks which)."""
+        waiting = dev.waiting
+        inst = waiting[0]
+        if len(waiting) > 1:
+            candidates = tuple(
+                Candidate(x.key, x.bound[0], x.model.latency.predict(x.bound[1]), 0.0, 1)
+                for x in waiting
+                if x.bound is not None
+            )
+            chosen = self.p.devices.choose(self.now, candidates)
+            inst = self.instances[chosen.model] if chosen is not None else inst
+        waiting.remove(inst)
+        assert inst.bound is not None
+        self._start_batch(dev, inst, [inst.bound])
+
     def _candidate(self, m: _Model, take: int, rows: int) -> Candidate:
         """The device scheduler's view of ``m``'s next batch, kept as long as its batching decision."""
         candidate = m.candidate
@@ -315,6 +365,23 @@ class Engine:
     def _done(self, obj: tuple[_Instance, list[Request], int, float]) -> None:
         inst, batch, rows, seconds = obj
         now, m, dev = self.now, inst.model, inst.device
+        self._answer(inst, batch)
+        if self.learns:
+            m.latency = m.latency.observe_batch(rows, seconds)
+        m.running -= len(batch)
+        inst.running, inst.last_used, m.last_used = False, now, now
+        inst.bound = None
+        dev.busy, dev.running_bytes = False, 0
+        if inst.retiring and self._retire(inst):
+            self._offer(dev)
+            return
+        if m.queue:
+            dev.pending[m.idx] = m
+        self._offer(dev)
+
+    def _answer(self, inst: _Instance, batch: list[Request]) -> None:
+        """Count ``batch`` answered now by ``inst``: latency, SLO, and cold when it waited for the load."""
+        now, m = self.now, inst.model
         lat, cold, missed = self.latencies, self.cold, self.missed
         for deadline, _, arrival in batch:
             lat.append(now - arrival)
@@ -324,18 +391,7 @@ class Engine:
                 missed[m.name] = missed.get(m.name, 0) + 1
             if arrival < inst.ready_at:
                 cold[inst.source.value] += 1
-        if self.learns:
-            m.latency = m.latency.observe_batch(rows, seconds)
-        m.running -= len(batch)
         self.outstanding -= len(batch)
-        inst.running, inst.last_used, m.last_used = False, now, now
-        dev.busy, dev.running_bytes = False, 0
-        if inst.retiring and self._retire(inst):
-            self._offer(dev)
-            return
-        if m.queue:
-            dev.pending[m.idx] = m
-        self._offer(dev)
 
     def _wake(self, m: _Model) -> None:
         m.wake_at = None
@@ -355,6 +411,16 @@ class Engine:
             inst.replaces = None
             if old.key in self.instances and not old.running:
                 self._retire(old)
+        bound = inst.bound
+        if bound is not None:
+            if m.spec.cold_service is not None:  # the load was the bound request's whole service
+                inst.bound = None
+                inst.last_used = m.last_used = self.now
+                self._answer(inst, [bound])
+                if self.record:
+                    self.events.append((self.now, "served_cold", inst.key, dev.id))
+            else:
+                dev.waiting.append(inst)
         if m.queue:
             dev.pending[m.idx] = m
         self._offer(dev)
@@ -373,12 +439,12 @@ class Engine:
                 return
         self.blocked.pop(m.idx, None)
         if want < len(m.instances):
-            idle = [x for x in m.instances if not x.running and x.ready_at <= self.now]
+            idle = [x for x in m.instances if not x.running and x.ready_at <= self.now and x.bound is None]
             idle.sort(key=lambda x: x.last_used)
             for inst in idle[: len(m.instances) - want]:
                 self._remove(inst, _WARM)
 
-    def _start_instance(self, m: _Model, preloaded: bool = False) -> bool:
+    def _start_instance(self, m: _Model, preloaded: bool = False) -> _Instance | None:
         need = m.spec.weights_bytes
         demand = 0.0 if preloaded else device_share(max(m.rate, m.arrivals / self.window_s), m.latency, m.max_batch)
         hosts = self._hosts(m, need)
@@ -390,8 +456,8 @@ class Engine:
             chosen = place(m.name, need, "cuda", tuple(self._view(d, m, True) for d in hosts), DEFAULT_TENANT, demand,
                            slo_s, batch_s)  # fmt: skip
             if chosen is None:
-                return False
-        return self._place(m, self.by_id[chosen], demand, preloaded) is not None
+                return None
+        return self._place(m, self.by_id[chosen], demand, preloaded)
 
     def _hosts(self, m: _Model, need: int) -> list[_Device]:
         """The devices placement is asked about for ``m``: every occupied one that could make room, and
@@ -432,7 +498,7 @@ class Engine:
             dev.load_free_at = ready
         key = f"{m.name}#{m.next_key}"
         m.next_key += 1
-        inst = _Instance(key, m, dev, ready, load_s, source)
+        inst = _Instance(key, m, dev, ready, load_s, source, self.now)
         inst.share = demand
         dev.util += demand
         self._account()
@@ -462,7 +528,8 @@ class Engine:
         now, bw = self.now, self.bandwidths
         candidates = tuple(
             EvictionCandidate(x.key, x.bytes, x.model.latency.predict_load(_WARM if self.p.warm_tier else _COOL,
-                              x.bytes, bw), x.model.rate, x.last_used, x.running or x.ready_at > now)
+                              x.bytes, bw), x.model.rate, x.last_used,
+                              x.running or x.ready_at > now or x.bound is not None)
             for x in dev.instances.values()
         )  # fmt: skip
         names = self.p.eviction.choose(need, candidates)
@@ -668,8 +735,9 @@ class Engine:
     def _hot_view(self, x: _Instance) -> ModelView:
         m, p = x.model, self.p
         load_s = m.latency.predict_load(_WARM, x.bytes, self.bandwidths)
-        return ModelView(x.key, _HOT, self.now - x.last_used, x.running or bool(m.queue), p.keepalive_hot_s,
-                         p.keepalive_warm_s, m.histogram, load_s, m.prewarmed)  # fmt: skip
+        busy = x.running or x.bound is not None or bool(m.queue)
+        return ModelView(x.key, _HOT, self.now - x.last_used, busy, p.keepalive_hot_s, p.keepalive_warm_s, m.histogram,
+                         load_s, m.prewarmed)  # fmt: skip
 
     def _warm_tick(self) -> None:
         now, p, bw = self.now, self.p, self.bandwidths
