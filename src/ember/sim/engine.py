@@ -54,7 +54,7 @@ from ember.store import Tier
 
 __all__ = ["Engine", "RunResult"]
 
-_LOAD, _DONE, _WAKE, _TICK = 0, 1, 2, 3
+_LOAD, _DONE, _WAKE, _TICK, _EXPIRE = 0, 1, 2, 3, 4
 #: When a device frees, at most this many models (those due first) propose a batch to its scheduler.
 MAX_CANDIDATES = 8
 #: A node whose host memory fills frees 1/WARM_SLACK of it beyond what it needs.
@@ -120,6 +120,7 @@ class Engine:
         self.cold = {_WARM.value: 0, _COOL.value: 0}
         self.missed: dict[str, int] = {}
         self.tick_armed = False
+        self.tick_n = 0
         # Integrals over time: devices held, bytes resident, instances up.
         self._t_acc = 0.0
         self.held = self.used_total = 0
@@ -160,6 +161,8 @@ class Engine:
                     self._loaded(obj)
                 elif kind == _WAKE:
                     self._wake(obj)
+                elif kind == _EXPIRE:
+                    self._expire(obj)
                 else:
                     self._tick(obj)
             elif i < n:
@@ -180,12 +183,20 @@ class Engine:
         heapq.heappush(self.heap, (t, next(self.seq), kind, obj))
 
     def _arm_tick(self) -> None:
-        if not self.tick_armed:
-            k = math.floor(self.now / self.tick_s) + 1
-            if k * self.tick_s <= self.now:  # now / tick_s rounded down a whole tick (tick_s = 0.1, now = 4.3)
-                k += 1
-            self.tick_armed = True
-            self._push(k * self.tick_s, _TICK, k)
+        """Arm the next control tick on the grid ``k * tick_s`` unless one is armed (or, with exact
+        keep-alive events, arm a sooner one: the next on the ``warm_tick_s`` grid, or on the ``tick_s``
+        grid while a model waits for room; the later one is then stale)."""
+        if self.tick_armed and not self.p.exact_keepalive:
+            return
+        k = math.floor(self.now / self.tick_s) + 1
+        if k * self.tick_s <= self.now:  # now / tick_s rounded down a whole tick (tick_s = 0.1, now = 4.3)
+            k += 1
+        if self.p.exact_keepalive and not self.blocked:
+            k = -(-k // self.warm_every) * self.warm_every
+        if self.tick_armed and k >= self.tick_n:
+            return
+        self.tick_armed, self.tick_n = True, k
+        self._push(k * self.tick_s, _TICK, k)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -378,6 +389,8 @@ class Engine:
         if m.queue:
             dev.pending[m.idx] = m
         self._offer(dev)
+        if self.p.exact_keepalive and not inst.running:
+            self._ask_keepalive(inst, 0.0)
 
     def _answer(self, inst: _Instance, batch: list[Request]) -> None:
         """Count ``batch`` answered now by ``inst``: latency, SLO, and cold when it waited for the load."""
@@ -424,6 +437,8 @@ class Engine:
         if m.queue:
             dev.pending[m.idx] = m
         self._offer(dev)
+        if self.p.exact_keepalive and not inst.running and inst.bound is None:
+            self._ask_keepalive(inst, 0.0)
 
     # -- instances --------------------------------------------------------------------------------
 
@@ -621,12 +636,14 @@ class Engine:
     # -- control ticks ----------------------------------------------------------------------------
 
     def _tick(self, n: int) -> None:
+        if n != self.tick_n:  # a later tick, armed before a sooner one was needed (exact keep-alive)
+            return
         now, p = self.now, self.p
         self.occupancy.append((now, len(self.instances), sum(map(len, self.warm)), self.held))
         busiest = self._measure()
         if p.rebalance is not None and busiest > p.rebalance.high:
             self._rebalance()
-        if p.keepalive is not None:
+        if p.keepalive is not None and not p.exact_keepalive:
             self._hot_tick(p.keepalive)
         slow = n % self.warm_every == 0
         if slow:
@@ -732,12 +749,33 @@ class Engine:
             if isinstance(action, Demotion) and inst is not None and not inst.running:
                 self._remove(inst, action.to)
 
-    def _hot_view(self, x: _Instance) -> ModelView:
+    def _hot_view(self, x: _Instance, idle_s: float | None = None) -> ModelView:
         m, p = x.model, self.p
         load_s = m.latency.predict_load(_WARM, x.bytes, self.bandwidths)
+        idle = self.now - x.last_used if idle_s is None else idle_s
         busy = x.running or x.bound is not None or bool(m.queue)
-        return ModelView(x.key, _HOT, self.now - x.last_used, busy, p.keepalive_hot_s, p.keepalive_warm_s, m.histogram,
-                         load_s, m.prewarmed)  # fmt: skip
+        return ModelView(x.key, _HOT, idle, busy, p.keepalive_hot_s, p.keepalive_warm_s, m.histogram, load_s,
+                         m.prewarmed)  # fmt: skip
+
+    def _ask_keepalive(self, inst: _Instance, idle_s: float) -> None:
+        """Exact keep-alive: ask about ``inst``, idle for ``idle_s`` since its last use, and apply the answer;
+        then ask again at the idle time ``KeepAlive.recheck_s`` names (an ``_EXPIRE`` event)."""
+        keepalive = self.p.keepalive
+        assert keepalive is not None
+        view = self._hot_view(inst, idle_s)
+        for action in keepalive.decide((view,)):
+            if isinstance(action, Demotion):
+                self._remove(inst, action.to)
+                return
+        again = keepalive.recheck_s(view)
+        if again < math.inf:
+            self._push(inst.last_used + again, _EXPIRE, (inst, inst.last_used, again))
+
+    def _expire(self, obj: tuple[_Instance, float, float]) -> None:
+        inst, last_used, idle_s = obj
+        if inst.last_used != last_used or inst.running or inst.bound is not None or inst.key not in self.instances:
+            return  # used again since (it is asked anew when it next goes idle), or gone
+        self._ask_keepalive(inst, idle_s)
 
     def _warm_tick(self) -> None:
         now, p, bw = self.now, self.p, self.bandwidths

@@ -83,6 +83,14 @@ class PolicySet:
     #: (concurrency one): the idle instance the router picks, or else an instance started for it, which
     #: serves it cold. None: one queue per model, served by whichever of its instances is free first.
     router: Router | None = None
+    #: Ask the keep-alive about an idle instance when it goes idle and then at the exact time
+    #: ``KeepAlive.recheck_s`` names (an event), not at control ticks; ticks then run every
+    #: ``warm_tick_s`` (every ``tick_s`` while a model waits for room). Only for sets without a warm tier.
+    exact_keepalive: bool = False
+
+    def __post_init__(self) -> None:
+        if self.exact_keepalive and self.warm_tier:
+            raise InvalidInput(f"policy set '{self.name}': exact keep-alive events cover the hot tier only")
 
 
 def build_policy_set(name: str, options: dict[str, float]) -> PolicySet:
@@ -105,7 +113,7 @@ def build_policy_set(name: str, options: dict[str, float]) -> PolicySet:
         keep = options.get("keepalive_s", 600.0)
         return PolicySet(name, DeadlineBatcher(), edf, FixedKeepAlive(), spread, PerRequest(), lru, Loader.PLAIN,
                          warm_tier=False, max_batch_size=1, keepalive_hot_s=keep, keepalive_warm_s=0.0,
-                         router=NewestIdle())  # fmt: skip
+                         router=NewestIdle(), exact_keepalive=True)  # fmt: skip
     if kind is SetName.RAY_SERVE:
         batch = int(options.get("max_batch_size", 10))  # @serve.batch's defaults: 10 rows, 10 ms
         if batch < 1:
