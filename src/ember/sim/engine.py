@@ -1,7 +1,7 @@
 """The discrete-event engine: a workload, a modeled cluster and one policy set, in virtual time.
 
 Time is the engine's own float: events (a load done, a batch done, a batching wake-up, a control
-tick) sit in a heap ordered by ``(time, sequence)`` and arrivals stream in from the workload; at
+tick, a keep-alive expiry) sit in a heap ordered by ``(time, sequence)`` and arrivals stream in from the workload; at
 equal times events go before arrivals. Every random draw comes from one ``random.Random(seed)``
 taken in event order, so a run is a pure function of its inputs: the same scenario and seed give
 the same event log, bit for bit.
@@ -13,6 +13,10 @@ frees, each resident model with queued requests asks its batching policy for a b
 scheduler picks which one runs. Loads on a device are serialised (one host link) and overlap its
 compute. Control ticks run on the grid ``k * tick_s`` while anything is up: the hot keep-alive every
 tick; the warm tier's keep-alive and pre-warm, and the autoscaler, every ``warm_tick_s``.
+
+A set with a router (classic FaaS) binds each request to one instance instead of a shared queue,
+and a set with ``exact_keepalive`` asks its keep-alive at the exact idle times it names (an expiry
+event) rather than on ticks: the last section of :class:`Engine`.
 """
 
 from __future__ import annotations
@@ -228,30 +232,6 @@ class Engine:
             if not dev.busy and inst.ready_at <= now:
                 self._offer(dev)
 
-    def _bind(self, m: _Model, request: Request) -> None:
-        """FaaS dispatch: bind ``request`` to the idle instance the router picks, else to a new instance
-        started for it (served cold by it); with no room anywhere it waits in the model's queue."""
-        now = self.now
-        idle = [x for x in m.instances if x.bound is None and not x.running and x.ready_at <= now and not x.retiring]
-        if idle:
-            inst = idle[0]
-            if len(idle) > 1:
-                assert self.p.router is not None
-                name = self.p.router.choose(tuple(IdleInstance(x.key, x.started_at, x.last_used) for x in idle))
-                inst = self.instances[name]
-            inst.bound = request
-            inst.device.waiting.append(inst)
-            self._offer(inst.device)
-            return
-        started = self._start_instance(m)
-        if started is None:
-            m.queue.append(request)
-            m.version += 1
-            self.blocked[m.idx] = m
-            self._arm_tick()
-            return
-        started.bound = request
-
     def _start_delay(self, m: _Model) -> float:
         """Seconds before a batch of ``m`` could start: 0 when an instance is up, else the soonest load."""
         if not m.instances:
@@ -324,22 +304,6 @@ class Engine:
         q = m.queue
         m.version += 1
         self._start_batch(dev, inst, [q.popleft() for _ in range(take)])
-
-    def _run_bound(self, dev: _Device) -> None:
-        """Run one of the requests bound to instances of ``dev`` (the device scheduler picks which)."""
-        waiting = dev.waiting
-        inst = waiting[0]
-        if len(waiting) > 1:
-            candidates = tuple(
-                Candidate(x.key, x.bound[0], x.model.latency.predict(x.bound[1]), 0.0, 1)
-                for x in waiting
-                if x.bound is not None
-            )
-            chosen = self.p.devices.choose(self.now, candidates)
-            inst = self.instances[chosen.model] if chosen is not None else inst
-        waiting.remove(inst)
-        assert inst.bound is not None
-        self._start_batch(dev, inst, [inst.bound])
 
     def _candidate(self, m: _Model, take: int, rows: int) -> Candidate:
         """The device scheduler's view of ``m``'s next batch, kept as long as its batching decision."""
@@ -757,26 +721,6 @@ class Engine:
         return ModelView(x.key, _HOT, idle, busy, p.keepalive_hot_s, p.keepalive_warm_s, m.histogram, load_s,
                          m.prewarmed)  # fmt: skip
 
-    def _ask_keepalive(self, inst: _Instance, idle_s: float) -> None:
-        """Exact keep-alive: ask about ``inst``, idle for ``idle_s`` since its last use, and apply the answer;
-        then ask again at the idle time ``KeepAlive.recheck_s`` names (an ``_EXPIRE`` event)."""
-        keepalive = self.p.keepalive
-        assert keepalive is not None
-        view = self._hot_view(inst, idle_s)
-        for action in keepalive.decide((view,)):
-            if isinstance(action, Demotion):
-                self._remove(inst, action.to)
-                return
-        again = keepalive.recheck_s(view)
-        if again < math.inf:
-            self._push(inst.last_used + again, _EXPIRE, (inst, inst.last_used, again))
-
-    def _expire(self, obj: tuple[_Instance, float, float]) -> None:
-        inst, last_used, idle_s = obj
-        if inst.last_used != last_used or inst.running or inst.bound is not None or inst.key not in self.instances:
-            return  # used again since (it is asked anew when it next goes idle), or gone
-        self._ask_keepalive(inst, idle_s)
-
     def _warm_tick(self) -> None:
         now, p, bw = self.now, self.p, self.bandwidths
         views = []
@@ -809,3 +753,65 @@ class Engine:
             self.byte_s += self.used_total * dt
             self.inst_s += len(self.instances) * dt
             self._t_acc = self.now
+
+    # -- FaaS: requests bound to instances, and the exact keep-alive ------------------------------
+
+    def _bind(self, m: _Model, request: Request) -> None:
+        """FaaS dispatch: bind ``request`` to the idle instance the router picks, else to a new instance
+        started for it (served cold by it); with no room anywhere it waits in the model's queue."""
+        now = self.now
+        idle = [x for x in m.instances if x.bound is None and not x.running and x.ready_at <= now and not x.retiring]
+        if idle:
+            inst = idle[0]
+            if len(idle) > 1:
+                assert self.p.router is not None
+                name = self.p.router.choose(tuple(IdleInstance(x.key, x.started_at, x.last_used) for x in idle))
+                inst = self.instances[name]
+            inst.bound = request
+            inst.device.waiting.append(inst)
+            self._offer(inst.device)
+            return
+        started = self._start_instance(m)
+        if started is None:
+            m.queue.append(request)
+            m.version += 1
+            self.blocked[m.idx] = m
+            self._arm_tick()
+            return
+        started.bound = request
+
+    def _run_bound(self, dev: _Device) -> None:
+        """Run one of the requests bound to instances of ``dev`` (the device scheduler picks which)."""
+        waiting = dev.waiting
+        inst = waiting[0]
+        if len(waiting) > 1:
+            candidates = tuple(
+                Candidate(x.key, x.bound[0], x.model.latency.predict(x.bound[1]), 0.0, 1)
+                for x in waiting
+                if x.bound is not None
+            )
+            chosen = self.p.devices.choose(self.now, candidates)
+            inst = self.instances[chosen.model] if chosen is not None else inst
+        waiting.remove(inst)
+        assert inst.bound is not None
+        self._start_batch(dev, inst, [inst.bound])
+
+    def _ask_keepalive(self, inst: _Instance, idle_s: float) -> None:
+        """Exact keep-alive: ask about ``inst``, idle for ``idle_s`` since its last use, and apply the answer;
+        then ask again at the idle time ``KeepAlive.recheck_s`` names (an ``_EXPIRE`` event)."""
+        keepalive = self.p.keepalive
+        assert keepalive is not None
+        view = self._hot_view(inst, idle_s)
+        for action in keepalive.decide((view,)):
+            if isinstance(action, Demotion):
+                self._remove(inst, action.to)
+                return
+        again = keepalive.recheck_s(view)
+        if again < math.inf:
+            self._push(inst.last_used + again, _EXPIRE, (inst, inst.last_used, again))
+
+    def _expire(self, obj: tuple[_Instance, float, float]) -> None:
+        inst, last_used, idle_s = obj
+        if inst.last_used != last_used or inst.running or inst.bound is not None or inst.key not in self.instances:
+            return  # used again since (it is asked anew when it next goes idle), or gone
+        self._ask_keepalive(inst, idle_s)
