@@ -174,3 +174,13 @@ def test_a_cold_service_time_is_the_whole_service_of_the_request_that_started_th
     assert result.latencies_s == [10.0, 1.0]  # one draw of the cold service, then a warm request
     assert result.cold_starts["cool"] == 1
     assert [e[1] for e in result.events] == ["load", "ready", "served_cold", "batch", "demote"]
+
+
+def test_a_faas_request_with_no_room_for_its_own_instance_waits_for_the_first_one_free() -> None:
+    """The device holds one instance. The second request finds it busy and no room to start another:
+    it waits in the model's queue and runs when the first instance frees (at 11 s, for 1 s)."""
+    small = FAAS.replace("devices_per_node: 4}", "devices_per_node: 1, device_memory_gb: 0.6}")
+    result = _faas_run(small, [0.0, 5.0])
+    assert result.latencies_s == [11.0, 7.0]
+    assert [(e[0], e[2]) for e in result.events if e[1] == "batch"] == [(10.0, "fn#0"), (11.0, "fn#0")]
+    assert [e[2] for e in result.events if e[1] == "load"] == ["fn#0"]

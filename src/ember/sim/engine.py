@@ -1,10 +1,10 @@
 """The discrete-event engine: a workload, a modeled cluster and one policy set, in virtual time.
 
 Time is the engine's own float: events (a load done, a batch done, a batching wake-up, a control
-tick, a keep-alive expiry) sit in a heap ordered by ``(time, sequence)`` and arrivals stream in from the workload; at
-equal times events go before arrivals. Every random draw comes from one ``random.Random(seed)``
-taken in event order, so a run is a pure function of its inputs: the same scenario and seed give
-the same event log, bit for bit.
+tick, a keep-alive expiry) sit in a heap ordered by ``(time, sequence)`` and arrivals stream in
+from the workload; at equal times events go before arrivals. Every random draw comes from one
+``random.Random(seed)`` taken in event order, so a run is a pure function of its inputs: the same
+scenario and seed give the same event log, bit for bit.
 
 The engine is the loop of DESIGN.md principle 1: it builds each policy's snapshot, calls it and
 applies the decision, and folds measurements back into the per-model state the policies keep
@@ -408,8 +408,11 @@ class Engine:
 
     def _scale(self, m: _Model) -> None:
         rate = max(m.rate, m.arrivals / self.window_s)
-        view = ScaleView(m.name, rate, len(m.queue) + m.running, len(m.instances), m.slo_s, m.max_batch, m.latency,
-                         0, len(self.devices))  # fmt: skip
+        queued = len(m.queue) + m.running
+        if self.p.router is not None:  # and the bound requests waiting for their instance's load or device
+            queued += sum(1 for x in m.instances if x.bound is not None and not x.running)
+        view = ScaleView(m.name, rate, queued, len(m.instances), m.slo_s, m.max_batch, m.latency, 0,
+                         len(self.devices))  # fmt: skip
         want, m.scale_state = self.p.scaler.decide(self.now, view, m.scale_state)
         while len(m.instances) < want:
             if not self._start_instance(m):
