@@ -6,7 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ember.policies import Candidate, LatencyModel, QueueSnapshot, ScaleState, ScaleView
-from ember.policies.baselines import EarliestDeadlineFirst, FixedSizeBatcher, OngoingRequests, PerRequest, Pinned
+from ember.policies.baselines import (
+    EarliestDeadlineFirst,
+    FixedSizeBatcher,
+    IdleInstance,
+    NewestIdle,
+    OngoingRequests,
+    PerRequest,
+    Pinned,
+)
 
 
 def view(queued: int, current: int, max_instances: int = 10) -> ScaleView:
@@ -69,3 +77,10 @@ def test_edf_runs_the_batch_due_first() -> None:
     soon = Candidate("b", 1.0, 0.5, 0.0, 8)
     assert EarliestDeadlineFirst().choose(0.0, (late, soon)) == soon
     assert EarliestDeadlineFirst().choose(0.0, ()) is None
+
+
+def test_faas_routes_to_the_newest_idle_instance_as_simfaas_does() -> None:
+    old, new, newer = IdleInstance("f#0", 0.0, 50.0), IdleInstance("f#1", 10.0, 40.0), IdleInstance("f#2", 10.0, 5.0)
+    assert NewestIdle().choose((old, new)) == "f#1"  # started last, whatever its last use
+    assert NewestIdle().choose((new, newer, old)) == "f#1"  # a tie: the first listed (started first)
+    assert NewestIdle().choose((old,)) == "f#0"

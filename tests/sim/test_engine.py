@@ -13,6 +13,7 @@ from ember.sim.engine import RunResult
 from ember.sim.report import summarise
 from ember.sim.runner import run_policy_set
 from ember.sim.scenario import Scenario, parse_scenario
+from ember.sim.workload import Workload
 
 HERE = Path(__file__).resolve().parent
 SETS = ("always_on", "classic_faas", "ray_serve", "ember")
@@ -109,9 +110,8 @@ def test_poisson_arrivals_with_a_fixed_keepalive_cold_start_as_the_formula_says(
 ) -> None:
     """A request is cold when the gap since the last one exceeds the keep-alive: probability exp(-rate * K).
 
-    Demotion happens on the first control tick at or after K idle seconds, so the effective keep-alive
-    is K + U * tick with U uniform on [0, 1): the expectation is exp(-rate K) (1 - exp(-rate tick)) / (rate tick).
-    Service and load take 1 ms, against gaps of tens of seconds.
+    The instance goes at exactly K idle seconds after its last request (an event, whatever the tick);
+    service and load take 1 ms, against gaps of tens of seconds.
     """
     scenario = parse_scenario(
         KNOWN.format(seed=5, tick=tick, rate=rate, keepalive=keepalive, duration=500 / rate / 0.1), HERE
@@ -119,7 +119,68 @@ def test_poisson_arrivals_with_a_fixed_keepalive_cold_start_as_the_formula_says(
     result = run_policy_set(scenario, "classic_faas", {"keepalive_s": keepalive}, scenario.workload())
     n = len(result.latencies_s)
     observed = result.cold_starts["cool"] / n
-    expected = math.exp(-rate * keepalive) * (1 - math.exp(-rate * tick)) / (rate * tick)
+    expected = math.exp(-rate * keepalive)
     sigma = math.sqrt(expected * (1 - expected) / n)
     assert n > 4000
     assert abs(observed - expected) < 4 * sigma, (observed, expected, sigma)
+
+
+FAAS = """
+name: faas
+seed: 1
+duration_s: 100
+tick_s: 7
+cluster: {nodes: 1, devices_per_node: 4}
+models:
+  - name: fn
+    weights_gb: 0.5
+    slo_ms: 60000
+    max_batch_size: 1
+    service: {kind: constant, mean_ms: 1000}
+    cold_start: {kind: constant, mean_ms: 10000}
+workload:
+  synthetic: {total_rate_per_s: 1, mix: {poisson: 1}}
+policy_sets:
+  - {name: classic_faas, options: {keepalive_s: 30}}
+"""
+
+
+def _faas_run(text: str, times: list[float]) -> RunResult:
+    scenario = parse_scenario(text, HERE)
+    trace = Workload(times, [0] * len(times), [1] * len(times))
+    return run_policy_set(scenario, "classic_faas", {"keepalive_s": 30.0}, trace, record_events=True)
+
+
+def test_classic_faas_binds_a_request_to_the_instance_it_starts_and_expires_instances_on_time() -> None:
+    """Loads take 10 s, requests 1 s, keep-alive 30 s.
+
+    At 10.5 s the only instance serves the first request: the second starts an instance of its own
+    and waits for its load (cold, 11 s), though the first instance frees at 11 s. At 12 s the third
+    finds that one idle (warm, 1 s). At 25 s both are idle and the fourth goes to the newest, as
+    SimFaaS routes. Each instance goes 30 s after its last request, to the event, not on the 7 s tick.
+    """
+    result = _faas_run(FAAS, [0.0, 10.5, 12.0, 25.0])
+    assert result.latencies_s == [11.0, 1.0, 11.0, 1.0]  # in order answered: 11, 13, 21.5, 26 s
+    assert result.cold_starts["cool"] == 2
+    batches = [(e[0], e[2]) for e in result.events if e[1] == "batch"]
+    assert batches == [(10.0, "fn#0"), (12.0, "fn#0"), (20.5, "fn#1"), (25.0, "fn#1")]
+    demotions = [(e[0], e[2]) for e in result.events if e[1] == "demote"]
+    assert demotions == [(43.0, "fn#0"), (56.0, "fn#1")]
+    assert result.instance_seconds == pytest.approx(43.0 + (56.0 - 10.5))
+
+
+def test_a_cold_service_time_is_the_whole_service_of_the_request_that_started_the_instance() -> None:
+    result = _faas_run(FAAS.replace("cold_start:", "cold_service:"), [0.0, 20.0])
+    assert result.latencies_s == [10.0, 1.0]  # one draw of the cold service, then a warm request
+    assert result.cold_starts["cool"] == 1
+    assert [e[1] for e in result.events] == ["load", "ready", "served_cold", "batch", "demote"]
+
+
+def test_a_faas_request_with_no_room_for_its_own_instance_waits_for_the_first_one_free() -> None:
+    """The device holds one instance. The second request finds it busy and no room to start another:
+    it waits in the model's queue and runs when the first instance frees (at 11 s, for 1 s)."""
+    small = FAAS.replace("devices_per_node: 4}", "devices_per_node: 1, device_memory_gb: 0.6}")
+    result = _faas_run(small, [0.0, 5.0])
+    assert result.latencies_s == [11.0, 7.0]
+    assert [(e[0], e[2]) for e in result.events if e[1] == "batch"] == [(10.0, "fn#0"), (11.0, "fn#0")]
+    assert [e[2] for e in result.events if e[1] == "load"] == ["fn#0"]

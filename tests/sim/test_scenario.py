@@ -55,6 +55,11 @@ def test_a_scenario_file_loads_by_path_with_its_trace_beside_it(tmp_path: Path) 
         (("{keepalive_s: 60}", "{keepalive_hot_s: 60}"), r"classic_faas' has no option 'keepalive_hot_s'"),
         (("  - ray_serve", "  - ray_serve\n  - ray_serve"), r"each policy set may appear once"),
         (("seed: 3", "seed: [3"), r"not valid YAML"),
+        (("slo_ms: 1000}", "slo_ms: 1000, cold_service: {kind: exponential}}"), r"cold_service needs mean_ms"),
+        (
+            ("slo_ms: 1000}", "slo_ms: 1000, cold_start: {mean_ms: 5}, cold_service: {mean_ms: 5}}"),
+            r"give cold_start \(the load\) or cold_service",
+        ),
     ],
 )
 def test_a_bad_scenario_names_the_field(change: tuple[str, str], message: str) -> None:

@@ -5,8 +5,10 @@ They follow the rules of every policy (no I/O, no clock, no logging) and impleme
 either set with one loop:
 
 * **always-on**: :class:`Pinned` instances, never demoted.
-* **classic FaaS** (AWS Lambda; the analytical model of Mahmoudi and Khazaei): one request per
-  instance (:class:`PerRequest`), no batching, a fixed keep-alive after an instance's last use.
+* **classic FaaS** (AWS Lambda; the analytical model of Mahmoudi and Khazaei and its simulator
+  SimFaaS): one request per instance (:class:`PerRequest`), no batching, a fixed keep-alive after an
+  instance's last use. A request goes to the idle instance :class:`NewestIdle` picks, as SimFaaS
+  routes it; when none is idle it starts an instance of its own and is served cold by it.
 * **Ray-Serve-like**: the ongoing-requests autoscaler with Ray Serve's default delays
   (:class:`OngoingRequests`), fixed-size batching with a fixed wait (:class:`FixedSizeBatcher`, as
   ``@serve.batch``), and least-recently-used eviction of models multiplexed on a replica
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 from ember.policies.autoscaler import ScaleState, ScaleView
 from ember.policies.batching import BatchDecision, QueueSnapshot, fill
@@ -28,9 +31,12 @@ __all__ = [
     "DelayState",
     "EarliestDeadlineFirst",
     "FixedSizeBatcher",
+    "IdleInstance",
+    "NewestIdle",
     "OngoingRequests",
     "PerRequest",
     "Pinned",
+    "Router",
 ]
 
 
@@ -50,6 +56,37 @@ class PerRequest:
 
     def decide(self, now: float, view: ScaleView, state: ScaleState) -> tuple[int, ScaleState]:
         return max(view.current, view.queued), state
+
+
+@dataclass(frozen=True)
+class IdleInstance:
+    """An instance with nothing queued or running, as a router sees it."""
+
+    name: str
+    #: When it was started (its cold start began), in the loop's seconds.
+    started_s: float
+    #: When it last finished a request.
+    last_used_s: float
+
+
+class Router(Protocol):
+    """Which idle instance serves the next request of a model (FaaS: one request per instance)."""
+
+    def choose(self, idle: tuple[IdleInstance, ...]) -> str:
+        """The name of one of ``idle`` (never empty)."""
+        ...
+
+
+@dataclass(frozen=True)
+class NewestIdle:
+    """SimFaaS's choice: the idle instance started last (the first of them, on a tie).
+
+    Sending work to the newest instance leaves the older ones idle, so they reach their keep-alive
+    and go: the pool shrinks back after a burst.
+    """
+
+    def choose(self, idle: tuple[IdleInstance, ...]) -> str:
+        return max(idle, key=lambda x: x.started_s).name
 
 
 @dataclass(frozen=True)

@@ -81,12 +81,22 @@ class ModelSpec:
     #: Measured seconds to make the model hot from (warm, cool) with Ember's loader, used instead of
     #: bytes / bandwidth (a small model's load is mostly fixed costs); see ``ember.sim.measured``.
     measured_load_s: tuple[float, float] | None = None
+    #: When set, a cold start takes a draw of this (seconds, mean ``cold_service_mean_s``) that is the
+    #: whole service of the request that started the instance: start-up, load and its run (Lambda's
+    #: and SimFaaS's cold service time). Sets that bind that request to its instance (a router) answer
+    #: it at the end of the draw; under a shared queue the draw is the load, as ``cold_start``.
+    cold_service: ServiceTime | None = None
+    cold_service_mean_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weights_bytes <= 0 or self.slo_s <= 0 or self.max_batch_size < 1 or self.work_per_request <= 0:
             raise InvalidInput(f"model '{self.name}': weights, SLO, max batch size and work must be positive")
         if self.measured_load_s is not None and not all(s >= 0 and math.isfinite(s) for s in self.measured_load_s):
             raise InvalidInput(f"model '{self.name}': measured load times must be finite seconds >= 0")
+        if self.cold_start is not None and self.cold_service is not None:
+            raise InvalidInput(
+                f"model '{self.name}': give cold_start (the load) or cold_service (the whole cold request), not both"
+            )
 
     def batch_s(self, rows: int, rng: random.Random) -> float:
         return self.service.draw(self.curve.batch_s(rows) * self.work_per_request, rng)
@@ -114,6 +124,8 @@ class ClusterSpec:
         """Seconds to make ``model`` hot on a device of a node where it is warm (or only on disk)."""
         if model.cold_start is not None:
             return model.cold_start.draw(model.cold_start_mean_s, rng)
+        if model.cold_service is not None:
+            return model.cold_service.draw(model.cold_service_mean_s, rng)
         if model.measured_load_s is not None and loader is Loader.EMBER:
             return model.measured_load_s[0 if warm else 1]
         cal = self.calibration

@@ -1,10 +1,10 @@
 """The discrete-event engine: a workload, a modeled cluster and one policy set, in virtual time.
 
 Time is the engine's own float: events (a load done, a batch done, a batching wake-up, a control
-tick) sit in a heap ordered by ``(time, sequence)`` and arrivals stream in from the workload; at
-equal times events go before arrivals. Every random draw comes from one ``random.Random(seed)``
-taken in event order, so a run is a pure function of its inputs: the same scenario and seed give
-the same event log, bit for bit.
+tick, a keep-alive expiry) sit in a heap ordered by ``(time, sequence)`` and arrivals stream in
+from the workload; at equal times events go before arrivals. Every random draw comes from one
+``random.Random(seed)`` taken in event order, so a run is a pure function of its inputs: the same
+scenario and seed give the same event log, bit for bit.
 
 The engine is the loop of DESIGN.md principle 1: it builds each policy's snapshot, calls it and
 applies the decision, and folds measurements back into the per-model state the policies keep
@@ -13,6 +13,10 @@ frees, each resident model with queued requests asks its batching policy for a b
 scheduler picks which one runs. Loads on a device are serialised (one host link) and overlap its
 compute. Control ticks run on the grid ``k * tick_s`` while anything is up: the hot keep-alive every
 tick; the warm tier's keep-alive and pre-warm, and the autoscaler, every ``warm_tick_s``.
+
+A set with a router (classic FaaS) binds each request to one instance instead of a shared queue,
+and a set with ``exact_keepalive`` asks its keep-alive at the exact idle times it names (an expiry
+event) rather than on ticks: the last section of :class:`Engine`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ember.policies import (
     admits,
     device_share,
 )
+from ember.policies.baselines import IdleInstance
 from ember.sim.cluster import ClusterSpec, ModelSpec
 from ember.sim.policysets import PolicySet
 from ember.sim.state import Device as _Device
@@ -53,7 +58,7 @@ from ember.store import Tier
 
 __all__ = ["Engine", "RunResult"]
 
-_LOAD, _DONE, _WAKE, _TICK = 0, 1, 2, 3
+_LOAD, _DONE, _WAKE, _TICK, _EXPIRE = 0, 1, 2, 3, 4
 #: When a device frees, at most this many models (those due first) propose a batch to its scheduler.
 MAX_CANDIDATES = 8
 #: A node whose host memory fills frees 1/WARM_SLACK of it beyond what it needs.
@@ -119,6 +124,7 @@ class Engine:
         self.cold = {_WARM.value: 0, _COOL.value: 0}
         self.missed: dict[str, int] = {}
         self.tick_armed = False
+        self.tick_n = 0
         # Integrals over time: devices held, bytes resident, instances up.
         self._t_acc = 0.0
         self.held = self.used_total = 0
@@ -159,6 +165,8 @@ class Engine:
                     self._loaded(obj)
                 elif kind == _WAKE:
                     self._wake(obj)
+                elif kind == _EXPIRE:
+                    self._expire(obj)
                 else:
                     self._tick(obj)
             elif i < n:
@@ -179,12 +187,20 @@ class Engine:
         heapq.heappush(self.heap, (t, next(self.seq), kind, obj))
 
     def _arm_tick(self) -> None:
-        if not self.tick_armed:
-            k = math.floor(self.now / self.tick_s) + 1
-            if k * self.tick_s <= self.now:  # now / tick_s rounded down a whole tick (tick_s = 0.1, now = 4.3)
-                k += 1
-            self.tick_armed = True
-            self._push(k * self.tick_s, _TICK, k)
+        """Arm the next control tick on the grid ``k * tick_s`` unless one is armed (or, with exact
+        keep-alive events, arm a sooner one: the next on the ``warm_tick_s`` grid, or on the ``tick_s``
+        grid while a model waits for room; the later one is then stale)."""
+        if self.tick_armed and not self.p.exact_keepalive:
+            return
+        k = math.floor(self.now / self.tick_s) + 1
+        if k * self.tick_s <= self.now:  # now / tick_s rounded down a whole tick (tick_s = 0.1, now = 4.3)
+            k += 1
+        if self.p.exact_keepalive and not self.blocked:
+            k = -(-k // self.warm_every) * self.warm_every
+        if self.tick_armed and k >= self.tick_n:
+            return
+        self.tick_armed, self.tick_n = True, k
+        self._push(k * self.tick_s, _TICK, k)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -200,6 +216,10 @@ class Engine:
             if self.record:
                 self.events.append((now, "refuse", m.name))
             self._scale(m)
+            return
+        if self.p.router is not None:
+            self.outstanding += 1
+            self._bind(m, (deadline, rows, now))
             return
         m.queue.append((deadline, rows, now))
         m.version += 1
@@ -223,7 +243,12 @@ class Engine:
 
     def _offer(self, dev: _Device) -> None:
         """The device is free: every resident model with work proposes a batch; the device scheduler picks one."""
-        if dev.busy or not dev.pending:
+        if dev.busy:
+            return
+        if dev.waiting:
+            self._run_bound(dev)
+            return
+        if not dev.pending:
             return
         now, batcher = self.now, self.p.batcher
         proposals: list[tuple[_Model, _Instance, int, int]] = []
@@ -315,6 +340,25 @@ class Engine:
     def _done(self, obj: tuple[_Instance, list[Request], int, float]) -> None:
         inst, batch, rows, seconds = obj
         now, m, dev = self.now, inst.model, inst.device
+        self._answer(inst, batch)
+        if self.learns:
+            m.latency = m.latency.observe_batch(rows, seconds)
+        m.running -= len(batch)
+        inst.running, inst.last_used, m.last_used = False, now, now
+        inst.bound = None
+        dev.busy, dev.running_bytes = False, 0
+        if inst.retiring and self._retire(inst):
+            self._offer(dev)
+            return
+        if m.queue:
+            dev.pending[m.idx] = m
+        self._offer(dev)
+        if self.p.exact_keepalive and not inst.running:
+            self._ask_keepalive(inst, 0.0)
+
+    def _answer(self, inst: _Instance, batch: list[Request]) -> None:
+        """Count ``batch`` answered now by ``inst``: latency, SLO, and cold when it waited for the load."""
+        now, m = self.now, inst.model
         lat, cold, missed = self.latencies, self.cold, self.missed
         for deadline, _, arrival in batch:
             lat.append(now - arrival)
@@ -324,18 +368,7 @@ class Engine:
                 missed[m.name] = missed.get(m.name, 0) + 1
             if arrival < inst.ready_at:
                 cold[inst.source.value] += 1
-        if self.learns:
-            m.latency = m.latency.observe_batch(rows, seconds)
-        m.running -= len(batch)
         self.outstanding -= len(batch)
-        inst.running, inst.last_used, m.last_used = False, now, now
-        dev.busy, dev.running_bytes = False, 0
-        if inst.retiring and self._retire(inst):
-            self._offer(dev)
-            return
-        if m.queue:
-            dev.pending[m.idx] = m
-        self._offer(dev)
 
     def _wake(self, m: _Model) -> None:
         m.wake_at = None
@@ -355,16 +388,31 @@ class Engine:
             inst.replaces = None
             if old.key in self.instances and not old.running:
                 self._retire(old)
+        bound = inst.bound
+        if bound is not None:
+            if m.spec.cold_service is not None:  # the load was the bound request's whole service
+                inst.bound = None
+                inst.last_used = m.last_used = self.now
+                self._answer(inst, [bound])
+                if self.record:
+                    self.events.append((self.now, "served_cold", inst.key, dev.id))
+            else:
+                dev.waiting.append(inst)
         if m.queue:
             dev.pending[m.idx] = m
         self._offer(dev)
+        if self.p.exact_keepalive and not inst.running and inst.bound is None:
+            self._ask_keepalive(inst, 0.0)
 
     # -- instances --------------------------------------------------------------------------------
 
     def _scale(self, m: _Model) -> None:
         rate = max(m.rate, m.arrivals / self.window_s)
-        view = ScaleView(m.name, rate, len(m.queue) + m.running, len(m.instances), m.slo_s, m.max_batch, m.latency,
-                         0, len(self.devices))  # fmt: skip
+        queued = len(m.queue) + m.running
+        if self.p.router is not None:  # and the bound requests waiting for their instance's load or device
+            queued += sum(1 for x in m.instances if x.bound is not None and not x.running)
+        view = ScaleView(m.name, rate, queued, len(m.instances), m.slo_s, m.max_batch, m.latency, 0,
+                         len(self.devices))  # fmt: skip
         want, m.scale_state = self.p.scaler.decide(self.now, view, m.scale_state)
         while len(m.instances) < want:
             if not self._start_instance(m):
@@ -373,12 +421,12 @@ class Engine:
                 return
         self.blocked.pop(m.idx, None)
         if want < len(m.instances):
-            idle = [x for x in m.instances if not x.running and x.ready_at <= self.now]
+            idle = [x for x in m.instances if not x.running and x.ready_at <= self.now and x.bound is None]
             idle.sort(key=lambda x: x.last_used)
             for inst in idle[: len(m.instances) - want]:
                 self._remove(inst, _WARM)
 
-    def _start_instance(self, m: _Model, preloaded: bool = False) -> bool:
+    def _start_instance(self, m: _Model, preloaded: bool = False) -> _Instance | None:
         need = m.spec.weights_bytes
         demand = 0.0 if preloaded else device_share(max(m.rate, m.arrivals / self.window_s), m.latency, m.max_batch)
         hosts = self._hosts(m, need)
@@ -390,8 +438,8 @@ class Engine:
             chosen = place(m.name, need, "cuda", tuple(self._view(d, m, True) for d in hosts), DEFAULT_TENANT, demand,
                            slo_s, batch_s)  # fmt: skip
             if chosen is None:
-                return False
-        return self._place(m, self.by_id[chosen], demand, preloaded) is not None
+                return None
+        return self._place(m, self.by_id[chosen], demand, preloaded)
 
     def _hosts(self, m: _Model, need: int) -> list[_Device]:
         """The devices placement is asked about for ``m``: every occupied one that could make room, and
@@ -432,7 +480,7 @@ class Engine:
             dev.load_free_at = ready
         key = f"{m.name}#{m.next_key}"
         m.next_key += 1
-        inst = _Instance(key, m, dev, ready, load_s, source)
+        inst = _Instance(key, m, dev, ready, load_s, source, self.now)
         inst.share = demand
         dev.util += demand
         self._account()
@@ -462,7 +510,8 @@ class Engine:
         now, bw = self.now, self.bandwidths
         candidates = tuple(
             EvictionCandidate(x.key, x.bytes, x.model.latency.predict_load(_WARM if self.p.warm_tier else _COOL,
-                              x.bytes, bw), x.model.rate, x.last_used, x.running or x.ready_at > now)
+                              x.bytes, bw), x.model.rate, x.last_used,
+                              x.running or x.ready_at > now or x.bound is not None)
             for x in dev.instances.values()
         )  # fmt: skip
         names = self.p.eviction.choose(need, candidates)
@@ -554,12 +603,14 @@ class Engine:
     # -- control ticks ----------------------------------------------------------------------------
 
     def _tick(self, n: int) -> None:
+        if n != self.tick_n:  # a later tick, armed before a sooner one was needed (exact keep-alive)
+            return
         now, p = self.now, self.p
         self.occupancy.append((now, len(self.instances), sum(map(len, self.warm)), self.held))
         busiest = self._measure()
         if p.rebalance is not None and busiest > p.rebalance.high:
             self._rebalance()
-        if p.keepalive is not None:
+        if p.keepalive is not None and not p.exact_keepalive:
             self._hot_tick(p.keepalive)
         slow = n % self.warm_every == 0
         if slow:
@@ -665,11 +716,13 @@ class Engine:
             if isinstance(action, Demotion) and inst is not None and not inst.running:
                 self._remove(inst, action.to)
 
-    def _hot_view(self, x: _Instance) -> ModelView:
+    def _hot_view(self, x: _Instance, idle_s: float | None = None) -> ModelView:
         m, p = x.model, self.p
         load_s = m.latency.predict_load(_WARM, x.bytes, self.bandwidths)
-        return ModelView(x.key, _HOT, self.now - x.last_used, x.running or bool(m.queue), p.keepalive_hot_s,
-                         p.keepalive_warm_s, m.histogram, load_s, m.prewarmed)  # fmt: skip
+        idle = self.now - x.last_used if idle_s is None else idle_s
+        busy = x.running or x.bound is not None or bool(m.queue)
+        return ModelView(x.key, _HOT, idle, busy, p.keepalive_hot_s, p.keepalive_warm_s, m.histogram, load_s,
+                         m.prewarmed)  # fmt: skip
 
     def _warm_tick(self) -> None:
         now, p, bw = self.now, self.p, self.bandwidths
@@ -703,3 +756,65 @@ class Engine:
             self.byte_s += self.used_total * dt
             self.inst_s += len(self.instances) * dt
             self._t_acc = self.now
+
+    # -- FaaS: requests bound to instances, and the exact keep-alive ------------------------------
+
+    def _bind(self, m: _Model, request: Request) -> None:
+        """FaaS dispatch: bind ``request`` to the idle instance the router picks, else to a new instance
+        started for it (served cold by it); with no room anywhere it waits in the model's queue."""
+        now = self.now
+        idle = [x for x in m.instances if x.bound is None and not x.running and x.ready_at <= now and not x.retiring]
+        if idle:
+            inst = idle[0]
+            if len(idle) > 1:
+                assert self.p.router is not None
+                name = self.p.router.choose(tuple(IdleInstance(x.key, x.started_at, x.last_used) for x in idle))
+                inst = self.instances[name]
+            inst.bound = request
+            inst.device.waiting.append(inst)
+            self._offer(inst.device)
+            return
+        started = self._start_instance(m)
+        if started is None:
+            m.queue.append(request)
+            m.version += 1
+            self.blocked[m.idx] = m
+            self._arm_tick()
+            return
+        started.bound = request
+
+    def _run_bound(self, dev: _Device) -> None:
+        """Run one of the requests bound to instances of ``dev`` (the device scheduler picks which)."""
+        waiting = dev.waiting
+        inst = waiting[0]
+        if len(waiting) > 1:
+            candidates = tuple(
+                Candidate(x.key, x.bound[0], x.model.latency.predict(x.bound[1]), 0.0, 1)
+                for x in waiting
+                if x.bound is not None
+            )
+            chosen = self.p.devices.choose(self.now, candidates)
+            inst = self.instances[chosen.model] if chosen is not None else inst
+        waiting.remove(inst)
+        assert inst.bound is not None
+        self._start_batch(dev, inst, [inst.bound])
+
+    def _ask_keepalive(self, inst: _Instance, idle_s: float) -> None:
+        """Exact keep-alive: ask about ``inst``, idle for ``idle_s`` since its last use, and apply the answer;
+        then ask again at the idle time ``KeepAlive.recheck_s`` names (an ``_EXPIRE`` event)."""
+        keepalive = self.p.keepalive
+        assert keepalive is not None
+        view = self._hot_view(inst, idle_s)
+        for action in keepalive.decide((view,)):
+            if isinstance(action, Demotion):
+                self._remove(inst, action.to)
+                return
+        again = keepalive.recheck_s(view)
+        if again < math.inf:
+            self._push(inst.last_used + again, _EXPIRE, (inst, inst.last_used, again))
+
+    def _expire(self, obj: tuple[_Instance, float, float]) -> None:
+        inst, last_used, idle_s = obj
+        if inst.last_used != last_used or inst.running or inst.bound is not None or inst.key not in self.instances:
+            return  # used again since (it is asked anew when it next goes idle), or gone
+        self._ask_keepalive(inst, idle_s)

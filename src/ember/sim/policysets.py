@@ -32,7 +32,15 @@ from ember.policies import (
     SloAutoscaler,
     SloBatcher,
 )
-from ember.policies.baselines import EarliestDeadlineFirst, FixedSizeBatcher, OngoingRequests, PerRequest, Pinned
+from ember.policies.baselines import (
+    EarliestDeadlineFirst,
+    FixedSizeBatcher,
+    NewestIdle,
+    OngoingRequests,
+    PerRequest,
+    Pinned,
+    Router,
+)
 from ember.sim.cluster import Loader
 
 __all__ = ["PolicySet", "SetName", "build_policy_set"]
@@ -71,6 +79,18 @@ class PolicySet:
     keepalive_warm_s: float = 3600.0
     #: Moves models off overloaded devices at each tick; None: nothing moves once placed.
     rebalance: Rebalancer | None = None
+    #: FaaS dispatch: each request is bound at arrival to one instance, which holds it until answered
+    #: (concurrency one): the idle instance the router picks, or else an instance started for it, which
+    #: serves it cold. None: one queue per model, served by whichever of its instances is free first.
+    router: Router | None = None
+    #: Ask the keep-alive about an idle instance when it goes idle and then at the exact time
+    #: ``KeepAlive.recheck_s`` names (an event), not at control ticks; ticks then run every
+    #: ``warm_tick_s`` (every ``tick_s`` while a model waits for room). Only for sets without a warm tier.
+    exact_keepalive: bool = False
+
+    def __post_init__(self) -> None:
+        if self.exact_keepalive and self.warm_tier:
+            raise InvalidInput(f"policy set '{self.name}': exact keep-alive events cover the hot tier only")
 
 
 def build_policy_set(name: str, options: dict[str, float]) -> PolicySet:
@@ -92,7 +112,8 @@ def build_policy_set(name: str, options: dict[str, float]) -> PolicySet:
     if kind is SetName.CLASSIC_FAAS:
         keep = options.get("keepalive_s", 600.0)
         return PolicySet(name, DeadlineBatcher(), edf, FixedKeepAlive(), spread, PerRequest(), lru, Loader.PLAIN,
-                         warm_tier=False, max_batch_size=1, keepalive_hot_s=keep, keepalive_warm_s=0.0)  # fmt: skip
+                         warm_tier=False, max_batch_size=1, keepalive_hot_s=keep, keepalive_warm_s=0.0,
+                         router=NewestIdle(), exact_keepalive=True)  # fmt: skip
     if kind is SetName.RAY_SERVE:
         batch = int(options.get("max_batch_size", 10))  # @serve.batch's defaults: 10 rows, 10 ms
         if batch < 1:

@@ -69,6 +69,8 @@ class ModelIn(_Strict):
     work_per_request: Positive = 1.0
     service: DistributionIn = Field(default_factory=lambda: DistributionIn.model_validate({}))
     cold_start: DistributionIn | None = None
+    #: A cold request's whole service time (start-up, load and its run), instead of a load then ``service``.
+    cold_service: DistributionIn | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> ModelIn:
@@ -76,8 +78,11 @@ class ModelIn(_Strict):
             raise ValueError(f"model '{self.name}': give a latency profile, or service.mean_ms")
         if self.profile is None and self.weights_gb is None:
             raise ValueError(f"model '{self.name}': give weights_gb (there is no profile to take it from)")
-        if self.cold_start is not None and self.cold_start.mean_ms is None and self.cold_start.kind != "empirical":
-            raise ValueError(f"model '{self.name}': cold_start needs mean_ms")
+        for field, cold in (("cold_start", self.cold_start), ("cold_service", self.cold_service)):
+            if cold is not None and cold.mean_ms is None and cold.kind != "empirical":
+                raise ValueError(f"model '{self.name}': {field} needs mean_ms")
+        if self.cold_start is not None and self.cold_service is not None:
+            raise ValueError(f"model '{self.name}': give cold_start (the load) or cold_service (the whole request)")
         return self
 
 
@@ -217,10 +222,14 @@ def parse_scenario(text: str, folder: Path, origin: str = "<scenario>") -> Scena
             curve = LatencyCurve(m.name, (1,), (mean_s,), 0)
         weights = int(m.weights_gb * 1e9) if m.weights_gb else 2 * curve.params  # fp16
         cold, cold_mean = (m.cold_start.build(), (m.cold_start.mean_ms or 0) / 1000) if m.cold_start else (None, 0.0)
+        whole, whole_mean = (
+            (m.cold_service.build(), (m.cold_service.mean_ms or 0) / 1000) if m.cold_service else (None, 0.0)
+        )
         names = [m.name] if m.count == 1 else [f"{m.name}-{i:04d}" for i in range(m.count)]
         for n in names:
             models.append(ModelSpec(n, curve, weights, m.slo_ms / 1000, m.max_batch_size, m.work_per_request,
-                                    m.service.build(), cold, cold_mean))  # fmt: skip
+                                    m.service.build(), cold, cold_mean, cold_service=whole,
+                                    cold_service_mean_s=whole_mean))  # fmt: skip
     if len({m.name for m in models}) != len(models):
         raise InvalidInput(f"{origin}: model names must be unique")
     sets = tuple((p, {}) if isinstance(p, str) else (p.name, dict(p.options)) for p in s.policy_sets)

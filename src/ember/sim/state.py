@@ -82,12 +82,16 @@ class Model:
 
 
 class Instance:
-    __slots__ = ("busy_s", "bytes", "check_at", "checked", "device", "key", "last_used", "load_s", "measured", "model",
-                 "ready_at", "replaces", "retiring", "running", "share", "source")  # fmt: skip
+    __slots__ = ("bound", "busy_s", "bytes", "check_at", "checked", "device", "key", "last_used", "load_s", "measured",
+                 "model", "ready_at", "replaces", "retiring", "running", "share", "source", "started_at")  # fmt: skip
 
-    def __init__(self, key: str, model: Model, device: Device, ready_at: float, load_s: float, source: Tier) -> None:
+    def __init__(
+        self, key: str, model: Model, device: Device, ready_at: float, load_s: float, source: Tier, started_at: float
+    ) -> None:
         self.key, self.model, self.device = key, model, device
-        self.ready_at, self.load_s, self.source = ready_at, load_s, source
+        self.ready_at, self.load_s, self.source, self.started_at = ready_at, load_s, source, started_at
+        #: Under a router (FaaS): the request bound to this instance, from its arrival until answered.
+        self.bound: Request | None = None
         self.bytes = model.spec.weights_bytes
         self.last_used = ready_at
         self.running = False
@@ -106,12 +110,15 @@ class Instance:
 
 class Device:
     __slots__ = ("busy", "capacity", "id", "idx", "instances", "load_free_at", "loading_bytes", "longest_batch_s",
-                 "names", "node", "pending", "running_bytes", "shortest_slo_s", "used", "util", "view")  # fmt: skip
+                 "names", "node", "pending", "running_bytes", "shortest_slo_s", "used", "util", "view",
+                 "waiting")  # fmt: skip
 
     def __init__(self, idx: int, node: int, capacity: int) -> None:
         self.idx, self.node, self.id, self.capacity = idx, node, f"n{node}/cuda:{idx}", capacity
         self.instances: dict[str, Instance] = {}
         self.pending: dict[int, Model] = {}
+        #: Ready instances whose bound request waits for this device (under a router).
+        self.waiting: list[Instance] = []
         self.used = self.loading_bytes = self.running_bytes = 0
         self.busy = False
         self.load_free_at = 0.0
