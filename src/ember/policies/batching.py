@@ -131,11 +131,10 @@ def admission(
     ``idle``: an instance holds the model and runs nothing, so a probe would start at once.
     """
     run_s = latency.admission_s(rows)
-    budget = deadline - now
-    if start_delay_s + run_s <= budget:
+    if now + start_delay_s + run_s <= deadline:
         return Admission("admit")
-    if run_s <= budget:  # only the wait is too long, and it shrinks as time passes
-        return Admission("refuse", start_delay_s + run_s - budget)
+    if now + run_s <= deadline:  # only the wait is too long, and it shrinks as time passes
+        return Admission("refuse", now + start_delay_s + run_s - deadline)
     if idle and latency.probe_due(rows, now, probe_after_s, probe_after_refusals):
         return Admission("probe")
     newest = latency.newest(rows)
