@@ -611,3 +611,20 @@ def test_logs_prints_the_tail_of_each_worker(tmp_path: Path) -> None:
     assert only.output == "y\n"
     missing = runner.invoke(cli.app, ["logs", "--home", str(tmp_path), "--worker", "5"])
     assert missing.exit_code == 1 and "error:" in missing.output
+
+
+def test_update_sends_only_what_changes() -> None:
+    seen: list[tuple[str, str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, json.loads(request.content)))
+        return httpx.Response(200, json={**MODEL, "slo_ms": 250.0})
+
+    with client_for(handler) as client:
+        assert client.update("double", slo_ms=250, on_unmeetable="best_effort")["slo_ms"] == 250.0
+    assert seen == [("PATCH", "/admin/models/double", {"slo_ms": 250, "on_unmeetable": "best_effort"})]
+
+
+def test_the_update_command_needs_something_to_change() -> None:
+    result = CliRunner().invoke(cli.app, ["update", "double"])
+    assert result.exit_code == 2 and "--slo-ms" in result.output

@@ -291,3 +291,24 @@ def test_a_body_in_parts_is_joined_and_a_client_that_hangs_up_is_not_answered() 
         asyncio.run(edge.receive_body(_receiver(parts[0], {"type": "http.disconnect"}), None, ""))
     with pytest.raises(edge.PayloadTooLarge):
         asyncio.run(edge.receive_body(_receiver(*parts), None, "", limit=2))
+
+
+def test_the_admin_api_changes_a_models_slo_and_keepalives_in_place(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.patch(
+            "/admin/models/m", json={"slo_ms": 250, "keepalive_hot_s": 30, "on_unmeetable": "refuse"}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["slo_ms"] == 250 and r.json()["version"] == 1
+        for body, words in [
+            ({"slo_ms": 0}, "slo_ms"),
+            ({"slo_mss": 5}, "slo_mss"),
+            ([1], "JSON object"),
+            ({}, "nothing to change"),
+        ]:
+            bad = await client.patch("/admin/models/m", json=body)
+            assert bad.status_code == 400 and words in bad.json()["error"], bad.text
+        assert (await client.patch("/admin/models/nope", json={"slo_ms": 5})).status_code == 404
+        assert (await client.get("/admin/models/m")).json()["slo_ms"] == 250
+
+    _with_app(tmp_path, test)

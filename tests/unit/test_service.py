@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ember.clock import VirtualClock
-from ember.config import DeploySpec
+from ember.config import DeploySpec, UpdateSpec
 from ember.errors import DeadlineUnmeetable, InvalidInput, ModelNotFound, Overloaded, WorkerCrashed
 from ember.service import EmberService, ServeOptions
 from ember.testing import FakeBackend, LatencyProfile, run_in_virtual_time
@@ -287,5 +287,43 @@ def test_a_queued_request_that_can_no_longer_make_its_slo_is_refused_not_served_
                 await second
             assert len(worker.batches) == warmup + 1  # the second request never ran
             assert service.info("m").failed == 1
+
+    run_in_virtual_time(main)
+
+
+def test_measured_times_survive_a_restart(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        # A model that loads in 5 ms and answers in 2 ms, with a 20 ms SLO: the 50 ms set-up guess
+        # for a first load would refuse its first call after a restart.
+        service, _ = _service(tmp_path, clock, base_s=0.002, load_s=0.005)
+        async with service:
+            await service.deploy(_spec(model_file, slo_ms=20))  # measures a load from cool
+        again, _ = _service(tmp_path, clock, base_s=0.002, load_s=0.005)
+        async with again:
+            assert again.info("m").tier == "cool"
+            assert (await again.infer("m", _x(2)))["x"][0, 0] == 2.0  # not refused on a guess
+            assert again.info("m").failed == 0
+
+    run_in_virtual_time(main)
+
+
+def test_the_slo_and_keepalives_change_in_place(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock, base_s=0.3)
+        async with service:
+            await service.deploy(_spec(model_file))
+            with pytest.raises(DeadlineUnmeetable):
+                await service.infer("m", _x(1))  # 300 ms a batch, 100 ms SLO
+            info = await service.update("m", UpdateSpec(slo_ms=500, keepalive_hot_s=60))
+            assert info.slo_ms == 500 and info.version == 1 and info.tier == "hot"
+            assert (await service.infer("m", _x(2)))["x"][0, 0] == 2.0
+            assert service.deployment("m").keepalive_hot_s == 60
+            with pytest.raises(InvalidInput, match="slo_ms"):
+                await service.update("m", UpdateSpec(slo_ms=-1))
+            with pytest.raises(InvalidInput, match="nothing to change"):
+                await service.update("m", UpdateSpec())
+        again, _ = _service(tmp_path, clock)
+        async with again:
+            assert again.info("m").slo_ms == 500
 
     run_in_virtual_time(main)

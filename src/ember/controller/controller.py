@@ -137,6 +137,12 @@ class Controller:
         self._models[name] = _Model(runner.deployment, runner, rate_since=self._clock.now())
         self._metrics.set_tier(name, self.tier(name).value)
 
+    def update(self, deployment: Deployment) -> None:
+        """Use ``deployment`` (a changed SLO or keep-alive of the same version) from the next tick on."""
+        model = self._models.get(deployment.name)
+        if model is not None:
+            model.deployment = deployment
+
     async def remove(self, name: str) -> None:
         model = self._models.pop(name, None)
         if model is None:

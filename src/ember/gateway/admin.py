@@ -4,6 +4,10 @@
 into the store and first loaded; the last line is ``{"stage": "done", "model": {...}}`` or
 ``{"stage": "error", "status": N, "error": "..."}``.
 
+``PATCH /admin/models/{name}`` changes a deployed model's SLO, keep-alives or on-unmeetable mode in
+place (``{"slo_ms": 250}``; fields as ``ember.config.UpdateSpec``), without a redeploy or a reload;
+it answers the model as ``GET`` does.
+
 ``POST /admin/models/{name}/unload?tier=warm|cool`` demotes a model off the device: to warm (its
 weights stay in host memory) or to cool (the default; local disk only). Options are query
 parameters, as ``?load=false`` on deploy.
@@ -21,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ember.config import DeploySpec
+from ember.config import DeploySpec, UpdateSpec
 from ember.errors import EmberError, InvalidInput
 from ember.gateway import auth
 from ember.gateway.edge import read_json
@@ -40,6 +44,18 @@ def parse_spec(body: Any) -> DeploySpec:
         raise InvalidInput(f"invalid deployment: {problems}") from exc
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
+
+
+def parse_update(body: Any) -> UpdateSpec:
+    if not isinstance(body, dict):
+        raise InvalidInput('the body must be a JSON object like {"slo_ms": 250}')
+    try:
+        return UpdateSpec.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'update'}: {e['msg']}" for e in exc.errors())
+        raise InvalidInput(
+            f"invalid update: {problems}; the fields are slo_ms, keepalive_hot_s, keepalive_warm_s, on_unmeetable"
+        ) from exc
 
 
 def routes(service: EmberService) -> list[Route]:
@@ -75,6 +91,11 @@ def routes(service: EmberService) -> list[Route]:
     async def get_model(request: Request) -> Response:
         return JSONResponse(service.info(request.path_params["name"]).to_json())
 
+    async def update(request: Request) -> Response:
+        name = request.path_params["name"]
+        info = await service.update(name, parse_update(await read_json(request)))
+        return JSONResponse(info.to_json())
+
     async def remove(request: Request) -> Response:
         name = request.path_params["name"]
         await service.remove(name)
@@ -97,6 +118,7 @@ def routes(service: EmberService) -> list[Route]:
         Route("/admin/models", list_models, methods=["GET"]),
         Route("/admin/models", deploy, methods=["POST"]),
         Route("/admin/models/{name}", get_model, methods=["GET"]),
+        Route("/admin/models/{name}", update, methods=["PATCH"]),
         Route("/admin/models/{name}", remove, methods=["DELETE"]),
         Route("/admin/models/{name}/load", load, methods=["POST"]),
         Route("/admin/models/{name}/unload", unload, methods=["POST"]),

@@ -153,6 +153,10 @@ class ModelRunner:
         self.deployment = deployment
         self._refuse = deployment.on_unmeetable == "refuse"
 
+    def set_policy(self, policy: BatchPolicy) -> None:
+        """Decide with ``policy`` from the next decision on."""
+        self._policy = policy
+
     def busy_instances(self) -> set[str]:
         """The ids of the instances running one of this model's batches now."""
         return set(self._running)
