@@ -139,3 +139,11 @@ def test_a_load_past_its_prediction_is_expected_to_take_as_long_again():
     assert remaining_load_s(1.0, 0.25) == pytest.approx(0.75)
     assert remaining_load_s(1.0, 1.0) == pytest.approx(1.0)
     assert remaining_load_s(0.05, 5.7) == pytest.approx(5.7)
+
+
+def test_the_warm_up_shapes_predictions_but_never_justifies_a_refusal():
+    model = LatencyModel().observe_batch(1, 0.4, at=0.0, warmup=True)
+    assert model.predict(1) == pytest.approx(0.4)
+    assert model.admission_s(1) == 0.0 and model.probe_due(1, 0.0, 10.0, 3)
+    real = model.observe_batch(1, 0.3, at=1.0)
+    assert real.admission_s(1) == pytest.approx(0.3) and not real.probe_due(1, 1.0, 10.0, 3)

@@ -70,6 +70,8 @@ def test_a_model_that_is_truly_too_slow_is_refused_with_an_honest_retry_after(tm
         service, _ = _service(tmp_path, clock, base_s=0.3)
         async with service:
             await service.deploy(_spec(model_file))
+            # The warm-up's synthetic batches never justify a refusal: the first real one is measured.
+            await service.infer("m", _x(0))
             with pytest.raises(DeadlineUnmeetable) as refused:
                 await service.infer("m", _x(1))
             message = refused.value.message
@@ -106,6 +108,7 @@ def test_a_load_that_overruns_its_prediction_is_refused_when_the_deadline_is_los
         service, backend = _service(tmp_path, clock, base_s=0.005)
         async with service:
             await service.deploy(_spec(model_file))
+            await service.infer("m", _x(0))  # a real request: 5 ms
             await service.unload("m")  # cool; its load was measured at 50 ms
             for worker in backend.workers():
                 worker.profile = LatencyProfile(base_s=0.005, load_s=5.7)  # this time it takes 5.7 s

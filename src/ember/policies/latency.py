@@ -15,11 +15,13 @@ has taken so far (:func:`remaining_load_s`), so an overrun is seen at once rathe
 
 What a refusal may count on (:meth:`LatencyModel.admission_s`) is deliberately less than the
 prediction: the lower of the bucket's quantile and its newest measurement, and nothing at all for a
-bucket never measured. A windowed p90 needs ten fresh samples to forget one outlier, and a request
+bucket no real request has measured. A windowed p90 needs ten fresh samples to forget one outlier, and a request
 that is refused produces no sample, so refusing on the quantile alone can last for ever (a slow
 first inference after a load was enough). Refusing only when the newest run of that size also
 missed means one good run restores admission; a bucket never measured is served and measured
-rather than judged by a neighbour. Each bucket also remembers when its newest sample was taken and
+rather than judged by a neighbour. The deploy-time warm-up runs synthetic inputs (zeros, empty
+strings) on a fresh process: its times shape the predictions batching uses, but say too little about
+a real request to refuse one. Each bucket also remembers when its newest sample was taken and
 how many requests were refused on it since (:meth:`LatencyModel.observe_refusal`), so admission
 can tell when that evidence is old enough to be checked again with a probe
 (:meth:`LatencyModel.probe_due`).
@@ -116,11 +118,13 @@ class _Samples(NamedTuple):
     at: float = -math.inf
     #: Requests refused on this bucket's evidence since its newest sample.
     refused: int = 0
+    #: Whether any sample came from real requests (not only the deploy-time warm-up's synthetic ones).
+    real: bool = False
 
-    def add(self, seconds: float, window: int, quantile: float, at: float = -math.inf) -> _Samples:
+    def add(self, seconds: float, window: int, quantile: float, at: float, real: bool) -> _Samples:
         values = self.values
         values = (*values[1:], seconds) if len(values) >= window else (*values, seconds)
-        return _Samples(values, windowed_quantile(values, quantile), at)
+        return _Samples(values, windowed_quantile(values, quantile), at, 0, self.real or real)
 
 
 @dataclass(frozen=True)
@@ -150,21 +154,23 @@ class LatencyModel:
         """Whether any batch has been measured."""
         return bool(self.batches)
 
-    def observe_batch(self, rows: int, seconds: float, at: float = -math.inf) -> LatencyModel:
-        """The model with one more measured batch of ``rows`` that took ``seconds``, finished at ``at``."""
+    def observe_batch(self, rows: int, seconds: float, at: float = -math.inf, *, warmup: bool = False) -> LatencyModel:
+        """The model with one more measured batch of ``rows`` that took ``seconds``, finished at ``at``;
+        ``warmup``: a batch of synthetic inputs, which refines predictions but never justifies a refusal."""
         if rows < 1 or not math.isfinite(seconds) or seconds < 0:
             return self
         bucket = (rows - 1).bit_length() if rows <= 1 << MAX_BUCKET else MAX_BUCKET + 1  # bucket_of, inlined
         batches = self.batches
         for index, (known, samples) in enumerate(batches):
             if known == bucket:
-                added = samples.add(seconds, self.window, self.quantile, at)
+                added = samples.add(seconds, self.window, self.quantile, at, not warmup)
                 batches = (*batches[:index], (bucket, added), *batches[index + 1 :])
                 if added.estimate == samples.estimate:  # most batches: the predictions stay as they were
                     return evolve(self, batches=batches)
                 break
         else:
-            batches = tuple(sorted((*batches, (bucket, _Samples().add(seconds, self.window, self.quantile, at)))))
+            added = _Samples().add(seconds, self.window, self.quantile, at, not warmup)
+            batches = tuple(sorted((*batches, (bucket, added))))
         return evolve(self, batches=batches, _table=_monotone_table(batches), _slope_per_row=_slope(batches))
 
     def observe_refusal(self, rows: int) -> LatencyModel:
@@ -179,17 +185,17 @@ class LatencyModel:
 
     def admission_s(self, rows: int) -> float:
         """The seconds a refusal of ``rows`` may count on: the lower of the prediction and the newest
-        measurement of its bucket; 0 for a bucket never measured (a guess never refuses)."""
+        measurement of its bucket; 0 for a bucket no real request measured (a guess never refuses)."""
         samples = self._bucket(rows)
-        if samples is None:
+        if samples is None or not samples.real:
             return 0.0
         return min(self.predict(rows), samples.values[-1])
 
     def probe_due(self, rows: int, now: float, after_s: float, after_refusals: int) -> bool:
-        """Whether the evidence on ``rows`` is due to be checked: its bucket was never measured, its newest
-        sample is at least ``after_s`` old, or ``after_refusals`` requests were refused on it since."""
+        """Whether the evidence on ``rows`` is due to be checked: no real request measured its bucket, its
+        newest sample is at least ``after_s`` old, or ``after_refusals`` requests were refused on it since."""
         samples = self._bucket(rows)
-        return samples is None or samples.refused >= after_refusals or now - samples.at >= after_s
+        return samples is None or not samples.real or samples.refused >= after_refusals or now - samples.at >= after_s
 
     def newest(self, rows: int) -> tuple[float, float] | None:
         """The newest measurement of ``rows``'s bucket, as ``(seconds, at)``; None if never measured."""
@@ -208,7 +214,7 @@ class LatencyModel:
         if tier is Tier.HOT or not math.isfinite(seconds) or seconds < 0:
             return self
         current = dict(self.loads)
-        current[tier] = current.get(tier, _Samples()).add(seconds, self.window, self.quantile)
+        current[tier] = current.get(tier, _Samples()).add(seconds, self.window, self.quantile, -math.inf, True)
         return evolve(self, loads=tuple(sorted(current.items())))
 
     def predict(self, rows: int) -> float:

@@ -304,7 +304,7 @@ class ModelRunner:
                 if not batch:
                     continue
                 instance = idle[0]
-                self._running[instance.id] = (now, self.latency.admission_s(sum(p.rows for p in batch)), batch)
+                self._running[instance.id] = (now, self.latency.predict(sum(p.rows for p in batch)), batch)
                 batches.create_task(self._dispatch(instance, batch), name=f"ember-batch-{name}")
 
     async def _while_loading(self, promotion: asyncio.Future[WorkerHandle]) -> None:
@@ -446,16 +446,16 @@ class ModelRunner:
                 break
             if any(isinstance(out, str) for out in result.outputs):
                 break
-            self._observe(instance.id, size, result.compute_s)
+            self._observe(instance.id, size, result.compute_s, warmup=True)
             measured += index >= len(first)
         return measured
 
-    def _observe(self, instance_id: str, rows: int, seconds: float) -> None:
+    def _observe(self, instance_id: str, rows: int, seconds: float, warmup: bool = False) -> None:
         """Fold a measured batch into the latency model, unless it was its instance's first since a load."""
         if instance_id in self._fresh:
             self._fresh.discard(instance_id)
             return
-        self.latency = self.latency.observe_batch(rows, seconds, self._clock.now())
+        self.latency = self.latency.observe_batch(rows, seconds, self._clock.now(), warmup=warmup)
 
     def _count_refusal(self) -> None:
         """Count a request refused at admission: a failure against the SLO, as one refused later is."""

@@ -60,7 +60,7 @@ class Model:
         self.slo_s, self.max_batch = spec.slo_s, max_batch
         latency = LatencyModel()
         for rows in warmup_batch_sizes(max_batch):  # the deploy-time warm-up sweep
-            latency = latency.observe_batch(rows, spec.curve.batch_s(rows) * spec.work_per_request)
+            latency = latency.observe_batch(rows, spec.curve.batch_s(rows) * spec.work_per_request, warmup=True)
         self.latency = latency
         self.histogram = IdleHistogram()
         self.queue: deque[Request] = deque()
