@@ -239,7 +239,7 @@ class ModelRunner:
         if decided.too_slow:
             size = "one row" if rows == 1 else f"{rows} rows"
             return DeadlineUnmeetable(
-                f"model '{name}' took {run_ms:.0f} ms for {size} when last measured, past {limit}. "
+                f"model '{name}' needs {run_ms:.0f} ms for {size} by its latest measurements, past {limit}. "
                 f"It is measured again (one request served as a probe) within {_seconds(retry)}; until then "
                 f"retrying will not help. If it is this slow, give it a longer SLO (`ember update {name} "
                 "--slo-ms N`) or let it answer late (`ember update "
@@ -329,6 +329,7 @@ class ModelRunner:
                     self._refuse_queued(now, peek, decision.refuse)
                     continue
                 if math.isfinite(decision.valid_until):
+                    # At least a millisecond on: a decision whose turn is this instant must not spin.
                     wake_at = max(decision.valid_until, now + 1e-3)
             self.queue.changed.clear()
             await self._wait_change(wake_at, promotion)
