@@ -2,7 +2,8 @@
 busy host.
 
 - A model whose first three ``predict`` calls take 3x its SLO (the deploy-time warm-up sees them)
-  answers at least 90% of spaced calls afterwards, with the default settings.
+  answers at least 90% of spaced calls afterwards, with the default settings; without a warm-up
+  the slow calls hit real requests, and refusals stay few and end.
 - ``ember update`` changes a deployed model's SLO in place.
 - The quick-start flow (``ember serve --deploy examples/minilm.py:MiniLM``, the ``curl`` it prints and
   the README's two-text request) works first time while other processes keep every core busy.
@@ -27,19 +28,34 @@ FIRST_SLOW = f"{MODELS / 'first_slow.py'}:FirstSlow"
 CALLS, GAP_S = 40, 0.1
 
 
-def test_a_model_slow_at_first_answers_nine_in_ten_spaced_calls_after_it(server: Server) -> None:
-    server.deploy(FIRST_SLOW, "--name", "first-slow")  # every default: SLO 100 ms, warm-up on, refuse
+def _spaced_calls(server: Server, name: str) -> list[int]:
     statuses = []
     for i in range(CALLS):
         x = np.array([[i]], dtype=np.int64)
-        response = server.infer_json("first-slow", {"x": x})
+        response = server.infer_json(name, {"x": x})
         statuses.append(response.status_code)
         if response.status_code == 200:
             np.testing.assert_array_equal(json_output(response, "y"), x)
         else:
             assert response.status_code == 429, response.text
         time.sleep(GAP_S)
+    return statuses
+
+
+def test_a_model_slow_at_first_answers_nine_in_ten_spaced_calls_after_it(server: Server) -> None:
+    server.deploy(FIRST_SLOW, "--name", "first-slow")  # every default: SLO 100 ms, warm-up on, refuse
+    statuses = _spaced_calls(server, "first-slow")
     assert statuses.count(200) >= 0.9 * CALLS, statuses
+
+
+def test_without_a_warm_up_the_slow_calls_are_probes_and_refusals_stay_few(server: Server) -> None:
+    # The three slow calls are real requests now: the first after the load is not counted, each slow
+    # one measured is followed by at most PROBE_AFTER_REFUSALS (3) refusals, then a probe; after the
+    # first fast probe every call is admitted.
+    server.deploy(FIRST_SLOW, "--name", "first-slow-cold", "--no-warmup")
+    statuses = _spaced_calls(server, "first-slow-cold")
+    assert statuses.count(429) <= 6, statuses
+    assert 429 not in statuses[12:], statuses
 
 
 def test_ember_update_changes_the_slo_in_place(server: Server) -> None:
