@@ -319,6 +319,39 @@ def status(
 # -- acting on one model ---------------------------------------------------------------------------
 
 
+@app.command()
+def update(
+    name: str,
+    slo_ms: Annotated[float | None, typer.Option(min=0, help="A new latency objective per request.")] = None,
+    keepalive_hot_s: Annotated[
+        float | None, typer.Option(min=0, help="New seconds on the device after the last request.")
+    ] = None,
+    keepalive_warm_s: Annotated[
+        float | None, typer.Option(min=0, help="New seconds in host memory after that.")
+    ] = None,
+    on_unmeetable: Annotated[
+        OnUnmeetable | None,
+        typer.Option(help="A request predicted to miss its SLO even alone: refuse it at once, or serve it late."),
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    home: HomeOption = DEFAULT_HOME,
+) -> None:
+    """Change a deployed model's SLO, keep-alives or on-unmeetable mode in place (no redeploy, no reload)."""
+    if slo_ms is None and keepalive_hot_s is None and keepalive_warm_s is None and on_unmeetable is None:
+        raise typer.BadParameter(
+            "give at least one of --slo-ms, --keepalive-hot-s, --keepalive-warm-s, --on-unmeetable"
+        )
+    with errors(url), Client(url, home=home) as client:
+        model = client.update(
+            name,
+            slo_ms=slo_ms,
+            keepalive_hot_s=keepalive_hot_s,
+            keepalive_warm_s=keepalive_warm_s,
+            on_unmeetable=None if on_unmeetable is None else on_unmeetable.value.replace("-", "_"),
+        )
+    console.print(f"updated {model['name']}: SLO {model['slo_ms']:g} ms", highlight=False)
+
+
 @app.command("rm")
 def remove(name: str, url: UrlOption = DEFAULT_URL, home: HomeOption = DEFAULT_HOME) -> None:
     """Remove a model and its stored weights."""

@@ -1,7 +1,7 @@
 """A thin synchronous client for scripts and the CLI: :class:`Client`.
 
 Ember's core is async; this is the one sync wrapper, over ``httpx``. It speaks the admin API
-(deploy with streamed progress, list, inspect, remove, load, unload, status), the Open Inference
+(deploy with streamed progress, list, inspect, update, remove, load, unload, status), the Open Inference
 Protocol v2 with binary tensors (:meth:`Client.infer`) and the OpenAI embeddings route
 (:meth:`Client.embed`)::
 
@@ -148,6 +148,27 @@ class Client:
     def metadata(self, name: str) -> dict[str, Any]:
         """The model's Open Inference Protocol metadata: its inputs and outputs with their datatypes."""
         result: dict[str, Any] = self._json("GET", f"/v2/models/{_segment(name)}")
+        return result
+
+    def update(
+        self,
+        name: str,
+        *,
+        slo_ms: float | None = None,
+        keepalive_hot_s: float | None = None,
+        keepalive_warm_s: float | None = None,
+        on_unmeetable: str | None = None,
+    ) -> dict[str, Any]:
+        """Change a deployed model's SLO, keep-alives or on-unmeetable mode (``"refuse"`` or ``"best_effort"``)
+        in place; what is left None stays. Returns the model as ``ember ls`` shows it."""
+        changes = {
+            "slo_ms": slo_ms,
+            "keepalive_hot_s": keepalive_hot_s,
+            "keepalive_warm_s": keepalive_warm_s,
+            "on_unmeetable": on_unmeetable,
+        }
+        body = {k: v for k, v in changes.items() if v is not None}
+        result: dict[str, Any] = self._json("PATCH", f"/admin/models/{_segment(name)}", json=body)
         return result
 
     def remove(self, name: str) -> None:

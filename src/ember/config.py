@@ -25,6 +25,7 @@ __all__ = [
     "Deployment",
     "ModelMetadata",
     "OnUnmeetable",
+    "UpdateSpec",
     "resolve_source",
     "validation_message",
 ]
@@ -124,6 +125,25 @@ class DeploySpec(BaseModel):
         if self.name is None:
             object.__setattr__(self, "name", check_name(default_name(self.source)))
         return self
+
+
+class UpdateSpec(BaseModel):
+    """A change to a deployed model that needs no redeploy (``ember update``, ``PATCH /admin/models/NAME``).
+
+    Each field left out stays as it is; the merged deployment is checked as a whole
+    (``DeploySpec``'s own limits apply).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    slo_ms: float | None = None
+    keepalive_hot_s: float | None = None
+    keepalive_warm_s: float | None = None
+    on_unmeetable: OnUnmeetable | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields given, by name."""
+        return self.model_dump(exclude_none=True)
 
 
 _KINDS_OF_VALUE = {

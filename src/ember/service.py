@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,15 +25,26 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pydantic import ValidationError
+
 from ember.clock import Clock, WallClock, run_blocking
 from ember.cluster.base import ClusterBackend
 from ember.cluster.local import LocalBackend, WorkerLimits, storage_full
-from ember.config import Deployment, DeploySpec, ModelMetadata, check_name, resolve_source
+from ember.config import (
+    Deployment,
+    DeploySpec,
+    ModelMetadata,
+    UpdateSpec,
+    check_name,
+    resolve_source,
+    validation_message,
+)
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ModelUnavailable, ShuttingDown
 from ember.metrics import Metrics
 from ember.policies import (
     HybridHistogramKeepAlive,
+    LatencyModel,
     LatestStartFirst,
     MemoryAwarePlacement,
     SloBatcher,
@@ -58,6 +70,8 @@ UPLOADS_DIR = "uploads"
 
 #: Batch sizes the deploy-time warm-up measures (1, 2, 4), to seed each model's latency model.
 WARMUP_SIZES = 3
+#: How often the models' measured batch and load times are written to the registry (and at stop).
+SAVE_MEASUREMENTS_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,9 @@ class EmberService:
         self.arbiter = DeviceArbiter(LatestStartFirst(), self.clock)
         self._runners: dict[str, ModelRunner] = {}
         self._controller_task: asyncio.Task[None] | None = None
+        self._saver_task: asyncio.Task[None] | None = None
+        #: Per model, the latency model last written to the registry.
+        self._saved: dict[str, LatencyModel] = {}
         self._deploying: set[str] = set()
         self._accepting = False
         self.ready = False
@@ -196,8 +213,10 @@ class EmberService:
             except Exception as exc:  # a row this Ember cannot serve must not keep the others down
                 self._set_aside(record, exc)
                 continue
-            self._add(deployment)
+            runner = self._add(deployment)
+            runner.latency = self._saved[record.name] = runner.latency.from_json(self.registry.latency(record.key))
         self._controller_task = asyncio.create_task(self.controller.run(), name="ember-controller")
+        self._saver_task = asyncio.create_task(self._save_periodically(), name="ember-save-measurements")
         self._accepting = True
         self.ready = True
 
@@ -206,10 +225,12 @@ class EmberService:
         self.ready = False
         draining = ShuttingDown("Ember is shutting down; retry against another instance or after the restart")
         await asyncio.gather(*(runner.stop(draining) for runner in self._runners.values()))
-        if self._controller_task is not None:
-            self._controller_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._controller_task
+        for task in (self._controller_task, self._saver_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.save_measurements()
         await self.backend.stop()
         self.store.close()
         self.registry.close()
@@ -262,6 +283,7 @@ class EmberService:
             except Exception:  # a model that cannot load (or a bug on the way) is not left deployed
                 await self.remove(name)
                 raise
+            self.save_measurements()
         return self.info(name)
 
     async def _first_load(self, deployment: Deployment, spec: DeploySpec, say: Progress) -> None:
@@ -287,6 +309,39 @@ class EmberService:
             except ModelFailed as exc:  # its answers break its own declaration: not left deployed
                 raise InvalidInput(f"{spec.source} was loaded, but {exc.message}") from exc
             say({"stage": "warmed", "model": name, "batch_sizes": list(sizes[:measured])})
+
+    async def update(self, name: str, changes: UpdateSpec) -> ModelInfo:
+        """Change ``name``'s SLO, keep-alives or on-unmeetable mode in place: no redeploy, no reload."""
+        runner = self.runner(name)
+        given = changes.changes()
+        if not given:
+            raise InvalidInput(
+                "nothing to change: give at least one of slo_ms, keepalive_hot_s, keepalive_warm_s, on_unmeetable"
+            )
+        record = self.registry.get(name)
+        try:
+            DeploySpec.model_validate({**record.spec, **given})
+        except ValidationError as exc:
+            raise InvalidInput(f"cannot update '{name}': {validation_message(exc)}") from exc
+        deployment = _deployment(self.registry.update_spec(name, given))
+        runner.update(deployment)
+        self.controller.update(deployment)
+        runner.set_policy(_batch_policy(deployment))
+        return self.info(name)
+
+    def save_measurements(self) -> None:
+        """Write every model's measured batch and load times that changed since the last write."""
+        for name, runner in list(self._runners.items()):
+            if self._saved.get(name) is runner.latency:
+                continue
+            with contextlib.suppress(sqlite3.Error):
+                self.registry.save_latency(runner.deployment.key, runner.latency.to_json(), self.clock.wall())
+                self._saved[name] = runner.latency
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await self.clock.sleep(SAVE_MEASUREMENTS_S)
+            self.save_measurements()
 
     async def _import(
         self,
@@ -363,6 +418,7 @@ class EmberService:
         runner = self.runner(name)
         record = self.registry.remove(name)
         del self._runners[name]
+        self._saved.pop(name, None)
         await runner.stop(ModelNotFound(name))
         await self.controller.remove(name)
         await run_blocking(self.clock, self._discard_files, record.key)
@@ -453,12 +509,14 @@ class EmberService:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _add(self, deployment: Deployment) -> None:
-        policy = SloBatcher(deployment.on_unmeetable, max_wait_s=deployment.max_batch_wait_ms / 1000.0)
-        runner = ModelRunner(deployment, self.clock, policy, self.controller, self.metrics, self.arbiter)
+    def _add(self, deployment: Deployment) -> ModelRunner:
+        runner = ModelRunner(
+            deployment, self.clock, _batch_policy(deployment), self.controller, self.metrics, self.arbiter
+        )
         self._runners[deployment.name] = runner
         self.controller.add(runner)
         runner.start()
+        return runner
 
     def _discard_files(self, key: str) -> None:
         with contextlib.suppress(KeyError, EmberError, OSError, ValueError):  # ValueError: not a valid key
@@ -494,6 +552,10 @@ def _copy_modules(root: Path, into: Path) -> None:
         target = into / module.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(module, target)
+
+
+def _batch_policy(deployment: Deployment) -> SloBatcher:
+    return SloBatcher(deployment.on_unmeetable, max_wait_s=deployment.max_batch_wait_ms / 1000.0)
 
 
 def _shorten(value: object, limit: int = 40) -> str:

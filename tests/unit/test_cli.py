@@ -709,3 +709,20 @@ def test_deploy_on_a_terminal_draws_bars_with_bytes_and_percent() -> None:
     assert "importing pkg.models:Double" in drawn and "1.2/2.5 MB" in drawn and "50%" in drawn
     assert "loading double" in drawn and "2.5/2.5 MB" in drawn and "100%" in drawn
     assert "stored 2.5 MB" in drawn and "ready in 12 ms" in drawn
+
+
+def test_update_sends_only_what_changes() -> None:
+    seen: list[tuple[str, str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, json.loads(request.content)))
+        return httpx.Response(200, json={**MODEL, "slo_ms": 250.0})
+
+    with client_for(handler) as client:
+        assert client.update("double", slo_ms=250, on_unmeetable="best_effort")["slo_ms"] == 250.0
+    assert seen == [("PATCH", "/admin/models/double", {"slo_ms": 250, "on_unmeetable": "best_effort"})]
+
+
+def test_the_update_command_needs_something_to_change() -> None:
+    result = CliRunner().invoke(cli.app, ["update", "double"])
+    assert result.exit_code == 2 and "--slo-ms" in result.output

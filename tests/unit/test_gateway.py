@@ -374,3 +374,24 @@ def test_a_removed_models_series_leave_metrics(tmp_path):
         assert 'model="m"' not in after
 
     _with_app(tmp_path, test)
+
+
+def test_the_admin_api_changes_a_models_slo_and_keepalives_in_place(tmp_path):
+    async def test(client: httpx.AsyncClient, clock: VirtualClock) -> None:
+        r = await client.patch(
+            "/admin/models/m", json={"slo_ms": 250, "keepalive_hot_s": 30, "on_unmeetable": "refuse"}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["slo_ms"] == 250 and r.json()["version"] == 1
+        for body, words in [
+            ({"slo_ms": 0}, "slo_ms"),
+            ({"slo_mss": 5}, "slo_mss"),
+            ([1], "JSON object"),
+            ({}, "nothing to change"),
+        ]:
+            bad = await client.patch("/admin/models/m", json=body)
+            assert bad.status_code == 400 and words in bad.json()["error"], bad.text
+        assert (await client.patch("/admin/models/nope", json={"slo_ms": 5})).status_code == 404
+        assert (await client.get("/admin/models/m")).json()["slo_ms"] == 250
+
+    _with_app(tmp_path, test)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ember.policies import DeadlineBatcher, LatencyModel, QueueSnapshot, SloBatcher, admits
+from ember.policies import DeadlineBatcher, LatencyModel, QueueSnapshot, SloBatcher, admission, admits
+from ember.policies.batching import PROBE_AFTER_REFUSALS, PROBE_AFTER_S
 
 
 def _linear(base_s: float, per_row_s: float, up_to: int = 64) -> LatencyModel:
@@ -187,3 +188,116 @@ def test_baseline_takes_a_deadline_ordered_prefix_within_the_batch_size(queue, m
 @given(queue=queues)
 def test_baseline_never_dispatches_to_a_busy_instance(queue):
     assert DeadlineBatcher().decide(QueueSnapshot(0.0, queue, False, 8)).take == 0
+
+
+# -- admission: it never locks a model out ---------------------------------------------------------
+
+#: An adversarial history: batches of any size and time (outliers included), at any past moment, and
+#: refusals counted on any size.
+histories = st.lists(
+    st.one_of(
+        st.tuples(st.just("batch"), st.integers(1, 64), st.floats(0.0, 30.0), st.floats(-1e4, 0.0)),
+        st.tuples(st.just("refusal"), st.integers(1, 64), st.just(0.0), st.just(0.0)),
+    ),
+    max_size=80,
+)
+
+
+def _history(events) -> LatencyModel:
+    model = LatencyModel()
+    for kind, rows, seconds, at in events:
+        model = model.observe_batch(rows, seconds, at) if kind == "batch" else model.observe_refusal(rows)
+    return model
+
+
+def _spaced(latency: LatencyModel, rows: int, service_s: float, slo_s: float, gap_s: float, calls: int):
+    """Requests of ``rows`` every ``gap_s`` on an idle instance, each served taking ``service_s``; the
+    verdicts in order."""
+    verdicts = []
+    now = 0.0
+    for _ in range(calls):
+        decided = admission(now, now + slo_s, rows, latency, 0.0, idle=True)
+        verdicts.append(decided.verdict)
+        if decided.verdict == "refuse":
+            assert decided.too_slow and decided.retry_after_s <= PROBE_AFTER_S + 1e-9
+            latency = latency.observe_refusal(rows)
+        else:
+            latency = latency.observe_batch(rows, service_s, now + service_s)
+        now += gap_s
+    return verdicts
+
+
+@given(
+    events=histories,
+    rows=st.integers(1, 64),
+    slo_s=st.floats(0.001, 1.0),
+    fraction=st.floats(0.0, 0.99),
+    gap_s=st.floats(0.0, 20.0),
+)
+def test_after_any_history_a_model_that_meets_its_slo_is_served_again_within_a_bounded_number_of_refusals(
+    events, rows, slo_s, fraction, gap_s
+):
+    # Spaced: each request finds the instance idle (the previous one has ended); the gap may be anything,
+    # so the bound holds however fast or slow the host makes time pass.
+    service_s = fraction * slo_s
+    verdicts = _spaced(_history(events), rows, service_s, slo_s, service_s + gap_s, calls=PROBE_AFTER_REFUSALS + 12)
+    served = [i for i, v in enumerate(verdicts) if v != "refuse"]
+    assert served and served[0] <= PROBE_AFTER_REFUSALS
+    # ... and once served, it is admitted for good: one good run is enough evidence.
+    assert all(v == "admit" for v in verdicts[served[0] + 1 :])
+
+
+@given(events=histories, rows=st.integers(1, 64), slo_s=st.floats(0.001, 0.2), excess=st.floats(1.01, 10.0))
+def test_a_model_that_truly_misses_its_slo_is_refused_at_once_but_for_one_probe_in_a_few(events, rows, slo_s, excess):
+    # Back to back: each request arrives as the previous one ends, so the instance is idle each time;
+    # at most 2 s apart, so the refusal count, not the age of the evidence, calls the probes.
+    verdicts = _spaced(_history(events), rows, excess * slo_s, slo_s, excess * slo_s, calls=40)
+    probes = verdicts.count("probe")
+    assert "admit" not in verdicts[1:]  # the history may have said it was fast: it is measured at once
+    assert probes <= 1 + len(verdicts) // (PROBE_AFTER_REFUSALS + 1)
+    assert verdicts.count("refuse") >= len(verdicts) - probes - 1
+
+
+def test_known_answer_the_slow_first_inference_no_longer_refuses_two_rows_for_ever():
+    # What issue 10 saw: the first two-row batch took 133 ms (a first inference), one-row batches then
+    # ran at 20 ms for ever, and every two-row request was refused on the 133 ms (100 ms SLO).
+    latency = LatencyModel().observe_batch(2, 0.133, at=0.0)
+    for k in range(200):
+        latency = latency.observe_batch(1, 0.020, at=float(k))
+    now = 200.0
+    assert not admits(now, now + 0.1, 2, latency)  # the newest two-row run missed: no admission ...
+    decided = admission(now, now + 0.1, 2, latency, idle=True)
+    assert decided.verdict == "probe"  # ... but that evidence is 200 s old: an idle instance measures again
+    latency = latency.observe_batch(2, 0.021, at=now + 0.021)
+    assert admission(now + 1, now + 1.1, 2, latency).verdict == "admit"
+
+
+def test_a_size_never_measured_is_served_and_measured_not_judged_by_a_neighbour():
+    latency = LatencyModel().observe_batch(1, 0.5, at=0.0)  # one row: far past the SLO
+    assert latency.predict(2) >= 0.5  # the guess for two rows says so too ...
+    decided = admission(0.0, 0.1, 2, latency, start_delay_s=0.0, idle=False)
+    assert decided.verdict == "admit"  # ... but a guess never refuses: two rows are measured first
+    queue = ((0.1, 2, 0.0),)
+    assert SloBatcher().decide(QueueSnapshot(0.0, queue, True, 8, latency)).take == 1
+
+
+def test_a_refusal_says_when_the_same_request_would_be_admitted():
+    latency = LatencyModel().observe_batch(1, 0.02, at=0.0)
+    # Only the wait is too long (a load of 0.5 s): admitted once 0.42 s have passed.
+    waiting = admission(0.0, 0.1, 1, latency, start_delay_s=0.5)
+    assert waiting.verdict == "refuse" and not waiting.too_slow
+    assert abs(waiting.retry_after_s - 0.42) < 1e-9
+    # Too slow for the budget by its own newest run: only a new measurement changes that, due in
+    # PROBE_AFTER_S from that run.
+    slow = LatencyModel().observe_batch(1, 0.3, at=0.0)
+    refused = admission(2.0, 2.1, 1, slow)
+    assert refused.too_slow and abs(refused.retry_after_s - (PROBE_AFTER_S - 2.0)) < 1e-9
+
+
+def test_a_probe_in_the_queue_is_never_refused_by_prediction():
+    latency = LatencyModel().observe_batch(1, 0.3, at=0.0)
+    queue = ((0.1, 1, 0.0), (0.1, 1, 0.0))
+    decision = SloBatcher().decide(QueueSnapshot(0.0, queue, True, 8, latency, probes=(True, False)))
+    assert decision.refuse == (1,) and decision.take == 1
+    hard = SloBatcher().decide(QueueSnapshot(0.0, queue, True, 8, latency, hard=(True, True), probes=(True, False)))
+    assert hard.refuse == (1,)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ember.policies import Bandwidths, LatencyModel, warmup_batch_sizes, windowed_quantile
+from ember.policies import Bandwidths, LatencyModel, remaining_load_s, warmup_batch_sizes, windowed_quantile
 from ember.policies.latency import bucket_of
 from ember.store import Tier
 
@@ -94,3 +96,54 @@ def test_warmup_sweeps_small_powers_of_two():
     assert warmup_batch_sizes(64) == (1, 2, 4, 8)
     assert warmup_batch_sizes(3) == (1, 2, 3)
     assert warmup_batch_sizes(1) == (1,)
+
+
+@given(observations=samples)
+def test_measured_times_survive_a_round_trip_through_json(observations):
+    model = _fold(observations).observe_load(Tier.COOL, 0.4).observe_load(Tier.WARM, 0.1)
+    restored = LatencyModel().from_json(json.loads(json.dumps(model.to_json())))
+    for rows in (1, 2, 3, 7, 64, 300, 600):
+        assert restored.predict(rows) == pytest.approx(model.predict(rows))
+    assert restored.predict_load(Tier.COOL, 0, Bandwidths()) == pytest.approx(0.4)
+    # Their times belonged to another process's clock: restored evidence is due to be checked again.
+    assert all(restored.probe_due(rows, 0.0, 10.0, 3) for rows, _ in observations)
+
+
+def test_damaged_measurements_are_skipped_not_fatal():
+    data = {"batches": {"0": [0.01, "x"], "zz": [1.0], "1": "nope"}, "loads": {"lukewarm": [1.0], "warm": [0.2]}}
+    model = LatencyModel().from_json(data)
+    assert model.predict(1) == pytest.approx(0.01)
+    assert model.predict_load(Tier.WARM, 0, Bandwidths()) == pytest.approx(0.2)
+    assert LatencyModel().from_json({}) == LatencyModel()
+
+
+def test_a_refusal_counts_on_the_newest_run_of_its_size_and_never_on_a_guess():
+    model = _fold([(1, 0.5)] * 9 + [(1, 0.01)])
+    assert model.predict(1) == pytest.approx(0.5)  # the p90 still remembers the slow runs ...
+    assert model.admission_s(1) == pytest.approx(0.01)  # ... the newest run says it is fast now
+    assert model.admission_s(2) == 0.0  # two rows were never measured
+    assert model.observe_refusal(2) == model  # nothing to count a refusal against
+
+
+def test_evidence_is_due_for_a_check_when_old_or_refused_on_often():
+    model = LatencyModel().observe_batch(1, 0.5, at=100.0)
+    assert not model.probe_due(1, 105.0, 10.0, 3)
+    assert model.probe_due(1, 110.0, 10.0, 3)
+    refused = model.observe_refusal(1).observe_refusal(1)
+    assert not refused.probe_due(1, 105.0, 10.0, 3)
+    assert refused.observe_refusal(1).probe_due(1, 105.0, 10.0, 3)
+    assert not refused.observe_refusal(1).observe_batch(1, 0.5, at=106.0).probe_due(1, 107.0, 10.0, 3)
+
+
+def test_a_load_past_its_prediction_is_expected_to_take_as_long_again():
+    assert remaining_load_s(1.0, 0.25) == pytest.approx(0.75)
+    assert remaining_load_s(1.0, 1.0) == pytest.approx(1.0)
+    assert remaining_load_s(0.05, 5.7) == pytest.approx(5.7)
+
+
+def test_the_warm_up_shapes_predictions_but_never_justifies_a_refusal():
+    model = LatencyModel().observe_batch(1, 0.4, at=0.0, warmup=True)
+    assert model.predict(1) == pytest.approx(0.4)
+    assert model.admission_s(1) == 0.0 and model.probe_due(1, 0.0, 10.0, 3)
+    real = model.observe_batch(1, 0.3, at=1.0)
+    assert real.admission_s(1) == pytest.approx(0.3) and not real.probe_due(1, 1.0, 10.0, 3)

@@ -47,3 +47,26 @@ def test_everything_survives_a_reopen_and_half_imports_are_recovered(tmp_path):
 def test_removing_an_unknown_model_says_so(tmp_path):
     with pytest.raises(ModelNotFound, match="ember ls"):
         Registry(tmp_path / "r.sqlite").remove("ghost")
+
+
+def test_measured_times_are_kept_with_the_deployment_and_go_with_it(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite")
+    rec = reg.begin("m", {"slo_ms": 20}, 1.0)
+    reg.finish("m", {})
+    assert reg.latency(rec.key) == {}
+    reg.save_latency(rec.key, {"batches": {"0": [0.01]}}, 2.0)
+    reg.close()
+    again = Registry(tmp_path / "r.sqlite")
+    assert again.latency(rec.key) == {"batches": {"0": [0.01]}}
+    again.remove("m")
+    assert again.latency(rec.key) == {}
+
+
+def test_a_spec_changes_in_place_and_keeps_its_version(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite")
+    reg.begin("m", {"slo_ms": 20, "source": "x"}, 1.0)
+    reg.finish("m", {})
+    changed = reg.update_spec("m", {"slo_ms": 250})
+    assert changed.spec == {"slo_ms": 250, "source": "x"} and changed.version == 1
+    with pytest.raises(ModelNotFound):
+        reg.update_spec("nope", {"slo_ms": 1})

@@ -37,7 +37,7 @@ from ember.metrics import Metrics
 from ember.policies.autoscaler import Autoscaler, ScaleState, ScaleView, SloAutoscaler
 from ember.policies.eviction import Eviction, EvictionCandidate, ExpectedCostEviction
 from ember.policies.keepalive import Demotion, IdleHistogram, KeepAlive, ModelView
-from ember.policies.latency import Bandwidths
+from ember.policies.latency import Bandwidths, remaining_load_s
 from ember.policies.placement import Placement, Rebalancer, Resident, WorkerView, device_fits, device_share
 from ember.scheduler.runner import ModelRunner
 from ember.store import Store, Tier
@@ -68,6 +68,9 @@ class _Model:
     runner: ModelRunner
     workers: list[WorkerHandle] = field(default_factory=list)
     promoting: asyncio.Task[WorkerHandle] | None = None
+    #: When the running promotion began, and how long it was predicted to take.
+    promoting_since: float = 0.0
+    promoting_s: float = 0.0
     scaling: asyncio.Task[object] | None = None
     last_cold_start: ColdStart | None = None
     cold_starts: int = 0
@@ -134,6 +137,12 @@ class Controller:
         self._models[name] = _Model(runner.deployment, runner, rate_since=self._clock.now())
         self._metrics.set_tier(name, self.tier(name).value)
 
+    def update(self, deployment: Deployment) -> None:
+        """Use ``deployment`` (a changed SLO or keep-alive of the same version) from the next tick on."""
+        model = self._models.get(deployment.name)
+        if model is not None:
+            model.deployment = deployment
+
     async def remove(self, name: str) -> None:
         model = self._models.pop(name, None)
         if model is None:
@@ -189,6 +198,8 @@ class Controller:
         model = self._models.get(name)
         if model is None or model.alive():
             return 0.0
+        if self._promoting(model):  # the rest of the running load; one past its prediction is not ending
+            return remaining_load_s(model.promoting_s, self._clock.now() - model.promoting_since)
         return self._load_s(model, self._store.tier(model.deployment.key))
 
     def last_cold_start(self, name: str) -> ColdStart | None:
@@ -339,6 +350,7 @@ class Controller:
         if d.name not in self._models:
             return False
         model.workers.append(worker)
+        model.runner.instance_loaded(worker.id)
         return True
 
     # -- rebalancing -------------------------------------------------------------------------------
@@ -429,6 +441,8 @@ class Controller:
 
     def _start_promotion(self, model: _Model) -> asyncio.Task[WorkerHandle]:
         if model.promoting is None or model.promoting.done():
+            model.promoting_since = self._clock.now()
+            model.promoting_s = self._load_s(model, self._store.tier(model.deployment.key))
             task = asyncio.create_task(self._promote(model), name=f"ember-promote-{model.deployment.name}")
             task.add_done_callback(_consume)
             model.promoting = task
@@ -469,6 +483,7 @@ class Controller:
                     raise
         assert worker is not None
         model.workers.append(worker)
+        model.runner.instance_loaded(worker.id)
         model.hot_since = self._clock.now()
         seconds = model.hot_since - start
         model.runner.latency = model.runner.latency.observe_load(from_tier, seconds)

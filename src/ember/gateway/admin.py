@@ -7,6 +7,10 @@ newline-delimited JSON progress events while the model is imported into the stor
 the last line is ``{"stage": "done", "model": {...}}`` or ``{"stage": "error", "status": N, "error":
 "..."}``. A refusal before the import begins (a bad deployment, a quota) is a plain error answer.
 
+``PATCH /admin/models/{name}`` changes a deployed model's SLO, keep-alives or on-unmeetable mode in
+place (``{"slo_ms": 250}``; fields as ``ember.config.UpdateSpec``), without a redeploy or a reload;
+it answers the model as ``GET`` does.
+
 ``POST /admin/models/{name}/unload?tier=warm|cool`` demotes a model off the device: to warm (its
 weights stay in host memory) or to cool (the default; local disk only). Options are query
 parameters, as ``?load=false`` on deploy.
@@ -31,7 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from ember.clock import Clock, run_blocking
 from ember.cluster.local import storage_full
-from ember.config import DeploySpec, validation_message
+from ember.config import DeploySpec, UpdateSpec, validation_message
 from ember.errors import EmberError, Forbidden, InternalError, InvalidInput
 from ember.gateway import auth
 from ember.gateway.edge import BODY_TIMEOUT_S, BodyTimeout, PayloadTooLarge, check_declared_length, read_json
@@ -133,6 +137,15 @@ class DeployStream(StreamingResponse):
             await self._finish()
 
 
+def parse_update(body: Any) -> UpdateSpec:
+    if not isinstance(body, dict):
+        raise InvalidInput('the body must be a JSON object like {"slo_ms": 250}')
+    try:
+        return UpdateSpec.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid update: {validation_message(exc, UpdateSpec.model_fields)}") from exc
+
+
 def routes(service: EmberService) -> list[Route]:
     async def deploy(request: Request) -> Response:
         """A JSON body names a source on the server (admin keys only); a package body carries the model."""
@@ -204,6 +217,11 @@ def routes(service: EmberService) -> list[Route]:
     async def get_model(request: Request) -> Response:
         return JSONResponse(service.info(request.path_params["name"]).to_json())
 
+    async def update(request: Request) -> Response:
+        name = request.path_params["name"]
+        info = await service.update(name, parse_update(await read_json(request)))
+        return JSONResponse(info.to_json())
+
     async def remove(request: Request) -> Response:
         name = request.path_params["name"]
         await service.remove(name)
@@ -226,6 +244,7 @@ def routes(service: EmberService) -> list[Route]:
         Route("/admin/models", list_models, methods=["GET"]),
         Route("/admin/models", deploy, methods=["POST"]),
         Route("/admin/models/{name}", get_model, methods=["GET"]),
+        Route("/admin/models/{name}", update, methods=["PATCH"]),
         Route("/admin/models/{name}", remove, methods=["DELETE"]),
         Route("/admin/models/{name}/load", load, methods=["POST"]),
         Route("/admin/models/{name}/unload", unload, methods=["POST"]),

@@ -87,6 +87,17 @@ _EMBEDDINGS = {
         "dimensions": {"type": "integer"},
     },
 }
+_UPDATE = {
+    "type": "object",
+    "properties": {
+        "slo_ms": {"type": "number"},
+        "keepalive_hot_s": {"type": "number"},
+        "keepalive_warm_s": {"type": "number"},
+        "on_unmeetable": {"type": "string", "enum": ["refuse", "best_effort"]},
+    },
+    "additionalProperties": False,
+}
+
 _DEPLOY = {
     "type": "object",
     "required": ["source"],
@@ -188,7 +199,11 @@ SCHEMA: dict[str, Any] = {
                 query=[{"name": "load", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}}],
             ),
         },
-        "/admin/models/{name}": {"get": _op("one model", params=["name"]), "delete": _op("remove", params=["name"])},
+        "/admin/models/{name}": {
+            "get": _op("one model", params=["name"]),
+            "patch": _op("change the SLO, keep-alives or on-unmeetable mode in place", body=_UPDATE, params=["name"]),
+            "delete": _op("remove", params=["name"]),
+        },
         "/admin/models/{name}/load": {"post": _op("make hot now", params=["name"])},
         "/admin/models/{name}/unload": {
             "post": _op(

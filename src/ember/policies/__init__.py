@@ -16,12 +16,14 @@ and return the next one (``LatencyModel.observe_*``, ``IdleHistogram.observe``, 
 
 from ember.policies.autoscaler import Autoscaler, ScaleState, ScaleView, SloAutoscaler, instance_capacity
 from ember.policies.batching import (
+    Admission,
     BatchDecision,
     BatchPolicy,
     DeadlineBatcher,
     OnUnmeetable,
     QueueSnapshot,
     SloBatcher,
+    admission,
     admits,
 )
 from ember.policies.devices import Candidate, DeviceScheduler, LatestStartFirst
@@ -42,7 +44,7 @@ from ember.policies.keepalive import (
     ModelView,
     Prewarm,
 )
-from ember.policies.latency import Bandwidths, LatencyModel, warmup_batch_sizes, windowed_quantile
+from ember.policies.latency import Bandwidths, LatencyModel, remaining_load_s, warmup_batch_sizes, windowed_quantile
 from ember.policies.placement import (
     DEFAULT_TENANT,
     LeastLoaded,
@@ -59,6 +61,7 @@ from ember.policies.placement import (
 
 __all__ = [
     "DEFAULT_TENANT",
+    "Admission",
     "Autoscaler",
     "Bandwidths",
     "BatchDecision",
@@ -94,10 +97,12 @@ __all__ = [
     "SloBatcher",
     "TenantIsolated",
     "WorkerView",
+    "admission",
     "admits",
     "device_fits",
     "device_share",
     "instance_capacity",
+    "remaining_load_s",
     "reuse_probability",
     "warmup_batch_sizes",
     "windowed_quantile",

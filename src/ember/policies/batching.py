@@ -6,10 +6,12 @@ model is not hot) and gets back a :class:`BatchDecision`.
 
 Decision rule of :class:`SloBatcher`:
 
-1. A request is *meetable* if, served alone, it finishes by its deadline:
-   ``now + start_delay_s + predict(rows) <= deadline``. With ``on_unmeetable="refuse"`` an
-   unmeetable request is refused at once (a hard deadline, the caller's own timeout, always is);
-   with ``"best_effort"`` it is served, late.
+1. A request is *meetable* if, served alone, it finishes by its deadline by what a refusal may count
+   on: ``now + start_delay_s + admission_s(rows) <= deadline`` (``LatencyModel.admission_s``: the
+   lower of the prediction and the newest measurement of that size; nothing for a size never
+   measured). With ``on_unmeetable="refuse"`` an unmeetable request is refused at once (a hard
+   deadline, the caller's own timeout, always is); with ``"best_effort"`` it is served, late. A
+   request admitted as a *probe* is never refused by prediction.
 2. The batch is the longest EDF prefix (at most ``max_batch_size`` rows) such that every meetable
    request in it still finishes by its deadline when the whole prefix runs as one batch. Predicted
    latency does not fall as a batch grows and deadlines rise along the prefix, so the first prefix
@@ -22,8 +24,16 @@ As time passes with the same queue, the conditions of rules 1 and 2 only turn fr
 the decision holds until the first that does: the decision says when (``valid_until``), and a caller
 asked about many models at once (the simulator's devices) keeps it until the queue changes or then.
 
-:func:`admits` is rule 1 for one arriving request: the O(1) check the scheduler runs at admission,
-so an unmeetable request is refused before it is queued.
+:func:`admission` is rule 1 for one arriving request: the check the scheduler runs at admission, so
+an unmeetable request is refused before it is queued. It never locks a model out: a request that
+only its speed would refuse (the newest run of its size missed the budget even without waiting) is
+served as a *probe* when an instance is idle and that evidence is due to be checked again: its size
+was never measured, its newest run is ``probe_after_s`` old, or ``probe_after_refusals`` requests
+were refused on it since. So a model whose real speed meets its SLO is served again after at most
+that many refusals, whatever its history; one that truly misses it answers one request in
+``probe_after_refusals + 1`` late, and refuses the rest at once. A refusal says when the same
+request is predicted to be admitted (``retry_after_s``), and whether only a new measurement can
+change the answer (``too_slow``).
 """
 
 from __future__ import annotations
@@ -34,9 +44,26 @@ from typing import Literal, Protocol
 
 from ember.policies.latency import LatencyModel
 
-__all__ = ["BatchDecision", "BatchPolicy", "DeadlineBatcher", "OnUnmeetable", "QueueSnapshot", "SloBatcher", "admits"]
+__all__ = [
+    "Admission",
+    "BatchDecision",
+    "BatchPolicy",
+    "DeadlineBatcher",
+    "OnUnmeetable",
+    "QueueSnapshot",
+    "SloBatcher",
+    "admission",
+    "admits",
+]
 
 OnUnmeetable = Literal["refuse", "best_effort"]
+Verdict = Literal["admit", "probe", "refuse"]
+
+#: A refusal by speed alone is checked again (a probe, when an instance is idle) once the newest
+#: measurement of that size is this old ...
+PROBE_AFTER_S = 10.0
+#: ... or once this many requests were refused on it.
+PROBE_AFTER_REFUSALS = 3
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,8 @@ class QueueSnapshot:
     start_delay_s: float = 0.0
     #: Per queued request, whether its deadline is hard (the caller's timeout); empty: none is.
     hard: tuple[bool, ...] = ()
+    #: Per queued request, whether it was admitted as a probe (never refused by prediction); empty: none.
+    probes: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +103,45 @@ class BatchPolicy(Protocol):
     def decide(self, snapshot: QueueSnapshot) -> BatchDecision: ...
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What admission decided for one request."""
+
+    verdict: Verdict
+    #: For a refusal: seconds after which the same request is predicted to be admitted.
+    retry_after_s: float = 0.0
+    #: For a refusal: the model's own speed refuses it (its newest run of that size missed the budget
+    #: with no wait at all), so waiting changes nothing until it is measured again.
+    too_slow: bool = False
+
+
+def admission(
+    now: float,
+    deadline: float,
+    rows: int,
+    latency: LatencyModel,
+    start_delay_s: float = 0.0,
+    *,
+    idle: bool = False,
+    probe_after_s: float = PROBE_AFTER_S,
+    probe_after_refusals: int = PROBE_AFTER_REFUSALS,
+) -> Admission:
+    """Admit, probe or refuse a request of ``rows`` due at ``deadline`` (served alone after ``start_delay_s``).
+
+    ``idle``: an instance holds the model and runs nothing, so a probe would start at once.
+    """
+    run_s = latency.admission_s(rows)
+    if now + start_delay_s + run_s <= deadline:
+        return Admission("admit")
+    if now + run_s <= deadline:  # only the wait is too long, and it shrinks as time passes
+        return Admission("refuse", now + start_delay_s + run_s - deadline)
+    if idle and latency.probe_due(rows, now, probe_after_s, probe_after_refusals):
+        return Admission("probe")
+    newest = latency.newest(rows)
+    due_in = probe_after_s if newest is None else max(0.0, newest[1] + probe_after_s - now)
+    return Admission("refuse", max(start_delay_s, due_in), too_slow=True)
+
+
 def admits(
     now: float,
     deadline: float,
@@ -81,8 +149,8 @@ def admits(
     latency: LatencyModel,
     start_delay_s: float = 0.0,
 ) -> bool:
-    """Whether a request of ``rows`` due at ``deadline`` can finish in time if served alone."""
-    return now + start_delay_s + latency.predict(rows) <= deadline
+    """Whether a request of ``rows`` due at ``deadline`` can finish in time if served alone (no probe)."""
+    return now + start_delay_s + latency.admission_s(rows) <= deadline
 
 
 @dataclass(frozen=True)
@@ -98,11 +166,13 @@ class SloBatcher:
             return BatchDecision(0)
         latency = snapshot.latency
         predict = latency.predict
+        alone_s = latency.admission_s
         max_rows = snapshot.max_batch_size
         idle = snapshot.instance_idle
         start = snapshot.now + snapshot.start_delay_s
         refuse_all = self.on_unmeetable == "refuse"
         hard = snapshot.hard
+        probes = snapshot.probes
         refused: list[int] = []
         take = 0
         rows = 0
@@ -113,9 +183,10 @@ class SloBatcher:
         turns = math.inf  # the latest start at which every condition met so far is still met
         for index, (deadline, request_rows, arrival) in enumerate(queued):
             if request_rows != alone_rows:
-                alone_rows, alone = request_rows, predict(request_rows)
+                alone_rows, alone = request_rows, alone_s(request_rows)
             meetable = start + alone <= deadline
-            if not meetable and (refuse_all or (index < len(hard) and hard[index])):
+            probe = index < len(probes) and probes[index]
+            if not meetable and not probe and (refuse_all or (index < len(hard) and hard[index])):
                 refused.append(index)
                 continue
             if meetable and deadline - alone < turns:

@@ -5,6 +5,9 @@ A deployment is written in two steps. ``begin`` records it as *importing*; ``fin
 which ``recover`` removes at the next start, so no half-deployed model is ever served.
 Versions count up per name and are never reused, even after ``remove``.
 
+Each deployed version's measured batch and load times (``measurements``, the latency model's
+JSON) are kept beside it, so predictions survive a restart; they go with the deployment.
+
 The same database holds API keys (their hashes, never the keys) and tenants' quotas. Its schema
 version is SQLite's ``user_version``; opening an older home adds what it lacks, so homes made before
 keys existed keep working.
@@ -39,6 +42,11 @@ CREATE TABLE IF NOT EXISTS deployments (
 CREATE TABLE IF NOT EXISTS versions (
     name TEXT PRIMARY KEY,
     last INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS measurements (
+    key TEXT PRIMARY KEY,
+    latency TEXT NOT NULL,
+    updated_at REAL NOT NULL
 );
 """
 
@@ -152,14 +160,47 @@ class Registry:
 
     def remove(self, name: str) -> DeploymentRecord:
         record = self.get(name)
-        with self._lock:
+        with self._lock, self._transaction():
             self._db.execute("DELETE FROM deployments WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM measurements WHERE key = ?", (record.key,))
         return record
 
     def remove_row(self, name: str) -> None:
         """Delete ``name``'s row whatever its state (for a row that cannot be served)."""
         with self._lock:
             self._db.execute("DELETE FROM deployments WHERE name = ?", (name,))
+
+    def update_spec(self, name: str, changes: dict[str, Any]) -> DeploymentRecord:
+        """Change fields of the deployed ``name``'s spec in place (its version stays)."""
+        with self._lock, self._transaction():
+            row = self._db.execute(
+                "SELECT spec FROM deployments WHERE name = ? AND state = 'ready'", (name,)
+            ).fetchone()
+            if row is None:
+                raise ModelNotFound(name)
+            spec = {**json.loads(row[0]), **changes}
+            self._db.execute("UPDATE deployments SET spec = ? WHERE name = ?", (json.dumps(spec), name))
+        return self.get(name)
+
+    def save_latency(self, key: str, latency: dict[str, Any], updated_at: float) -> None:
+        """Keep the measured times of deployment ``key`` (``name@version``)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO measurements (key, latency, updated_at) VALUES (?, ?, ?)",
+                (key, json.dumps(latency), updated_at),
+            )
+
+    def latency(self, key: str) -> dict[str, Any]:
+        """The measured times kept for ``key``; empty if none (or unreadable: they are only a hint)."""
+        with self._lock:
+            row = self._db.execute("SELECT latency FROM measurements WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return {}
+        try:
+            data = json.loads(row[0])
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def recover(self) -> list[DeploymentRecord]:
         """Drop deployments a crash left half-imported; returns them so their files can go too."""

@@ -28,6 +28,8 @@ class Pending:
     hard: bool
     future: asyncio.Future[Arrays]
     retried: bool = False
+    #: Admitted as a probe (``ember.policies.admission``): served even if predicted late, to measure it.
+    probe: bool = False
     dispatched_at: float = 0.0
     #: In a queue's heap and not answered yet: what counts against the queue's capacity.
     queued: bool = False

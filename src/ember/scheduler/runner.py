@@ -1,17 +1,22 @@
 """The batching loop of one model: admit, ask the batching policy, dispatch, answer.
 
 ``submit`` admits a request into the model's bounded queue, or refuses it at once: when the queue
-is full (``Overloaded``), or when the latency model predicts that even alone it cannot finish by its
-deadline (``DeadlineUnmeetable``, 429 with ``Retry-After``; for SLO deadlines only when the
-deployment says ``on_unmeetable="refuse"``, for a caller's own timeout always). A refusal for a
-model that is not hot starts its promotion, so the retry finds it loaded.
+is full (``Overloaded``), or when admission (``policies.admission``) predicts that even alone it
+cannot finish by its deadline (``DeadlineUnmeetable``, 429 with ``Retry-After``: when the same
+request is predicted to be admitted; for SLO deadlines only when the deployment says
+``on_unmeetable="refuse"``, for a caller's own timeout always). A request only the model's measured
+speed would refuse is served as a probe when an instance is idle and that measurement is due for a
+check, so a refusal never lasts. A refusal for a model that is not hot starts its promotion, so the
+retry finds it loaded.
 
 ``run`` is the loop: it makes sure the model has a hot instance (the promoter may have to bring it
-up from a colder tier; requests wait, they are not dropped), snapshots the queue for the batching
-policy (``policies.SloBatcher``), refuses what the policy refuses and sends the batch to an idle
-instance. With several instances, batches run concurrently, one per instance. Every batch's
-measured compute time feeds the model's latency model. A batch lost with its worker is retried
-once, then answered with an error; every admitted request gets an answer.
+up from a colder tier; requests wait, and one whose deadline is lost while the load runs is refused
+then, not at the load's end), snapshots the queue for the batching policy (``policies.SloBatcher``),
+refuses what the policy refuses and sends the batch to an idle instance. With several instances,
+batches run concurrently, one per instance. Every batch's measured compute time feeds the model's
+latency model, except an instance's first batch after a load (a first inference in a process is
+often several times a steady one). A batch lost with its worker is retried once, then answered
+with an error; every admitted request gets an answer.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from ember.cluster.base import WorkerHandle
 from ember.config import Deployment
 from ember.errors import DeadlineUnmeetable, EmberError, InternalError, ModelFailed, WorkerCrashed
 from ember.metrics import Metrics
-from ember.policies.batching import BatchPolicy, QueueSnapshot, admits
+from ember.policies.batching import Admission, BatchPolicy, QueueSnapshot, admission
 from ember.policies.devices import Candidate
 from ember.policies.latency import LatencyModel
 from ember.scheduler.device import DeviceArbiter
@@ -120,8 +125,11 @@ class ModelRunner:
         #: last drained it: its share of each device.
         self.busy_s: dict[str, float] = {}
         self._refuse = deployment.on_unmeetable == "refuse"
-        #: Batches running now, by instance id: when each is predicted to end, and its requests.
-        self._running: dict[str, tuple[float, list[Pending]]] = {}
+        #: Batches running now, by instance id: when each started, how long it is predicted to take,
+        #: and its requests.
+        self._running: dict[str, tuple[float, float, list[Pending]]] = {}
+        #: Instances loaded since their last batch: that first batch's time is not a steady one.
+        self._fresh: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -137,6 +145,19 @@ class ModelRunner:
             self._task = None
         self.fail_all(error)
 
+    def instance_loaded(self, instance_id: str) -> None:
+        """Told by the promoter: ``instance_id`` has just loaded the model (its next batch is its first)."""
+        self._fresh.add(instance_id)
+
+    def update(self, deployment: Deployment) -> None:
+        """Apply a changed deployment (its SLO, keep-alives, on-unmeetable) from the next request on."""
+        self.deployment = deployment
+        self._refuse = deployment.on_unmeetable == "refuse"
+
+    def set_policy(self, policy: BatchPolicy) -> None:
+        """Decide with ``policy`` from the next decision on."""
+        self._policy = policy
+
     def busy_instances(self) -> set[str]:
         """The ids of the instances running one of this model's batches now."""
         return set(self._running)
@@ -151,11 +172,17 @@ class ModelRunner:
         hard = timeout_s is not None
         deadline = now + (timeout_s if timeout_s is not None else slo_s)
         rows = rows_of(inputs)
-        if (hard or self._refuse) and not admits(now, deadline, rows, self.latency, self._start_delay(now)):
-            self._count_refusal()
-            raise self._unmeetable(now, deadline, rows, hard)
+        probe = False
+        if hard or self._refuse:
+            decided = self._admission(now, deadline, rows, idle=self._idle())
+            if decided.verdict == "refuse":
+                if decided.too_slow:
+                    self.latency = self.latency.observe_refusal(rows)
+                self._count_refusal()
+                raise self._unmeetable(now, deadline, rows, hard, deadline - now, decided)
+            probe = decided.verdict == "probe"
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        pending = Pending(inputs, rows, now, deadline, hard, future)
+        pending = Pending(inputs, rows, now, deadline, hard, future, probe=probe)
         idle = not self.busy
         self.queue.put(pending)  # raises Overloaded when full: nothing was admitted
         if idle and self.stats.requests and len(self.idle_gaps) < MAX_IDLE_GAPS:
@@ -177,30 +204,54 @@ class ModelRunner:
         """Predicted seconds before a request arriving now could start running, served alone."""
         delay = self._promoter.start_delay_s(self.deployment.name)
         if self._running and len(self._running) >= max(1, len(self._promoter.hot_instances(self.deployment.name))):
-            delay = max(delay, min(end for end, _ in self._running.values()) - now)
+            delay = max(delay, min(start + run_s for start, run_s, _ in self._running.values()) - now)
         return max(0.0, delay)
 
-    def _unmeetable(self, now: float, deadline: float, rows: int, hard: bool) -> DeadlineUnmeetable:
+    def _idle(self) -> bool:
+        """Whether a request admitted now would start at once: an instance holds the model and runs nothing."""
+        hot = self._promoter.hot_instances(self.deployment.name)
+        return bool(hot) and len(self._running) < len(hot) and not len(self.queue)
+
+    def _admission(self, now: float, deadline: float, rows: int, idle: bool = False) -> Admission:
+        return admission(now, deadline, rows, self.latency, self._start_delay(now), idle=idle)
+
+    def _unmeetable(
+        self, now: float, deadline: float, rows: int, hard: bool, allowed_s: float, decided: Admission | None = None
+    ) -> DeadlineUnmeetable:
+        """The refusal of a request of ``rows`` due at ``deadline``, allowed ``allowed_s`` in all (its SLO or
+        timeout); ``decided``: admission's verdict, else that of the same request arriving now (its retry)."""
         name = self.deployment.name
-        delay = self._start_delay(now)
-        predicted_ms = 1000.0 * (delay + self.latency.predict(rows))
+        decided = decided or self._admission(now, now + allowed_s, rows)
+        retry = max(decided.retry_after_s, 0.001)
         budget_ms = 1000.0 * (deadline - now)
-        what = "the request's timeout" if hard else f"its SLO ({self.deployment.slo_ms:g} ms)"
-        loading = self._promoter.start_delay_s(name) > 0
+        what = "the request's timeout" if hard else "its SLO"
+        limit = f"{what} ({allowed_s * 1000.0:.0f} ms)" if hard else f"{what} ({self.deployment.slo_ms:g} ms)"
+        loading = self._promoter.start_delay_s(name) > 0 and not self._promoter.hot_instances(name)
         if loading:
             self._promoter.prewarm(name)
-        retry = max(delay, 0.001)
-        if budget_ms <= 0:  # e.g. a retry after its worker died under it
+        if budget_ms <= 0:  # e.g. a retry after its worker died under it, or a load that ran long
             return DeadlineUnmeetable(
-                f"model '{name}' could not answer within {what}: it ran out {-budget_ms:.0f} ms ago, before "
-                "the request could run; retry after the Retry-After delay, with a longer timeout, or deploy it "
-                "with --on-unmeetable best-effort",
+                f"model '{name}' could not answer within {what}: it ran out {-budget_ms:.0f} ms ago, "
+                f"{'while the model was being loaded' if loading else 'before the request could run'}; "
+                f"retry in {_seconds(retry)}",
                 retry_after_s=retry,
             )
+        run_ms = 1000.0 * self.latency.admission_s(rows)
+        if decided.too_slow:
+            size = "one row" if rows == 1 else f"{rows} rows"
+            return DeadlineUnmeetable(
+                f"model '{name}' needs {run_ms:.0f} ms for {size} by its latest measurements, past {limit}. "
+                f"It is measured again (one request served as a probe) within {_seconds(retry)}; until then "
+                f"retrying will not help. If it is this slow, give it a longer SLO (`ember update {name} "
+                "--slo-ms N`) or let it answer late (`ember update "
+                f"{name} --on-unmeetable best-effort`)",
+                retry_after_s=retry,
+            )
+        why = "it is being loaded" if loading else "it is busy"
+        predicted_ms = run_ms + 1000.0 * self._start_delay(now)
         return DeadlineUnmeetable(
-            f"model '{name}' is predicted to answer in {predicted_ms:.0f} ms"
-            f"{' (it is being loaded)' if loading else ''}, past {what}: {budget_ms:.0f} ms; retry after the "
-            "Retry-After delay, with a longer timeout, or deploy it with --on-unmeetable best-effort",
+            f"model '{name}' is predicted to answer in {predicted_ms:.0f} ms ({why}), past {limit}; "
+            f"retry in {_seconds(retry)}",
             retry_after_s=retry,
         )
 
@@ -214,11 +265,16 @@ class ModelRunner:
                 name = self.deployment.name
                 instances = self._promoter.hot_instances(name)
                 if not instances:
+                    promotion = asyncio.ensure_future(self._promoter.ensure_hot(name))
                     try:
-                        await self._promoter.ensure_hot(name)
+                        await self._while_loading(promotion)
+                        promotion.result()
                     except EmberError as exc:
                         for pending in self.queue.drain():
                             _answer_error(pending, exc)
+                    finally:
+                        if not promotion.done():
+                            promotion.cancel()
                     continue
                 idle = [w for w in instances if w.id not in self._running]
                 if not idle:  # decide when an instance frees: O(1) per arrival, not a queue scan
@@ -235,14 +291,11 @@ class ModelRunner:
                     latency=self.latency,
                     start_delay_s=self._start_delay(now),
                     hard=tuple(p.hard for p in peek),
+                    probes=tuple(p.probe for p in peek),
                 )
                 decision = self._policy.decide(snapshot)
                 if decision.refuse:
-                    refused = set(decision.refuse)
-                    self.queue.remove([p for i, p in enumerate(peek) if i in refused])
-                    for index in decision.refuse:
-                        pending = peek[index]
-                        _answer_error(pending, self._unmeetable(now, pending.deadline, pending.rows, pending.hard))
+                    self._refuse_queued(now, peek, decision.refuse)
                     continue  # decide again: requests beyond the window it saw may now join the batch
                 if decision.take == 0:
                     self.queue.changed.clear()
@@ -252,11 +305,46 @@ class ModelRunner:
                 if not batch:
                     continue
                 instance = idle[0]
-                self._running[instance.id] = (now + self.latency.predict(sum(p.rows for p in batch)), batch)
+                self._running[instance.id] = (now, self.latency.predict(sum(p.rows for p in batch)), batch)
                 batches.create_task(self._dispatch(instance, batch), name=f"ember-batch-{name}")
 
+    async def _while_loading(self, promotion: asyncio.Future[WorkerHandle]) -> None:
+        """Until ``promotion`` ends, refuse each queued request whose deadline is lost even if the load
+        ended now; the rest wait for the model."""
+        while not promotion.done():
+            now = self._clock.now()
+            peek = self.queue.peek(self.deployment.max_batch_size)
+            wake_at: float | None = None
+            if peek:
+                snapshot = QueueSnapshot(
+                    now=now,
+                    queued=tuple((p.deadline, p.rows, p.arrival) for p in peek),
+                    instance_idle=False,
+                    max_batch_size=self.deployment.max_batch_size,
+                    latency=self.latency,
+                    hard=tuple(p.hard for p in peek),
+                    probes=tuple(p.probe for p in peek),
+                )
+                decision = self._policy.decide(snapshot)
+                if decision.refuse:
+                    self._refuse_queued(now, peek, decision.refuse)
+                    continue
+                if math.isfinite(decision.valid_until):
+                    # At least a millisecond on: a decision whose turn is this instant must not spin.
+                    wake_at = max(decision.valid_until, now + 1e-3)
+            self.queue.changed.clear()
+            await self._wait_change(wake_at, promotion)
+
+    def _refuse_queued(self, now: float, peek: list[Pending], positions: tuple[int, ...]) -> None:
+        refused = set(positions)
+        self.queue.remove([p for i, p in enumerate(peek) if i in refused])
+        for index in positions:
+            pending = peek[index]
+            allowed_s = pending.deadline - pending.arrival
+            _answer_error(pending, self._unmeetable(now, pending.deadline, pending.rows, pending.hard, allowed_s))
+
     def fail_all(self, error: EmberError) -> None:
-        running = [p for _, batch in self._running.values() for p in batch]
+        running = [p for _, _, batch in self._running.values() for p in batch]
         self._running.clear()
         for pending in [*running, *self.queue.drain()]:
             _answer_error(pending, error)
@@ -312,7 +400,7 @@ class ModelRunner:
             self.stats.last_active = self._clock.now()
         self.stats.batches += 1
         self.stats.rows += rows
-        self.latency = self.latency.observe_batch(rows, result.compute_s)
+        self._observe(instance.id, rows, result.compute_s)
         self.busy_s[instance.id] = self.busy_s.get(instance.id, 0.0) + result.compute_s
         self._exec_count.inc()
         self._count.inc(rows)
@@ -345,11 +433,14 @@ class ModelRunner:
         """Run one batch of zeros per size in ``sizes`` on ``instance``; fold the times in. Returns batches run.
 
         A size the model rejects ends the sweep: warm-up only seeds the latency model, and the model's
-        own traffic keeps refining it. An answer that breaks the model's declared outputs (a wrong
-        shape or datatype, one row for several) is a broken model, not a rejected size: ModelFailed.
+        own traffic keeps refining it. On an instance that has run nothing since its load, the first
+        size runs twice: the first run is not a steady one, and is not counted. An answer that breaks
+        the model's declared outputs (a wrong shape or datatype, one row for several) is a broken
+        model, not a rejected size: ModelFailed.
         """
         measured = 0
-        for size in sizes:
+        first = (sizes[0],) if sizes and instance.id in self._fresh else ()
+        for index, size in enumerate((*first, *sizes)):
             inputs = _zeros(self.deployment, size)
             if inputs is None:
                 break
@@ -362,9 +453,16 @@ class ModelRunner:
                 raise ModelFailed(f"its warm-up batch of {size} zero rows failed: {failed[0]}")
             if failed:
                 break
-            self.latency = self.latency.observe_batch(size, result.compute_s)
-            measured += 1
+            self._observe(instance.id, size, result.compute_s, warmup=True)
+            measured += index >= len(first)
         return measured
+
+    def _observe(self, instance_id: str, rows: int, seconds: float, warmup: bool = False) -> None:
+        """Fold a measured batch into the latency model, unless it was its instance's first since a load."""
+        if instance_id in self._fresh:
+            self._fresh.discard(instance_id)
+            return
+        self.latency = self.latency.observe_batch(rows, seconds, self._clock.now(), warmup=warmup)
 
     def _count_refusal(self) -> None:
         """Count a request refused at admission: a failure against the SLO, as one refused later is."""
@@ -410,16 +508,19 @@ class ModelRunner:
             future.set_exception(_timed_out(self.deployment.name))
         return future.result()
 
-    async def _wait_change(self, wake_at: float | None) -> None:
-        if wake_at is None:
+    async def _wait_change(self, wake_at: float | None, also: asyncio.Future[Any] | None = None) -> None:
+        """Wait until the queue changes, ``wake_at`` comes, or ``also`` is done."""
+        if wake_at is None and also is None:
             await self.queue.changed.wait()
             return
         changed: asyncio.Future[Any] = asyncio.ensure_future(self.queue.changed.wait())
-        timer: asyncio.Future[Any] = asyncio.ensure_future(self._clock.sleep(wake_at - self._clock.now()))
+        mine = [changed]
+        if wake_at is not None:
+            mine.append(asyncio.ensure_future(self._clock.sleep(wake_at - self._clock.now())))
         try:
-            await asyncio.wait([changed, timer], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*mine, *([also] if also is not None else [])], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (changed, timer):
+            for task in mine:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -438,6 +539,11 @@ def _zeros(deployment: Deployment, rows: int) -> Arrays | None:
         else:
             out[spec.name] = np.zeros(shape, dtype=dtype)
     return out or None
+
+
+def _seconds(seconds: float) -> str:
+    """A delay as people say it: whole seconds, rounded up as ``Retry-After`` is (at least 1 s)."""
+    return f"{max(1, math.ceil(seconds))} s"
 
 
 def _answer_error(pending: Pending, error: EmberError) -> None:

@@ -43,7 +43,7 @@ from ember.policies import (
     Resident,
     ScaleView,
     WorkerView,
-    admits,
+    admission,
     device_share,
 )
 from ember.policies.baselines import IdleInstance
@@ -211,7 +211,13 @@ class Engine:
             m.histogram = m.histogram.observe(now - m.last_used)  # an idle period ends
             m.prewarmed = False
         deadline = now + m.slo_s
-        if self.p.admission and not admits(now, deadline, rows, m.latency, self._start_delay(m)):
+        if self.p.admission:
+            delay = self._start_delay(m)
+            idle = delay == 0.0 and not m.queue and not m.running and bool(m.instances)
+            decided = admission(now, deadline, rows, m.latency, delay, idle=idle)
+        if self.p.admission and decided.verdict == "refuse":
+            if self.learns and decided.too_slow:
+                m.latency = m.latency.observe_refusal(rows)
             self.refused += 1
             if self.record:
                 self.events.append((now, "refuse", m.name))
@@ -222,6 +228,8 @@ class Engine:
             self._bind(m, (deadline, rows, now))
             return
         m.queue.append((deadline, rows, now))
+        if self.p.admission and decided.verdict == "probe":
+            m.probing.add((deadline, rows, now))
         m.version += 1
         self.outstanding += 1
         if len(m.queue) + m.running > len(m.instances):  # more work than instances: the autoscaler may act now
@@ -276,7 +284,8 @@ class Engine:
                 decision = m.decision
                 if now >= decision.valid_until or m.decided[0] != m.version or m.decided[1] is not m.latency:
                     queued = tuple(q) if len(q) <= m.max_batch else tuple(itertools.islice(q, m.max_batch + 1))
-                    decision = batcher.decide(QueueSnapshot(now, queued, True, m.max_batch, m.latency))
+                    probes = tuple(r in m.probing for r in queued) if m.probing else ()
+                    decision = batcher.decide(QueueSnapshot(now, queued, True, m.max_batch, m.latency, probes=probes))
                     m.decision, m.decided, m.candidate = decision, (m.version, m.latency), None
                 if not decision.refuse:
                     break
@@ -318,6 +327,7 @@ class Engine:
         m.version += 1
         for j in sorted(set(positions), reverse=True):
             if j < len(m.queue):
+                m.probing.discard(m.queue[j])
                 del m.queue[j]
                 self.refused += 1
                 self.outstanding -= 1
@@ -327,6 +337,8 @@ class Engine:
     def _start_batch(self, dev: _Device, inst: _Instance, batch: list[Request]) -> None:
         m = inst.model
         rows = sum(r[1] for r in batch)
+        if m.probing:
+            m.probing.difference_update(batch)
         seconds = m.spec.batch_s(rows, self.rng)
         dev.busy, inst.running = True, True
         dev.running_bytes = inst.bytes
@@ -342,7 +354,7 @@ class Engine:
         now, m, dev = self.now, inst.model, inst.device
         self._answer(inst, batch)
         if self.learns:
-            m.latency = m.latency.observe_batch(rows, seconds)
+            m.latency = m.latency.observe_batch(rows, seconds, now)
         m.running -= len(batch)
         inst.running, inst.last_used, m.last_used = False, now, now
         inst.bound = None

@@ -68,7 +68,7 @@ class PolicySet:
     warm_tier: bool
     #: Every model is placed and loaded before the trace starts, and stays.
     pinned: bool = False
-    #: Refuse at arrival a request that cannot meet its deadline even alone (``ember.policies.admits``).
+    #: Refuse at arrival a request that cannot meet its deadline even alone, or probe (``ember.policies.admission``).
     admission: bool = False
     #: The loop learns online what the policies read: batch and load times (``LatencyModel``) and idle
     #: times (``IdleHistogram``). Sets whose policies ignore both skip the bookkeeping.

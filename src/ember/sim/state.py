@@ -52,18 +52,20 @@ class RunResult:
 
 class Model:
     __slots__ = ("arrivals", "candidate", "decided", "decision", "histogram", "idx", "instances", "last_used",
-                 "latency", "max_batch", "name", "next_key", "prewarmed", "queue", "rate", "running", "scale_state",
-                 "slo_s", "spec", "version", "wake_at")  # fmt: skip
+                 "latency", "max_batch", "name", "next_key", "prewarmed", "probing", "queue", "rate", "running",
+                 "scale_state", "slo_s", "spec", "version", "wake_at")  # fmt: skip
 
     def __init__(self, idx: int, spec: ModelSpec, max_batch: int) -> None:
         self.idx, self.spec, self.name = idx, spec, spec.name
         self.slo_s, self.max_batch = spec.slo_s, max_batch
         latency = LatencyModel()
         for rows in warmup_batch_sizes(max_batch):  # the deploy-time warm-up sweep
-            latency = latency.observe_batch(rows, spec.curve.batch_s(rows) * spec.work_per_request)
+            latency = latency.observe_batch(rows, spec.curve.batch_s(rows) * spec.work_per_request, warmup=True)
         self.latency = latency
         self.histogram = IdleHistogram()
         self.queue: deque[Request] = deque()
+        #: Queued requests admitted as probes (``ember.policies.admission``): never refused by prediction.
+        self.probing: set[Request] = set()
         self.running = 0
         self.instances: list[Instance] = []
         self.last_used = 0.0

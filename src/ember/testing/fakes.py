@@ -110,7 +110,10 @@ class FakeWorker:
     def _answer(self, request: Arrays) -> Arrays | str:
         """``model``'s answer, checked against the declared outputs as a real worker checks it."""
         answer = self.model(request)
-        mismatch = check_answer(FAKE_OUTPUTS, answer, rows_of(request))
+        declared: tuple[TensorSpec, ...] = FAKE_OUTPUTS
+        if self.described is not None and isinstance(self.described.get("outputs"), list):
+            declared = tuple(TensorSpec.from_json(spec) for spec in self.described["outputs"])
+        mismatch = check_answer(declared, answer, rows_of(request))
         return answer if mismatch is None else mismatch
 
     def crash(self) -> None:
