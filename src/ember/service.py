@@ -30,6 +30,7 @@ from ember.cluster.local import LocalBackend, WorkerLimits, storage_full
 from ember.config import Deployment, DeploySpec, ModelMetadata, check_name, resolve_source
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ModelUnavailable, ShuttingDown
+from ember.metering import BUCKET_S, Deployed, Holding, Meter, report
 from ember.metrics import Metrics
 from ember.policies import (
     HybridHistogramKeepAlive,
@@ -58,6 +59,9 @@ UPLOADS_DIR = "uploads"
 
 #: Batch sizes the deploy-time warm-up measures (1, 2, 4), to seed each model's latency model.
 WARMUP_SIZES = 3
+
+#: Seconds between two flushes of the meter's charges into the registry (a crash loses at most these).
+METER_FLUSH_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,8 @@ class EmberService:
         self.bandwidths: HostBandwidths = read_bandwidths(home)
         if self.bandwidths.warning is not None:
             _log.warning("%s", self.bandwidths.warning)
+        #: Cost accounting (``ember.metering``): fed by the controller's changes, flushed to the registry.
+        self.meter = Meter(self.clock, on_charge=self.metrics.charge)
         placement = MemoryAwarePlacement()
         self.controller = Controller(
             self.clock,
@@ -161,10 +167,12 @@ class EmberService:
             bandwidths=self.bandwidths.bandwidths,
             device_memory_bytes=options.device_memory_bytes,
             rebalancer=placement,
+            on_change=self._metered,
         )
         self.arbiter = DeviceArbiter(LatestStartFirst(), self.clock)
         self._runners: dict[str, ModelRunner] = {}
         self._controller_task: asyncio.Task[None] | None = None
+        self._meter_task: asyncio.Task[None] | None = None
         self._deploying: set[str] = set()
         self._accepting = False
         self.ready = False
@@ -198,6 +206,7 @@ class EmberService:
                 continue
             self._add(deployment)
         self._controller_task = asyncio.create_task(self.controller.run(), name="ember-controller")
+        self._meter_task = asyncio.create_task(self._meter_loop(), name="ember-meter")
         self._accepting = True
         self.ready = True
 
@@ -206,10 +215,15 @@ class EmberService:
         self.ready = False
         draining = ShuttingDown("Ember is shutting down; retry against another instance or after the restart")
         await asyncio.gather(*(runner.stop(draining) for runner in self._runners.values()))
-        if self._controller_task is not None:
-            self._controller_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._controller_task
+        for task in (self._controller_task, self._meter_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        try:
+            await self.flush_usage()
+        except Exception:  # stopping goes on
+            _log.exception("could not record the last usage before stopping; it is lost")
         await self.backend.stop()
         self.store.close()
         self.registry.close()
@@ -362,7 +376,9 @@ class EmberService:
     async def remove(self, name: str) -> None:
         runner = self.runner(name)
         record = self.registry.remove(name)
+        self._metered(name)
         del self._runners[name]
+        self.meter.forget(name)  # before the controller drops its metrics: no charge revives them
         await runner.stop(ModelNotFound(name))
         await self.controller.remove(name)
         await run_blocking(self.clock, self._discard_files, record.key)
@@ -450,6 +466,57 @@ class EmberService:
             },
             "bandwidths": self.bandwidths.to_json(),
         }
+
+    # -- usage -------------------------------------------------------------------------------------
+
+    async def flush_usage(self) -> None:
+        """Charge every model up to now and add the charges to the registry (kept for the next flush
+        if the write fails)."""
+        for name in self._runners:
+            self._metered(name)
+        charges = self.meter.drain()
+        try:
+            await run_blocking(self.clock, self.registry.add_usage, charges)
+        except BaseException:
+            self.meter.restore(charges)
+            raise
+
+    async def usage(self, since: float | None = None, tenant: str | None = None) -> dict[str, Any]:
+        """Metered usage since ``since`` (wall-clock seconds; whole buckets: the one holding ``since``
+        counts), of ``tenant``'s models or of all; ``ember.metering.report`` says what is in it."""
+        await self.flush_usage()
+        start = None if since is None else since - since % BUCKET_S
+        deployed = {
+            name: Deployed(
+                str(r.deployment.extra.get("tenant", "default")), r.deployment.metadata.bytes, r.deployment.created_at
+            )
+            for name, r in self._runners.items()
+        }
+        recorded = await run_blocking(self.clock, self.registry.usage, start, tenant)
+        return report(recorded, deployed, start, self.clock.wall())
+
+    def _metered(self, name: str) -> None:
+        """Tell the meter what ``name`` holds now (the controller calls this at every change)."""
+        runner = self._runners.get(name)
+        if runner is None:
+            return
+        from ember.store import Tier
+
+        d = runner.deployment
+        size = d.metadata.bytes
+        with contextlib.suppress(EmberError, OSError, ValueError):
+            instances = self.controller.instances(name)
+            host = size if self.store.tier(d.key) is Tier.WARM else 0
+            holding = Holding(instances, size, host)
+            self.meter.observe(name, str(d.extra.get("tenant", "default")), holding, runner.stats.requests)
+
+    async def _meter_loop(self) -> None:
+        while True:
+            await self.clock.sleep(METER_FLUSH_S)
+            try:
+                await self.flush_usage()
+            except Exception:  # a full disk must not stop the metering: the charges wait for the next flush
+                _log.exception("could not record usage; it is kept for the next flush")
 
     # -- internals ---------------------------------------------------------------------------------
 

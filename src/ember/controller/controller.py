@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ember.clock import Clock, run_blocking
@@ -101,6 +102,7 @@ class Controller:
         bandwidths: Bandwidths | None = None,
         device_memory_bytes: int | None = None,
         rebalancer: Rebalancer | None = None,
+        on_change: Callable[[str], None] | None = None,
     ) -> None:
         self._clock = clock
         self._store = store
@@ -125,6 +127,8 @@ class Controller:
         self._measured_at = clock.now()
         #: Instances moved away, to unload once no batch of theirs runs there.
         self._leaving: list[tuple[_Model, WorkerHandle]] = []
+        #: Told a model's name whenever its instances or tier may have changed (the service's meter).
+        self._on_change = on_change
         backend.on_worker_lost(self._worker_lost)
 
     # -- registration ------------------------------------------------------------------------------
@@ -132,7 +136,7 @@ class Controller:
     def add(self, runner: ModelRunner) -> None:
         name = runner.deployment.name
         self._models[name] = _Model(runner.deployment, runner, rate_since=self._clock.now())
-        self._metrics.set_tier(name, self.tier(name).value)
+        self._changed(name)
 
     async def remove(self, name: str) -> None:
         model = self._models.pop(name, None)
@@ -213,7 +217,7 @@ class Controller:
         model = self._models.get(name)
         if model is not None and worker in model.workers:
             model.workers.remove(worker)
-            self._metrics.set_tier(name, self.tier(name).value)
+            self._changed(name)
 
     async def demote(self, name: str, to: Tier) -> None:
         """Move ``name`` down to tier ``to`` (warm or cool) now."""
@@ -226,7 +230,13 @@ class Controller:
             return  # removed meanwhile: remove() has dealt with its files
         if to is Tier.COOL:
             await run_blocking(self._clock, self._store.demote, model.deployment.key)
+        self._changed(name)
+
+    def _changed(self, name: str) -> None:
+        """``name``'s instances or tier may have changed: the tier gauge, and whoever listens, learn it."""
         self._metrics.set_tier(name, self.tier(name).value)
+        if self._on_change is not None:
+            self._on_change(name)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -322,6 +332,7 @@ class Controller:
                 model.workers.remove(worker)
                 with contextlib.suppress(EmberError):
                     await worker.unload(d.key)
+                self._changed(d.name)
 
     async def _add_instance(self, model: _Model, worker: WorkerHandle | None = None) -> bool:
         """Load one more instance of ``model``, on ``worker`` or where placement says; True if it is up."""
@@ -339,6 +350,7 @@ class Controller:
         if d.name not in self._models:
             return False
         model.workers.append(worker)
+        self._changed(d.name)
         return True
 
     # -- rebalancing -------------------------------------------------------------------------------
@@ -408,6 +420,7 @@ class Controller:
         model.workers.remove(source)  # no new batch goes there; the one running finishes
         self._leaving.append((model, source))
         await self._unload_left()
+        self._changed(model.deployment.name)
 
     async def _unload_left(self) -> None:
         """Unload the instances moved away whose last batch has finished."""
@@ -476,7 +489,7 @@ class Controller:
         model.cold_starts += 1
         self._metrics.cold_starts.labels(deployment.name, from_tier.value).inc()
         self._metrics.load_seconds.labels(from_tier.value).observe(seconds)
-        self._metrics.set_tier(deployment.name, Tier.HOT.value)
+        self._changed(deployment.name)
         return worker
 
     # -- placement and eviction --------------------------------------------------------------------
@@ -555,7 +568,7 @@ class Controller:
                 victim.workers.remove(worker)
             with contextlib.suppress(EmberError):
                 await worker.unload(victim.deployment.key)
-            self._metrics.set_tier(name, self.tier(name).value)
+            self._changed(name)
         return bool(victims)
 
     async def _recycle_for(self, tenant: str, views: tuple[WorkerView, ...], workers: dict[str, WorkerHandle]) -> bool:
@@ -597,7 +610,7 @@ class Controller:
         for name, model in self._models.items():
             if worker in model.workers:
                 model.workers.remove(worker)
-                self._metrics.set_tier(name, self.tier(name).value)
+                self._changed(name)
 
     def _get(self, name: str) -> _Model:
         model = self._models.get(name)

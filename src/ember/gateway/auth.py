@@ -18,7 +18,8 @@ Rules, in order:
    another tenant uses is no clash. A route naming a model of another tenant (possible for keys of
    the default tenant, whose names are plain) answers 404, word for word what an absent model gets.
    Lists show only the caller's tenant.
-4. Then the role: keys and tenants, status and metrics are admin's (403 otherwise); deploy, remove,
+4. Then the role: keys and tenants, status and metrics are admin's (403 otherwise); usage and the
+   dashboard's data are anyone's, scoped to the caller's tenant; deploy, remove,
    load and unload need deployer; calling and reading need invoker. ``GET /metrics`` also takes the
    metrics key of ``HOME/metrics.key``, which opens nothing else (for a Prometheus scraper).
 5. A call (infer, embeddings) takes a token from its tenant's bucket, or is refused with 429 and
@@ -294,6 +295,10 @@ class Reservation:
         self._guard._reserved.get(self.tenant, set()).discard(self)
 
 
+#: Admin routes any key may read: each answers with the caller's tenant's part alone.
+TENANT_SCOPED_PATHS = frozenset({"/admin/usage", "/admin/dashboard"})
+
+
 def _classify(method: str, path: str) -> tuple[Action, int]:
     """What a request does, and which segment of its path (split on '/') names a model (0: none)."""
     if path.startswith("/v2/models/"):
@@ -306,6 +311,8 @@ def _classify(method: str, path: str) -> tuple[Action, int]:
         if path.startswith("/v1/models/"):
             return Action.READ, 3
         return (Action.READ if method in ("GET", "HEAD") else Action.INVOKE), 0
+    if path in TENANT_SCOPED_PATHS:
+        return Action.READ, 0
     if path.startswith("/admin/") or path == "/metrics":
         return Action.ADMIN, 0
     return Action.READ, 0
