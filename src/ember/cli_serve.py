@@ -74,6 +74,12 @@ def serve(
         bool,
         typer.Option("--insecure", help="Serve requests without an API key as admin; loopback addresses only."),
     ] = False,
+    request_log: Annotated[
+        bool,
+        typer.Option(
+            "--request-log/--no-request-log", help="Write one JSON line per request to HOME/logs/requests.jsonl."
+        ),
+    ] = True,
 ) -> None:
     """Run the Ember server until Ctrl-C or SIGTERM.
 
@@ -99,6 +105,7 @@ def serve(
         batch_timeout_s=batch_timeout_s,
         worker_memory_bytes=None if worker_memory_mb < 0 else worker_memory_mb << 20,
         insecure=insecure,
+        request_log=request_log,
     )
     try:
         sock = _bind(host, port)

@@ -41,8 +41,9 @@ from ember.policies import (
     warmup_batch_sizes,
 )
 from ember.registry import DeploymentRecord, Registry
+from ember.requestlog import REQUEST_LOG, RequestLog, current
 from ember.scheduler import DeviceArbiter, ModelRunner
-from ember.store import Store
+from ember.store import Store, Tier
 from ember.store.bandwidths import HostBandwidths, read_bandwidths
 from ember.worker.protocol import Arrays
 
@@ -88,6 +89,8 @@ class ServeOptions:
     device_memory_bytes: int | None = None
     #: Let requests without an API key act as admin (``ember serve --insecure``, loopback only).
     insecure: bool = False
+    #: Write one JSON line per request to HOME/logs/requests.jsonl (``ember.requestlog``).
+    request_log: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ class EmberService:
         home.mkdir(parents=True, exist_ok=True)
         self.home = home
         self.metrics = Metrics()
+        #: The request log the gateway writes (None: off).
+        self.request_log = RequestLog(home / "logs" / REQUEST_LOG) if options.request_log else None
         self.registry = Registry(home / "registry.sqlite")
         self.store = Store(
             home / "store",
@@ -227,6 +232,8 @@ class EmberService:
         await self.backend.stop()
         self.store.close()
         self.registry.close()
+        if self.request_log is not None:
+            self.request_log.close()
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -239,7 +246,13 @@ class EmberService:
     async def infer(self, name: str, inputs: Arrays, timeout_s: float | None = None) -> Arrays:
         if not self._accepting:
             raise ShuttingDown("Ember is shutting down; retry after the restart")
-        return await self.runner(name).submit(inputs, timeout_s)
+        runner = self.runner(name)
+        record = current.get()
+        if record is not None:
+            record.model, record.tenant = name, str(runner.deployment.extra.get("tenant", "default"))
+            tier = self.controller.tier(name)
+            record.cold_start = None if tier is Tier.HOT else tier.value
+        return await runner.submit(inputs, timeout_s)
 
     # -- deployments -------------------------------------------------------------------------------
 
@@ -391,8 +404,6 @@ class EmberService:
         """Demote ``name`` to ``tier``: ``"warm"`` (off the device, weights kept in host memory) or
         ``"cool"`` (weights on local disk only). It never promotes: a model already at or below
         ``tier`` stays where it is. Raises InvalidInput for another tier name."""
-        from ember.store import Tier
-
         if tier not in ("cool", "warm"):
             raise InvalidInput(
                 f"cannot unload to tier {_shorten(tier)}; use 'warm' (off the device, weights kept in host "
@@ -500,8 +511,6 @@ class EmberService:
         runner = self._runners.get(name)
         if runner is None:
             return
-        from ember.store import Tier
-
         d = runner.deployment
         size = d.metadata.bytes
         with contextlib.suppress(EmberError, OSError, ValueError):

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ember.errors import EmberError, InternalError
 from ember.gateway import admin, auth, keys, oip, openai, openapi
 from ember.gateway.edge import error_response
+from ember.gateway.requestids import RequestIds
 from ember.service import EmberService
 
 __all__ = ["build_app"]
@@ -31,7 +32,8 @@ log = logging.getLogger("ember.gateway")
 def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
     """The app for ``service``; with ``manage_lifetime`` it starts and stops the service with the app.
 
-    Every request passes :class:`~ember.gateway.auth.AuthMiddleware` first (keys, tenants, quotas);
+    Every request gets its id (:class:`~ember.gateway.requestids.RequestIds`, which also writes the
+    request log), then passes :class:`~ember.gateway.auth.AuthMiddleware` (keys, tenants, quotas);
     the first build on a home makes its admin key file. Then ``POST .../infer`` goes straight to
     :func:`oip.serve_infer`, and Starlette serves every other route (and the lifespan). The infer
     route is the hot path: a router, two middlewares and a request and a response object cost about
@@ -104,7 +106,8 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
                 return
         await starlette(scope, receive, send)
 
-    return Gateway(auth.AuthMiddleware(dispatch, guard=guard, tenant_of=service.tenant_of), starlette)
+    guarded = auth.AuthMiddleware(dispatch, guard=guard, tenant_of=service.tenant_of)
+    return Gateway(RequestIds(guarded, service.clock, service.request_log), starlette)
 
 
 class Gateway:
