@@ -24,11 +24,23 @@ import logging
 import logging.handlers
 import re
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BACKUPS", "MAX_BYTES", "REQUEST_LOG", "RequestLog", "RequestRecord", "current", "request_id"]
+__all__ = [
+    "BACKUPS",
+    "MAX_BYTES",
+    "RECENT",
+    "REQUEST_LOG",
+    "Recent",
+    "RecentRequests",
+    "RequestLog",
+    "RequestRecord",
+    "current",
+    "request_id",
+]
 
 #: The file's name under ``HOME/logs``.
 REQUEST_LOG = "requests.jsonl"
@@ -88,6 +100,35 @@ def request_id(x_request_id: str | None, traceparent: str | None) -> str:
         if match and match.group(1) != "0" * 32:
             return match.group(1)
     return uuid.uuid4().hex
+
+
+#: Requests :class:`RecentRequests` keeps (the dashboard's rates and latencies come from them).
+RECENT = 8192
+
+
+@dataclass(frozen=True)
+class Recent:
+    """One finished request, as the dashboard sees it: when it ended (wall-clock), model, status,
+    seconds from arrival to answer, and the error it got (empty when it succeeded)."""
+
+    at: float
+    id: str
+    model: str | None
+    status: int
+    seconds: float
+    error: str = ""
+
+
+class RecentRequests:
+    """The last :data:`RECENT` requests that named a model or failed, in a ring: bounded memory however
+    long the server runs."""
+
+    def __init__(self, size: int = RECENT) -> None:
+        self.items: deque[Recent] = deque(maxlen=size)
+
+    def add(self, record: RequestRecord, at: float, seconds: float, error: str = "") -> None:
+        if record.model is not None or record.status >= 400:
+            self.items.append(Recent(at, record.id, record.model, record.status, seconds, error))
 
 
 class RequestLog:

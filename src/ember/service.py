@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from ember.policies import (
     warmup_batch_sizes,
 )
 from ember.registry import DeploymentRecord, Registry
-from ember.requestlog import REQUEST_LOG, RequestLog, current
+from ember.requestlog import REQUEST_LOG, RecentRequests, RequestLog, current
 from ember.scheduler import DeviceArbiter, ModelRunner
 from ember.store import Store, Tier
 from ember.store.bandwidths import HostBandwidths, read_bandwidths
@@ -63,6 +64,8 @@ WARMUP_SIZES = 3
 
 #: Seconds between two flushes of the meter's charges into the registry (a crash loses at most these).
 METER_FLUSH_S = 10.0
+#: Tier changes and cold starts kept for the dashboard (all models together).
+HISTORY = 2048
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,12 @@ class EmberService:
         self.metrics = Metrics()
         #: The request log the gateway writes (None: off).
         self.request_log = RequestLog(home / "logs" / REQUEST_LOG) if options.request_log else None
+        #: The last requests (ring buffers, bounded): what the dashboard draws rates and latencies from;
+        #: and each model's tier changes and cold starts, (wall-clock time, model, tier[, seconds]).
+        self.recent = RecentRequests()
+        self.tier_changes: deque[tuple[float, str, str]] = deque(maxlen=HISTORY)
+        self.cold_start_log: deque[tuple[float, str, str, float]] = deque(maxlen=HISTORY)
+        self._tiers: dict[str, str] = {}
         self.registry = Registry(home / "registry.sqlite")
         self.store = Store(
             home / "store",
@@ -391,6 +400,7 @@ class EmberService:
         record = self.registry.remove(name)
         self._metered(name)
         del self._runners[name]
+        self._tiers.pop(name, None)
         self.meter.forget(name)  # before the controller drops its metrics: no charge revives them
         await runner.stop(ModelNotFound(name))
         await self.controller.remove(name)
@@ -514,10 +524,22 @@ class EmberService:
         d = runner.deployment
         size = d.metadata.bytes
         with contextlib.suppress(EmberError, OSError, ValueError):
+            self._note_tier(name)
             instances = self.controller.instances(name)
             host = size if self.store.tier(d.key) is Tier.WARM else 0
             holding = Holding(instances, size, host)
             self.meter.observe(name, str(d.extra.get("tenant", "default")), holding, runner.stats.requests)
+
+    def _note_tier(self, name: str) -> None:
+        tier = self.controller.tier(name).value
+        if self._tiers.get(name) == tier:
+            return
+        self._tiers[name] = tier
+        now = self.clock.wall()
+        self.tier_changes.append((now, name, tier))
+        cold = self.controller.last_cold_start(name)
+        if tier == "hot" and cold is not None:
+            self.cold_start_log.append((cold.at, name, cold.tier.value, cold.seconds))
 
     async def _meter_loop(self) -> None:
         while True:

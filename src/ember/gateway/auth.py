@@ -8,11 +8,12 @@ the model's tenant and a token bucket; ``benchmarks/auth_overhead.py`` measures 
 Rules, in order:
 
 1. Headers over :data:`MAX_HEADER_BYTES` are refused (431), before anything else is read.
-2. Health checks and the OpenAPI schema are public. Every other route needs a key, sent as
-   ``Authorization: Bearer <key>`` (what the openai client sends, and what tritonclient sends when
-   given ``headers=``) or ``X-API-Key: <key>``; none or a wrong one is 401, and several of either
-   header is 400 (servers and proxies disagree on which one counts). With ``--insecure`` (on
-   loopback only) a request without a known key acts as admin; a known key still acts as itself.
+2. Health checks, the OpenAPI schema and the dashboard's page and static files are public. Every
+   other route needs a key, sent as ``Authorization: Bearer <key>`` (what the openai client sends,
+   and what tritonclient sends when given ``headers=``) or ``X-API-Key: <key>``; none or a wrong
+   one is 401, and several of either header is 400 (servers and proxies disagree on which one
+   counts). With ``--insecure`` (on loopback only) a request without a known key acts as admin; a
+   known key still acts as itself.
 3. Model names are per tenant: a key of ``acme`` naming ``m`` names ``acme+m`` (the path is
    rewritten before routing), so it cannot even name another tenant's model, and deploying a name
    another tenant uses is no clash. A route naming a model of another tenant (possible for keys of
@@ -87,6 +88,8 @@ SEEN_KEYS = 4096
 ROUTES_REMEMBERED = 4096
 
 PUBLIC_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/openapi.json", "/"})
+#: Paths under this prefix are public too: the dashboard's script, styles and charting library.
+PUBLIC_PREFIX = "/static/"
 
 #: What an unauthenticated caller of a ``--insecure`` server is.
 LOCAL_ADMIN = Principal("insecure", Role.ADMIN, None)
@@ -378,7 +381,7 @@ class AuthMiddleware:
         if size > MAX_HEADER_BYTES:
             raise TooLarge(f"the request headers are {size} bytes; the limit is {MAX_HEADER_BYTES} bytes", 431)
         path: str = scope["path"]
-        if path in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIX):
             return
         if repeated is not None:  # which one a proxy or a server would pick differs: pick none
             raise InvalidInput(f"the request has several {repeated} headers; send the API key in one")

@@ -5,12 +5,17 @@
 
 from __future__ import annotations
 
+import json
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ember.clock import Clock
-from ember.requestlog import RequestLog, RequestRecord, current, request_id
+from ember.requestlog import RecentRequests, RequestLog, RequestRecord, current, request_id
 
 __all__ = ["RequestIds"]
+
+#: Bytes of an error answer's body kept, for the dashboard's recent errors.
+ERROR_BYTES = 512
 
 #: Paths whose requests are not logged: the dashboard reading, scrapers and health checks.
 _QUIET_PREFIXES = ("/static/", "/v2/health/")
@@ -18,10 +23,11 @@ _QUIET_PATHS = frozenset({"/", "/metrics", "/admin/dashboard", "/admin/usage", "
 
 
 class RequestIds:
-    def __init__(self, app: ASGIApp, clock: Clock, log: RequestLog | None) -> None:
+    def __init__(self, app: ASGIApp, clock: Clock, log: RequestLog | None, recent: RecentRequests) -> None:
         self.app = app
         self.clock = clock
         self.log = log
+        self.recent = recent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,11 +40,14 @@ class RequestIds:
         rid = request_id(given.get(b"x-request-id"), given.get(b"traceparent"))
         record = RequestRecord(rid, scope["method"], scope["path"], self.clock.now())
         header = (b"x-request-id", rid.encode("latin-1"))
+        error = bytearray()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = int(message["status"])
                 message["headers"] = [*message.get("headers", ()), header]
+            elif message["type"] == "http.response.body" and record.status >= 400 and len(error) < ERROR_BYTES:
+                error.extend(message.get("body", b"")[: ERROR_BYTES - len(error)])
             await send(message)
 
         token = current.set(record)
@@ -46,8 +55,25 @@ class RequestIds:
             await self.app(scope, receive, send_with_id)
         finally:
             current.reset(token)
-            if self.log is not None and not _quiet(record.path):
-                self.log.write(record.line(self.clock.wall(), self.clock.now() - record.started))
+            if not _quiet(record.path):
+                at, seconds = self.clock.wall(), self.clock.now() - record.started
+                self.recent.add(record, at, seconds, _message(bytes(error)))
+                if self.log is not None:
+                    self.log.write(record.line(at, seconds))
+
+
+def _message(body: bytes) -> str:
+    """The ``error`` of an error answer's JSON body (``error.message`` in OpenAI's shape), else its text."""
+    if not body:
+        return ""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")[:200]
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error if error is not None else parsed)[:200]
 
 
 def _quiet(path: str) -> bool:
