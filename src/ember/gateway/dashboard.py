@@ -87,7 +87,7 @@ def routes(service: EmberService) -> list[Route]:
             "errors": [
                 {"at": r.at, "id": r.id, "model": r.model, "status": r.status, "error": r.error}
                 for r in list(service.recent.items)[::-1]
-                if r.status >= 400 and (r.model in names or (r.model is None and principal.is_admin))
+                if r.status >= 400 and (r.model in names or principal.is_admin)
             ][:ERRORS_SHOWN],
             "usage": await service.usage(now - cost_s, scoped_tenant(request)),
             "cluster": _cluster(service, models) if principal.is_admin else None,
@@ -164,10 +164,21 @@ def _cluster(service: EmberService, models: list[Any]) -> dict[str, Any]:
     for m in models:
         for worker in service.controller.hot_instances(m.name):
             resident.setdefault(worker.id, []).append({"model": m.name, "bytes": m.bytes, "tenant": m.tenant})
+    pids = {str(w.get("id")): w.get("pid") for w in status["workers"].get("workers", [])}
     workers = []
-    for w in status["workers"].get("workers", []):
-        held = resident.get(str(w.get("id")), [])
-        workers.append({**w, "models": held, "weights_bytes": sum(h["bytes"] for h in held)})
+    for w in service.backend.workers():
+        held = resident.get(w.id, [])
+        workers.append(
+            {
+                "id": w.id,
+                "pid": pids.get(w.id),
+                "device": w.device,
+                "alive": w.alive,
+                "in_flight": w.in_flight,
+                "models": held,
+                "weights_bytes": sum(h["bytes"] for h in held),
+            }
+        )
     return {
         "workers": workers,
         "ready": status["workers"].get("ready"),

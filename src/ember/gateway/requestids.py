@@ -55,6 +55,8 @@ class RequestIds:
             await self.app(scope, receive, send_with_id)
         finally:
             current.reset(token)
+            if record.model is None:  # refused before the service saw it: the name in the (rewritten) path
+                record.model = _model_of(scope["path"])
             if not _quiet(record.path):
                 at, seconds = self.clock.wall(), self.clock.now() - record.started
                 self.recent.add(record, at, seconds, _message(bytes(error)))
@@ -74,6 +76,13 @@ def _message(body: bytes) -> str:
     if isinstance(error, dict):
         error = error.get("message")
     return str(error if error is not None else parsed)[:200]
+
+
+def _model_of(path: str) -> str | None:
+    parts = path.split("/")
+    if len(parts) > 3 and parts[1] == "v2" and parts[2] == "models" and parts[3]:
+        return parts[3]
+    return None
 
 
 def _quiet(path: str) -> bool:
