@@ -10,12 +10,15 @@ The definitions (``docs/design.md``, "Metering"), one per figure of :class:`Usag
 - **requests**: requests counted by the model's runner (served, failed or refused).
 - **always on**: what one hot instance kept for a whole window would have held (:func:`always_on`).
 
-:func:`accrue` is the whole rule, pure; the simulator's reports use it too, so a simulated and a
-real run compare. :class:`Meter` applies it: it is told each model's :class:`Holding` whenever that
-may have changed (``observe``), and charges the previous holding for the time in between, so the
-figures are exact at every change and never depend on a sampling rate. Charges land in wall-clock
-buckets of ``bucket_s`` (an interval across a boundary is split at it) and wait in memory until
-``drain`` hands them to the registry, which adds them up across restarts.
+:func:`accrue` is the whole rule, pure. The simulator integrates the same quantities (its
+instance-seconds and GB-seconds are these device-seconds and device GB-seconds summed over models;
+docs/simulator.md), so a simulated and a real run compare.
+
+:class:`Meter` applies it: it is told each model's :class:`Holding` whenever that may have changed
+(``observe``), and charges the previous holding for the time in between, so the figures are exact
+at every change and never depend on a sampling rate. Charges land in wall-clock buckets of
+``bucket_s`` (an interval across a boundary is split at it) and wait in memory until ``drain``
+hands them to the registry, which adds them up across restarts.
 """
 
 from __future__ import annotations

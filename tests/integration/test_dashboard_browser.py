@@ -1,7 +1,8 @@
 """The dashboard in a real browser: Debian's Chromium, driven by Playwright, against a live ``ember serve``.
 
 It signs in through the form, checks that the charts draw the traffic it sends, that an unload to
-warm shows in the model's tier and timeline, and that a tenant's key sees its tenant's models alone.
+warm shows in the model's tier and timeline, that an admin key sees the workers and the end of their
+logs, and that a tenant's key sees its tenant's models alone.
 The screenshot is kept under the test's tmp path (``dashboard.png``). Skipped only where
 ``/usr/bin/chromium`` is absent (``.ci/run`` installs it).
 """
@@ -76,6 +77,7 @@ def test_the_dashboard_shows_live_models_tiers_and_tenants(own: Server, tmp_path
             assert page.locator(f"{card} .tier-badge").inner_text() == "hot"
             assert page.locator('#cost-models tr[data-model="linear"]').count() == 1
             assert page.locator("#cluster table").count() == 1  # admin keys see the workers
+            assert page.locator("#cluster details").count() == 2  # and the end of each one's log
 
             answer = own.http.post(f"{own.url}/admin/models/linear/unload", params={"tier": "warm"})
             assert answer.status_code == 200, answer.text

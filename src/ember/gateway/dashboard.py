@@ -6,7 +6,8 @@ them), and polls ``GET /admin/dashboard`` every two seconds. That answer is buil
 the server keeps anyway (recent requests, tier changes, cold starts: ``EmberService.recent``,
 ``tier_changes``, ``cold_start_log``), so a page left open does not grow the server's memory, and a
 page opened late still sees the last minutes. Any key may read it; a tenant's key sees its tenant's
-models, usage and errors alone, and the cluster (workers, devices) only with an admin key.
+models, usage and errors alone, and the cluster (workers, devices, the end of each worker's log)
+only with an admin key.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ WINDOW_S = 300.0
 STEP_S = 5.0
 COST_WINDOW_S = 3600.0
 ERRORS_SHOWN = 20
+#: Lines of each worker's log shown (admin keys only: a worker's log may hold what its earlier models printed).
+LOG_LINES = 15
+LOG_TAIL_BYTES = 16 * 1024
 
 
 def routes(service: EmberService) -> list[Route]:
@@ -165,6 +169,7 @@ def _cluster(service: EmberService, models: list[Any]) -> dict[str, Any]:
         for worker in service.controller.hot_instances(m.name):
             resident.setdefault(worker.id, []).append({"model": m.name, "bytes": m.bytes, "tenant": m.tenant})
     pids = {str(w.get("id")): w.get("pid") for w in status["workers"].get("workers", [])}
+    logs = service.home / "logs"
     workers = []
     for w in service.backend.workers():
         held = resident.get(w.id, [])
@@ -177,6 +182,7 @@ def _cluster(service: EmberService, models: list[Any]) -> dict[str, Any]:
                 "in_flight": w.in_flight,
                 "models": held,
                 "weights_bytes": sum(h["bytes"] for h in held),
+                "log_tail": _tail(logs / f"worker-{w.id.removeprefix('w')}.log", LOG_LINES),
             }
         )
     return {
@@ -186,6 +192,18 @@ def _cluster(service: EmberService, models: list[Any]) -> dict[str, Any]:
         "device_memory_bytes": service.options.device_memory_bytes,
         "store": status["store"],
     }
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    """The last ``lines`` lines of ``path`` (read from its last :data:`LOG_TAIL_BYTES`); none if it is absent."""
+    try:
+        with path.open("rb") as file:
+            size = file.seek(0, 2)
+            file.seek(max(0, size - LOG_TAIL_BYTES))
+            data = file.read()
+    except OSError:
+        return []
+    return [line.decode("utf-8", "replace")[:300] for line in data.splitlines()[-lines:]]
 
 
 def _seconds(text: str | None, default: float) -> float:

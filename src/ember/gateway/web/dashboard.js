@@ -203,7 +203,14 @@
         el("td", {}, bytes(w.weights_bytes) + (c.device_memory_bytes ? " of " + bytes(c.device_memory_bytes) : "")),
         el("td", {class: "wrap"}, w.models.map(m => m.model).join(", ") || "–"))));
     const st = c.store;
-    root.replaceChildren(el("p", {class: "small"}, `${c.ready}/${c.size} workers ready · warm tier ${st.warm.models} models, ${bytes(st.warm.bytes)} · cool tier ${st.cool.models} models, ${bytes(st.cool.bytes)}`), table);
+    const open = new Set([...root.querySelectorAll("details[open]")].map(x => x.dataset.worker));
+    const logs = c.workers.map(w => {
+      const d = el("details", {"data-worker": w.id}, el("summary", {}, `end of worker ${w.id}'s log` + (w.models.length ? ` (${w.models.map(m => m.model).join(", ")})` : "")),
+        el("pre", {class: "log"}, (w.log_tail || []).join("\n") || "(empty)"));
+      if (open.has(w.id)) d.open = true;
+      return d;
+    });
+    root.replaceChildren(el("p", {class: "small"}, `${c.ready}/${c.size} workers ready · warm tier ${st.warm.models} models, ${bytes(st.warm.bytes)} · cool tier ${st.cool.models} models, ${bytes(st.cool.bytes)}`), table, ...logs);
   }
 
   function errors(list) {
