@@ -139,6 +139,10 @@ class Meter:
         pending, self._pending = self._pending, {}
         return pending
 
+    def pending(self) -> dict[Key, Usage]:
+        """The charges made since the last drain (a copy; they stay in the meter)."""
+        return dict(self._pending)
+
     def restore(self, charges: dict[Key, Usage]) -> None:
         """Put drained charges back (their write failed), to leave with the next drain."""
         for key, usage in charges.items():

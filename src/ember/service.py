@@ -31,7 +31,7 @@ from ember.cluster.local import LocalBackend, WorkerLimits, storage_full
 from ember.config import Deployment, DeploySpec, ModelMetadata, check_name, resolve_source
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ModelUnavailable, ShuttingDown
-from ember.metering import BUCKET_S, Deployed, Holding, Meter, report
+from ember.metering import BUCKET_S, Deployed, Holding, Meter, Usage, report
 from ember.metrics import Metrics
 from ember.policies import (
     HybridHistogramKeepAlive,
@@ -187,6 +187,8 @@ class EmberService:
         self._runners: dict[str, ModelRunner] = {}
         self._controller_task: asyncio.Task[None] | None = None
         self._meter_task: asyncio.Task[None] | None = None
+        #: Held while charges move from the meter to the registry, and while usage is read from both.
+        self._usage_lock = asyncio.Lock()
         self._deploying: set[str] = set()
         self._accepting = False
         self.ready = False
@@ -493,28 +495,38 @@ class EmberService:
     async def flush_usage(self) -> None:
         """Charge every model up to now and add the charges to the registry (kept for the next flush
         if the write fails)."""
-        for name in self._runners:
-            self._metered(name)
-        charges = self.meter.drain()
-        try:
-            await run_blocking(self.clock, self.registry.add_usage, charges)
-        except BaseException:
-            self.meter.restore(charges)
-            raise
+        async with self._usage_lock:
+            self._charge_all()
+            charges = self.meter.drain()
+            try:
+                await run_blocking(self.clock, self.registry.add_usage, charges)
+            except BaseException:
+                self.meter.restore(charges)
+                raise
 
     async def usage(self, since: float | None = None, tenant: str | None = None) -> dict[str, Any]:
         """Metered usage since ``since`` (wall-clock seconds; whole buckets: the one holding ``since``
-        counts), of ``tenant``'s models or of all; ``ember.metering.report`` says what is in it."""
-        await self.flush_usage()
+        counts), of ``tenant``'s models or of all; ``ember.metering.report`` says what is in it.
+
+        What the registry holds plus the charges not flushed yet: a read writes nothing."""
         start = None if since is None else since - since % BUCKET_S
+        async with self._usage_lock:
+            self._charge_all()
+            recorded = await run_blocking(self.clock, self.registry.usage, start, tenant)
+            for (model, owner, bucket), charge in self.meter.pending().items():
+                if (start is None or bucket >= start) and (tenant is None or owner == tenant):
+                    recorded[(model, owner)] = recorded.get((model, owner), Usage()) + charge
         deployed = {
             name: Deployed(
                 str(r.deployment.extra.get("tenant", "default")), r.deployment.metadata.bytes, r.deployment.created_at
             )
             for name, r in self._runners.items()
         }
-        recorded = await run_blocking(self.clock, self.registry.usage, start, tenant)
         return report(recorded, deployed, start, self.clock.wall())
+
+    def _charge_all(self) -> None:
+        for name in self._runners:
+            self._metered(name)
 
     def _metered(self, name: str) -> None:
         """Tell the meter what ``name`` holds now (the controller calls this at every change)."""

@@ -146,3 +146,25 @@ def test_a_registry_from_before_usage_gains_the_table(tmp_path: Path) -> None:
     registry.add_usage({("m", "t", 0.0): Usage(1.0, 0.0, 0.0, 1)})
     assert registry.usage() == {("m", "t"): Usage(1.0, 0.0, 0.0, 1)}
     registry.close()
+
+
+def test_reading_usage_counts_unflushed_charges_and_writes_nothing(tmp_path: Path) -> None:
+    model = tmp_path / "model.py"
+    model.write_text("class M: ...\n")
+
+    async def main(clock: VirtualClock) -> None:
+        backend = FakeBackend(clock, size=1, profile=LatencyProfile(base_s=0.25, load_s=0.5))
+        options = ServeOptions(home=tmp_path / "home", warm_root=tmp_path / "shm")
+        async with EmberService(options, clock=clock, backend=backend) as service:
+            spec = DeploySpec.model_validate({"source": f"{model}:M", "name": "m", "warmup": False})
+            await service.deploy(spec)
+            await service.infer("m", {"x": np.zeros((1, 4), dtype=np.float32)})
+            (row,) = (await service.usage())["models"]
+            assert row["requests"] == 1 and row["device_seconds"] > 0
+            assert service.registry.usage() == {}  # before the first flush (METER_FLUSH_S)
+            await service.flush_usage()
+            assert service.registry.usage()[("m", "default")].requests == 1
+            (again,) = (await service.usage())["models"]
+            assert again["requests"] == 1  # flushed charges are not counted twice
+
+    run_in_virtual_time(main)
