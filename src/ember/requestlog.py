@@ -7,11 +7,12 @@ returns it in ``X-Request-Id`` (``ember.gateway.requestids``) and, unless the lo
 
     {"ts": 1764800000.123, "id": "...", "method": "POST", "path": "/v2/models/m/infer", "status": 200,
      "model": "m", "tenant": "default", "queue_ms": 0.4, "compute_ms": 3.1, "batch": 4,
-     "cold_start": "warm", "total_ms": 5.2}
+     "cold_start": "warm", "error": null, "total_ms": 5.2}
 
 ``model`` to ``cold_start`` are set as the request passes the service and the model's runner, through
 :data:`current` (a context variable the request's task carries); ``cold_start`` is the tier the
-model was in when the request arrived, when that was not hot. The file rotates at
+model was in when the request arrived, when that was not hot; ``error`` the class of the error
+answered (the ``Ember-Error`` header), if any. The file rotates at
 :data:`MAX_BYTES`, keeping :data:`BACKUPS` old files. Requests that only read the dashboard
 (``GET /``, its static files and data, ``/metrics``, health checks) are not logged.
 """
@@ -66,6 +67,8 @@ class RequestRecord:
     compute_s: float | None = None
     batch: int | None = None
     cold_start: str | None = None
+    #: The error's class when the answer is an error (the ``Ember-Error`` header): the refusal's reason.
+    error: str | None = None
 
     def line(self, ts: float, total_s: float) -> dict[str, Any]:
         def ms(seconds: float | None) -> float | None:
@@ -83,6 +86,7 @@ class RequestRecord:
             "compute_ms": ms(self.compute_s),
             "batch": self.batch,
             "cold_start": self.cold_start,
+            "error": self.error,
             "total_ms": ms(total_s),
         }
 
@@ -117,6 +121,8 @@ class Recent:
     status: int
     seconds: float
     error: str = ""
+    #: The error's class (``DeadlineUnmeetable``, ``Overloaded``, ``QuotaExceeded``, ...), or None.
+    reason: str | None = None
 
 
 class RecentRequests:
@@ -128,7 +134,7 @@ class RecentRequests:
 
     def add(self, record: RequestRecord, at: float, seconds: float, error: str = "") -> None:
         if record.model is not None or record.status >= 400:
-            self.items.append(Recent(at, record.id, record.model, record.status, seconds, error))
+            self.items.append(Recent(at, record.id, record.model, record.status, seconds, error, record.error))
 
 
 class RequestLog:

@@ -85,6 +85,7 @@ def test_errors_reach_the_dashboard_of_their_tenant_alone(tmp_path: Path) -> Non
         admin = (await client.get("/admin/dashboard", headers=_as(keys["admin"]))).json()
         (error,) = admin["errors"]
         assert error["id"] == "e1" and error["model"] == "m" and error["status"] == 400 and error["error"]
+        assert error["reason"] == "InvalidInput"
         acme = (await client.get("/admin/dashboard", headers=_as(keys["acme"]))).json()
         assert acme["errors"] == []
 
@@ -107,13 +108,16 @@ def test_the_page_and_its_static_files_need_no_key_and_nothing_else_is_served(tm
 def test_series_counts_rates_percentiles_and_refusals_per_step() -> None:
     start = 1000.0
     requests = [Recent(start + 1, "a", "m", 200, 0.010 * i) for i in range(1, 11)]
-    requests += [Recent(start + 6, "b", "m", 429, 0.0), Recent(start + 7, "c", "m", 200, 0.5)]
+    requests += [
+        Recent(start + 6, "b", "m", 429, 0.0, "late", "DeadlineUnmeetable"),
+        Recent(start + 7, "c", "m", 200, 0.5),
+    ]
     out = series(requests, start, start + 3 * STEP_S, slo_s=0.1, since=start)
     assert out["rps"] == [10 / STEP_S, 2 / STEP_S, 0.0]
     assert out["p50_ms"][0] == 50.0 and out["p99_ms"][0] == 100.0
     assert out["attainment"][:2] == [1.0, 0.0]  # the refusal and the slow answer missed
     assert out["refused"] == [0, 1, 0]
-    assert out["refusals"] == [{"deadline (429)": 1}]
+    assert out["refusals"] == [{"DeadlineUnmeetable (429)": 1}]
     before = series([], start, start + 3 * STEP_S, slo_s=0.1, since=start + 2 * STEP_S + 1)
     assert before["rps"] == [None, None, 0.0]
 

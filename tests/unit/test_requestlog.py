@@ -63,6 +63,7 @@ def test_an_incoming_request_id_comes_back_and_is_logged_with_the_model_s_figure
     assert first["queue_ms"] == pytest.approx(500.0)  # it waited for the load
     assert second["id"] == "4bf92f3577b34da6a3ce929d0e0e4736" and second["cold_start"] is None
     assert missing["status"] == 404 and missing["model"] == "nope" and missing["tenant"] is None
+    assert missing["error"] == "ModelNotFound" and first["error"] is None
 
 
 def test_the_request_log_can_be_turned_off(tmp_path: Path) -> None:

@@ -89,7 +89,7 @@ def routes(service: EmberService) -> list[Route]:
                 for m in models
             ],
             "errors": [
-                {"at": r.at, "id": r.id, "model": r.model, "status": r.status, "error": r.error}
+                {"at": r.at, "id": r.id, "model": r.model, "status": r.status, "reason": r.reason, "error": r.error}
                 for r in list(service.recent.items)[::-1]
                 if r.status >= 400 and (r.model in names or principal.is_admin)
             ][:ERRORS_SHOWN],
@@ -135,10 +135,11 @@ def series(requests: list[Recent], start: float, end: float, slo_s: float, since
 
 
 def _refusals(requests: list[Recent]) -> dict[str, int]:
+    """Refusals and errors by reason: the error's class and status, like ``DeadlineUnmeetable (429)``."""
     reasons: dict[str, int] = {}
     for r in requests:
         if r.status >= 400:
-            reason = {429: "deadline (429)", 503: "overloaded (503)"}.get(r.status, f"error ({r.status})")
+            reason = f"{r.reason or 'error'} ({r.status})"
             reasons[reason] = reasons.get(reason, 0) + 1
     return reasons
 

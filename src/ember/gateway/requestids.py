@@ -45,6 +45,9 @@ class RequestIds:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = int(message["status"])
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"ember-error":
+                        record.error = value.decode("latin-1")
                 message["headers"] = [*message.get("headers", ()), header]
             elif message["type"] == "http.response.body" and record.status >= 400 and len(error) < ERROR_BYTES:
                 error.extend(message.get("body", b"")[: ERROR_BYTES - len(error)])
@@ -59,7 +62,7 @@ class RequestIds:
                 record.model = _model_of(scope["path"])
             if not _quiet(record.path):
                 at, seconds = self.clock.wall(), self.clock.now() - record.started
-                self.recent.add(record, at, seconds, _message(bytes(error)))
+                self.recent.add(record, at, seconds, _message(bytes(error)))  # error: the body's message
                 if self.log is not None:
                     self.log.write(record.line(at, seconds))
 

@@ -215,7 +215,7 @@
 
   function errors(list) {
     $("errors").replaceChildren(el("tr", {}, ...["when", "model", "status", "request id", "error"].map((h, i) => el("th", i === 4 || i === 1 ? {class: "l"} : {}, h))),
-      ...(list.length ? list.map(e => el("tr", {}, el("td", {}, ago(e.at)), el("td", {class: "l"}, e.model || "–"), el("td", {}, e.status),
+      ...(list.length ? list.map(e => el("tr", {}, el("td", {}, ago(e.at)), el("td", {class: "l"}, e.model || "–"), el("td", {}, `${e.status} ${e.reason || ""}`),
         el("td", {}, e.id), el("td", {class: "wrap"}, e.error))) : [el("tr", {}, el("td", {colspan: 5, class: "l muted"}, "no errors recently"))]));
   }
 
