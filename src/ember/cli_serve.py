@@ -80,6 +80,13 @@ def serve(
             "--request-log/--no-request-log", help="Write one JSON line per request to HOME/logs/requests.jsonl."
         ),
     ] = True,
+    otel: Annotated[
+        bool,
+        typer.Option(
+            "--otel",
+            help="Export OpenTelemetry spans over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT); needs ember-serve[otel].",
+        ),
+    ] = False,
 ) -> None:
     """Run the Ember server until Ctrl-C or SIGTERM.
 
@@ -106,6 +113,7 @@ def serve(
         worker_memory_bytes=None if worker_memory_mb < 0 else worker_memory_mb << 20,
         insecure=insecure,
         request_log=request_log,
+        otel=otel,
     )
     try:
         sock = _bind(host, port)

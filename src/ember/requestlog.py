@@ -69,6 +69,8 @@ class RequestRecord:
     cold_start: str | None = None
     #: The error's class when the answer is an error (the ``Ember-Error`` header): the refusal's reason.
     error: str | None = None
+    #: When the model's runner admitted it (the clock's ``now``, as ``started``), for tracing.
+    queued_at: float | None = None
 
     def line(self, ts: float, total_s: float) -> dict[str, Any]:
         def ms(seconds: float | None) -> float | None:

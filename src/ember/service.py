@@ -46,6 +46,7 @@ from ember.requestlog import REQUEST_LOG, RecentRequests, RequestLog, current
 from ember.scheduler import DeviceArbiter, ModelRunner
 from ember.store import Store, Tier
 from ember.store.bandwidths import HostBandwidths, read_bandwidths
+from ember.tracing import Tracer, otlp_tracer
 from ember.worker.protocol import Arrays
 
 __all__ = ["EmberService", "ModelInfo", "ServeOptions"]
@@ -94,6 +95,8 @@ class ServeOptions:
     insecure: bool = False
     #: Write one JSON line per request to HOME/logs/requests.jsonl (``ember.requestlog``).
     request_log: bool = True
+    #: Export OpenTelemetry spans over OTLP (``ember.tracing``; needs the ``otel`` extra).
+    otel: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ class EmberService:
         #: The last requests (ring buffers, bounded): what the dashboard draws rates and latencies from;
         #: and each model's tier changes and cold starts, (wall-clock time, model, tier[, seconds]).
         self.recent = RecentRequests()
+        #: Spans per request (``ember serve --otel``); None: off.
+        self.tracer: Tracer | None = otlp_tracer() if options.otel else None
         self.tier_changes: deque[tuple[float, str, str]] = deque(maxlen=HISTORY)
         self.cold_start_log: deque[tuple[float, str, str, float]] = deque(maxlen=HISTORY)
         self._tiers: dict[str, str] = {}

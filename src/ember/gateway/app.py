@@ -104,7 +104,7 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
         await starlette(scope, receive, send)
 
     guarded = auth.AuthMiddleware(dispatch, guard=guard, tenant_of=service.tenant_of)
-    return Gateway(RequestIds(guarded, service.clock, service.request_log, service.recent), starlette)
+    return Gateway(RequestIds(guarded, service.clock, service.request_log, service.recent, service.tracer), starlette)
 
 
 class Gateway:

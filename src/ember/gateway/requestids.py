@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ember.clock import Clock
 from ember.requestlog import RecentRequests, RequestLog, RequestRecord, current, request_id
+from ember.tracing import Tracer
 
 __all__ = ["RequestIds"]
 
@@ -23,11 +24,14 @@ _QUIET_PATHS = frozenset({"/", "/metrics", "/admin/dashboard", "/admin/usage", "
 
 
 class RequestIds:
-    def __init__(self, app: ASGIApp, clock: Clock, log: RequestLog | None, recent: RecentRequests) -> None:
+    def __init__(
+        self, app: ASGIApp, clock: Clock, log: RequestLog | None, recent: RecentRequests, tracer: Tracer | None = None
+    ) -> None:
         self.app = app
         self.clock = clock
         self.log = log
         self.recent = recent
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,7 +39,7 @@ class RequestIds:
             return
         given: dict[bytes, str] = {}
         for name, value in scope["headers"]:
-            if name in (b"x-request-id", b"traceparent") and name not in given:
+            if name in (b"x-request-id", b"traceparent", b"tracestate") and name not in given:
                 given[name] = value.decode("latin-1")
         rid = request_id(given.get(b"x-request-id"), given.get(b"traceparent"))
         record = RequestRecord(rid, scope["method"], scope["path"], self.clock.now())
@@ -65,6 +69,8 @@ class RequestIds:
                 self.recent.add(record, at, seconds, _message(bytes(error)))  # error: the body's message
                 if self.log is not None:
                     self.log.write(record.line(at, seconds))
+                if self.tracer is not None and record.model is not None:
+                    self.tracer.record({k.decode(): v for k, v in given.items()}, record, at, seconds)
 
 
 def _message(body: bytes) -> str:

@@ -175,7 +175,7 @@ class ModelRunner:
             self._account(pending)
             record = current.get()
             if record is not None and pending.dispatched_at:
-                record.queue_s = pending.dispatched_at - pending.arrival
+                record.queued_at, record.queue_s = pending.arrival, pending.dispatched_at - pending.arrival
                 record.compute_s = pending.extra.get("compute_s")
                 record.batch = pending.extra.get("batch")
 
