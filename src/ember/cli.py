@@ -8,6 +8,7 @@
     ember load | unload | rm NAME         make hot now, demote (--to cool|warm), remove
     ember store ls|import|verify|export|bench   the weight store, in --home (see ember.cli_store)
     ember sim SCENARIO [--json PATH]       replay a workload against the policies in virtual time (ember.cli_sim)
+    ember usage [--tenant T] [--since 1h]  device-seconds and GB-seconds per model and tenant (ember.cli_usage)
     ember keys create|ls|revoke, ember tenants set|ls   API keys and quotas (see ember.cli_keys)
 
 Every command but ``serve`` and ``logs`` talks to a running server through :class:`ember.Client`
@@ -51,6 +52,7 @@ from ember.cli_progress import DeployProgress
 from ember.cli_serve import curl_example, is_loopback, serve
 from ember.cli_sim import sim
 from ember.cli_store import store_app
+from ember.cli_usage import usage
 from ember.client import DEFAULT_URL, Client
 from ember.config import DEFAULT_KEEPALIVE_HOT_S, DEFAULT_KEEPALIVE_WARM_S, DEFAULT_SLO_MS
 from ember.errors import InvalidInput
@@ -74,6 +76,7 @@ app.command()(serve)
 app.command("describe")(describe)
 app.add_typer(store_app)
 app.command("sim")(sim)
+app.command("usage")(usage)
 app.add_typer(keys_app)
 app.add_typer(tenants_app)
 

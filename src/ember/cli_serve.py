@@ -74,6 +74,19 @@ def serve(
         bool,
         typer.Option("--insecure", help="Serve requests without an API key as admin; loopback addresses only."),
     ] = False,
+    request_log: Annotated[
+        bool,
+        typer.Option(
+            "--request-log/--no-request-log", help="Write one JSON line per request to HOME/logs/requests.jsonl."
+        ),
+    ] = True,
+    otel: Annotated[
+        bool,
+        typer.Option(
+            "--otel",
+            help="Export OpenTelemetry spans over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT); needs ember-serve[otel].",
+        ),
+    ] = False,
 ) -> None:
     """Run the Ember server until Ctrl-C or SIGTERM.
 
@@ -99,6 +112,8 @@ def serve(
         batch_timeout_s=batch_timeout_s,
         worker_memory_bytes=None if worker_memory_mb < 0 else worker_memory_mb << 20,
         insecure=insecure,
+        request_log=request_log,
+        otel=otel,
     )
     try:
         sock = _bind(host, port)

@@ -193,6 +193,13 @@ class Client:
         result: dict[str, Any] = self._json("GET", "/admin/status")
         return result
 
+    def usage(self, since: float | None = None, tenant: str | None = None) -> dict[str, Any]:
+        """Metered usage (``GET /admin/usage``): device-seconds and GB-seconds per model and tenant,
+        since ``since`` (wall-clock seconds), of ``tenant`` (admin keys; other keys see their own)."""
+        params = {k: v for k, v in (("since", None if since is None else repr(since)), ("tenant", tenant)) if v}
+        result: dict[str, Any] = self._json("GET", "/admin/usage", params=params)
+        return result
+
     # -- requests ----------------------------------------------------------------------------------
 
     def infer(self, name: str, inputs: Mapping[str, np.ndarray], timeout_s: float | None = None) -> dict[str, Array]:

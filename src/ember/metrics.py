@@ -4,7 +4,10 @@ Triton's: ``nv_inference_request_success``, ``nv_inference_request_failure``, ``
 (inferences, i.e. rows), ``nv_inference_exec_count`` (batches), ``nv_inference_request_duration_us``,
 ``nv_inference_queue_duration_us``, ``nv_inference_compute_infer_duration_us`` (cumulative
 microseconds), ``nv_inference_pending_request_count``. Ember's own: cold starts by tier, load-duration
-histogram, tier per model, SLO attainment. A removed model's series are dropped (:meth:`Metrics.forget`).
+histogram, tier per model, SLO attainment, and metered usage per model and tenant
+(``ember_device_seconds_total``, ``ember_device_gb_seconds_total``, ``ember_host_gb_seconds_total``,
+``ember_metered_requests_total``; ``ember.metering`` defines them; they count from the process's start,
+the registry keeps the totals across restarts). A removed model's series are dropped (:meth:`Metrics.forget`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import contextlib
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ember.metering import Usage
 
 __all__ = ["Metrics"]
 
@@ -127,6 +132,28 @@ class Metrics:
             registry=r,
         )
 
+        usage = ("model", "tenant")
+        self.device_seconds = Counter(
+            "ember_device_seconds", "Seconds x hot instances held (ember.metering)", usage, registry=r
+        )
+        self.device_gb_seconds = Counter(
+            "ember_device_gb_seconds", "GB of weights on devices x seconds held", usage, registry=r
+        )
+        self.host_gb_seconds = Counter(
+            "ember_host_gb_seconds", "GB of weights in the warm tier's host memory x seconds held", usage, registry=r
+        )
+        self.metered_requests = Counter("ember_metered_requests", "Requests metered", usage, registry=r)
+        #: model -> the tenants it was charged under, to drop its usage series with it.
+        self._charged: dict[str, set[str]] = {}
+
+    def charge(self, model: str, tenant: str, usage: Usage) -> None:
+        """Count a charge of ``ember.metering.Meter``."""
+        self._charged.setdefault(model, set()).add(tenant)
+        self.device_seconds.labels(model, tenant).inc(usage.device_seconds)
+        self.device_gb_seconds.labels(model, tenant).inc(usage.device_gb_seconds)
+        self.host_gb_seconds.labels(model, tenant).inc(usage.host_gb_seconds)
+        self.metered_requests.labels(model, tenant).inc(usage.requests)
+
     def set_tier(self, model: str, tier: str) -> None:
         for t in _TIERS:
             self.tier.labels(model, t).set(1.0 if t == tier else 0.0)
@@ -139,6 +166,11 @@ class Metrics:
         for metric in (self.slo_met, self.slo_total, self.slo_attainment, self.latency):
             with contextlib.suppress(KeyError):
                 metric.remove(model)
+        usage = (self.device_seconds, self.device_gb_seconds, self.host_gb_seconds, self.metered_requests)
+        for tenant in self._charged.pop(model, ()):
+            for counter in usage:
+                with contextlib.suppress(KeyError):
+                    counter.remove(model, tenant)
         for t in _TIERS:
             for metric in (self.tier, self.cold_starts):
                 with contextlib.suppress(KeyError):

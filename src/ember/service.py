@@ -19,6 +19,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from ember.config import (
 )
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ModelUnavailable, ShuttingDown
+from ember.metering import BUCKET_S, Deployed, Holding, Meter, Usage, report
 from ember.metrics import Metrics
 from ember.policies import (
     HybridHistogramKeepAlive,
@@ -52,9 +54,11 @@ from ember.policies import (
     warmup_batch_sizes,
 )
 from ember.registry import DeploymentRecord, Registry
+from ember.requestlog import REQUEST_LOG, RecentRequests, RequestLog, current
 from ember.scheduler import DeviceArbiter, ModelRunner
-from ember.store import Store
+from ember.store import Store, Tier
 from ember.store.bandwidths import HostBandwidths, read_bandwidths
+from ember.tracing import Tracer, otlp_tracer
 from ember.worker.protocol import Arrays
 
 __all__ = ["EmberService", "ModelInfo", "ServeOptions"]
@@ -72,6 +76,11 @@ UPLOADS_DIR = "uploads"
 WARMUP_SIZES = 3
 #: How often the models' measured batch and load times are written to the registry (and at stop).
 SAVE_MEASUREMENTS_S = 10.0
+
+#: Seconds between two flushes of the meter's charges into the registry (a crash loses at most these).
+METER_FLUSH_S = 10.0
+#: Tier changes and cold starts kept for the dashboard (all models together).
+HISTORY = 2048
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,10 @@ class ServeOptions:
     device_memory_bytes: int | None = None
     #: Let requests without an API key act as admin (``ember serve --insecure``, loopback only).
     insecure: bool = False
+    #: Write one JSON line per request to HOME/logs/requests.jsonl (``ember.requestlog``).
+    request_log: bool = True
+    #: Export OpenTelemetry spans over OTLP (``ember.tracing``; needs the ``otel`` extra).
+    otel: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,16 @@ class EmberService:
         home.mkdir(parents=True, exist_ok=True)
         self.home = home
         self.metrics = Metrics()
+        #: The request log the gateway writes (None: off).
+        self.request_log = RequestLog(home / "logs" / REQUEST_LOG) if options.request_log else None
+        #: The last requests (ring buffers, bounded): what the dashboard draws rates and latencies from;
+        #: and each model's tier changes and cold starts, (wall-clock time, model, tier[, seconds]).
+        self.recent = RecentRequests()
+        #: Spans per request (``ember serve --otel``); None: off.
+        self.tracer: Tracer | None = otlp_tracer() if options.otel else None
+        self.tier_changes: deque[tuple[float, str, str]] = deque(maxlen=HISTORY)
+        self.cold_start_log: deque[tuple[float, str, str, float]] = deque(maxlen=HISTORY)
+        self._tiers: dict[str, str] = {}
         self.registry = Registry(home / "registry.sqlite")
         self.store = Store(
             home / "store",
@@ -163,6 +186,8 @@ class EmberService:
         self.bandwidths: HostBandwidths = read_bandwidths(home)
         if self.bandwidths.warning is not None:
             _log.warning("%s", self.bandwidths.warning)
+        #: Cost accounting (``ember.metering``): fed by the controller's changes, flushed to the registry.
+        self.meter = Meter(self.clock, on_charge=self.metrics.charge)
         placement = MemoryAwarePlacement()
         self.controller = Controller(
             self.clock,
@@ -175,6 +200,7 @@ class EmberService:
             bandwidths=self.bandwidths.bandwidths,
             device_memory_bytes=options.device_memory_bytes,
             rebalancer=placement,
+            on_change=self._metered,
         )
         self.arbiter = DeviceArbiter(LatestStartFirst(), self.clock)
         self._runners: dict[str, ModelRunner] = {}
@@ -182,6 +208,9 @@ class EmberService:
         self._saver_task: asyncio.Task[None] | None = None
         #: Per model, the latency model last written to the registry.
         self._saved: dict[str, LatencyModel] = {}
+        self._meter_task: asyncio.Task[None] | None = None
+        #: Held while charges move from the meter to the registry, and while usage is read from both.
+        self._usage_lock = asyncio.Lock()
         self._deploying: set[str] = set()
         self._accepting = False
         self.ready = False
@@ -217,6 +246,7 @@ class EmberService:
             runner.latency = self._saved[record.name] = runner.latency.from_json(self.registry.latency(record.key))
         self._controller_task = asyncio.create_task(self.controller.run(), name="ember-controller")
         self._saver_task = asyncio.create_task(self._save_periodically(), name="ember-save-measurements")
+        self._meter_task = asyncio.create_task(self._meter_loop(), name="ember-meter")
         self._accepting = True
         self.ready = True
 
@@ -225,15 +255,21 @@ class EmberService:
         self.ready = False
         draining = ShuttingDown("Ember is shutting down; retry against another instance or after the restart")
         await asyncio.gather(*(runner.stop(draining) for runner in self._runners.values()))
-        for task in (self._controller_task, self._saver_task):
+        for task in (self._controller_task, self._saver_task, self._meter_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.save_measurements()
+        try:
+            await self.flush_usage()
+        except Exception:  # stopping goes on
+            _log.exception("could not record the last usage before stopping; it is lost")
         await self.backend.stop()
         self.store.close()
         self.registry.close()
+        if self.request_log is not None:
+            self.request_log.close()
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -246,7 +282,13 @@ class EmberService:
     async def infer(self, name: str, inputs: Arrays, timeout_s: float | None = None) -> Arrays:
         if not self._accepting:
             raise ShuttingDown("Ember is shutting down; retry after the restart")
-        return await self.runner(name).submit(inputs, timeout_s)
+        runner = self.runner(name)
+        record = current.get()
+        if record is not None:
+            record.model, record.tenant = name, str(runner.deployment.extra.get("tenant", "default"))
+            tier = self.controller.tier(name)
+            record.cold_start = None if tier is Tier.HOT else tier.value
+        return await runner.submit(inputs, timeout_s)
 
     # -- deployments -------------------------------------------------------------------------------
 
@@ -417,8 +459,11 @@ class EmberService:
     async def remove(self, name: str) -> None:
         runner = self.runner(name)
         record = self.registry.remove(name)
+        self._metered(name)
         del self._runners[name]
         self._saved.pop(name, None)
+        self._tiers.pop(name, None)
+        self.meter.forget(name)  # before the controller drops its metrics: no charge revives them
         await runner.stop(ModelNotFound(name))
         await self.controller.remove(name)
         await run_blocking(self.clock, self._discard_files, record.key)
@@ -431,8 +476,6 @@ class EmberService:
         """Demote ``name`` to ``tier``: ``"warm"`` (off the device, weights kept in host memory) or
         ``"cool"`` (weights on local disk only). It never promotes: a model already at or below
         ``tier`` stays where it is. Raises InvalidInput for another tier name."""
-        from ember.store import Tier
-
         if tier not in ("cool", "warm"):
             raise InvalidInput(
                 f"cannot unload to tier {_shorten(tier)}; use 'warm' (off the device, weights kept in host "
@@ -506,6 +549,77 @@ class EmberService:
             },
             "bandwidths": self.bandwidths.to_json(),
         }
+
+    # -- usage -------------------------------------------------------------------------------------
+
+    async def flush_usage(self) -> None:
+        """Charge every model up to now and add the charges to the registry (kept for the next flush
+        if the write fails)."""
+        async with self._usage_lock:
+            self._charge_all()
+            charges = self.meter.drain()
+            try:
+                await run_blocking(self.clock, self.registry.add_usage, charges)
+            except BaseException:
+                self.meter.restore(charges)
+                raise
+
+    async def usage(self, since: float | None = None, tenant: str | None = None) -> dict[str, Any]:
+        """Metered usage since ``since`` (wall-clock seconds; whole buckets: the one holding ``since``
+        counts), of ``tenant``'s models or of all; ``ember.metering.report`` says what is in it.
+
+        What the registry holds plus the charges not flushed yet: a read writes nothing."""
+        start = None if since is None else since - since % BUCKET_S
+        async with self._usage_lock:
+            self._charge_all()
+            recorded = await run_blocking(self.clock, self.registry.usage, start, tenant)
+            for (model, owner, bucket), charge in self.meter.pending().items():
+                if (start is None or bucket >= start) and (tenant is None or owner == tenant):
+                    recorded[(model, owner)] = recorded.get((model, owner), Usage()) + charge
+        deployed = {
+            name: Deployed(
+                str(r.deployment.extra.get("tenant", "default")), r.deployment.metadata.bytes, r.deployment.created_at
+            )
+            for name, r in self._runners.items()
+        }
+        return report(recorded, deployed, start, self.clock.wall())
+
+    def _charge_all(self) -> None:
+        for name in self._runners:
+            self._metered(name)
+
+    def _metered(self, name: str) -> None:
+        """Tell the meter what ``name`` holds now (the controller calls this at every change)."""
+        runner = self._runners.get(name)
+        if runner is None:
+            return
+        d = runner.deployment
+        size = d.metadata.bytes
+        with contextlib.suppress(EmberError, OSError, ValueError):
+            self._note_tier(name)
+            instances = self.controller.instances(name)
+            host = size if self.store.tier(d.key) is Tier.WARM else 0
+            holding = Holding(instances, size, host)
+            self.meter.observe(name, str(d.extra.get("tenant", "default")), holding, runner.stats.requests)
+
+    def _note_tier(self, name: str) -> None:
+        tier = self.controller.tier(name).value
+        if self._tiers.get(name) == tier:
+            return
+        self._tiers[name] = tier
+        now = self.clock.wall()
+        self.tier_changes.append((now, name, tier))
+        cold = self.controller.last_cold_start(name)
+        if tier == "hot" and cold is not None:
+            self.cold_start_log.append((cold.at, name, cold.tier.value, cold.seconds))
+
+    async def _meter_loop(self) -> None:
+        while True:
+            await self.clock.sleep(METER_FLUSH_S)
+            try:
+                await self.flush_usage()
+            except Exception:  # a full disk must not stop the metering: the charges wait for the next flush
+                _log.exception("could not record usage; it is kept for the next flush")
 
     # -- internals ---------------------------------------------------------------------------------
 

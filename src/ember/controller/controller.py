@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ember.clock import Clock, run_blocking
@@ -104,6 +105,7 @@ class Controller:
         bandwidths: Bandwidths | None = None,
         device_memory_bytes: int | None = None,
         rebalancer: Rebalancer | None = None,
+        on_change: Callable[[str], None] | None = None,
     ) -> None:
         self._clock = clock
         self._store = store
@@ -128,6 +130,8 @@ class Controller:
         self._measured_at = clock.now()
         #: Instances moved away, to unload once no batch of theirs runs there.
         self._leaving: list[tuple[_Model, WorkerHandle]] = []
+        #: Told a model's name whenever its instances or tier may have changed (the service's meter).
+        self._on_change = on_change
         backend.on_worker_lost(self._worker_lost)
 
     # -- registration ------------------------------------------------------------------------------
@@ -135,7 +139,7 @@ class Controller:
     def add(self, runner: ModelRunner) -> None:
         name = runner.deployment.name
         self._models[name] = _Model(runner.deployment, runner, rate_since=self._clock.now())
-        self._metrics.set_tier(name, self.tier(name).value)
+        self._changed(name)
 
     def update(self, deployment: Deployment) -> None:
         """Use ``deployment`` (a changed SLO or keep-alive of the same version) from the next tick on."""
@@ -224,7 +228,7 @@ class Controller:
         model = self._models.get(name)
         if model is not None and worker in model.workers:
             model.workers.remove(worker)
-            self._metrics.set_tier(name, self.tier(name).value)
+            self._changed(name)
 
     async def demote(self, name: str, to: Tier) -> None:
         """Move ``name`` down to tier ``to`` (warm or cool) now."""
@@ -237,7 +241,13 @@ class Controller:
             return  # removed meanwhile: remove() has dealt with its files
         if to is Tier.COOL:
             await run_blocking(self._clock, self._store.demote, model.deployment.key)
+        self._changed(name)
+
+    def _changed(self, name: str) -> None:
+        """``name``'s instances or tier may have changed: the tier gauge, and whoever listens, learn it."""
         self._metrics.set_tier(name, self.tier(name).value)
+        if self._on_change is not None:
+            self._on_change(name)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -333,6 +343,7 @@ class Controller:
                 model.workers.remove(worker)
                 with contextlib.suppress(EmberError):
                     await worker.unload(d.key)
+                self._changed(d.name)
 
     async def _add_instance(self, model: _Model, worker: WorkerHandle | None = None) -> bool:
         """Load one more instance of ``model``, on ``worker`` or where placement says; True if it is up."""
@@ -351,6 +362,7 @@ class Controller:
             return False
         model.workers.append(worker)
         model.runner.instance_loaded(worker.id)
+        self._changed(d.name)
         return True
 
     # -- rebalancing -------------------------------------------------------------------------------
@@ -420,6 +432,7 @@ class Controller:
         model.workers.remove(source)  # no new batch goes there; the one running finishes
         self._leaving.append((model, source))
         await self._unload_left()
+        self._changed(model.deployment.name)
 
     async def _unload_left(self) -> None:
         """Unload the instances moved away whose last batch has finished."""
@@ -491,7 +504,7 @@ class Controller:
         model.cold_starts += 1
         self._metrics.cold_starts.labels(deployment.name, from_tier.value).inc()
         self._metrics.load_seconds.labels(from_tier.value).observe(seconds)
-        self._metrics.set_tier(deployment.name, Tier.HOT.value)
+        self._changed(deployment.name)
         return worker
 
     # -- placement and eviction --------------------------------------------------------------------
@@ -570,7 +583,7 @@ class Controller:
                 victim.workers.remove(worker)
             with contextlib.suppress(EmberError):
                 await worker.unload(victim.deployment.key)
-            self._metrics.set_tier(name, self.tier(name).value)
+            self._changed(name)
         return bool(victims)
 
     async def _recycle_for(self, tenant: str, views: tuple[WorkerView, ...], workers: dict[str, WorkerHandle]) -> bool:
@@ -612,7 +625,7 @@ class Controller:
         for name, model in self._models.items():
             if worker in model.workers:
                 model.workers.remove(worker)
-                self._metrics.set_tier(name, self.tier(name).value)
+                self._changed(name)
 
     def _get(self, name: str) -> _Model:
         model = self._models.get(name)

@@ -1,4 +1,4 @@
-"""The admin API the CLI speaks: deploy (with progress), list, inspect, remove, load, unload, status.
+"""The admin API the CLI speaks: deploy (with progress), list, inspect, remove, load, unload, status, usage.
 
 ``POST /admin/models`` takes the model as a package (``Content-Type: application/x-tar``, the
 deployment as JSON in the ``Ember-Deploy`` header; see ``ember.packaging``), or, from admin keys
@@ -10,6 +10,9 @@ the last line is ``{"stage": "done", "model": {...}}`` or ``{"stage": "error", "
 ``PATCH /admin/models/{name}`` changes a deployed model's SLO, keep-alives or on-unmeetable mode in
 place (``{"slo_ms": 250}``; fields as ``ember.config.UpdateSpec``), without a redeploy or a reload;
 it answers the model as ``GET`` does.
+
+``GET /admin/usage?since=SECONDS&tenant=T`` answers metered usage (``ember.metering.report``); a
+tenant's key sees its own tenant's alone.
 
 ``POST /admin/models/{name}/unload?tier=warm|cool`` demotes a model off the device: to warm (its
 weights stay in host memory) or to cool (the default; local disk only). Options are query
@@ -68,6 +71,31 @@ def parse_spec(body: Any, package: Path | None = None) -> DeploySpec:
         raise InvalidInput(f"invalid deployment: {validation_message(exc, DeploySpec.model_fields)}") from exc
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
+
+
+def scoped_tenant(request: Request) -> str | None:
+    """The tenant a tenant-scoped read is about: the caller's own, or for admin keys ``?tenant=`` (None: all)."""
+    asked = request.query_params.get("tenant") or None
+    own = auth.principal_of(request).tenant
+    if own is None:
+        return asked
+    if asked is not None and asked != own:
+        raise Forbidden(f"this key belongs to tenant '{own}' and sees its usage alone; leave out ?tenant=")
+    return own
+
+
+def _since(request: Request) -> float | None:
+    text = request.query_params.get("since")
+    if text is None or text == "":
+        return None
+    try:
+        since = float(text)
+    except ValueError:
+        what = f"?since= takes wall-clock seconds since the epoch, like 1764800000; not {text[:40]!r}"
+        raise InvalidInput(what) from None
+    if since != since or since in (float("inf"), float("-inf")):
+        raise InvalidInput("?since= must be a finite number of seconds since the epoch")
+    return since
 
 
 def _spec_header(request: Request) -> Any:
@@ -240,6 +268,10 @@ def routes(service: EmberService) -> list[Route]:
     async def status(request: Request) -> Response:
         return JSONResponse(service.status())
 
+    async def usage(request: Request) -> Response:
+        """``?since=`` (wall-clock seconds) and, for admin keys, ``?tenant=``; other keys see their own."""
+        return JSONResponse(await service.usage(_since(request), scoped_tenant(request)))
+
     return [
         Route("/admin/models", list_models, methods=["GET"]),
         Route("/admin/models", deploy, methods=["POST"]),
@@ -249,4 +281,5 @@ def routes(service: EmberService) -> list[Route]:
         Route("/admin/models/{name}/load", load, methods=["POST"]),
         Route("/admin/models/{name}/unload", unload, methods=["POST"]),
         Route("/admin/status", status, methods=["GET"]),
+        Route("/admin/usage", usage, methods=["GET"]),
     ]

@@ -14,13 +14,14 @@ from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ember.errors import EmberError, InternalError
-from ember.gateway import admin, auth, keys, oip, openai, openapi
+from ember.gateway import admin, auth, dashboard, keys, oip, openai, openapi
 from ember.gateway.edge import error_response
+from ember.gateway.requestids import RequestIds
 from ember.service import EmberService
 
 __all__ = ["build_app"]
@@ -31,7 +32,8 @@ log = logging.getLogger("ember.gateway")
 def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
     """The app for ``service``; with ``manage_lifetime`` it starts and stops the service with the app.
 
-    Every request passes :class:`~ember.gateway.auth.AuthMiddleware` first (keys, tenants, quotas);
+    Every request gets its id (:class:`~ember.gateway.requestids.RequestIds`, which also writes the
+    request log), then passes :class:`~ember.gateway.auth.AuthMiddleware` (keys, tenants, quotas);
     the first build on a home makes its admin key file. Then ``POST .../infer`` goes straight to
     :func:`oip.serve_infer`, and Starlette serves every other route (and the lifespan). The infer
     route is the hot path: a router, two middlewares and a request and a response object cost about
@@ -41,9 +43,6 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
 
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def dashboard(request: Request) -> Response:
-        return HTMLResponse(_DASHBOARD)
 
     async def ember_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, EmberError)
@@ -77,7 +76,7 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
     routes = [
         *oip.routes(service),  # first: Starlette tries routes in order, and infer is the hot one
         *openai.routes(service),
-        Route("/", dashboard, methods=["GET"]),
+        *dashboard.routes(service),
         Route("/metrics", metrics, methods=["GET"]),
         *admin.routes(service),
         *keys.routes(guard),
@@ -104,7 +103,8 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
                 return
         await starlette(scope, receive, send)
 
-    return Gateway(auth.AuthMiddleware(dispatch, guard=guard, tenant_of=service.tenant_of), starlette)
+    guarded = auth.AuthMiddleware(dispatch, guard=guard, tenant_of=service.tenant_of)
+    return Gateway(RequestIds(guarded, service.clock, service.request_log, service.recent, service.tracer), starlette)
 
 
 class Gateway:
@@ -118,51 +118,3 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)
-
-
-_DASHBOARD = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Ember</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:2rem;color:#222}
-table{border-collapse:collapse}td,th{padding:.3rem .8rem;border-bottom:1px solid #ddd;text-align:left}
-.hot{color:#c0392b}.warm{color:#d68910}.cool{color:#2471a3}
-</style></head>
-<body><h1>Ember</h1><p id="status">loading…</p>
-<table><thead><tr><th>model</th><th>version</th><th>tier</th><th>instances</th><th>requests</th>
-<th>failed</th><th>queued</th><th>SLO (ms)</th><th>SLO met</th><th>last cold start</th></tr></thead>
-<tbody id="models"></tbody></table>
-<script>
-let noKey=false;
-async function get(path){
-  const key=localStorage.getItem('emberKey')||'';
-  const r=await fetch(path,{headers:{Authorization:'Bearer '+key}});
-  if(r.status!==401)return r.json();
-  if((localStorage.getItem('emberKey')||'')!==key)return get(path);  // a key was entered meanwhile
-  if(!noKey){const k=prompt('Ember admin API key (admin.key in the server home):');
-    if(k&&k.trim()){localStorage.setItem('emberKey',k.trim());return get(path);}
-    noKey=true;}  // cancelled: ask no more until the page is reloaded
-  throw new Error('no API key');
-}
-async function refresh(){
-  if(noKey)return;
-  let models,status;
-  try{[models,status]=await Promise.all([get('/admin/models'),get('/admin/status')]);}
-  catch(e){if(noKey){clearInterval(timer);
-    document.getElementById('status').textContent='No API key given: reload the page to enter one.';}
-    return;}
-  document.getElementById('status').textContent=
-    `${status.models} models, ${status.workers.ready}/${status.workers.size} workers ready`;
-  const rows=models.map(m=>{
-    const att=m.slo_attainment==null?'-':(100*m.slo_attainment).toFixed(1)+'%';
-    const c=m.last_cold_start;
-    const cs=c?`${c.tier}, ${(1000*c.seconds).toFixed(0)} ms`:'-';
-    const cells=[m.name,m.version,m.tier,m.instances,m.requests,m.failed,m.queued,m.slo_ms,att,cs];
-    const tr=document.createElement('tr');
-    cells.forEach((c,i)=>{const td=document.createElement('td');td.textContent=c;
-      if(i===2)td.className=String(c);tr.appendChild(td);});
-    return tr;});
-  document.getElementById('models').replaceChildren(...rows);
-}
-const timer=setInterval(refresh,2000);refresh();
-</script></body></html>
-"""

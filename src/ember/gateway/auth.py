@@ -8,17 +8,19 @@ the model's tenant and a token bucket; ``benchmarks/auth_overhead.py`` measures 
 Rules, in order:
 
 1. Headers over :data:`MAX_HEADER_BYTES` are refused (431), before anything else is read.
-2. Health checks and the OpenAPI schema are public. Every other route needs a key, sent as
-   ``Authorization: Bearer <key>`` (what the openai client sends, and what tritonclient sends when
-   given ``headers=``) or ``X-API-Key: <key>``; none or a wrong one is 401, and several of either
-   header is 400 (servers and proxies disagree on which one counts). With ``--insecure`` (on
-   loopback only) a request without a known key acts as admin; a known key still acts as itself.
+2. Health checks, the OpenAPI schema and the dashboard's page and static files are public. Every
+   other route needs a key, sent as ``Authorization: Bearer <key>`` (what the openai client sends,
+   and what tritonclient sends when given ``headers=``) or ``X-API-Key: <key>``; none or a wrong
+   one is 401, and several of either header is 400 (servers and proxies disagree on which one
+   counts). With ``--insecure`` (on loopback only) a request without a known key acts as admin; a
+   known key still acts as itself.
 3. Model names are per tenant: a key of ``acme`` naming ``m`` names ``acme+m`` (the path is
    rewritten before routing), so it cannot even name another tenant's model, and deploying a name
    another tenant uses is no clash. A route naming a model of another tenant (possible for keys of
    the default tenant, whose names are plain) answers 404, word for word what an absent model gets.
    Lists show only the caller's tenant.
-4. Then the role: keys and tenants, status and metrics are admin's (403 otherwise); deploy, remove,
+4. Then the role: keys and tenants, status and metrics are admin's (403 otherwise); usage and the
+   dashboard's data are anyone's, scoped to the caller's tenant; deploy, remove,
    load and unload need deployer; calling and reading need invoker. ``GET /metrics`` also takes the
    metrics key of ``HOME/metrics.key``, which opens nothing else (for a Prometheus scraper).
 5. A call (infer, embeddings) takes a token from its tenant's bucket, or is refused with 429 and
@@ -86,6 +88,8 @@ SEEN_KEYS = 4096
 ROUTES_REMEMBERED = 4096
 
 PUBLIC_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/openapi.json", "/"})
+#: Paths under this prefix are public too: the dashboard's script, styles and charting library.
+PUBLIC_PREFIX = "/static/"
 
 #: What an unauthenticated caller of a ``--insecure`` server is.
 LOCAL_ADMIN = Principal("insecure", Role.ADMIN, None)
@@ -294,6 +298,10 @@ class Reservation:
         self._guard._reserved.get(self.tenant, set()).discard(self)
 
 
+#: Admin routes any key may read: each answers with the caller's tenant's part alone.
+TENANT_SCOPED_PATHS = frozenset({"/admin/usage", "/admin/dashboard"})
+
+
 def _classify(method: str, path: str) -> tuple[Action, int]:
     """What a request does, and which segment of its path (split on '/') names a model (0: none)."""
     if path.startswith("/v2/models/"):
@@ -306,6 +314,8 @@ def _classify(method: str, path: str) -> tuple[Action, int]:
         if path.startswith("/v1/models/"):
             return Action.READ, 3
         return (Action.READ if method in ("GET", "HEAD") else Action.INVOKE), 0
+    if path in TENANT_SCOPED_PATHS:
+        return Action.READ, 0
     if path.startswith("/admin/") or path == "/metrics":
         return Action.ADMIN, 0
     return Action.READ, 0
@@ -371,7 +381,7 @@ class AuthMiddleware:
         if size > MAX_HEADER_BYTES:
             raise TooLarge(f"the request headers are {size} bytes; the limit is {MAX_HEADER_BYTES} bytes", 431)
         path: str = scope["path"]
-        if path in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIX):
             return
         if repeated is not None:  # which one a proxy or a server would pick differs: pick none
             raise InvalidInput(f"the request has several {repeated} headers; send the API key in one")

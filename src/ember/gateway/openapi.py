@@ -213,6 +213,21 @@ SCHEMA: dict[str, Any] = {
             )
         },
         "/admin/status": {"get": _op("workers and store (admin)")},
+        "/admin/usage": {
+            "get": _op(
+                "metered usage per model and tenant, beside always-on (any key; a tenant's sees its own)",
+                query=[
+                    {"name": "since", "in": "query", "schema": {"type": "number"}},
+                    {"name": "tenant", "in": "query", "schema": {"type": "string"}},
+                ],
+            )
+        },
+        "/admin/dashboard": {
+            "get": _op(
+                "what the dashboard draws: per-model series, tiers, cold starts, errors, usage, cluster (admin)",
+                query=[{"name": "cost_s", "in": "query", "schema": {"type": "number"}}],
+            )
+        },
         "/admin/keys": {
             "get": _op(
                 "API keys, never their secrets (admin)",
@@ -226,6 +241,9 @@ SCHEMA: dict[str, Any] = {
         "/metrics": {"get": _op("Prometheus metrics (admin key, or the metrics key of HOME/metrics.key)")},
         "/openapi.json": {"get": {**_op("this document"), "security": []}},
         "/": {"get": {**_op("the live dashboard (HTML; its data calls need a key)"), "security": []}},
+        "/static/{name}": {
+            "get": {**_op("the dashboard's script, styles and charting library", params=["name"]), "security": []}
+        },
     },
 }
 

@@ -8,9 +8,10 @@ Versions count up per name and are never reused, even after ``remove``.
 Each deployed version's measured batch and load times (``measurements``, the latency model's
 JSON) are kept beside it, so predictions survive a restart; they go with the deployment.
 
-The same database holds API keys (their hashes, never the keys) and tenants' quotas. Its schema
-version is SQLite's ``user_version``; opening an older home adds what it lacks, so homes made before
-keys existed keep working.
+The same database holds API keys (their hashes, never the keys), tenants' quotas and metered usage
+(``ember.metering``: per model, tenant and minute, added to at each flush). Its schema version is
+SQLite's ``user_version``; opening an older home adds what it lacks, so homes made before keys or
+usage existed keep working.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from typing import Any
 from ember.auth.keys import KeyRecord, Role
 from ember.auth.quota import TenantQuota
 from ember.errors import InvalidInput, ModelExists, ModelNotFound
+from ember.metering import Usage
 
 __all__ = ["DeploymentRecord", "Registry"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -71,6 +73,20 @@ CREATE TABLE IF NOT EXISTS tenants (
 );
 """
 
+#: Version 4: metered usage, one row per model, tenant and wall-clock bucket (``ember.metering``).
+_USAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    model TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    bucket REAL NOT NULL,
+    device_seconds REAL NOT NULL,
+    device_gb_seconds REAL NOT NULL,
+    host_gb_seconds REAL NOT NULL,
+    requests INTEGER NOT NULL,
+    PRIMARY KEY (model, tenant, bucket)
+);
+"""
+
 
 @dataclass(frozen=True)
 class DeploymentRecord:
@@ -107,6 +123,8 @@ class Registry:
             self._db.executescript(_KEYS_SCHEMA)
         elif version < 3:
             self._db.execute("ALTER TABLE tenants ADD COLUMN max_instances INTEGER")
+        if version < 4:
+            self._db.executescript(_USAGE_SCHEMA)
         if version < SCHEMA_VERSION:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -255,6 +273,44 @@ class Registry:
                 "SELECT name, rate_per_s, burst, max_models, max_bytes, max_instances FROM tenants ORDER BY name"
             ).fetchall()
         return [TenantQuota(*row) for row in rows]
+
+    # -- usage -------------------------------------------------------------------------------------
+
+    def add_usage(self, charges: dict[tuple[str, str, float], Usage]) -> None:
+        """Add ``charges`` (by model, tenant and bucket start) to what is recorded, in one transaction."""
+        if not charges:
+            return
+        rows = [
+            (m, t, b, u.device_seconds, u.device_gb_seconds, u.host_gb_seconds, u.requests)
+            for (m, t, b), u in charges.items()
+        ]
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model, tenant, bucket) DO UPDATE SET "
+                "device_seconds = device_seconds + excluded.device_seconds, "
+                "device_gb_seconds = device_gb_seconds + excluded.device_gb_seconds, "
+                "host_gb_seconds = host_gb_seconds + excluded.host_gb_seconds, "
+                "requests = requests + excluded.requests",
+                rows,
+            )
+
+    def usage(self, since: float | None = None, tenant: str | None = None) -> dict[tuple[str, str], Usage]:
+        """Usage by (model, tenant), summed over the buckets that start at or after ``since``."""
+        where: list[str] = ["1"]
+        args: list[object] = []
+        if since is not None:
+            where.append("bucket >= ?")
+            args.append(since)
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model, tenant, SUM(device_seconds), SUM(device_gb_seconds), SUM(host_gb_seconds), "
+                f"SUM(requests) FROM usage WHERE {' AND '.join(where)} GROUP BY model, tenant ORDER BY model, tenant",
+                args,
+            ).fetchall()
+        return {(str(m), str(t)): Usage(float(d), float(g), float(h), int(r)) for m, t, d, g, h, r in rows}
 
     def close(self) -> None:
         with self._lock:

@@ -38,6 +38,7 @@ from ember.metrics import Metrics
 from ember.policies.batching import Admission, BatchPolicy, QueueSnapshot, admission
 from ember.policies.devices import Candidate
 from ember.policies.latency import LatencyModel
+from ember.requestlog import current
 from ember.scheduler.device import DeviceArbiter
 from ember.scheduler.queue import ModelQueue, Pending
 from ember.worker.protocol import Arrays, rows_of
@@ -199,6 +200,11 @@ class ModelRunner:
                 future.cancel()
             self._pending_gauge.dec()
             self._account(pending)
+            record = current.get()
+            if record is not None and pending.dispatched_at:
+                record.queued_at, record.queue_s = pending.arrival, pending.dispatched_at - pending.arrival
+                record.compute_s = pending.extra.get("compute_s")
+                record.batch = pending.extra.get("batch")
 
     def _start_delay(self, now: float) -> float:
         """Predicted seconds before a request arriving now could start running, served alone."""
@@ -406,6 +412,7 @@ class ModelRunner:
         self._count.inc(rows)
         self._compute_us.inc(result.compute_s * 1e6)
         for pending, output in zip(live, result.outputs, strict=True):
+            pending.extra["compute_s"], pending.extra["batch"] = result.compute_s, len(live)
             self._queue_us.inc((pending.dispatched_at - pending.arrival) * 1e6)
             if pending.answered:
                 continue
