@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,8 +24,8 @@ ops = st.lists(
 
 def _disjoint_and_inside(slabs: list[Slab], arena_bytes: int) -> bool:
     ordered = sorted(slabs)
-    inside = all(0 <= s.offset and s.end <= arena_bytes and s.length > 0 for s in slabs)
-    return inside and all(a.end <= b.offset for a, b in zip(ordered, ordered[1:], strict=False))
+    inside = all(s.offset >= 0 and s.end <= arena_bytes and s.length > 0 for s in slabs)
+    return inside and all(a.end <= b.offset for a, b in itertools.pairwise(ordered))
 
 
 def _run(script: list[tuple[str, int, int]]) -> dict[str, Slab]:
@@ -48,7 +50,7 @@ def _run(script: list[tuple[str, int, int]]) -> dict[str, Slab]:
         assert _disjoint_and_inside(list(held.values()), ARENA)
         runs = free_runs(ARENA, held.values())
         assert sum(r.length for r in runs) + sum(s.length for s in held.values()) == ARENA  # no byte lost
-        assert all(a.end < b.offset for a, b in zip(runs, runs[1:], strict=False))  # adjacent free space merges
+        assert all(a.end < b.offset for a, b in itertools.pairwise(runs))  # adjacent free space merges
     return held
 
 
