@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ember.policies.slabs import Slab, free_runs, place, plan_room, slab_length
+from ember.store.slabs import Slab, free_runs, place, plan_room, slab_length
 
 ALIGN = 64
 ARENA = 64 * ALIGN

@@ -2,7 +2,9 @@
 
     root/models/<key>/        cool: weights.ember, assets/<name>, manifest.json
     root/staging/<random>/    an import in progress (or a model being removed)
-    warm_root/<key>/          warm: the same three, in /dev/shm where the host has it
+    warm_root/<key>/          warm: the same three, in /dev/shm where the host has it; or, with
+                              an arena, weights.slab in place of weights.ember
+    warm_root/.arena-<token>  the warm arena (:mod:`ember.store.arena`), when the store has one
 
 Every copy is built in a scratch folder and renamed into place with its ``manifest.json`` written
 last, so a folder under a key's name is always complete; a crash leaves only scratch folders, and
@@ -20,6 +22,14 @@ Each tier may have a byte budget. The store remembers the order in which models 
 removes (cool) in that order until the bytes fit, and returns what it moved. ``promote`` makes room
 in the warm tier itself; ``commit`` refuses a model the cool budget cannot hold, since dropping a
 cool copy loses the model until it is imported again: that is the controller's call.
+
+With ``arena=True`` the warm tier is one shared-memory region of the warm budget's size,
+allocated and touched when the store opens, and each warm model's checkpoint takes a slab of it
+(:mod:`ember.store.arena`, :mod:`ember.store.warm_arena`): promotion reads straight into the
+slab, eviction frees slabs until one contiguous run fits, and ``weights_path`` names the model's
+``weights.slab``, which :func:`ember.store.loader.load_checkpoint` follows. Only a store that is
+the only one open on its root may own an arena; a restart rebuilds the arena's index from the
+warm folders, and the last store to close removes the arena with the warm copies.
 
 The store reports the warm, cool and cold tiers; hot (on the device) is the worker's business.
 """
@@ -43,11 +53,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import CorruptCheckpoint
+from ember.store.arena import ARENA_PREFIX, SLAB_FILE, Arena, SlabRef
 from ember.store.compress import compress_checkpoint, decompress_checkpoint, read_compressed_index, verify_frames
 from ember.store.format import REPAIR as _FORMAT_REPAIR
-from ember.store.format import atomic_file, fsync_path, is_compressed, read_index, verify_chunks
+from ember.store.format import atomic_file, fsync_path, is_compressed, read_index, read_index_at, verify_chunks
+from ember.store.warm_arena import ArenaIndex, ArenaStats
 
-__all__ = ["Store", "StoreStats", "StoredModel", "Tier", "TierStats"]
+__all__ = ["ArenaStats", "Store", "StoreStats", "StoredModel", "Tier", "TierStats"]
 
 WEIGHTS = "weights.ember"
 ASSETS = "assets"
@@ -102,10 +114,13 @@ class TierStats:
 
 @dataclass(frozen=True)
 class StoreStats:
-    """Models and weight bytes per tier; a warm model also counts in cool (its disk copy stays)."""
+    """Models and weight bytes per tier; a warm model also counts in cool (its disk copy stays).
+
+    ``arena``: the warm arena's figures, for a store that has one."""
 
     warm: TierStats
     cool: TierStats
+    arena: ArenaStats | None = None
 
 
 @dataclass(frozen=True)
@@ -155,10 +170,13 @@ class Store:
         warm_budget_bytes: int | None = None,
         cool_budget_bytes: int | None = None,
         verify_threads: int = 4,
+        arena: bool = False,
     ) -> None:
         for name, budget in (("warm_budget_bytes", warm_budget_bytes), ("cool_budget_bytes", cool_budget_bytes)):
             if budget is not None and budget < 0:
                 raise ValueError(f"{name}={budget}: use a byte count of 0 or more, or None for no limit")
+        if arena and not warm_budget_bytes:
+            raise ValueError("arena=True needs a warm budget: it is the arena's size")
         self._budgets = {Tier.WARM: warm_budget_bytes, Tier.COOL: cool_budget_bytes}
         self._verify_threads = max(1, verify_threads)
         self._ticks = itertools.count(1)
@@ -173,10 +191,36 @@ class Store:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._lock_fd: int | None = os.open(self._root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._arena: ArenaIndex | None = None
+        alone = False
         with contextlib.suppress(BlockingIOError):  # another store is open on root: leave its work be
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
             self._clean()
+            if arena:
+                try:
+                    self._open_arena(warm_budget_bytes or 0)
+                except BaseException:
+                    self.close()
+                    raise
+        if arena and not alone:
+            self.close()
+            raise ValueError(f"another store is open on {self._root}; an arena needs the store to itself, stop it")
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+
+    def _open_arena(self, budget: int) -> None:
+        """Map (or create) the arena and adopt the slabs of the complete warm folders; drop the rest."""
+        index = ArenaIndex(Arena(self._warm_root, budget))
+        for entry in sorted(self._warm_root.glob("*")):
+            if _KEY.fullmatch(entry.name) and (entry / SLAB_FILE).is_file():
+                try:
+                    adopted = index.adopt(entry.name, SlabRef.load(entry / SLAB_FILE), _Manifest.load(entry).warm_size)
+                except (OSError, CorruptCheckpoint):
+                    adopted = False
+                if not adopted:
+                    _log.warning("deleting %s: its slab is not in this arena (a crash or a resized arena)", entry)
+                    _delete(entry)
+        self._arena = index
 
     def staging(self, key: str) -> Path:
         """A fresh empty folder: write ``weights.ember`` and ``assets/<name>`` there, then commit."""
@@ -265,7 +309,11 @@ class Store:
         """The warm ``weights.ember`` if the model is warm, else the cool one; counts as a use."""
         self.touch(key)
         if self.tier(key) is Tier.WARM:
-            return self._warm_root / key / WEIGHTS
+            slab = self._warm_root / key / SLAB_FILE
+            if not slab.is_file():
+                return self._warm_root / key / WEIGHTS
+            if self._arena is not None:
+                return slab
         return self.get(key).path / WEIGHTS
 
     def assets(self, key: str) -> dict[str, bytes]:
@@ -303,6 +351,15 @@ class Store:
         moved: list[str] = []
         if budget is None:
             return moved
+        if tier is Tier.WARM and self._arena is not None:  # room in the arena is a contiguous run
+            with self._room_lock:
+                try:
+                    plan = self._arena.plan("", num_bytes, [k for k in self.evictable(tier) if k not in keep])
+                except ValueError:  # no run can be freed that long: fall short, as below
+                    return moved
+                for key in plan.victims:
+                    self.demote(key)
+            return list(plan.victims)
         with self._room_lock:
             stats = self.statistics()
             used = stats.warm.bytes if tier is Tier.WARM else stats.cool.bytes
@@ -334,6 +391,7 @@ class Store:
         return StoreStats(
             warm=TierStats(warm_models, warm_bytes, self._budgets[Tier.WARM]),
             cool=TierStats(cool_models, cool_bytes, self._budgets[Tier.COOL]),
+            arena=self._arena.statistics() if self._arena is not None else None,
         )
 
     def promote(self, key: str) -> Path:
@@ -346,6 +404,8 @@ class Store:
         self._check_open(key)
         warm = self._warm_root / key
         self.touch(key)
+        if self._arena is not None:
+            return self._promote_to_arena(key, self._arena)
         if not (warm / MANIFEST).is_file():
             size, budget = self.get(key).warm_bytes, self._budgets[Tier.WARM]
             if budget is not None and size > budget:
@@ -383,11 +443,47 @@ class Store:
                 shutil.rmtree(scratch, ignore_errors=True)
         return warm
 
+    def _promote_to_arena(self, key: str, arena: ArenaIndex) -> Path:
+        """Promote into a slab: plan and release room, read the checkpoint into the slab (checked as it
+        is read), then write the warm folder naming the slab, renamed into place last."""
+        warm = self._warm_root / key
+        with self._lock(key):
+            if (warm / MANIFEST).is_file():
+                return warm
+            manifest, cool = self._cool_manifest(key), self._models / key
+            with self._room_lock:
+                plan = arena.plan(key, manifest.warm_size, self.evictable(Tier.WARM))
+                for victim in plan.victims:
+                    self.demote(victim)
+                arena.reserve(key, plan.slab)
+            scratch = self._warm_root / f".promote-{key}.{secrets.token_hex(8)}"
+            try:
+                scratch.mkdir()
+                with _named(cool / WEIGHTS, cool / WEIGHTS, key):
+                    arena.fill(plan.slab.offset, cool / WEIGHTS, self._verify_threads)
+                    copied = read_index_at(arena.arena.path, plan.slab.offset, manifest.warm_size)
+                if copied.file_bytes != manifest.warm_size:
+                    raise CorruptCheckpoint(f"{cool / WEIGHTS} of model '{key}' is not the size its manifest says")
+                (scratch / ASSETS).mkdir()
+                for name, digest in manifest.assets.items():
+                    _check_hash(cool / ASSETS / name, digest, key, copy_to=scratch / ASSETS / name)
+                ref = SlabRef(arena.arena.path, plan.slab.offset, manifest.warm_size)
+                (scratch / SLAB_FILE).write_bytes(ref.to_json())
+                (scratch / MANIFEST).write_bytes(manifest.to_json())
+                os.rename(scratch, warm)
+                arena.commit(key)
+            finally:
+                arena.abandon(key)
+                shutil.rmtree(scratch, ignore_errors=True)
+        return warm
+
     def demote(self, key: str) -> None:
         """Drop the warm copy; nothing if there is none."""
         _check_key(key)
         with self._lock(key):
             _discard(self._warm_root / key, self._warm_root)
+            if self._arena is not None:
+                self._arena.release(key)
 
     def remove(self, key: str) -> None:
         """Drop the warm and cool copies; KeyError if the store does not hold ``key``."""
@@ -396,6 +492,8 @@ class Store:
             if not (self._models / key).exists():
                 raise KeyError(f"model '{key}' is not in the store; nothing to remove")
             _discard(self._warm_root / key, self._warm_root)
+            if self._arena is not None:
+                self._arena.release(key)
             _discard(self._models / key, self._staging)
 
     def verify(self, key: str) -> None:
@@ -407,9 +505,12 @@ class Store:
             folders = [self._models / key] + ([self._warm_root / key] if self.tier(key) is Tier.WARM else [])
             for folder in folders:
                 warm = folder != self._models / key
-                _check_weights(
-                    folder / WEIGHTS, manifest.warm_size if warm else manifest.size, self._verify_threads, key
-                )
+                if warm and (folder / SLAB_FILE).is_file():
+                    _check_slab(folder / SLAB_FILE, manifest.warm_size, self._verify_threads, key)
+                else:
+                    _check_weights(
+                        folder / WEIGHTS, manifest.warm_size if warm else manifest.size, self._verify_threads, key
+                    )
                 for name, digest in manifest.assets.items():
                     _check_hash(folder / ASSETS / name, digest, key)
 
@@ -417,11 +518,15 @@ class Store:
         """Release the store; the last store open on this root removes the warm copies."""
         if self._lock_fd is None:
             return
+        if self._arena is not None:
+            self._arena.arena.close()
         with contextlib.suppress(BlockingIOError):  # another store is open on root: it may use them
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             for entry in list(self._warm_root.glob("*")):
                 if entry.name.startswith(_SCRATCH) or (_KEY.fullmatch(entry.name) and (entry / MANIFEST).is_file()):
                     shutil.rmtree(entry, ignore_errors=True)
+                elif entry.name.startswith(ARENA_PREFIX):
+                    entry.unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # leave a warm_root holding files that aren't ours
                 self._warm_root.rmdir()
         os.close(self._lock_fd)
@@ -489,6 +594,9 @@ def _is_complete(folder: Path, key: str, *, warm: bool) -> bool:
         manifest = _Manifest.load(folder)
         files_ok = all((folder / ASSETS / n).is_file() for n in manifest.assets)
         size = manifest.warm_size if warm else manifest.size
+        if warm and (folder / SLAB_FILE).is_file():  # in an arena: it must still exist at the recorded place
+            ref = SlabRef.load(folder / SLAB_FILE)
+            return manifest.key == key and files_ok and ref.length == size and ref.arena.is_file()
         return manifest.key == key and files_ok and (folder / WEIGHTS).stat().st_size == size
     except (OSError, CorruptCheckpoint):
         return False
@@ -546,6 +654,16 @@ def _check_weights(
             check_file(path, threads)
         else:
             read_index(path)
+
+
+def _check_slab(path: Path, size: int, threads: int, key: str) -> None:
+    """The checkpoint a ``weights.slab`` names is ``size`` bytes, its index and chunks sound."""
+    ref = SlabRef.load(path)
+    with _named(ref.arena, path, key):
+        index = read_index_at(ref.arena, ref.offset, ref.length)
+        if index.file_bytes != size:
+            raise CorruptCheckpoint(f"checkpoint {ref.arena} is damaged: it is {index.file_bytes} bytes, not {size}")
+        verify_chunks(index, threads)
 
 
 def _decompress(src: Path, dst: Path, threads: int, key: str) -> None:

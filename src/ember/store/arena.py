@@ -1,0 +1,290 @@
+"""The warm-tier arena: one region of host shared memory that every warm model's weights live in.
+
+    warm_root/.arena-<token>      the arena: one /dev/shm file of the warm budget's size
+    warm_root/<key>/weights.slab  where the model's checkpoint lies in it (JSON: arena, offset, bytes)
+
+Writing a model into freshly allocated shared-memory pages costs a page fault and a zeroing per
+4 KiB; reading from the page cache into pages already mapped does not. So the arena is allocated
+(``posix_fallocate``), mapped and touched once, when the store opens (``ember serve`` prints how
+long that took), with ``MADV_HUGEPAGE`` asked for where the host's shared memory offers huge pages.
+A promotion then reads the cool checkpoint straight into the model's slab with parallel
+positioned reads, each thread checking the crc32 of the chunk it just read while the others read,
+so the checks overlap the reads instead of following them. A slab holds the checkpoint byte for
+byte (preamble, data, index) from a page-aligned offset; where the slabs go is
+:mod:`ember.store.slabs`' decision, and which model holds which slab is the store's index,
+rebuilt at start from the ``weights.slab`` files of complete warm folders.
+
+An arena whose file already exists with the right size (a restart after a crash) is opened again
+with its contents; the store keeps only the warm copies whose slabs it can account for.
+
+On the worker's side :func:`map_slab` binds a slab's tensors: on the CPU a private, prefaulted
+mapping of the slab's range (views, no copy; writes stay in the process, so a model that later
+takes the same slab never sees them); on a CUDA device one mapping of the whole arena per process,
+registered once as pinned memory (``cudaHostRegister``), from which each load is one
+host-to-device copy. If the registration is refused, the copy runs from pageable memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import mmap
+import os
+import secrets
+import struct
+import threading
+import weakref
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ember.errors import CorruptCheckpoint
+from ember.store.compress import CompressedIndex, decompress_into
+from ember.store.format import MAGIC, PREAMBLE_BYTES, Index, index_blob, preamble, read_index_at
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ARENA_PREFIX", "SLAB_FILE", "Arena", "SlabRef", "map_slab"]
+
+ARENA_PREFIX = ".arena-"
+SLAB_FILE = "weights.slab"
+PAGE = 4096
+HUGE_PAGE = 2 << 20
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+; the mmap module does not name it
+_FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (0 for open-file-description locks)
+_SHMEM_HUGE = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+
+
+@dataclass(frozen=True)
+class SlabRef:
+    """Where a warm model's checkpoint lies: ``length`` bytes from ``offset`` of the arena file ``arena``."""
+
+    arena: Path
+    offset: int
+    length: int
+
+    def to_json(self) -> bytes:
+        return json.dumps({"arena": str(self.arena), "offset": self.offset, "length": self.length}).encode() + b"\n"
+
+    @classmethod
+    def load(cls, path: Path) -> SlabRef:
+        """Read a ``weights.slab`` file: FileNotFoundError if absent, CorruptCheckpoint if malformed."""
+        try:
+            raw = json.loads(Path(path).read_bytes())
+            ref = cls(Path(raw["arena"]), raw["offset"], raw["length"])
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise CorruptCheckpoint(
+                f"{path} is not a slab reference Ember wrote ({exc!r}); promote the model again"
+            ) from None
+        if not (type(ref.offset) is int and type(ref.length) is int and ref.offset % PAGE == 0 and ref.length > 0):
+            raise CorruptCheckpoint(f"{path} names an impossible slab; promote the model again")
+        return ref
+
+
+class Arena:
+    """One shared-memory file of ``size_bytes`` (rounded up to its alignment), mapped and touched once."""
+
+    def __init__(self, folder: Path, size_bytes: int) -> None:
+        if size_bytes <= 0:
+            raise ValueError(f"size_bytes={size_bytes}: an arena needs at least one byte")
+        self.align = HUGE_PAGE if size_bytes >= 16 * HUGE_PAGE else PAGE
+        self.size = math.ceil(size_bytes / self.align) * self.align
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path, self.reused = self._open_file(folder, self.size)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            if not self.reused:
+                try:
+                    os.posix_fallocate(fd, 0, self.size)  # the pages exist from now on: no faults to allocate later
+                except OSError as exc:
+                    os.close(fd)
+                    self.path.unlink(missing_ok=True)
+                    raise ValueError(
+                        f"cannot allocate a {self.size}-byte warm arena in {folder} ({exc}); "
+                        "lower the warm budget or give the host more shared memory"
+                    ) from None
+            self._map = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.huge_pages = _advise_huge(self._map)
+        _touch(self._map)
+        self.view = memoryview(self._map)
+
+    @staticmethod
+    def _open_file(folder: Path, size: int) -> tuple[Path, bool]:
+        """An arena file of the wanted size left by an earlier run, or a new one; others are deleted."""
+        found: Path | None = None
+        for entry in sorted(folder.glob(ARENA_PREFIX + "*")):
+            if found is None and entry.is_file() and entry.stat().st_size == size:
+                found = entry
+            else:
+                entry.unlink(missing_ok=True)
+        if found is not None:
+            return found, True
+        path = folder / f"{ARENA_PREFIX}{secrets.token_hex(8)}"
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))
+        return path, False
+
+    def fill(self, offset: int, source: Path, index: Index, threads: int, *, verify: bool = True) -> None:
+        """Copy the checkpoint ``source`` (whose validated index is ``index``) to ``offset`` of the arena.
+
+        ``threads`` threads read chunk-sized pieces with ``preadv`` straight into the arena, each
+        checking its piece's crc32 as soon as it is read (with ``verify``). CorruptCheckpoint names
+        the first bad chunk of ``source``.
+        """
+        if offset % PAGE or offset + index.file_bytes > self.size:
+            raise ValueError(f"a {index.file_bytes}-byte checkpoint at {offset} does not fit the arena")
+        pieces: list[tuple[int, int, int | None]] = [(0, index.data_offset, None)]  # (file offset, length, crc)
+        pieces += [(start, length, crc) for (start, length), crc in zip(index.chunks(), index.chunk_crcs, strict=True)]
+        tail = index.data_offset + index.data_length
+        pieces.append((tail, index.file_bytes - tail, None))
+        fd = os.open(source, os.O_RDONLY)
+        try:
+
+            def copy(piece: tuple[int, int, int | None]) -> int | None:
+                start, length, crc = piece
+                target = self.view[offset + start : offset + start + length]
+                got = 0
+                while got < length:
+                    n = os.preadv(fd, [target[got:]], start + got)
+                    if n <= 0:
+                        raise CorruptCheckpoint(f"{source} came back short at byte {start + got}; it shrank")
+                    got += n
+                return None if not verify or crc is None or zlib.crc32(target) == crc else start
+
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                bad = [start for start in pool.map(copy, pieces) if start is not None]
+        finally:
+            os.close(fd)
+        if bad:
+            raise CorruptCheckpoint(f"checkpoint {source} fails the crc32 check of the chunk at byte {bad[0]}")
+
+    def fill_compressed(self, offset: int, compressed: CompressedIndex, threads: int) -> None:
+        """Decompress the checkpoint ``compressed`` to ``offset``, checking its frames and chunks as it goes."""
+        import numpy as np
+
+        raw = compressed.raw
+        if offset % PAGE or offset + raw.file_bytes > self.size:
+            raise ValueError(f"a {raw.file_bytes}-byte checkpoint at {offset} does not fit the arena")
+        slab = self.view[offset : offset + raw.file_bytes]
+        data = np.frombuffer(slab, dtype=np.uint8, count=raw.data_length, offset=PREAMBLE_BYTES)
+        data[:] = 0  # frames are decompressed into a zero-filled region
+        decompress_into(compressed, data, threads, verify=True)
+        blob = index_blob(compressed.raw_body)
+        head = preamble(MAGIC, raw.chunk_bytes, raw.data_length, blob)
+        slab[:PREAMBLE_BYTES] = head.ljust(PREAMBLE_BYTES, b"\0")
+        slab[PREAMBLE_BYTES + raw.data_length :] = blob
+        del data
+
+    def in_use(self, offset: int, length: int) -> bool:
+        """Whether a worker holds tensors over these bytes (a read lock on the range, see :func:`map_slab`)."""
+        probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, offset, length, 0)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            found = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+        finally:
+            os.close(fd)
+        return int(struct.unpack(_FLOCK, found)[0]) != fcntl.F_UNLCK
+
+    def slab(self, offset: int, length: int) -> memoryview:
+        """A writable view of ``length`` bytes of the arena from ``offset``."""
+        return self.view[offset : offset + length]
+
+    def close(self) -> None:
+        """Unmap the arena (the file stays: the store removes it)."""
+        self.view.release()
+        self._map.close()
+
+
+def _advise_huge(region: mmap.mmap) -> bool:
+    """Ask for huge pages where the host's shared memory offers them; whether it does."""
+    try:
+        setting = _SHMEM_HUGE.read_text()
+        offered = "[never]" not in setting and "[deny]" not in setting
+    except OSError:
+        offered = False
+    if offered and hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            region.madvise(mmap.MADV_HUGEPAGE)
+            return True
+    return False
+
+
+def _touch(region: mmap.mmap) -> None:
+    """Map every page of ``region`` now, so no request pays for it later."""
+    try:
+        region.madvise(_MADV_POPULATE_WRITE)
+    except OSError:  # an older kernel: read one byte per page instead
+        import numpy as np
+
+        int(np.frombuffer(region, dtype=np.uint8)[::PAGE].sum())
+
+
+# -- the worker's side -----------------------------------------------------------------------------
+
+
+class _Mapping(mmap.mmap):
+    """A memory map that can be weakly referenced, to close its lock's descriptor when it goes."""
+
+
+class _Registered:
+    """One process-wide mapping of an arena, registered as pinned memory once (CUDA hosts)."""
+
+    def __init__(self, path: Path) -> None:
+        import torch
+
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.host = torch.frombuffer(mmap.mmap(fd, os.fstat(fd).st_size), dtype=torch.uint8)
+        finally:
+            os.close(fd)
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        self.pinned = int(cudart.cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)) == 0
+
+
+_MAPPED: dict[Path, _Registered] = {}
+_MAPPED_LOCK = threading.Lock()
+
+
+def map_slab(slab_file: Path, device: torch.device | str = "cpu") -> tuple[Index, torch.Tensor]:
+    """The index and the data region of the checkpoint a ``weights.slab`` file points at, on ``device``.
+
+    CPU: a prefaulted private mapping of the slab (no copy). Other devices: one copy from the
+    arena, which this process maps and registers once.
+    """
+    import torch
+
+    ref = SlabRef.load(slab_file)
+    index = read_index_at(ref.arena, ref.offset, ref.length)
+    target = torch.device(device)
+    if index.data_length == 0:
+        return index, torch.empty(0, dtype=torch.uint8, device=target)
+    if target.type == "cpu":
+        fd = os.open(ref.arena, os.O_RDONLY)
+        try:  # the read lock tells the store these bytes are in use until the last tensor over them goes
+            fcntl.fcntl(
+                fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, ref.offset, ref.length, 0)
+            )
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+            prot = mmap.PROT_READ | mmap.PROT_WRITE
+            region = _Mapping(fd, ref.length, flags=flags, prot=prot, offset=ref.offset)
+        except BaseException:
+            os.close(fd)
+            raise
+        weakref.finalize(region, os.close, fd)
+        return index, torch.frombuffer(region, dtype=torch.uint8, count=index.data_length, offset=PREAMBLE_BYTES)
+    with _MAPPED_LOCK:
+        mapped = _MAPPED.get(ref.arena)
+        if mapped is None:
+            mapped = _MAPPED[ref.arena] = _Registered(ref.arena)
+    start = index.data_offset
+    data = torch.empty(index.data_length, dtype=torch.uint8, device=target)
+    data.copy_(mapped.host[start : start + index.data_length], non_blocking=mapped.pinned)
+    torch.cuda.current_stream(target).synchronize()
+    return index, data
