@@ -308,6 +308,13 @@ def status(
                 f" store: {t.get('models', 0)} models, {megabytes(int(t.get('bytes', 0)))} MB",
             )
         )
+    arena = store.get("arena")
+    if arena:
+        console.print(
+            f"warm arena: {megabytes(int(arena['used_bytes']))} of {megabytes(int(arena['bytes']))} MB in use, "
+            f"largest free run {megabytes(int(arena['largest_free_bytes']))} MB",
+            highlight=False,
+        )
     links = state.get("bandwidths")
     if links:
         origin = f"measured {links.get('measured_at')}" if links.get("measured") else "defaults"
