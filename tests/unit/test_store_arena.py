@@ -236,3 +236,14 @@ def _run(script: str, root: Path, shm: Path, budget: int) -> subprocess.Complete
     return subprocess.run(
         [sys.executable, "-c", script, str(root), str(shm), str(budget)], env=env, capture_output=True
     )
+
+
+def test_a_promotion_from_a_damaged_cool_copy_fails_and_takes_no_slab(store: Store) -> None:
+    model = add(store, "m@1")
+    with open(model.path / "weights.ember", "r+b") as cool:
+        cool.seek(PAGE + 100)
+        cool.write(b"\xff\xff")
+    with pytest.raises(CorruptCheckpoint, match="m@1"):
+        store.promote("m@1")
+    stats = store.statistics().arena
+    assert store.tier("m@1") is Tier.COOL and stats is not None and stats.used_bytes == 0
