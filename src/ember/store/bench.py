@@ -28,10 +28,13 @@ and Ember from /dev/shm against a plain pinned host->device copy of the same byt
 (:func:`_registered`): what a warm tier registered as pinned memory would reach.
 
 ``store.promote`` is the platform's own cool -> warm step, timed as the controller runs it: the
-same checkpoint committed to a :class:`Store` under the work folder, copied into the store's warm
-tier (/dev/shm where the host has it) and its chunk checksums checked, from page cache and from
-cold disk; its warm copy is dropped before each run. :mod:`ember.store.bandwidths` turns these
-rows into the link speeds ``ember serve`` predicts first loads with.
+same checkpoint committed to a :class:`Store` under the work folder whose warm tier is an arena
+(:mod:`ember.store.arena`, allocated and touched when the store opens, before any timing), read
+into a slab with its chunk checksums checked as it goes, from page cache and from cold disk; its
+warm copy is dropped before each run. ``store.promote (file per model)`` is the same promotion
+into a store without an arena, which copies into a fresh /dev/shm file and then checks it.
+:mod:`ember.store.bandwidths` turns these rows into the link speeds ``ember serve`` predicts first
+loads with.
 
 torch and safetensors are imported inside the functions.
 """
@@ -66,6 +69,8 @@ __all__ = ["PROMOTE", "Row", "run_benchmark"]
 _PAGE = 4096
 #: The method name of the cool -> warm rows.
 PROMOTE = "store.promote (cool -> warm)"
+#: The same promotion into a warm tier of one shared-memory file per model (a store without an arena).
+PROMOTE_FILES = "store.promote (file per model)"
 _SIZES_MIB = (64, 16, 4, 1, 0.25, 0.0625)  # a mix of tensor sizes, like a model's matrices and vectors
 
 
@@ -184,7 +189,14 @@ def run_benchmark(
     notes: dict[str, Any] = {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "threads": threads}
     if torch.cuda.is_available():
         notes["device"] = torch.cuda.get_device_name()
-    with _workdir(workdir) as folder, contextlib.closing(Store(folder / "store")) as store:
+    arena_bytes = int(size_gb * 1e9 * 1.05) + (64 << 20)  # the checkpoint, its index and padding, with room
+    with (
+        _workdir(workdir) as folder,
+        contextlib.closing(
+            Store(folder / "store", warm_budget_bytes=arena_bytes, verify_threads=threads, arena=True)
+        ) as store,
+        contextlib.closing(Store(folder / "store-files", verify_threads=threads)) as file_store,
+    ):
         tensors = make_tensors(int(size_gb * 1e9))
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         files = {"ember": folder / "w.ember", "torch": folder / "w.pt", "safetensors": folder / "w.safetensors"}
@@ -194,6 +206,7 @@ def run_benchmark(
         safetensors.torch.save_file(tensors, files["safetensors"])
         del tensors
         promote, prepare_promote, cool_file = _committed(store, files["ember"], notes)
+        promote_files, prepare_files, cool_file_files = _committed(file_store, files["ember"], {})
         read_loader = LoaderConfig(
             threads=loader.threads, chunk_bytes=loader.chunk_bytes, direct_io=loader.direct_io, map_on_cpu=False
         )
@@ -205,19 +218,22 @@ def run_benchmark(
             "ember (mmap)": lambda: touch(load_checkpoint(files["ember"], "cpu", loader)),
             "ember (read into new buffer)": lambda: touch(load_checkpoint(files["ember"], "cpu", read_loader)),
             PROMOTE: promote,
+            PROMOTE_FILES: promote_files,
         }
         if "backend" in inspect.signature(safetensors.torch.load_file).parameters:  # safetensors >= 0.7
             methods["safetensors.load_file pread"] = lambda: touch(
                 safetensors.torch.load_file(files["safetensors"], backend="pread")
             )
-        on_disk = [*files.values(), cool_file]
+        on_disk = [*files.values(), cool_file, cool_file_files]
 
         def cached() -> None:
             prepare_promote()
+            prepare_files()
             warm_up(on_disk)
 
         def evicted() -> None:
             prepare_promote()
+            prepare_files()
             evict(on_disk)
 
         sources: list[tuple[str, Callable[[], object], dict[str, Callable[[], object]]]] = [
