@@ -142,6 +142,7 @@ class EmberService:
             options.preload,
             limits,
             options.spare_workers,
+            self.store.arena_path,
         )
         #: The links first loads are predicted with: HOME/bandwidths.json (`ember store bench`), or defaults.
         self.bandwidths: HostBandwidths = read_bandwidths(home)

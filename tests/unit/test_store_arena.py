@@ -16,7 +16,7 @@ import torch
 
 from ember.errors import CorruptCheckpoint
 from ember.store import Store, StoredModel, Tier, load_checkpoint, write_checkpoint
-from ember.store.arena import SLAB_FILE, SlabRef
+from ember.store.arena import SLAB_FILE, SlabRef, register_arena
 from ember.store.slabs import slab_length
 
 PAGE = 4096
@@ -247,3 +247,11 @@ def test_a_promotion_from_a_damaged_cool_copy_fails_and_takes_no_slab(store: Sto
         store.promote("m@1")
     stats = store.statistics().arena
     assert store.tier("m@1") is Tier.COOL and stats is not None and stats.used_bytes == 0
+
+
+def test_a_worker_maps_the_arena_once_and_pins_it_only_with_cuda(store: Store) -> None:
+    add(store, "m@1")
+    store.promote("m@1")
+    assert store.arena_path is not None
+    assert register_arena(store.arena_path) is torch.cuda.is_available()
+    assert torch.equal(load_checkpoint(store.weights_path("m@1"))["w"], expected("m@1"))

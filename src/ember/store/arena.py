@@ -52,7 +52,7 @@ from ember.store.format import MAGIC, PREAMBLE_BYTES, Index, index_blob, preambl
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ARENA_PREFIX", "SLAB_FILE", "Arena", "SlabRef", "map_slab"]
+__all__ = ["ARENA_PREFIX", "SLAB_FILE", "Arena", "SlabRef", "map_slab", "register_arena"]
 
 ARENA_PREFIX = ".arena-"
 SLAB_FILE = "weights.slab"
@@ -260,8 +260,28 @@ class _Registered:
             self.host = torch.frombuffer(mmap.mmap(fd, os.fstat(fd).st_size), dtype=torch.uint8)
         finally:
             os.close(fd)
-        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-        self.pinned = int(cudart.cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)) == 0
+        self.pinned = False
+        if torch.cuda.is_available():
+            cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+            self.pinned = int(cudart.cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)) == 0
+            if not self.pinned and hasattr(cudart, "cudaGetLastError"):
+                cudart.cudaGetLastError()  # clear the refusal, so no later CUDA check reports it
+
+
+def register_arena(path: Path) -> bool:
+    """Map the arena at ``path`` in this process and register it as pinned memory; whether it is pinned.
+
+    A worker on a CUDA device calls it at start, so no load pays for it; :func:`map_slab` does it
+    on first use otherwise."""
+    return _registered(Path(path)).pinned
+
+
+def _registered(path: Path) -> _Registered:
+    with _MAPPED_LOCK:
+        mapped = _MAPPED.get(path)
+        if mapped is None:
+            mapped = _MAPPED[path] = _Registered(path)
+        return mapped
 
 
 _MAPPED: dict[Path, _Registered] = {}
@@ -295,10 +315,7 @@ def map_slab(slab_file: Path, device: torch.device | str = "cpu") -> tuple[Index
             raise
         weakref.finalize(region, os.close, fd)
         return index, torch.frombuffer(region, dtype=torch.uint8, count=index.data_length, offset=PREAMBLE_BYTES)
-    with _MAPPED_LOCK:
-        mapped = _MAPPED.get(ref.arena)
-        if mapped is None:
-            mapped = _MAPPED[ref.arena] = _Registered(ref.arena)
+    mapped = _registered(ref.arena)
     start = index.data_offset
     data = torch.empty(index.data_length, dtype=torch.uint8, device=target)
     data.copy_(mapped.host[start : start + index.data_length], non_blocking=mapped.pinned)

@@ -222,6 +222,11 @@ class Store:
                     _delete(entry)
         self._arena = index
 
+    @property
+    def arena_path(self) -> Path | None:
+        """The warm arena's file, for workers to map; None without an arena."""
+        return self._arena.arena.path if self._arena is not None else None
+
     def staging(self, key: str) -> Path:
         """A fresh empty folder: write ``weights.ember`` and ``assets/<name>`` there, then commit."""
         self._check_open(key)
