@@ -255,3 +255,12 @@ def test_a_worker_maps_the_arena_once_and_pins_it_only_with_cuda(store: Store) -
     assert store.arena_path is not None
     assert register_arena(store.arena_path) is torch.cuda.is_available()
     assert torch.equal(load_checkpoint(store.weights_path("m@1"))["w"], expected("m@1"))
+
+
+def test_a_slab_demoted_before_its_load_is_not_read(store: Store) -> None:
+    add(store, "m@1")
+    store.promote("m@1")
+    path = store.weights_path("m@1")
+    store.demote("m@1")  # as if the controller demoted it while the worker was told to load it
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(path)

@@ -216,9 +216,10 @@ class Arena:
         return self.view[offset : offset + length]
 
     def close(self) -> None:
-        """Unmap the arena (the file stays: the store removes it)."""
+        """Unmap the arena (the file stays: the store removes it); a view still held keeps it mapped."""
         self.view.release()
-        self._map.close()
+        with contextlib.suppress(BufferError):
+            self._map.close()
 
 
 def _advise_huge(region: mmap.mmap) -> bool:
@@ -295,32 +296,38 @@ def map_slab(slab_file: Path, device: torch.device | str = "cpu") -> tuple[Index
     """The index and the data region of the checkpoint a ``weights.slab`` file points at, on ``device``.
 
     CPU: a prefaulted private mapping of the slab (no copy). Other devices: one copy from the
-    arena, which this process maps and registers once.
+    arena, which this process maps and registers once. Either way the slab is read under a read
+    lock on its byte range, taken before the slab file is read a second time: a model demoted
+    before that fails to load (FileNotFoundError, as a removed file would), and one demoted after
+    keeps its slab until the lock goes (on the CPU, with the last tensor over it).
     """
     import torch
 
     ref = SlabRef.load(slab_file)
-    index = read_index_at(ref.arena, ref.offset, ref.length)
     target = torch.device(device)
-    if index.data_length == 0:
-        return index, torch.empty(0, dtype=torch.uint8, device=target)
-    if target.type == "cpu":
-        fd = os.open(ref.arena, os.O_RDONLY)
-        try:  # the read lock tells the store these bytes are in use until the last tensor over them goes
-            fcntl.fcntl(
-                fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, ref.offset, ref.length, 0)
-            )
+    fd = os.open(ref.arena, os.O_RDONLY)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, ref.offset, ref.length, 0))
+        if not slab_file.is_file() or SlabRef.load(slab_file) != ref:
+            raise FileNotFoundError(f"{slab_file} left the warm tier while it was being loaded; load it again")
+        index = read_index_at(ref.arena, ref.offset, ref.length)
+        if index.data_length == 0:
+            os.close(fd)
+            return index, torch.empty(0, dtype=torch.uint8, device=target)
+        if target.type == "cpu":
             flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
             prot = mmap.PROT_READ | mmap.PROT_WRITE
             region = _Mapping(fd, ref.length, flags=flags, prot=prot, offset=ref.offset)
-        except BaseException:
+            weakref.finalize(region, os.close, fd)  # the lock lives as long as the mapping
+            return index, torch.frombuffer(region, dtype=torch.uint8, count=index.data_length, offset=PREAMBLE_BYTES)
+        mapped = _registered(ref.arena)
+        start = index.data_offset
+        data = torch.empty(index.data_length, dtype=torch.uint8, device=target)
+        data.copy_(mapped.host[start : start + index.data_length], non_blocking=mapped.pinned)
+        torch.cuda.current_stream(target).synchronize()
+        os.close(fd)
+        return index, data
+    except BaseException:
+        with contextlib.suppress(OSError):
             os.close(fd)
-            raise
-        weakref.finalize(region, os.close, fd)
-        return index, torch.frombuffer(region, dtype=torch.uint8, count=index.data_length, offset=PREAMBLE_BYTES)
-    mapped = _registered(ref.arena)
-    start = index.data_offset
-    data = torch.empty(index.data_length, dtype=torch.uint8, device=target)
-    data.copy_(mapped.host[start : start + index.data_length], non_blocking=mapped.pinned)
-    torch.cuda.current_stream(target).synchronize()
-    return index, data
+        raise

@@ -457,9 +457,15 @@ class Store:
                 return warm
             manifest, cool = self._cool_manifest(key), self._models / key
             with self._room_lock:
-                plan = arena.plan(key, manifest.warm_size, self.evictable(Tier.WARM))
-                for victim in plan.victims:
-                    self.demote(victim)
+                for _ in range(3):
+                    plan = arena.plan(key, manifest.warm_size, self.evictable(Tier.WARM))
+                    for victim in plan.victims:
+                        self.demote(victim)
+                    # a worker that locked a victim's slab before its folder went keeps it: plan again
+                    if not arena.arena.in_use(plan.slab.offset, plan.slab.length):
+                        break
+                else:
+                    raise ValueError(f"model '{key}' found no slab that workers were not loading from; try again")
                 arena.reserve(key, plan.slab)
             scratch = self._warm_root / f".promote-{key}.{secrets.token_hex(8)}"
             try:
