@@ -615,10 +615,11 @@ def _is_complete(folder: Path, key: str, *, warm: bool) -> bool:
 
 def _hash_file(path: Path, key: str, *, copy_to: Path | None = None, sync: bool = False) -> tuple[str, int]:
     """The sha256 and size of ``path``, read in chunks and, with ``copy_to``, copied on the way."""
-    digest, size, buf = hashlib.sha256(), 0, bytearray(CHUNK_BYTES)
-    view = memoryview(buf)
+    digest, size = hashlib.sha256(), 0
     try:
         with open(path, "rb", buffering=0) as reader, contextlib.ExitStack() as stack:
+            buf = bytearray(min(CHUNK_BYTES, os.fstat(reader.fileno()).st_size + 1))  # small files, small buffers
+            view = memoryview(buf)
             writer = stack.enter_context(open(copy_to, "wb")) if copy_to else None
             while n := reader.readinto(buf):
                 digest.update(view[:n])
