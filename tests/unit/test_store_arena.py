@@ -264,3 +264,17 @@ def test_a_slab_demoted_before_its_load_is_not_read(store: Store) -> None:
     store.demote("m@1")  # as if the controller demoted it while the worker was told to load it
     with pytest.raises(FileNotFoundError):
         load_checkpoint(path)
+
+
+def test_make_room_frees_a_contiguous_run_and_never_moves_a_kept_model(tmp_path: Path) -> None:
+    store = open_arena(tmp_path, 2)
+    try:
+        for key in ("a@1", "b@1"):
+            add(store, key)
+            store.promote(key)
+        store.touch("a@1")  # b is now the least recently used
+        assert store.make_room(1, Tier.WARM, keep={"b@1"}) == ["a@1"]
+        assert store.tier("b@1") is Tier.WARM and store.tier("a@1") is Tier.COOL
+        assert store.make_room(10 * slab_of(store, "b@1"), Tier.WARM) == []  # larger than the arena: falls short
+    finally:
+        store.close()

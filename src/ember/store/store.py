@@ -359,7 +359,7 @@ class Store:
         if tier is Tier.WARM and self._arena is not None:  # room in the arena is a contiguous run
             with self._room_lock:
                 try:
-                    plan = self._arena.plan("", num_bytes, [k for k in self.evictable(tier) if k not in keep])
+                    plan = self._arena.plan("", num_bytes, self.evictable(tier), keep)
                 except ValueError:  # no run can be freed that long: fall short, as below
                     return moved
                 for key in plan.victims:

@@ -16,7 +16,7 @@ its alignment, overlaps no other, and holds a readable checkpoint of the manifes
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +66,9 @@ class ArenaIndex:
             self._held[key] = slab
         return True
 
-    def plan(self, key: str, size: int, lru_order: Sequence[str]) -> RoomPlan:
-        """Where a ``size``-byte checkpoint goes and which warm models leave first; ValueError if it cannot fit."""
+    def plan(self, key: str, size: int, lru_order: Sequence[str], keep: Collection[str] = ()) -> RoomPlan:
+        """Where a ``size``-byte checkpoint goes and which warm models (not in ``keep``) leave first;
+        ValueError if it cannot fit."""
         arena = self.arena
         length = slab_length(size, arena.align)
         if length > arena.size:
@@ -78,7 +79,7 @@ class ArenaIndex:
             busy |= {f"\0pending-{k}": s for k, s in self._pending.items()}
             held = dict(self._held)
             in_use = {k for k, s in held.items() if arena.in_use(s.offset, s.length)}
-        plan = plan_room(length, arena.size, held | busy, lru_order, keep=in_use | set(busy))
+        plan = plan_room(length, arena.size, held | busy, lru_order, keep=in_use | set(busy) | set(keep))
         if plan is None:
             raise ValueError(
                 f"model '{key}' ({size} bytes) does not fit the warm arena: workers hold or promotions fill "
