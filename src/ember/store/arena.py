@@ -18,11 +18,11 @@ rebuilt at start from the ``weights.slab`` files of complete warm folders.
 An arena whose file already exists with the right size (a restart after a crash) is opened again
 with its contents; the store keeps only the warm copies whose slabs it can account for.
 
-On the worker's side :func:`map_slab` binds a slab's tensors: on the CPU a private, prefaulted
-mapping of the slab's range (views, no copy; writes stay in the process, so a model that later
-takes the same slab never sees them); on a CUDA device one mapping of the whole arena per process,
-registered once as pinned memory (``cudaHostRegister``), from which each load is one
-host-to-device copy. If the registration is refused, the copy runs from pageable memory.
+On the worker's side :func:`map_slab` binds a slab's tensors: on the CPU a private mapping of the
+slab's range, its pages mapped read-only up front (views, no copy; writes stay in the process, so
+a model that later takes the same slab never sees them); on a CUDA device one mapping of the
+whole arena per process, registered once as pinned memory (``cudaHostRegister``), from which each
+load is one host-to-device copy. If the registration is refused, the copy runs from pageable memory.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ ARENA_PREFIX = ".arena-"
 SLAB_FILE = "weights.slab"
 PAGE = 4096
 HUGE_PAGE = 2 << 20
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+; the mmap module does not name it
+_MADV_POPULATE_READ = 22  # Linux 5.14+; the mmap module names neither
+_MADV_POPULATE_WRITE = 23
 
 
 def _fastest_crc32() -> Callable[[memoryview, int], int]:
@@ -307,11 +308,13 @@ _MAPPED_LOCK = threading.Lock()
 def map_slab(slab_file: Path, device: torch.device | str = "cpu") -> tuple[Index, torch.Tensor]:
     """The index and the data region of the checkpoint a ``weights.slab`` file points at, on ``device``.
 
-    CPU: a prefaulted private mapping of the slab (no copy). Other devices: one copy from the
-    arena, which this process maps and registers once. Either way the slab is read under a read
-    lock on its byte range, taken before the slab file is read a second time: a model demoted
-    before that fails to load (FileNotFoundError, as a removed file would), and one demoted after
-    keeps its slab until the lock goes (on the CPU, with the last tensor over it).
+    CPU: a private mapping of the slab, its pages mapped read-only up front
+    (``MADV_POPULATE_READ``; ``MAP_POPULATE`` on a private writable mapping would copy every
+    page). Other devices: one copy from the arena, which this process maps and registers once.
+    Either way the slab is read under a read lock on its byte range, taken before the slab file
+    is read a second time: a model demoted before that fails to load (FileNotFoundError, as a
+    removed file would), and one demoted after keeps its slab until the lock goes (on the CPU,
+    with the last tensor over it).
     """
     import torch
 
@@ -327,10 +330,11 @@ def map_slab(slab_file: Path, device: torch.device | str = "cpu") -> tuple[Index
             os.close(fd)
             return index, torch.empty(0, dtype=torch.uint8, device=target)
         if target.type == "cpu":
-            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
             prot = mmap.PROT_READ | mmap.PROT_WRITE
-            region = _Mapping(fd, ref.length, flags=flags, prot=prot, offset=ref.offset)
+            region = _Mapping(fd, ref.length, flags=mmap.MAP_PRIVATE, prot=prot, offset=ref.offset)
             weakref.finalize(region, os.close, fd)  # the lock lives as long as the mapping
+            with contextlib.suppress(OSError):  # map the shared pages now, read-only: no copy on write yet
+                region.madvise(_MADV_POPULATE_READ)
             return index, torch.frombuffer(region, dtype=torch.uint8, count=index.data_length, offset=PREAMBLE_BYTES)
         mapped = _registered(ref.arena)
         start = index.data_offset

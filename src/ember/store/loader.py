@@ -14,8 +14,8 @@ drive it on the CPU with a copy that only happens when waited for. With ``map_on
 load reads in parallel straight into one fresh page-aligned host allocation instead of mapping.
 
 A warm model in the store's arena is named by its ``weights.slab`` (:mod:`ember.store.arena`):
-its tensors are views of a private, prefaulted mapping of the slab on the CPU, and one copy from
-the arena (mapped and registered as pinned memory once per process) on a device.
+its tensors are views of a private mapping of the slab on the CPU (mapped up front, read-only),
+and one copy from the arena (mapped and registered as pinned memory once per process) on a device.
 
 A compressed checkpoint (:mod:`ember.store.compress`) is decompressed by ``config.threads`` threads
 into one fresh page-aligned host allocation laid out as the uncompressed data region, so the
