@@ -25,7 +25,9 @@ measured again to the device (``-> cuda``: torch.load with ``map_location``, saf
 ``device=``, Ember's staged loader; a device load counts once ``torch.cuda.synchronize`` returns),
 and Ember from /dev/shm against a plain pinned host->device copy of the same bytes; beside them the
 /dev/shm file mapped and page-locked in place with ``cudaHostRegister``, per load and once ahead
-(:func:`_registered`): what a warm tier registered as pinned memory would reach.
+(:func:`_registered`): what a warm tier registered as pinned memory would reach; and
+``ember (warm arena) -> cuda``, the store's own warm copy in its arena, registered once, loaded
+with :func:`load_checkpoint` as a CUDA worker loads a warm model.
 
 ``store.promote`` is the platform's own cool -> warm step, timed as the controller runs it: the
 same checkpoint committed to a :class:`Store` under the work folder whose warm tier is an arena
@@ -56,6 +58,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ember.store.arena import register_arena
 from ember.store.convert import write_checkpoint
 from ember.store.format import PREAMBLE_BYTES, read_index
 from ember.store.loader import LoaderConfig, load_checkpoint
@@ -71,6 +74,9 @@ _PAGE = 4096
 PROMOTE = "store.promote (cool -> warm)"
 #: The same promotion into a warm tier of one shared-memory file per model (a store without an arena).
 PROMOTE_FILES = "store.promote (file per model)"
+#: The warm tier's load onto the device from the store's arena (pinned once), as a CUDA worker does it.
+ARENA_TO_CUDA = "ember (warm arena) -> cuda"
+_KEY = "bench@1"
 _SIZES_MIB = (64, 16, 4, 1, 0.25, 0.0625)  # a mix of tensor sizes, like a model's matrices and vectors
 
 
@@ -264,6 +270,10 @@ def run_benchmark(
                             lambda: load_checkpoint(shm_folder / "w.ember", "cuda", loader)
                         ),
                     }
+                    promote()  # the store's copy into its arena, registered once as a worker does at start
+                    slab = store.weights_path(_KEY)
+                    notes["arena_pinned"] = store.arena_path is not None and register_arena(store.arena_path)
+                    host_methods[ARENA_TO_CUDA] = _synced(lambda: load_checkpoint(slab, "cuda"))
                     with _registered(shm_folder / "w.ember", device_copy, notes) as registered:
                         rows_shm += _measure(
                             "shm -> cuda",
@@ -308,7 +318,7 @@ def _committed(
     store: Store, checkpoint: Path, notes: dict[str, Any]
 ) -> tuple[Callable[[], object], Callable[[], object], Path]:
     """Commit ``checkpoint`` to ``store``: its promotion, what undoes one, and its cool file."""
-    key = "bench@1"
+    key = _KEY
     staging = store.staging(key)
     shutil.copyfile(checkpoint, staging / WEIGHTS)
     store.commit(key, staging)
