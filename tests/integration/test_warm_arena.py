@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 from harness import MODELS, Server, json_output
+
+from ember.store import Store
 
 HEAVY = MODELS / "heavy.py"
 
@@ -47,3 +52,25 @@ def test_cool_starts_fill_slabs_and_a_killed_server_restarts_with_them(tmp_path:
         assert arena_files(home) == []  # the last store to close removes the arena
     finally:
         server.close()
+
+
+@pytest.fixture
+def small_shm(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs: shared memory too small for the arena asked for."""
+    mount = tmp_path / "shm"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_an_arena_larger_than_shared_memory_is_refused_and_leaves_nothing(small_shm: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"bytes are free .*lower the warm budget"):
+        Store(tmp_path / "root", warm_root=small_shm / "warm", warm_budget_bytes=64 << 20, arena=True)
+    assert list(small_shm.rglob("*")) == []
+    opened = Store(tmp_path / "root", warm_root=small_shm / "warm", warm_budget_bytes=4 << 20, arena=True)
+    opened.close()  # a smaller one fits: the failed start left the root's lock free

@@ -1,12 +1,12 @@
 """The warm-tier arena: one region of host shared memory that every warm model's weights live in.
 
     warm_root/.arena-<token>      the arena: one /dev/shm file of the warm budget's size
-    warm_root/<key>/weights.slab  where the model's checkpoint lies in it (JSON: arena, offset, bytes)
+    warm_root/<key>/weights.slab  where the model's checkpoint lies in it (JSON: arena, offset, length)
 
 Writing a model into freshly allocated shared-memory pages costs a page fault and a zeroing per
 4 KiB; reading from the page cache into pages already mapped does not. So the arena is allocated
-(``posix_fallocate``), mapped and touched once, when the store opens (``ember serve`` prints how
-long that took), with ``MADV_HUGEPAGE`` asked for where the host's shared memory offers huge pages.
+and mapped once, when the store opens (``MADV_POPULATE_WRITE``; ``ember serve`` prints how long
+that took), with ``MADV_HUGEPAGE`` asked for first where its tmpfs mount offers huge pages.
 A promotion then reads the cool checkpoint straight into the model's slab with parallel
 positioned reads, each thread checking the crc32 of the chunk it just read while the others read,
 so the checks overlap the reads instead of following them (with ISA-L's crc32 where the ``isal``
@@ -28,6 +28,7 @@ load is one host-to-device copy. If the registration is refused, the copy runs f
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib
 import json
@@ -35,6 +36,7 @@ import math
 import mmap
 import os
 import secrets
+import shutil
 import struct
 import threading
 import weakref
@@ -117,23 +119,27 @@ class Arena:
         fd = os.open(self.path, os.O_RDWR)
         try:
             if not self.reused:
-                try:
-                    os.posix_fallocate(fd, 0, self.size)  # the pages exist from now on: no faults to allocate later
-                except OSError as exc:
-                    os.close(fd)
-                    self.path.unlink(missing_ok=True)
-                    raise ValueError(
-                        f"cannot allocate a {self.size}-byte warm arena in {folder} ({exc}); "
-                        "lower the warm budget or give the host more shared memory"
-                    ) from None
+                os.ftruncate(fd, self.size)  # no pages yet: the touch below allocates them
             self._map = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self.huge_pages = _advise_huge(self._map, folder)  # before the touch, which decides the page size
+            _touch(self._map, fd, self.size)
+        except OSError as exc:
+            if hasattr(self, "_map"):
+                self._map.close()
+            os.close(fd)
+            fd = -1
+            if not self.reused:
+                self.path.unlink(missing_ok=True)
+            free = shutil.disk_usage(folder).free
+            raise ValueError(
+                f"cannot allocate a {self.size}-byte warm arena in {folder}, where {free} bytes are free "
+                f"({exc.strerror}); lower the warm budget or give the host more shared memory"
+            ) from None
         finally:
-            with contextlib.suppress(OSError):
+            if fd >= 0:
                 os.close(fd)
         self._pools: dict[int, ThreadPoolExecutor] = {}
         self._pools_lock = threading.Lock()
-        self.huge_pages = _advise_huge(self._map)
-        _touch(self._map)
         self.view = memoryview(self._map)
 
     @staticmethod
@@ -235,13 +241,17 @@ class Arena:
             self._map.close()
 
 
-def _advise_huge(region: mmap.mmap) -> bool:
-    """Ask for huge pages where the host's shared memory offers them; whether it does."""
+def _advise_huge(region: mmap.mmap, folder: Path) -> bool:
+    """Ask for huge pages where the shared memory holding ``folder`` offers them; whether it does.
+
+    A tmpfs mount offers them with ``huge=always|within_size|advise`` unless the host denies them
+    all (``shmem_enabled`` ``deny``), or everywhere when it forces them (``force``).
+    """
     try:
         setting = _SHMEM_HUGE.read_text()
-        offered = "[never]" not in setting and "[deny]" not in setting
     except OSError:
-        offered = False
+        setting = "[never]"
+    offered = "[force]" in setting or ("[deny]" not in setting and _mount_offers_huge(folder))
     if offered and hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
             region.madvise(mmap.MADV_HUGEPAGE)
@@ -249,13 +259,38 @@ def _advise_huge(region: mmap.mmap) -> bool:
     return False
 
 
-def _touch(region: mmap.mmap) -> None:
-    """Map every page of ``region`` now, so no request pays for it later."""
+def _mount_offers_huge(folder: Path) -> bool:
+    """Whether the tmpfs mount holding ``folder`` was mounted with huge pages on (``/proc/mounts``)."""
+    target, best, options = str(folder.resolve()), "", ""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 4 and fields[2] == "tmpfs":
+            point = fields[1]
+            inside = target == point or target.startswith(point.rstrip("/") + "/")
+            if inside and len(point) > len(best):
+                best, options = point, fields[3]
+    return any(o in options.split(",") for o in ("huge=always", "huge=within_size", "huge=advise"))
+
+
+def _touch(region: mmap.mmap, fd: int, size: int) -> None:
+    """Allocate and map every page of ``region`` now, so no request pays for it later.
+
+    ``MADV_POPULATE_WRITE`` (Linux 5.14+) does both, through the mapping, so huge pages where
+    advised; it fails (an OSError) where shared memory runs out. An older kernel allocates with
+    ``posix_fallocate`` and maps by reading one byte per page.
+    """
     try:
         region.madvise(_MADV_POPULATE_WRITE)
-    except OSError:  # an older kernel: read one byte per page instead
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: the kernel does not know the advice
+            raise
         import numpy as np
 
+        os.posix_fallocate(fd, 0, size)
         int(np.frombuffer(region, dtype=np.uint8)[::PAGE].sum())
 
 
