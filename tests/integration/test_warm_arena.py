@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,13 @@ def answers(server: Server, model: str) -> None:
     np.testing.assert_array_equal(json_output(server.infer_json(model, {"x": x}), "y"), x)
 
 
+def warm_root(home: Path) -> Path:
+    """The store's default warm root: shared memory, named after the store's root."""
+    return Path("/dev/shm", "ember-" + hashlib.sha256(str((home / "store").resolve()).encode()).hexdigest()[:12])
+
+
 def arena_files(home: Path) -> list[Path]:
-    """The arena files in the store's default warm root (shared memory, named after the store's root)."""
-    name = hashlib.sha256(str((home / "store").resolve()).encode()).hexdigest()[:12]
-    return list(Path("/dev/shm", f"ember-{name}").glob(".arena-*"))
+    return list(warm_root(home).glob(".arena-*"))
 
 
 def test_cool_starts_fill_slabs_and_a_killed_server_restarts_with_them(tmp_path: Path) -> None:
@@ -52,6 +56,7 @@ def test_cool_starts_fill_slabs_and_a_killed_server_restarts_with_them(tmp_path:
         assert arena_files(home) == []  # the last store to close removes the arena
     finally:
         server.close()
+        shutil.rmtree(warm_root(home), ignore_errors=True)  # what a failed run's kill left in shared memory
 
 
 @pytest.fixture
