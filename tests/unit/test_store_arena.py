@@ -278,3 +278,35 @@ def test_make_room_frees_a_contiguous_run_and_never_moves_a_kept_model(tmp_path:
         assert store.make_room(10 * slab_of(store, "b@1"), Tier.WARM) == []  # larger than the arena: falls short
     finally:
         store.close()
+
+
+def test_an_arena_store_drops_warm_copies_outside_its_arena(tmp_path: Path) -> None:
+    slab = _slab_bytes(tmp_path)
+    root, shm = tmp_path / "root", tmp_path / "shm"
+    crashed = _run(_PROMOTE_WITHOUT_ARENA_AND_DIE, root, shm, 0)  # a warm file copy, left as a crash leaves it
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()
+    assert (shm / "m@1" / "weights.ember").is_file()
+    store = Store(root, warm_root=shm, warm_budget_bytes=3 * slab, arena=True)
+    try:
+        assert store.tier("m@1") is Tier.COOL and not (shm / "m@1").exists()
+        store.promote("m@1")
+        assert store.weights_path("m@1").name == SLAB_FILE
+    finally:
+        store.close()
+
+
+_PROMOTE_WITHOUT_ARENA_AND_DIE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import torch
+    from ember.store import Store, write_checkpoint
+
+    store = Store(Path(sys.argv[1]), warm_root=Path(sys.argv[2]))
+    folder = store.staging("m@1")
+    write_checkpoint(folder / "weights.ember", {"w": torch.arange(3000, dtype=torch.float32)})
+    store.commit("m@1", folder)
+    store.promote("m@1")
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)

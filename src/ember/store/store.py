@@ -209,16 +209,18 @@ class Store:
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
     def _open_arena(self, budget: int) -> None:
-        """Map (or create) the arena and adopt the slabs of the complete warm folders; drop the rest."""
+        """Map (or create) the arena and adopt the slabs of the complete warm folders; drop the rest
+        (warm copies outside the arena too: the budget is the arena's size)."""
         index = ArenaIndex(Arena(self._warm_root, budget))
         for entry in sorted(self._warm_root.glob("*")):
-            if _KEY.fullmatch(entry.name) and (entry / SLAB_FILE).is_file():
+            if _KEY.fullmatch(entry.name) and entry.is_dir():
                 try:
-                    adopted = index.adopt(entry.name, SlabRef.load(entry / SLAB_FILE), _Manifest.load(entry).warm_size)
+                    ref, size = SlabRef.load(entry / SLAB_FILE), _Manifest.load(entry).warm_size
+                    adopted = index.adopt(entry.name, ref, size)
                 except (OSError, CorruptCheckpoint):
                     adopted = False
                 if not adopted:
-                    _log.warning("deleting %s: its slab is not in this arena (a crash or a resized arena)", entry)
+                    _log.warning("deleting %s: a warm copy outside this arena (a crash or a resized arena)", entry)
                     _delete(entry)
         self._arena = index
 
