@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import MODELS, Server, json_output
+from harness import MODELS, Server, json_output, wait_until
 
 from ember.store import Store
 
@@ -36,7 +36,9 @@ def test_cool_starts_fill_slabs_and_a_killed_server_restarts_with_them(tmp_path:
     server = Server(home, workers=1, args=("--warm-budget-mb", "64"))
     try:
         server.start()
-        assert "warm arena: 65.0 MB of shared memory, allocated and touched in" in server.log_tail()  # 2 MiB units
+        # the console lines may reach the log just after the server answers its readiness check
+        started = wait_until(lambda: "warm arena:" in server.log_tail() and server.log_tail(), 60, "the arena line")
+        assert "warm arena: 65.0 MB of shared memory, allocated and touched in" in started  # 2 MiB units
         server.deploy(f"{HEAVY}:Sized", "--name", "keeper", "--option", "mb=3")
         server.cli("unload", "keeper", "--to", "cool")
         assert server.tier("keeper") == "cool"
