@@ -308,6 +308,13 @@ def status(
                 f" store: {t.get('models', 0)} models, {size_text(int(t.get('bytes', 0)))}",
             )
         )
+    arena = store.get("arena")
+    if arena:
+        console.print(
+            f"warm arena: {size_text(int(arena['used_bytes']))} of {size_text(int(arena['bytes']))} in use, "
+            f"largest free run {size_text(int(arena['largest_free_bytes']))}",
+            highlight=False,
+        )
     links = state.get("bandwidths")
     if links:
         origin = f"measured {links.get('measured_at')}" if links.get("measured") else "defaults"

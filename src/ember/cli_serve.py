@@ -66,6 +66,14 @@ def serve(
             help="Replace a worker after a batch once its peak memory passes this (-1: 3/4 of RAM / workers; 0: off).",
         ),
     ] = -1,
+    warm_budget_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Host memory for warm models, in MB: one shared-memory arena allocated at start (0: no arena, "
+            "a file per warm model, unlimited).",
+        ),
+    ] = 0,
     deploy: Annotated[
         list[str] | None,
         typer.Option("--deploy", help="Deploy SOURCE at startup unless a model of its name exists (repeatable)."),
@@ -111,6 +119,7 @@ def serve(
         spare_workers=spare_workers,
         batch_timeout_s=batch_timeout_s,
         worker_memory_bytes=None if worker_memory_mb < 0 else worker_memory_mb << 20,
+        warm_budget_bytes=warm_budget_mb * 1_000_000 or None,
         insecure=insecure,
         request_log=request_log,
         otel=otel,
@@ -244,6 +253,12 @@ async def _serve(options: ServeOptions, sock: socket.socket, specs: Sequence[Dep
             url = _url(sock)
             console.print(f"Ember serving on {url} ({options.workers} workers)", highlight=False)
             console.print(f"first loads predicted with {service.bandwidths.describe()}", highlight=False)
+            if (arena := service.store.statistics().arena) is not None:
+                console.print(
+                    f"warm arena: {size_text(arena.bytes)} of shared memory, allocated and touched in "
+                    f"{service.store_open_s * 1000:.0f} ms (huge pages: {'yes' if arena.huge_pages else 'no'})",
+                    highlight=False,
+                )
             if service.bandwidths.warning is not None:
                 err_console.print(f"warning: {service.bandwidths.warning}", style="yellow", highlight=False)
             key_file = None if options.insecure else options.home / ADMIN_KEY_FILE

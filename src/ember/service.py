@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -95,6 +96,9 @@ class ServeOptions:
     #: Byte budgets of the warm and cool tiers; None: unlimited. Promotion evicts the least recently used.
     warm_budget_bytes: int | None = None
     cool_budget_bytes: int | None = None
+    #: With a warm budget, the warm tier is one shared-memory arena of that size, allocated and touched
+    #: at start (see ember.store.arena); without one, a file per warm model.
+    warm_arena: bool = True
     preload: tuple[str, ...] = ("numpy", "safetensors", "transformers", "tokenizers")
     #: Workers started ahead beyond ``workers``, to take a dead worker's place at once.
     spare_workers: int = 1
@@ -162,12 +166,16 @@ class EmberService:
         self.cold_start_log: deque[tuple[float, str, str, float]] = deque(maxlen=HISTORY)
         self._tiers: dict[str, str] = {}
         self.registry = Registry(home / "registry.sqlite")
+        started = self.clock.now()
         self.store = Store(
             home / "store",
             options.warm_root,
             warm_budget_bytes=options.warm_budget_bytes,
             cool_budget_bytes=options.cool_budget_bytes,
+            arena=options.warm_arena and bool(options.warm_budget_bytes),
         )
+        #: Seconds the store took to open: allocating and touching the warm arena, where there is one.
+        self.store_open_s = self.clock.now() - started
         memory = options.worker_memory_bytes
         limits = WorkerLimits(
             options.batch_timeout_s,
@@ -181,6 +189,7 @@ class EmberService:
             options.preload,
             limits,
             options.spare_workers,
+            self.store.arena_path,
         )
         #: The links first loads are predicted with: HOME/bandwidths.json (`ember store bench`), or defaults.
         self.bandwidths: HostBandwidths = read_bandwidths(home)
@@ -546,6 +555,7 @@ class EmberService:
             "store": {
                 "warm": {"models": stats.warm.models, "bytes": stats.warm.bytes, "budget": stats.warm.budget_bytes},
                 "cool": {"models": stats.cool.models, "bytes": stats.cool.bytes, "budget": stats.cool.budget_bytes},
+                "arena": None if stats.arena is None else dataclasses.asdict(stats.arena),
             },
             "bandwidths": self.bandwidths.to_json(),
         }

@@ -11,7 +11,7 @@ import torch
 
 from ember.store import LoaderConfig, Store, compress_checkpoint, load_checkpoint, write_checkpoint
 from ember.store.bandwidths import measured_bandwidths
-from ember.store.bench import run_benchmark
+from ember.store.bench import ARENA_TO_CUDA, run_benchmark
 from ember.store.store import WEIGHTS
 from ember.worker.host import ModelHost
 from ember.worker.main import start_libraries
@@ -60,8 +60,9 @@ def test_the_load_bench_measures_the_device_links(tmp_path: Path) -> None:
     rows, notes = run_benchmark(0.02, repeat=1, threads=2, cold=False, workdir=tmp_path, say=lambda _: None)
     sources = {row.source for row in rows}
     assert {"page cache -> cuda", "shm -> cuda"} <= sources
-    assert notes["cuda"] is True
+    assert notes["cuda"] is True and notes["arena_pinned"] is True
     assert all(row.gb_per_s > 0 for row in rows)
+    assert any(r.source == "shm -> cuda" and r.method == ARENA_TO_CUDA for r in rows)
     links, _ = measured_bandwidths(rows, cuda=True)
     staged = next(r for r in rows if r.source == "shm -> cuda" and r.method == "ember (staged) -> cuda")
     assert links.host_to_device_bytes_per_s == pytest.approx(staged.gb_per_s * 1e9, rel=1e-3)

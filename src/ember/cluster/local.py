@@ -77,8 +77,10 @@ class LocalWorker:
         preload: tuple[str, ...],
         log_path: Path,
         limits: WorkerLimits = WorkerLimits(),
+        warm_arena: Path | None = None,
     ) -> None:
         self._id = worker_id
+        self._warm_arena = warm_arena
         self._limits = limits
         self._wanted_device = device
         self._threads = threads
@@ -134,6 +136,8 @@ class LocalWorker:
         args += ["--threads", str(self._threads), "--max-memory-bytes", str(self._limits.memory_bytes)]
         for module in self._preload:
             args += ["--preload", module]
+        if self._warm_arena is not None:
+            args += ["--warm-arena", str(self._warm_arena)]
         # Ember never downloads weights at run time: keep Hugging Face libraries offline.
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **os.environ, PARENT_ENV: str(os.getpid())}
         with open(self._log_path, "ab") as log:
@@ -334,7 +338,9 @@ class LocalBackend:
         preload: tuple[str, ...] = ("numpy", "safetensors", "transformers"),
         limits: WorkerLimits | None = None,
         spares: int = 1,
+        warm_arena: Path | None = None,
     ) -> None:
+        """``warm_arena``: the store's arena, which CUDA workers map and register as pinned memory at start."""
         if size < 1:
             raise ValueError(f"a worker pool needs at least one worker, not {size}")
         self._size = size
@@ -344,6 +350,7 @@ class LocalBackend:
         # (a MiniLM batch went from 25 ms to 800 ms with two threads on a busy 2-core host).
         self._threads = threads or max(1, ((os.cpu_count() or 1) - 1) // size)
         self._preload = preload
+        self._warm_arena = warm_arena
         self._limits = limits or WorkerLimits(memory_bytes=WorkerLimits.default_memory_bytes(size))
         self._workers: dict[str, LocalWorker] = {}
         self._spares_wanted = spares
@@ -397,7 +404,9 @@ class LocalBackend:
     async def _start_one(self, spare: bool = False) -> None:
         n = next(self._seq)
         log_path = self._log_dir / f"worker-{n}.log"
-        worker = LocalWorker(f"w{n}", self._device, self._threads, self._preload, log_path, self._limits)
+        worker = LocalWorker(
+            f"w{n}", self._device, self._threads, self._preload, log_path, self._limits, self._warm_arena
+        )
         await worker.start(self._lost)
         if spare and len(self._workers) >= self._size:
             self._spares.append(worker)

@@ -25,13 +25,18 @@ measured again to the device (``-> cuda``: torch.load with ``map_location``, saf
 ``device=``, Ember's staged loader; a device load counts once ``torch.cuda.synchronize`` returns),
 and Ember from /dev/shm against a plain pinned host->device copy of the same bytes; beside them the
 /dev/shm file mapped and page-locked in place with ``cudaHostRegister``, per load and once ahead
-(:func:`_registered`): what a warm tier registered as pinned memory would reach.
+(:func:`_registered`): what a warm tier registered as pinned memory would reach; and
+``ember (warm arena) -> cuda``, the store's own warm copy in its arena, registered once, loaded
+with :func:`load_checkpoint` as a CUDA worker loads a warm model.
 
 ``store.promote`` is the platform's own cool -> warm step, timed as the controller runs it: the
-same checkpoint committed to a :class:`Store` under the work folder, copied into the store's warm
-tier (/dev/shm where the host has it) and its chunk checksums checked, from page cache and from
-cold disk; its warm copy is dropped before each run. :mod:`ember.store.bandwidths` turns these
-rows into the link speeds ``ember serve`` predicts first loads with.
+same checkpoint committed to a :class:`Store` under the work folder whose warm tier is an arena
+(:mod:`ember.store.arena`, allocated and touched when the store opens, before any timing), read
+into a slab with its chunk checksums checked as it goes, from page cache and from cold disk; its
+warm copy is dropped before each run. ``store.promote (file per model)`` is the same promotion
+into a store without an arena, which copies into a fresh /dev/shm file and then checks it.
+:mod:`ember.store.bandwidths` turns these rows into the link speeds ``ember serve`` predicts first
+loads with.
 
 torch and safetensors are imported inside the functions.
 """
@@ -53,6 +58,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ember.store.arena import register_arena
 from ember.store.convert import write_checkpoint
 from ember.store.format import PREAMBLE_BYTES, read_index
 from ember.store.loader import LoaderConfig, load_checkpoint
@@ -66,6 +72,11 @@ __all__ = ["PROMOTE", "Row", "run_benchmark"]
 _PAGE = 4096
 #: The method name of the cool -> warm rows.
 PROMOTE = "store.promote (cool -> warm)"
+#: The same promotion into a warm tier of one shared-memory file per model (a store without an arena).
+PROMOTE_FILES = "store.promote (file per model)"
+#: The warm tier's load onto the device from the store's arena (pinned once), as a CUDA worker does it.
+ARENA_TO_CUDA = "ember (warm arena) -> cuda"
+_KEY = "bench@1"
 _SIZES_MIB = (64, 16, 4, 1, 0.25, 0.0625)  # a mix of tensor sizes, like a model's matrices and vectors
 
 
@@ -184,7 +195,14 @@ def run_benchmark(
     notes: dict[str, Any] = {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "threads": threads}
     if torch.cuda.is_available():
         notes["device"] = torch.cuda.get_device_name()
-    with _workdir(workdir) as folder, contextlib.closing(Store(folder / "store")) as store:
+    arena_bytes = int(size_gb * 1e9 * 1.05) + (64 << 20)  # the checkpoint, its index and padding, with room
+    with (
+        _workdir(workdir) as folder,
+        contextlib.closing(
+            Store(folder / "store", warm_budget_bytes=arena_bytes, verify_threads=threads, arena=True)
+        ) as store,
+        contextlib.closing(Store(folder / "store-files", verify_threads=threads)) as file_store,
+    ):
         tensors = make_tensors(int(size_gb * 1e9))
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         files = {"ember": folder / "w.ember", "torch": folder / "w.pt", "safetensors": folder / "w.safetensors"}
@@ -194,6 +212,7 @@ def run_benchmark(
         safetensors.torch.save_file(tensors, files["safetensors"])
         del tensors
         promote, prepare_promote, cool_file = _committed(store, files["ember"], notes)
+        promote_files, prepare_files, cool_file_files = _committed(file_store, files["ember"], {})
         read_loader = LoaderConfig(
             threads=loader.threads, chunk_bytes=loader.chunk_bytes, direct_io=loader.direct_io, map_on_cpu=False
         )
@@ -205,19 +224,22 @@ def run_benchmark(
             "ember (mmap)": lambda: touch(load_checkpoint(files["ember"], "cpu", loader)),
             "ember (read into new buffer)": lambda: touch(load_checkpoint(files["ember"], "cpu", read_loader)),
             PROMOTE: promote,
+            PROMOTE_FILES: promote_files,
         }
         if "backend" in inspect.signature(safetensors.torch.load_file).parameters:  # safetensors >= 0.7
             methods["safetensors.load_file pread"] = lambda: touch(
                 safetensors.torch.load_file(files["safetensors"], backend="pread")
             )
-        on_disk = [*files.values(), cool_file]
+        on_disk = [*files.values(), cool_file, cool_file_files]
 
         def cached() -> None:
             prepare_promote()
+            prepare_files()
             warm_up(on_disk)
 
         def evicted() -> None:
             prepare_promote()
+            prepare_files()
             evict(on_disk)
 
         sources: list[tuple[str, Callable[[], object], dict[str, Callable[[], object]]]] = [
@@ -248,6 +270,10 @@ def run_benchmark(
                             lambda: load_checkpoint(shm_folder / "w.ember", "cuda", loader)
                         ),
                     }
+                    promote()  # the store's copy into its arena, registered once as a worker does at start
+                    slab = store.weights_path(_KEY)
+                    notes["arena_pinned"] = store.arena_path is not None and register_arena(store.arena_path)
+                    host_methods[ARENA_TO_CUDA] = _synced(lambda: load_checkpoint(slab, "cuda"))
                     with _registered(shm_folder / "w.ember", device_copy, notes) as registered:
                         rows_shm += _measure(
                             "shm -> cuda",
@@ -292,7 +318,7 @@ def _committed(
     store: Store, checkpoint: Path, notes: dict[str, Any]
 ) -> tuple[Callable[[], object], Callable[[], object], Path]:
     """Commit ``checkpoint`` to ``store``: its promotion, what undoes one, and its cool file."""
-    key = "bench@1"
+    key = _KEY
     staging = store.staging(key)
     shutil.copyfile(checkpoint, staging / WEIGHTS)
     store.commit(key, staging)

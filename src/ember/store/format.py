@@ -26,6 +26,7 @@ torch is imported inside the functions: only worker code imports it at module le
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -197,13 +198,27 @@ def read_index(path: Path) -> Index:
     return parse_index(path, body, chunk_bytes, data_length, size)
 
 
-def read_container(path: Path, magic: bytes) -> tuple[int, int, int, Any]:
+def read_index_at(path: Path, base: int, size: int) -> Index:
+    """The index of a checkpoint held as ``size`` bytes from byte ``base`` of the file at ``path``.
+
+    The warm-tier arena holds checkpoints this way; the index's ``data_offset`` and ``chunks()``
+    are positions in the whole file, so :func:`verify_chunks` checks the copy in place.
+    """
+    path = Path(path)
+    chunk_bytes, data_length, size, body = read_container(path, MAGIC, (base, size))
+    index = parse_index(path, body, chunk_bytes, data_length, size)
+    return dataclasses.replace(index, data_offset=base + PREAMBLE_BYTES)
+
+
+def read_container(path: Path, magic: bytes, window: tuple[int, int] | None = None) -> tuple[int, int, int, Any]:
     """Validate the preamble and the index checksum of a file starting with ``magic``.
 
     Returns the chunk size, the data region's length, the file's size and the parsed index JSON.
+    With ``window`` (base, size) the checkpoint is those bytes of a larger file.
     """
     with open(path, "rb") as source:
-        size = os.fstat(source.fileno()).st_size
+        base, size = window if window is not None else (0, os.fstat(source.fileno()).st_size)
+        source.seek(base)
         head = source.read(_PREAMBLE.size + 4)
         if len(head) < _PREAMBLE.size + 4 or size < PREAMBLE_BYTES:
             raise corrupt(path, f"it is {size} bytes long, shorter than the {PREAMBLE_BYTES}-byte preamble")
@@ -228,7 +243,7 @@ def read_container(path: Path, magic: bytes) -> tuple[int, int, int, Any]:
             raise corrupt(
                 path, f"it is {size} bytes long but its preamble says {index_offset + index_length} (truncated?)"
             )
-        source.seek(index_offset)
+        source.seek(base + index_offset)
         blob = source.read(index_length)
     if len(blob) != index_length or zlib.crc32(blob) != index_crc:
         raise corrupt(path, "its index fails its crc32 check")

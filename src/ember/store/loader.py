@@ -13,6 +13,10 @@ allocation. The pipeline itself (:func:`_staged`) takes the copy as a function, 
 drive it on the CPU with a copy that only happens when waited for. With ``map_on_cpu=False`` a CPU
 load reads in parallel straight into one fresh page-aligned host allocation instead of mapping.
 
+A warm model in the store's arena is named by its ``weights.slab`` (:mod:`ember.store.arena`):
+its tensors are views of a private mapping of the slab on the CPU (mapped up front, read-only),
+and one copy from the arena (mapped and registered as pinned memory once per process) on a device.
+
 A compressed checkpoint (:mod:`ember.store.compress`) is decompressed by ``config.threads`` threads
 into one fresh page-aligned host allocation laid out as the uncompressed data region, so the
 tensors are the same aligned views; ``verify`` checks each frame and the result. To a device the
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
 from ember.errors import CorruptCheckpoint
+from ember.store.arena import SLAB_FILE, map_slab
 from ember.store.compress import CompressedIndex, decode_frame, decompress_into, read_compressed_index
 from ember.store.format import PREAMBLE_BYTES, Index, is_compressed, read_index, torch_dtype, verify_chunks
 
@@ -93,11 +98,16 @@ def load_checkpoint(
     """
     import torch
 
+    target = torch.device(device)
+    if Path(path).name == SLAB_FILE:  # a warm model in the arena: views of its slab, or one copy from it
+        index, data = map_slab(Path(path), "cpu" if target.type == "meta" else target)
+        if config.verify:
+            verify_chunks(index, config.threads)
+        return _tensors(index, data, target)
     compressed = read_compressed_index(Path(path)) if is_compressed(Path(path)) else None
     index = compressed.raw if compressed else read_index(Path(path))
     if config.verify and not compressed:
         verify_chunks(index, config.threads)
-    target = torch.device(device)
     if target.type == "meta" or index.data_length == 0:
         return {e.name: torch.empty(e.shape, dtype=torch_dtype(e.dtype), device=target) for e in index.tensors}
     if compressed and target.type == "cpu":
@@ -110,6 +120,15 @@ def load_checkpoint(
         data = _read_to_host(index, config)
     else:
         data = _read_to_device(index, target, config)
+    return _tensors(index, data, target)
+
+
+def _tensors(index: Index, data: torch.Tensor, target: torch.device) -> dict[str, torch.Tensor]:
+    """The index's tensors as views of ``data`` (its data region on ``target``)."""
+    import torch
+
+    if target.type == "meta" or index.data_length == 0:
+        return {e.name: torch.empty(e.shape, dtype=torch_dtype(e.dtype), device=target) for e in index.tensors}
     tensors: dict[str, torch.Tensor] = {}
     for entry in index.tensors:
         dtype = torch_dtype(entry.dtype)

@@ -2,7 +2,9 @@
 
     root/models/<key>/        cool: weights.ember, assets/<name>, manifest.json
     root/staging/<random>/    an import in progress (or a model being removed)
-    warm_root/<key>/          warm: the same three, in /dev/shm where the host has it
+    warm_root/<key>/          warm: the same three, in /dev/shm where the host has it; or, with
+                              an arena, weights.slab in place of weights.ember
+    warm_root/.arena-<token>  the warm arena (:mod:`ember.store.arena`), when the store has one
 
 Every copy is built in a scratch folder and renamed into place with its ``manifest.json`` written
 last, so a folder under a key's name is always complete; a crash leaves only scratch folders, and
@@ -20,6 +22,14 @@ Each tier may have a byte budget. The store remembers the order in which models 
 removes (cool) in that order until the bytes fit, and returns what it moved. ``promote`` makes room
 in the warm tier itself; ``commit`` refuses a model the cool budget cannot hold, since dropping a
 cool copy loses the model until it is imported again: that is the controller's call.
+
+With ``arena=True`` the warm tier is one shared-memory region of the warm budget's size,
+allocated and touched when the store opens, and each warm model's checkpoint takes a slab of it
+(:mod:`ember.store.arena`, :mod:`ember.store.warm_arena`): promotion reads straight into the
+slab, eviction frees slabs until one contiguous run fits, and ``weights_path`` names the model's
+``weights.slab``, which :func:`ember.store.loader.load_checkpoint` follows. Only a store that is
+the only one open on its root may own an arena; a restart rebuilds the arena's index from the
+warm folders, and the last store to close removes the arena with the warm copies.
 
 The store reports the warm, cool and cold tiers; hot (on the device) is the worker's business.
 """
@@ -43,11 +53,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import CorruptCheckpoint
+from ember.store.arena import ARENA_PREFIX, SLAB_FILE, Arena, SlabRef
 from ember.store.compress import compress_checkpoint, decompress_checkpoint, read_compressed_index, verify_frames
 from ember.store.format import REPAIR as _FORMAT_REPAIR
-from ember.store.format import atomic_file, fsync_path, is_compressed, read_index, verify_chunks
+from ember.store.format import atomic_file, fsync_path, is_compressed, read_index, read_index_at, verify_chunks
+from ember.store.warm_arena import ArenaIndex, ArenaStats
 
-__all__ = ["Store", "StoreStats", "StoredModel", "Tier", "TierStats"]
+__all__ = ["ArenaStats", "Store", "StoreStats", "StoredModel", "Tier", "TierStats"]
 
 WEIGHTS = "weights.ember"
 ASSETS = "assets"
@@ -102,10 +114,13 @@ class TierStats:
 
 @dataclass(frozen=True)
 class StoreStats:
-    """Models and weight bytes per tier; a warm model also counts in cool (its disk copy stays)."""
+    """Models and weight bytes per tier; a warm model also counts in cool (its disk copy stays).
+
+    ``arena``: the warm arena's figures, for a store that has one."""
 
     warm: TierStats
     cool: TierStats
+    arena: ArenaStats | None = None
 
 
 @dataclass(frozen=True)
@@ -155,10 +170,13 @@ class Store:
         warm_budget_bytes: int | None = None,
         cool_budget_bytes: int | None = None,
         verify_threads: int = 4,
+        arena: bool = False,
     ) -> None:
         for name, budget in (("warm_budget_bytes", warm_budget_bytes), ("cool_budget_bytes", cool_budget_bytes)):
             if budget is not None and budget < 0:
                 raise ValueError(f"{name}={budget}: use a byte count of 0 or more, or None for no limit")
+        if arena and not warm_budget_bytes:
+            raise ValueError("arena=True needs a warm budget: it is the arena's size")
         self._budgets = {Tier.WARM: warm_budget_bytes, Tier.COOL: cool_budget_bytes}
         self._verify_threads = max(1, verify_threads)
         self._ticks = itertools.count(1)
@@ -175,10 +193,43 @@ class Store:
         #: Who hears the progress of a model's copy to the warm tier (see :meth:`watch`).
         self._watchers: dict[str, Callable[[int, int], None]] = {}
         self._lock_fd: int | None = os.open(self._root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._arena: ArenaIndex | None = None
+        alone = False
         with contextlib.suppress(BlockingIOError):  # another store is open on root: leave its work be
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
             self._clean()
+            if arena:
+                try:
+                    self._open_arena(warm_budget_bytes or 0)
+                except BaseException:
+                    self.close()
+                    raise
+        if arena and not alone:
+            self.close()
+            raise ValueError(f"another store is open on {self._root}; an arena needs the store to itself, stop it")
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+
+    def _open_arena(self, budget: int) -> None:
+        """Map (or create) the arena and adopt the slabs of the complete warm folders; drop the rest
+        (warm copies outside the arena too: the budget is the arena's size)."""
+        index = ArenaIndex(Arena(self._warm_root, budget))
+        for entry in sorted(self._warm_root.glob("*")):
+            if _KEY.fullmatch(entry.name) and entry.is_dir():
+                try:
+                    ref, size = SlabRef.load(entry / SLAB_FILE), _Manifest.load(entry).warm_size
+                    adopted = index.adopt(entry.name, ref, size)
+                except (OSError, CorruptCheckpoint):
+                    adopted = False
+                if not adopted:
+                    _log.warning("deleting %s: a warm copy outside this arena (a crash or a resized arena)", entry)
+                    _delete(entry)
+        self._arena = index
+
+    @property
+    def arena_path(self) -> Path | None:
+        """The warm arena's file, for workers to map; None without an arena."""
+        return self._arena.arena.path if self._arena is not None else None
 
     def staging(self, key: str) -> Path:
         """A fresh empty folder: write ``weights.ember`` and ``assets/<name>`` there, then commit."""
@@ -267,7 +318,11 @@ class Store:
         """The warm ``weights.ember`` if the model is warm, else the cool one; counts as a use."""
         self.touch(key)
         if self.tier(key) is Tier.WARM:
-            return self._warm_root / key / WEIGHTS
+            slab = self._warm_root / key / SLAB_FILE
+            if not slab.is_file():
+                return self._warm_root / key / WEIGHTS
+            if self._arena is not None:
+                return slab
         return self.get(key).path / WEIGHTS
 
     def assets(self, key: str) -> dict[str, bytes]:
@@ -305,6 +360,15 @@ class Store:
         moved: list[str] = []
         if budget is None:
             return moved
+        if tier is Tier.WARM and self._arena is not None:  # room in the arena is a contiguous run
+            with self._room_lock:
+                try:
+                    plan = self._arena.plan("", num_bytes, self.evictable(tier), keep)
+                except ValueError:  # no run can be freed that long: fall short, as below
+                    return moved
+                for key in plan.victims:
+                    self.demote(key)
+            return list(plan.victims)
         with self._room_lock:
             stats = self.statistics()
             used = stats.warm.bytes if tier is Tier.WARM else stats.cool.bytes
@@ -336,6 +400,7 @@ class Store:
         return StoreStats(
             warm=TierStats(warm_models, warm_bytes, self._budgets[Tier.WARM]),
             cool=TierStats(cool_models, cool_bytes, self._budgets[Tier.COOL]),
+            arena=self._arena.statistics() if self._arena is not None else None,
         )
 
     @contextlib.contextmanager
@@ -358,6 +423,8 @@ class Store:
         self._check_open(key)
         warm = self._warm_root / key
         self.touch(key)
+        if self._arena is not None:
+            return self._promote_to_arena(key, self._arena)
         if not (warm / MANIFEST).is_file():
             size, budget = self.get(key).warm_bytes, self._budgets[Tier.WARM]
             if budget is not None and size > budget:
@@ -398,11 +465,53 @@ class Store:
                 shutil.rmtree(scratch, ignore_errors=True)
         return warm
 
+    def _promote_to_arena(self, key: str, arena: ArenaIndex) -> Path:
+        """Promote into a slab: plan and release room, read the checkpoint into the slab (checked as it
+        is read), then write the warm folder naming the slab, renamed into place last."""
+        warm = self._warm_root / key
+        with self._lock(key):
+            if (warm / MANIFEST).is_file():
+                return warm
+            manifest, cool = self._cool_manifest(key), self._models / key
+            with self._room_lock:
+                for _ in range(3):
+                    plan = arena.plan(key, manifest.warm_size, self.evictable(Tier.WARM))
+                    for victim in plan.victims:
+                        self.demote(victim)
+                    # a worker that locked a victim's slab before its folder went keeps it: plan again
+                    if not arena.arena.in_use(plan.slab.offset, plan.slab.length):
+                        break
+                else:
+                    raise ValueError(f"model '{key}' found no slab that workers were not loading from; try again")
+                arena.reserve(key, plan.slab)
+            scratch = self._warm_root / f".promote-{key}.{secrets.token_hex(8)}"
+            try:
+                scratch.mkdir()
+                with _named(cool / WEIGHTS, cool / WEIGHTS, key):
+                    arena.fill(plan.slab.offset, cool / WEIGHTS, self._verify_threads)
+                    copied = read_index_at(arena.arena.path, plan.slab.offset, manifest.warm_size)
+                if copied.file_bytes != manifest.warm_size:
+                    raise CorruptCheckpoint(f"{cool / WEIGHTS} of model '{key}' is not the size its manifest says")
+                (scratch / ASSETS).mkdir()
+                for name, digest in manifest.assets.items():
+                    _check_hash(cool / ASSETS / name, digest, key, copy_to=scratch / ASSETS / name)
+                ref = SlabRef(arena.arena.path, plan.slab.offset, manifest.warm_size)
+                (scratch / SLAB_FILE).write_bytes(ref.to_json())
+                (scratch / MANIFEST).write_bytes(manifest.to_json())
+                os.rename(scratch, warm)
+                arena.commit(key)
+            finally:
+                arena.abandon(key)
+                shutil.rmtree(scratch, ignore_errors=True)
+        return warm
+
     def demote(self, key: str) -> None:
         """Drop the warm copy; nothing if there is none."""
         _check_key(key)
         with self._lock(key):
             _discard(self._warm_root / key, self._warm_root)
+            if self._arena is not None:
+                self._arena.release(key)
 
     def remove(self, key: str) -> None:
         """Drop the warm and cool copies; KeyError if the store does not hold ``key``."""
@@ -411,6 +520,8 @@ class Store:
             if not (self._models / key).exists():
                 raise KeyError(f"model '{key}' is not in the store; nothing to remove")
             _discard(self._warm_root / key, self._warm_root)
+            if self._arena is not None:
+                self._arena.release(key)
             _discard(self._models / key, self._staging)
 
     def verify(self, key: str) -> None:
@@ -422,9 +533,12 @@ class Store:
             folders = [self._models / key] + ([self._warm_root / key] if self.tier(key) is Tier.WARM else [])
             for folder in folders:
                 warm = folder != self._models / key
-                _check_weights(
-                    folder / WEIGHTS, manifest.warm_size if warm else manifest.size, self._verify_threads, key
-                )
+                if warm and (folder / SLAB_FILE).is_file():
+                    _check_slab(folder / SLAB_FILE, manifest.warm_size, self._verify_threads, key)
+                else:
+                    _check_weights(
+                        folder / WEIGHTS, manifest.warm_size if warm else manifest.size, self._verify_threads, key
+                    )
                 for name, digest in manifest.assets.items():
                     _check_hash(folder / ASSETS / name, digest, key)
 
@@ -432,11 +546,15 @@ class Store:
         """Release the store; the last store open on this root removes the warm copies."""
         if self._lock_fd is None:
             return
+        if self._arena is not None:
+            self._arena.arena.close()
         with contextlib.suppress(BlockingIOError):  # another store is open on root: it may use them
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             for entry in list(self._warm_root.glob("*")):
                 if entry.name.startswith(_SCRATCH) or (_KEY.fullmatch(entry.name) and (entry / MANIFEST).is_file()):
                     shutil.rmtree(entry, ignore_errors=True)
+                elif entry.name.startswith(ARENA_PREFIX):
+                    entry.unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # leave a warm_root holding files that aren't ours
                 self._warm_root.rmdir()
         os.close(self._lock_fd)
@@ -504,6 +622,9 @@ def _is_complete(folder: Path, key: str, *, warm: bool) -> bool:
         manifest = _Manifest.load(folder)
         files_ok = all((folder / ASSETS / n).is_file() for n in manifest.assets)
         size = manifest.warm_size if warm else manifest.size
+        if warm and (folder / SLAB_FILE).is_file():  # in an arena: it must still exist at the recorded place
+            ref = SlabRef.load(folder / SLAB_FILE)
+            return manifest.key == key and files_ok and ref.length == size and ref.arena.is_file()
         return manifest.key == key and files_ok and (folder / WEIGHTS).stat().st_size == size
     except (OSError, CorruptCheckpoint):
         return False
@@ -511,10 +632,11 @@ def _is_complete(folder: Path, key: str, *, warm: bool) -> bool:
 
 def _hash_file(path: Path, key: str, *, copy_to: Path | None = None, sync: bool = False) -> tuple[str, int]:
     """The sha256 and size of ``path``, read in chunks and, with ``copy_to``, copied on the way."""
-    digest, size, buf = hashlib.sha256(), 0, bytearray(CHUNK_BYTES)
-    view = memoryview(buf)
+    digest, size = hashlib.sha256(), 0
     try:
         with open(path, "rb", buffering=0) as reader, contextlib.ExitStack() as stack:
+            buf = bytearray(min(CHUNK_BYTES, os.fstat(reader.fileno()).st_size + 1))  # small files, small buffers
+            view = memoryview(buf)
             writer = stack.enter_context(open(copy_to, "wb")) if copy_to else None
             while n := reader.readinto(buf):
                 digest.update(view[:n])
@@ -583,6 +705,16 @@ def _copy(src: Path, dst: Path, progress: Callable[[int, int], None] | None) -> 
             progress(done, total)
     if total == 0:
         progress(0, 0)
+
+
+def _check_slab(path: Path, size: int, threads: int, key: str) -> None:
+    """The checkpoint a ``weights.slab`` names is ``size`` bytes, its index and chunks sound."""
+    ref = SlabRef.load(path)
+    with _named(ref.arena, path, key):
+        index = read_index_at(ref.arena, ref.offset, ref.length)
+        if index.file_bytes != size:
+            raise CorruptCheckpoint(f"checkpoint {ref.arena} is damaged: it is {index.file_bytes} bytes, not {size}")
+        verify_chunks(index, threads)
 
 
 def _decompress(src: Path, dst: Path, threads: int, key: str) -> None:

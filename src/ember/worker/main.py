@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ember.store.arena import register_arena
 from ember.worker.host import ModelHost
 from ember.worker.protocol import (
     Import,
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--preload", action="append", default=[])
     parser.add_argument("--max-memory-bytes", type=int, default=0)
+    parser.add_argument("--warm-arena", type=Path, default=None)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
 
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     device = _pick_device(args.device)
     if device.type == "cuda":
         start_libraries(device)
+        if args.warm_arena is not None:  # map and pin the warm arena once, before any load needs it
+            register_arena(args.warm_arena)
     for module in args.preload:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
