@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ember.api import Arrays
 from ember.clock import Clock, WallClock, run_blocking
 from ember.cluster.base import ClusterBackend
 from ember.cluster.local import LocalBackend, WorkerLimits, storage_full
@@ -55,7 +56,6 @@ from ember.registry import DeploymentRecord, Registry
 from ember.scheduler import DeviceArbiter, ModelRunner
 from ember.store import Store
 from ember.store.bandwidths import HostBandwidths, read_bandwidths
-from ember.worker.protocol import Arrays
 
 __all__ = ["EmberService", "ModelInfo", "ServeOptions"]
 

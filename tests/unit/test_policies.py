@@ -15,7 +15,7 @@ from ember.policies import (
     TenantIsolated,
     WorkerView,
 )
-from ember.store import Tier
+from ember.policies.tiers import Tier
 
 queues = st.lists(st.tuples(st.floats(0, 10), st.integers(1, 8), st.floats(0, 10)), min_size=1, max_size=40).map(
     lambda q: tuple(sorted(q))

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ember.worker.protocol import Arrays, Batch
+from ember.api import Arrays
+from ember.worker.protocol import Batch
 
 __all__ = ["ClusterBackend", "ProgressCallback", "WorkerHandle"]
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ember.api import Arrays
 from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.errors import EmberError, InternalError, InvalidInput, ModelFailed, StorageFull, WorkerCrashed
 from ember.worker.lifeline import PARENT_ENV
 from ember.worker.protocol import (
-    Arrays,
     Batch,
     Import,
     Infer,

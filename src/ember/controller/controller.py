@@ -39,8 +39,9 @@ from ember.policies.eviction import Eviction, EvictionCandidate, ExpectedCostEvi
 from ember.policies.keepalive import Demotion, IdleHistogram, KeepAlive, ModelView
 from ember.policies.latency import Bandwidths, remaining_load_s
 from ember.policies.placement import Placement, Rebalancer, Resident, WorkerView, device_fits, device_share
+from ember.policies.tiers import Tier
 from ember.scheduler.runner import ModelRunner
-from ember.store import Store, Tier
+from ember.store import Store
 
 __all__ = ["ColdStart", "Controller"]
 

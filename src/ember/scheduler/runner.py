@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ember.api import ANSWER_MISMATCH, DATATYPES
+from ember.api import ANSWER_MISMATCH, DATATYPES, Arrays
 from ember.clock import Clock
 from ember.cluster.base import WorkerHandle
 from ember.config import Deployment
@@ -40,7 +40,7 @@ from ember.policies.devices import Candidate
 from ember.policies.latency import LatencyModel
 from ember.scheduler.device import DeviceArbiter
 from ember.scheduler.queue import ModelQueue, Pending
-from ember.worker.protocol import Arrays, rows_of
+from ember.worker.protocol import rows_of
 
 __all__ = ["ModelRunner", "Promoter", "RunnerStats"]
 

@@ -47,6 +47,7 @@ from ember.policies import (
     device_share,
 )
 from ember.policies.baselines import IdleInstance
+from ember.policies.tiers import Tier
 from ember.sim.cluster import ClusterSpec, ModelSpec
 from ember.sim.policysets import PolicySet
 from ember.sim.state import Device as _Device
@@ -54,7 +55,6 @@ from ember.sim.state import Instance as _Instance
 from ember.sim.state import Model as _Model
 from ember.sim.state import Request, RunResult
 from ember.sim.workload import Workload
-from ember.store import Tier
 
 __all__ = ["Engine", "RunResult"]
 

@@ -20,8 +20,8 @@ from ember.policies import (
     WorkerView,
     warmup_batch_sizes,
 )
+from ember.policies.tiers import Tier
 from ember.sim.cluster import ModelSpec
-from ember.store import Tier
 
 __all__ = ["Device", "Instance", "Model", "Request", "RunResult"]
 

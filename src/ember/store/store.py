@@ -27,7 +27,6 @@ The store reports the warm, cool and cold tiers; hot (on the device) is the work
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import hashlib
 import itertools
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import CorruptCheckpoint
+from ember.policies.tiers import Tier
 from ember.store.compress import compress_checkpoint, decompress_checkpoint, read_compressed_index, verify_frames
 from ember.store.format import REPAIR as _FORMAT_REPAIR
 from ember.store.format import atomic_file, fsync_path, is_compressed, read_index, verify_chunks
@@ -59,15 +59,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SCRATCH = (".promote-", ".trash-")
 _REPAIR = "remove it from the store and import it again from its source"
 _log = logging.getLogger(__name__)
-
-
-class Tier(enum.StrEnum):
-    """Where a model's weights are; hotter tiers serve the next request sooner."""
-
-    HOT = "hot"
-    WARM = "warm"
-    COOL = "cool"
-    COLD = "cold"
 
 
 @dataclass(frozen=True)

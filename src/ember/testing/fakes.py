@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ember.api import TensorSpec, check_answer
+from ember.api import Arrays, TensorSpec, check_answer
 from ember.clock import Clock, VirtualClock
 from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.errors import ModelFailed, WorkerCrashed
 from ember.store import Store, StoredModel
 from ember.store.format import write_raw
 from ember.store.store import WEIGHTS
-from ember.worker.protocol import Arrays, Batch, rows_of
+from ember.worker.protocol import Batch, rows_of
 
 __all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "run_in_virtual_time", "stage_weights"]
 
