@@ -214,7 +214,8 @@ class EmberService:
                 self._set_aside(record, exc)
                 continue
             runner = self._add(deployment)
-            runner.latency = self._saved[record.name] = runner.latency.from_json(self.registry.latency(record.key))
+            restored = self._saved[record.name] = runner.latency.from_json(self.registry.latency(record.key))
+            runner.restore_latency(restored)
         self._controller_task = asyncio.create_task(self.controller.run(), name="ember-controller")
         self._saver_task = asyncio.create_task(self._save_periodically(), name="ember-save-measurements")
         self._accepting = True
@@ -454,19 +455,20 @@ class EmberService:
     def info(self, name: str) -> ModelInfo:
         runner = self.runner(name)
         d = runner.deployment
+        stats = runner.statistics()
         cold = self.controller.last_cold_start(name)
         return ModelInfo(
             name=d.name,
             version=d.version,
             tier=self.controller.tier(name).value,
             instances=self.controller.instances(name),
-            requests=runner.stats.requests,
-            succeeded=runner.stats.succeeded,
-            failed=runner.stats.failed,
-            queued=len(runner.queue),
+            requests=stats.requests,
+            succeeded=stats.succeeded,
+            failed=stats.failed,
+            queued=stats.queued,
             task=d.metadata.task,
             slo_ms=d.slo_ms,
-            slo_attainment=runner.stats.slo_attainment,
+            slo_attainment=stats.slo_attainment,
             cold_starts=self.controller.cold_starts(name),
             last_cold_start=None if cold is None else {"tier": cold.tier.value, "seconds": cold.seconds, "at": cold.at},
             bytes=d.metadata.bytes,

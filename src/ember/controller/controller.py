@@ -26,28 +26,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from ember.clock import Clock, run_blocking
 from ember.cluster.base import ClusterBackend, WorkerHandle
 from ember.config import Deployment
 from ember.errors import EmberError, ModelNotFound, ModelUnavailable, WorkerCrashed
 from ember.metrics import Metrics
-from ember.policies.autoscaler import Autoscaler, ScaleState, ScaleView, SloAutoscaler
+from ember.policies.autoscaler import Autoscaler, ScaleView, SloAutoscaler
 from ember.policies.eviction import Eviction, EvictionCandidate, ExpectedCostEviction
-from ember.policies.keepalive import Demotion, IdleHistogram, KeepAlive, ModelView
-from ember.policies.latency import Bandwidths, remaining_load_s
+from ember.policies.keepalive import Demotion, KeepAlive, ModelView
+from ember.policies.latency import Bandwidths, LatencyModel, remaining_load_s
 from ember.policies.placement import Placement, Rebalancer, Resident, WorkerView, device_fits, device_share
 from ember.policies.tiers import Tier
-from ember.scheduler.runner import ModelRunner
+from ember.state import Hosted, Measured, ModelState, RunnerStatistics, fold, model_view, tenant_of, worker_view
 from ember.store import Store
 
-__all__ = ["ColdStart", "Controller"]
+__all__ = ["ColdStart", "Controller", "Runner"]
 
 WORKER_WAIT_S = 120.0
-#: Weight of the newest tick in the arrival-rate average.
-RATE_SMOOTHING = 0.3
 #: Weight of the newest tick in a model's share of a worker.
 SHARE_SMOOTHING = 0.5
 
@@ -63,10 +61,34 @@ class ColdStart:
     at: float
 
 
+class Runner(Protocol):
+    """What the controller asks of a model's runner (``scheduler.ModelRunner``): what it measured, and
+    to be told of loads."""
+
+    @property
+    def deployment(self) -> Deployment: ...
+
+    @property
+    def latency(self) -> LatencyModel:
+        """The model's latency model as measured so far."""
+        ...
+
+    def statistics(self) -> RunnerStatistics: ...
+
+    def drain(self) -> Measured:
+        """What was measured since the last drain."""
+        ...
+
+    def instance_loaded(self, instance_id: str) -> None: ...
+
+    def observe_load(self, tier: Tier, seconds: float) -> None: ...
+
+
 @dataclass
 class _Model:
     deployment: Deployment
-    runner: ModelRunner
+    runner: Runner
+    state: ModelState
     workers: list[WorkerHandle] = field(default_factory=list)
     promoting: asyncio.Task[WorkerHandle] | None = None
     #: When the running promotion began, and how long it was predicted to take.
@@ -75,12 +97,9 @@ class _Model:
     scaling: asyncio.Task[object] | None = None
     last_cold_start: ColdStart | None = None
     cold_starts: int = 0
-    histogram: IdleHistogram = field(default_factory=IdleHistogram)
-    prewarmed: bool = False
-    scale_state: ScaleState = field(default_factory=ScaleState)
-    arrival_rate: float = 0.0
-    requests_seen: int = 0
-    rate_since: float = 0.0
+    #: The runner's statistics and what it measured, as of the last tick.
+    stats: RunnerStatistics = field(default_factory=RunnerStatistics)
+    measured: Measured = field(default_factory=Measured)
     #: When its last promotion to hot finished: its idle time on the device counts from then at the
     #: earliest (a load started by a refused request is not demoted at the next tick).
     hot_since: float = 0.0
@@ -133,9 +152,9 @@ class Controller:
 
     # -- registration ------------------------------------------------------------------------------
 
-    def add(self, runner: ModelRunner) -> None:
+    def add(self, runner: Runner) -> None:
         name = runner.deployment.name
-        self._models[name] = _Model(runner.deployment, runner, rate_since=self._clock.now())
+        self._models[name] = _Model(runner.deployment, runner, ModelState.of(runner.deployment, self._clock.now()))
         self._metrics.set_tier(name, self.tier(name).value)
 
     def update(self, deployment: Deployment) -> None:
@@ -143,6 +162,7 @@ class Controller:
         model = self._models.get(deployment.name)
         if model is not None:
             model.deployment = deployment
+            model.state = replace(model.state, tenant=tenant_of(deployment))
 
     async def remove(self, name: str) -> None:
         model = self._models.pop(name, None)
@@ -187,6 +207,18 @@ class Controller:
         if model.alive():
             return Tier.HOT
         return self._store.tier(model.deployment.key)
+
+    def state(self, name: str) -> ModelState:
+        """What the control loop remembers of ``name``, as of its last tick."""
+        return self._get(name).state
+
+    def utilization(self, worker_id: str) -> float:
+        """The share of ``worker_id``'s device time its models took, as measured at the last tick."""
+        return sum(
+            self._share(name, worker_id)
+            for name, m in self._models.items()
+            if any(w.id == worker_id for w in m.workers)
+        )
 
     def instances(self, name: str) -> int:
         return len(self._get(name).alive())
@@ -258,12 +290,12 @@ class Controller:
         views = tuple(self._view(model, now) for model in models)
         for action in self._keepalive.decide(views):
             target = self._models.get(action.name)
-            if target is None or target.runner.busy or self._promoting(target):
+            if target is None or target.runner.statistics().busy or self._promoting(target):
                 continue
             if isinstance(action, Demotion):
                 await self.demote(action.name, action.to)
             else:
-                target.prewarmed = True
+                target.state = replace(target.state, prewarmed=True)
                 self._start_promotion(target)
         for model in models:
             if model.deployment.max_instances > 1 and model.deployment.name in self._models:
@@ -274,33 +306,24 @@ class Controller:
             await self._rebalance(self._rebalancer)
 
     def _measure(self, model: _Model, now: float) -> None:
-        runner = model.runner
-        for gap in runner.idle_gaps:
-            model.histogram = model.histogram.observe(gap)
-        if runner.idle_gaps:
-            model.prewarmed = False  # a new busy period began
-        runner.idle_gaps.clear()
-        elapsed = now - model.rate_since
-        if elapsed > 0:
-            rate = (runner.stats.requests - model.requests_seen) / elapsed
-            model.arrival_rate += RATE_SMOOTHING * (rate - model.arrival_rate)
-            model.requests_seen = runner.stats.requests
-            model.rate_since = now
+        """Take what the runner measured since the last tick and fold it into the model's state."""
+        model.stats, model.measured = model.runner.statistics(), model.runner.drain()
+        model.state = fold(model.state, model.measured, model.stats, now)
 
     def _view(self, model: _Model, now: float) -> ModelView:
-        name = model.deployment.name
-        busy = model.runner.busy or self._promoting(model)
-        tier = self.tier(name)
-        return ModelView(
-            name=name,
-            tier=tier,
-            idle_s=0.0 if busy else max(0.0, now - max(model.runner.stats.last_active, model.hot_since)),
-            busy=busy,
-            keepalive_hot_s=model.deployment.keepalive_hot_s,
-            keepalive_warm_s=model.deployment.keepalive_warm_s,
-            histogram=model.histogram,
-            load_s=self._load_s(model, Tier.WARM if tier is Tier.HOT else tier),
-            prewarmed=model.prewarmed,
+        d, state = model.deployment, model.state
+        return model_view(
+            d.name,
+            self.tier(d.name),
+            now - max(state.last_active, model.hot_since),
+            model.stats.busy or self._promoting(model),
+            keepalive_hot_s=d.keepalive_hot_s,
+            keepalive_warm_s=d.keepalive_warm_s,
+            histogram=state.histogram,
+            latency=state.latency,
+            model_bytes=d.metadata.bytes,
+            bandwidths=self._bandwidths,
+            prewarmed=state.prewarmed,
         )
 
     def _load_s(self, model: _Model, tier: Tier) -> float:
@@ -312,24 +335,24 @@ class Controller:
         alive = model.alive()
         if not alive or self._promoting(model) or (model.scaling is not None and not model.scaling.done()):
             return
-        d = model.deployment
+        d, stats = model.deployment, model.runner.statistics()
         view = ScaleView(
             name=d.name,
-            arrival_rate=model.arrival_rate,
-            queued=len(model.runner.queue) + model.runner.running,
+            arrival_rate=model.state.arrival_rate,
+            queued=stats.queued + stats.running,
             current=len(alive),
             slo_s=d.slo_ms / 1000.0,
             max_batch_size=d.max_batch_size,
-            latency=model.runner.latency,
+            latency=stats.latency,
             min_instances=1,
             max_instances=d.max_instances,
         )
-        count, model.scale_state = self._autoscaler.decide(now, view, model.scale_state)
+        count, scale_state = self._autoscaler.decide(now, view, model.state.scale_state)
+        model.state = replace(model.state, scale_state=scale_state)
         if count > len(alive):
             model.scaling = asyncio.create_task(self._add_instance(model), name=f"ember-scale-{d.name}")
         elif count < len(alive):
-            busy = model.runner.busy_instances()
-            idle = [w for w in reversed(alive) if w.id not in busy]
+            idle = [w for w in reversed(alive) if w.id not in stats.busy_instances]
             for worker in idle[: len(alive) - count]:
                 model.workers.remove(worker)
                 with contextlib.suppress(EmberError):
@@ -368,13 +391,13 @@ class Controller:
             return
         shares: dict[tuple[str, str], float] = {}
         for name, model in self._models.items():
-            busy = model.runner.busy_s
+            busy = model.measured.busy_s
             for worker in model.alive():
                 key = (name, worker.id)
                 measured = busy.get(worker.id, 0.0) / elapsed
                 before = self._shares.get(key)
                 shares[key] = measured if before is None else before + SHARE_SMOOTHING * (measured - before)
-            busy.clear()
+            model.measured = Measured()
         self._shares = shares
         self._planned.clear()
 
@@ -407,7 +430,7 @@ class Controller:
                 and not self._promoting(m)
                 and (m.scaling is None or m.scaling.done())
                 and (id(m), worker.id) not in leaving,
-                tenant=str(m.deployment.extra.get("tenant", "default")),
+                tenant=m.state.tenant,
                 slo_s=m.deployment.slo_ms / 1000.0,
                 batch_s=m.runner.latency.predict(1),
             )
@@ -428,7 +451,7 @@ class Controller:
         for model, worker in self._leaving:
             if worker in model.workers or model.deployment.name not in self._models:
                 continue  # back in use (placed there again), or removed: remove() unloaded it
-            if worker.id in model.runner.busy_instances():
+            if worker.id in model.runner.statistics().busy_instances:
                 still.append((model, worker))
                 continue
             with contextlib.suppress(EmberError):
@@ -487,7 +510,7 @@ class Controller:
         model.runner.instance_loaded(worker.id)
         model.hot_since = self._clock.now()
         seconds = model.hot_since - start
-        model.runner.latency = model.runner.latency.observe_load(from_tier, seconds)
+        model.runner.observe_load(from_tier, seconds)
         model.last_cold_start = ColdStart(from_tier, seconds, self._clock.wall())
         model.cold_starts += 1
         self._metrics.cold_starts.labels(deployment.name, from_tier.value).inc()
@@ -504,11 +527,11 @@ class Controller:
         while True:
             workers = {w.id: w for w in self._backend.workers() if not exclude or w.id not in exclude}
             views = tuple(self._worker_view(w, deployment) for w in workers.values())
-            tenant = str(deployment.extra.get("tenant", "default"))
+            tenant = tenant_of(deployment)
             model = self._models.get(deployment.name)
             demand, batch_s = 0.0, 0.0
             if model is not None:
-                demand = device_share(model.arrival_rate, model.runner.latency, deployment.max_batch_size)
+                demand = device_share(model.state.arrival_rate, model.runner.latency, deployment.max_batch_size)
                 batch_s = model.runner.latency.predict(1)
             choice = self._placement.choose(
                 deployment.name,
@@ -552,16 +575,17 @@ class Controller:
         target = max(fitting, key=lambda v: (v.free_bytes or 0, v.id))
         need = deployment.metadata.bytes - (target.free_bytes or 0)
         hosted = [m for m in self._models.values() if workers[target.id] in m.workers]
+        stats = [m.runner.statistics() for m in hosted]
         candidates = tuple(
             EvictionCandidate(
                 name=m.deployment.name,
                 bytes=m.deployment.metadata.bytes,
                 reload_s=self._load_s(m, Tier.WARM),
-                arrival_rate=m.arrival_rate,
-                last_used=m.runner.stats.last_active,
-                busy=m.runner.busy,
+                arrival_rate=m.state.arrival_rate,
+                last_used=s.last_active,
+                busy=s.busy,
             )
-            for m in hosted
+            for m, s in zip(hosted, stats, strict=True)
         )
         victims = self._eviction.choose(need, candidates)
         for name in victims:
@@ -590,22 +614,28 @@ class Controller:
 
     def _worker_view(self, worker: WorkerHandle, deployment: Deployment | None = None) -> WorkerView:
         """``deployment``: the model being placed, whose warm weights every worker can map."""
-        hosted = [m for m in self._models.values() if worker in m.workers]
+        hosted = (
+            Hosted(
+                name=m.deployment.name,
+                bytes=m.deployment.metadata.bytes,
+                tenant=m.state.tenant,
+                slo_s=m.deployment.slo_ms / 1000.0,
+                batch_s=m.runner.latency.predict(1),
+                share=self._share(m.deployment.name, worker.id),
+            )
+            for m in self._models.values()
+            if worker in m.workers
+        )
         warm = deployment is not None and self._store.tier(deployment.key) is Tier.WARM  # host memory, shared
-        return WorkerView(
-            id=worker.id,
+        return worker_view(
+            worker.id,
+            worker.device,
+            hosted,
             ready=worker.alive,
-            device=worker.device,
-            models=tuple(m.deployment.name for m in hosted),
-            bytes_loaded=sum(m.deployment.metadata.bytes for m in hosted),
             in_flight=worker.in_flight,
             capacity_bytes=self._device_memory_bytes,
-            warm_models=(deployment.name,) if deployment is not None and warm else (),
-            tenants=frozenset(str(m.deployment.extra.get("tenant", "default")) for m in hosted)
-            | frozenset(self._tenants_seen.get(worker.id, ())),
-            utilization=sum(self._share(m.deployment.name, worker.id) for m in hosted),
-            shortest_slo_s=min((m.deployment.slo_ms / 1000.0 for m in hosted), default=math.inf),
-            longest_batch_s=max((m.runner.latency.predict(1) for m in hosted), default=0.0),
+            warm_model=deployment.name if deployment is not None and warm else None,
+            tenants_seen=self._tenants_seen.get(worker.id, ()),
         )
 
     def _worker_lost(self, worker: WorkerHandle) -> None:

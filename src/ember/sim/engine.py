@@ -39,7 +39,6 @@ from ember.policies import (
     EvictionCandidate,
     KeepAlive,
     ModelView,
-    QueueSnapshot,
     Resident,
     ScaleView,
     WorkerView,
@@ -55,6 +54,7 @@ from ember.sim.state import Instance as _Instance
 from ember.sim.state import Model as _Model
 from ember.sim.state import Request, RunResult
 from ember.sim.workload import Workload
+from ember.state import model_view, queue_snapshot, start_delay_s
 
 __all__ = ["Engine", "RunResult"]
 
@@ -241,13 +241,15 @@ class Engine:
                 self._offer(dev)
 
     def _start_delay(self, m: _Model) -> float:
-        """Seconds before a batch of ``m`` could start: 0 when an instance is up, else the soonest load."""
+        """Seconds before a batch of ``m`` could start: 0 when an instance is up, else the soonest load
+        (the engine knows when a running load ends)."""
         if not m.instances:
             warm = self.p.warm_tier and any(m.idx in w for w in self.warm)
-            return m.latency.predict_load(_WARM if warm else _COOL, m.spec.weights_bytes, self.bandwidths)
+            load_s = m.latency.predict_load(_WARM if warm else _COOL, m.spec.weights_bytes, self.bandwidths)
+            return start_delay_s(self.now, load_s=load_s)
         instances = m.instances
         ready = instances[0].ready_at if len(instances) == 1 else min(x.ready_at for x in instances)
-        return ready - self.now if ready > self.now else 0.0
+        return start_delay_s(self.now, loading_until=ready)
 
     def _offer(self, dev: _Device) -> None:
         """The device is free: every resident model with work proposes a batch; the device scheduler picks one."""
@@ -285,7 +287,7 @@ class Engine:
                 if now >= decision.valid_until or m.decided[0] != m.version or m.decided[1] is not m.latency:
                     queued = tuple(q) if len(q) <= m.max_batch else tuple(itertools.islice(q, m.max_batch + 1))
                     probes = tuple(r in m.probing for r in queued) if m.probing else ()
-                    decision = batcher.decide(QueueSnapshot(now, queued, True, m.max_batch, m.latency, probes=probes))
+                    decision = batcher.decide(queue_snapshot(now, queued, m.latency, m.max_batch, probes=probes))
                     m.decision, m.decided, m.candidate = decision, (m.version, m.latency), None
                 if not decision.refuse:
                     break
@@ -730,15 +732,25 @@ class Engine:
 
     def _hot_view(self, x: _Instance, idle_s: float | None = None) -> ModelView:
         m, p = x.model, self.p
-        load_s = m.latency.predict_load(_WARM, x.bytes, self.bandwidths)
         idle = self.now - x.last_used if idle_s is None else idle_s
         busy = x.running or x.bound is not None or bool(m.queue)
-        return ModelView(x.key, _HOT, idle, busy, p.keepalive_hot_s, p.keepalive_warm_s, m.histogram, load_s,
-                         m.prewarmed)  # fmt: skip
+        return model_view(
+            x.key,
+            _HOT,
+            idle,
+            busy,
+            keepalive_hot_s=p.keepalive_hot_s,
+            keepalive_warm_s=p.keepalive_warm_s,
+            histogram=m.histogram,
+            latency=m.latency,
+            model_bytes=x.bytes,
+            bandwidths=self.bandwidths,
+            prewarmed=m.prewarmed,
+        )
 
     def _warm_tick(self) -> None:
         now, p, bw = self.now, self.p, self.bandwidths
-        views = []
+        views: list[ModelView] = []
         hot_nodes = {(x.device.node, x.model.idx) for x in self.instances.values()}
         for node, warm in enumerate(self.warm):
             for idx in warm:
@@ -746,9 +758,20 @@ class Engine:
                     continue
                 m = self.models[idx]
                 busy = bool(m.queue) or m.running > 0
-                load_s = m.latency.predict_load(_WARM, m.spec.weights_bytes, bw)
-                views.append(ModelView(f"{idx}@{node}", _WARM, now - m.last_used, busy, p.keepalive_hot_s,
-                                       p.keepalive_warm_s, m.histogram, load_s, m.prewarmed))  # fmt: skip
+                view = model_view(
+                    f"{idx}@{node}",
+                    _WARM,
+                    now - m.last_used,
+                    busy,
+                    keepalive_hot_s=p.keepalive_hot_s,
+                    keepalive_warm_s=p.keepalive_warm_s,
+                    histogram=m.histogram,
+                    latency=m.latency,
+                    model_bytes=m.spec.weights_bytes,
+                    bandwidths=bw,
+                    prewarmed=m.prewarmed,
+                )
+                views.append(view)
         assert p.keepalive is not None
         for action in p.keepalive.decide(tuple(views)):
             idx, node = (int(s) for s in action.name.split("@"))
