@@ -38,7 +38,15 @@ from ember.policies.autoscaler import Autoscaler, ScaleView, SloAutoscaler
 from ember.policies.eviction import Eviction, EvictionCandidate, ExpectedCostEviction
 from ember.policies.keepalive import Demotion, KeepAlive, ModelView
 from ember.policies.latency import Bandwidths, LatencyModel, remaining_load_s
-from ember.policies.placement import Placement, Rebalancer, Resident, WorkerView, device_fits, device_share
+from ember.policies.placement import (
+    Placement,
+    PlacementRequest,
+    Rebalancer,
+    Resident,
+    WorkerView,
+    device_fits,
+    device_share,
+)
 from ember.policies.tiers import Tier
 from ember.state import Hosted, Measured, ModelState, RunnerStatistics, fold, model_view, tenant_of, worker_view
 from ember.store import Store
@@ -187,7 +195,7 @@ class Controller:
         while True:
             workers = {w.id: w for w in self._backend.workers()}
             views = tuple(self._worker_view(w) for w in workers.values())
-            choice = self._placement.choose("", 0, "auto", views, tenant)
+            choice = self._placement.choose(PlacementRequest(tenant=tenant), views)
             if choice is not None:
                 self._tenants_seen.setdefault(choice, set()).add(tenant)
                 return workers[choice]
@@ -533,16 +541,16 @@ class Controller:
             if model is not None:
                 demand = device_share(model.state.arrival_rate, model.runner.latency, deployment.max_batch_size)
                 batch_s = model.runner.latency.predict(1)
-            choice = self._placement.choose(
-                deployment.name,
-                deployment.metadata.bytes,
-                deployment.device,
-                views,
-                tenant,
-                demand,
-                deployment.slo_ms / 1000.0,
-                batch_s,
+            request = PlacementRequest(
+                model=deployment.name,
+                bytes=deployment.metadata.bytes,
+                device=deployment.device,
+                tenant=tenant,
+                demand=demand,
+                slo_s=deployment.slo_ms / 1000.0,
+                batch_s=batch_s,
             )
+            choice = self._placement.choose(request, views)
             if choice is not None:
                 self._tenants_seen.setdefault(choice, set()).add(tenant)
                 self._planned[(deployment.name, choice)] = demand

@@ -39,6 +39,7 @@ from ember.policies import (
     EvictionCandidate,
     KeepAlive,
     ModelView,
+    PlacementRequest,
     Resident,
     ScaleView,
     WorkerView,
@@ -179,9 +180,21 @@ class Engine:
         self.now = end
         self._account()
         return RunResult(
-            self.p.name, end, self.latencies, self.met, self.refused, dict(self.cold), self.gpu_s, self.byte_s,
-            self.inst_s, len(self.devices), self.batches, self.missed, self.events, self.occupancy,
-        )  # fmt: skip
+            self.p.name,
+            end,
+            self.latencies,
+            self.met,
+            self.refused,
+            dict(self.cold),
+            self.gpu_s,
+            self.byte_s,
+            self.inst_s,
+            len(self.devices),
+            self.batches,
+            self.missed,
+            self.events,
+            self.occupancy,
+        )
 
     def _push(self, t: float, kind: int, obj: Any) -> None:
         heapq.heappush(self.heap, (t, next(self.seq), kind, obj))
@@ -425,8 +438,7 @@ class Engine:
         queued = len(m.queue) + m.running
         if self.p.router is not None:  # and the bound requests waiting for their instance's load or device
             queued += sum(1 for x in m.instances if x.bound is not None and not x.running)
-        view = ScaleView(m.name, rate, queued, len(m.instances), m.slo_s, m.max_batch, m.latency, 0,
-                         len(self.devices))  # fmt: skip
+        view = ScaleView(m.name, rate, queued, len(m.instances), m.slo_s, m.max_batch, m.latency, 0, len(self.devices))
         want, m.scale_state = self.p.scaler.decide(self.now, view, m.scale_state)
         while len(m.instances) < want:
             if not self._start_instance(m):
@@ -445,12 +457,10 @@ class Engine:
         demand = 0.0 if preloaded else device_share(max(m.rate, m.arrivals / self.window_s), m.latency, m.max_batch)
         hosts = self._hosts(m, need)
         place = self.p.placement.choose
-        slo_s, batch_s = m.slo_s, m.latency.predict(1)
-        chosen = place(m.name, need, "cuda", tuple(self._view(d, m) for d in hosts), DEFAULT_TENANT, demand, slo_s,
-                       batch_s)  # fmt: skip
+        request = PlacementRequest(m.name, need, "cuda", DEFAULT_TENANT, demand, m.slo_s, m.latency.predict(1))
+        chosen = place(request, tuple(self._view(d, m) for d in hosts))
         if chosen is None:  # no room anywhere: choose again as if every idle resident could be evicted
-            chosen = place(m.name, need, "cuda", tuple(self._view(d, m, True) for d in hosts), DEFAULT_TENANT, demand,
-                           slo_s, batch_s)  # fmt: skip
+            chosen = place(request, tuple(self._view(d, m, True) for d in hosts))
             if chosen is None:
                 return None
         return self._place(m, self.by_id[chosen], demand, preloaded)
@@ -523,11 +533,16 @@ class Engine:
     def _evict(self, dev: _Device, need: int) -> bool:
         now, bw = self.now, self.bandwidths
         candidates = tuple(
-            EvictionCandidate(x.key, x.bytes, x.model.latency.predict_load(_WARM if self.p.warm_tier else _COOL,
-                              x.bytes, bw), x.model.rate, x.last_used,
-                              x.running or x.ready_at > now or x.bound is not None)
+            EvictionCandidate(
+                x.key,
+                x.bytes,
+                x.model.latency.predict_load(_WARM if self.p.warm_tier else _COOL, x.bytes, bw),
+                x.model.rate,
+                x.last_used,
+                x.running or x.ready_at > now or x.bound is not None,
+            )
             for x in dev.instances.values()
-        )  # fmt: skip
+        )
         names = self.p.eviction.choose(need, candidates)
         if not names:
             return False
@@ -576,10 +591,16 @@ class Engine:
             # eviction policy about all its thousands of warm models at every model it adds.
             over += self.cluster.host_memory_bytes // WARM_SLACK
             candidates = tuple(
-                EvictionCandidate(str(i), self.models[i].spec.weights_bytes, 0.0, self.models[i].rate,
-                                  self.models[i].last_used, i == m.idx)
+                EvictionCandidate(
+                    str(i),
+                    self.models[i].spec.weights_bytes,
+                    0.0,
+                    self.models[i].rate,
+                    self.models[i].last_used,
+                    i == m.idx,
+                )
                 for i in warm
-            )  # fmt: skip
+            )
             for name in self.p.eviction.choose(over, candidates):
                 self._drop_warm(node, int(name))
 
@@ -597,9 +618,18 @@ class Engine:
         if view is None or evictable_gone:
             names = dev.names
             loaded = dev.loading_bytes + dev.running_bytes if evictable_gone else dev.used
-            view = WorkerView(dev.id, True, dev.id.split("/", 1)[1], names, loaded, int(dev.busy), dev.capacity,
-                              utilization=dev.util, shortest_slo_s=dev.shortest_slo_s,
-                              longest_batch_s=dev.longest_batch_s)  # fmt: skip
+            view = WorkerView(
+                dev.id,
+                True,
+                dev.id.split("/", 1)[1],
+                names,
+                loaded,
+                int(dev.busy),
+                dev.capacity,
+                utilization=dev.util,
+                shortest_slo_s=dev.shortest_slo_s,
+                longest_batch_s=dev.longest_batch_s,
+            )
             if not evictable_gone:
                 dev.view = view
         if model is not None and self.p.warm_tier and model.idx in self.warm[dev.node]:
@@ -675,11 +705,17 @@ class Engine:
             view = self._view(dev)
             if dev.util > high:
                 residents = tuple(
-                    Resident(x.model.name, x.bytes, x.share, x.measured and not x.retiring
-                             and all(y.ready_at <= now for y in x.model.instances), DEFAULT_TENANT, x.model.slo_s,
-                             x.model.latency.predict(1))
+                    Resident(
+                        x.model.name,
+                        x.bytes,
+                        x.share,
+                        x.measured and not x.retiring and all(y.ready_at <= now for y in x.model.instances),
+                        DEFAULT_TENANT,
+                        x.model.slo_s,
+                        x.model.latency.predict(1),
+                    )
                     for x in dev.instances.values()
-                )  # fmt: skip
+                )
                 view = replace(view, residents=residents)
             views.append(view)
         # Of the empty devices, as many as could receive a model (the first by id: see ``_hosts``).
