@@ -1,24 +1,17 @@
-"""The control loop: tiers, keep-alive and pre-warm, autoscaling, placement and eviction, applied.
+"""The control loop: tiers, keep-alive and pre-warm, autoscaling and promotion, applied.
 
-Every tick the controller folds what the runners measured (idle periods into each model's idle-time
-histogram, arrivals into its arrival rate), builds a frozen view of each model and asks the pure
-policies (``ember.policies``) what to do:
-
-- keep-alive (``HybridHistogramKeepAlive`` by default): demote idle models one tier, or pre-warm a
-  model whose next request is expected soon;
-- autoscaler (``SloAutoscaler``): how many instances a hot model needs, up to its ``max_instances``;
-  the loop adds one instance at a time and removes idle ones;
-- rebalancing (``MemoryAwarePlacement.moves``): each worker's utilization is the sum of its models'
-  shares of it (device seconds their batches took per second, measured every tick); a model on a
-  worker busier than the policy's ``high`` may be moved: loaded on the destination, then dropped
-  from the source once nothing of it runs there.
+Every tick the controller takes what each runner published (its statistics and the measurements
+drained since the last tick), folds them into the model's frozen state (``ember.state.fold``),
+builds each policy's input with the state layer's builders and asks the pure policies what to do:
+keep-alive (demote idle models one tier, or pre-warm one whose next request is expected soon); the
+autoscaler (how many instances a hot model needs, up to ``max_instances``: one instance added at a
+time, idle ones removed); rebalancing (``moves.py``).
 
 Promotion is on demand: the first request for a model that is not hot calls :meth:`ensure_hot`,
 which brings it up one tier at a time (cool -> warm: the store copies the weights into host memory;
-warm -> hot: a worker chosen by the placement policy builds the model around them). Concurrent
-callers share one promotion. When no worker has device memory for the model, the eviction policy
-names the hot models to demote from the fullest fitting worker. Every load's measured time feeds
-the model's latency model, which predicts the next one.
+warm -> hot: a worker chosen by placement, ``placing.py``, builds the model around them).
+Concurrent callers share one promotion. Each load's measured time goes to the runner, whose
+latency model predicts the next one.
 """
 
 from __future__ import annotations
@@ -32,30 +25,25 @@ from typing import Protocol
 from ember.clock import Clock, run_blocking
 from ember.cluster.base import ClusterBackend, WorkerHandle
 from ember.config import Deployment
+from ember.controller.moves import measure_shares, rebalance, unload_left
+from ember.controller.placing import WORKER_WAIT_S, choose_worker, recycle_for, view_of_worker
 from ember.errors import EmberError, ModelNotFound, ModelUnavailable, WorkerCrashed
 from ember.metrics import Metrics
 from ember.policies.autoscaler import Autoscaler, ScaleView, SloAutoscaler
-from ember.policies.eviction import Eviction, EvictionCandidate, ExpectedCostEviction
+from ember.policies.eviction import Eviction, ExpectedCostEviction
 from ember.policies.keepalive import Demotion, KeepAlive, ModelView
 from ember.policies.latency import Bandwidths, LatencyModel, remaining_load_s
 from ember.policies.placement import (
     Placement,
     PlacementRequest,
     Rebalancer,
-    Resident,
-    WorkerView,
-    device_fits,
-    device_share,
 )
 from ember.policies.tiers import Tier
-from ember.state import Hosted, Measured, ModelState, RunnerStatistics, fold, model_view, tenant_of, worker_view
+from ember.state import Measured, ModelState, RunnerStatistics, fold, model_view, tenant_of
 from ember.store import Store
 
 __all__ = ["ColdStart", "Controller", "Runner"]
 
-WORKER_WAIT_S = 120.0
-#: Weight of the newest tick in a model's share of a worker.
-SHARE_SMOOTHING = 0.5
 
 _log = logging.getLogger(__name__)
 
@@ -194,13 +182,13 @@ class Controller:
         waited, recycled = 0.0, False
         while True:
             workers = {w.id: w for w in self._backend.workers()}
-            views = tuple(self._worker_view(w) for w in workers.values())
+            views = tuple(view_of_worker(self, w) for w in workers.values())
             choice = self._placement.choose(PlacementRequest(tenant=tenant), views)
             if choice is not None:
                 self._tenants_seen.setdefault(choice, set()).add(tenant)
                 return workers[choice]
             if not recycled:
-                recycled = await self._recycle_for(tenant, views, workers)
+                recycled = await recycle_for(self, tenant, views, workers)
                 if not recycled:
                     return None
             if waited >= WORKER_WAIT_S:
@@ -308,10 +296,10 @@ class Controller:
         for model in models:
             if model.deployment.max_instances > 1 and model.deployment.name in self._models:
                 await self._autoscale(model, now)
-        self._measure_shares(now)
-        await self._unload_left()
+        measure_shares(self, now)
+        await unload_left(self)
         if self._rebalancer is not None:
-            await self._rebalance(self._rebalancer)
+            await rebalance(self, self._rebalancer)
 
     def _measure(self, model: _Model, now: float) -> None:
         """Take what the runner measured since the last tick and fold it into the model's state."""
@@ -371,7 +359,7 @@ class Controller:
         d = model.deployment
         try:
             if worker is None:
-                worker = await self._choose_worker(d, exclude={w.id for w in model.workers}, wait=False)
+                worker = await choose_worker(self, d, exclude={w.id for w in model.workers}, wait=False)
                 if worker is None:
                     return False
             assets = await run_blocking(self._clock, self._store.assets, d.key)
@@ -384,87 +372,6 @@ class Controller:
         model.workers.append(worker)
         model.runner.instance_loaded(worker.id)
         return True
-
-    # -- rebalancing -------------------------------------------------------------------------------
-
-    def _share(self, name: str, worker_id: str) -> float:
-        key = (name, worker_id)
-        return self._shares.get(key, 0.0) + self._planned.get(key, 0.0)
-
-    def _measure_shares(self, now: float) -> None:
-        """Fold the device seconds each model's batches took on each worker since the last tick into its
-        share of that worker."""
-        elapsed, self._measured_at = now - self._measured_at, now
-        if elapsed <= 0:
-            return
-        shares: dict[tuple[str, str], float] = {}
-        for name, model in self._models.items():
-            busy = model.measured.busy_s
-            for worker in model.alive():
-                key = (name, worker.id)
-                measured = busy.get(worker.id, 0.0) / elapsed
-                before = self._shares.get(key)
-                shares[key] = measured if before is None else before + SHARE_SMOOTHING * (measured - before)
-            model.measured = Measured()
-        self._shares = shares
-        self._planned.clear()
-
-    async def _rebalance(self, policy: Rebalancer) -> None:
-        """Move models off workers busier than ``policy.high``: load on the destination first."""
-        workers = {w.id: w for w in self._backend.workers()}
-        views = tuple(self._worker_view(w) for w in workers.values())
-        if not any(v.utilization > policy.high for v in views):
-            return
-        views = tuple(
-            replace(v, residents=self._residents(workers[v.id])) if v.utilization > policy.high else v for v in views
-        )
-        for move in policy.moves(views):
-            model = self._models.get(move.model)
-            source, target = workers.get(move.source), workers.get(move.destination)
-            if model is None or source is None or target is None or source not in model.workers:
-                continue
-            _log.info("moving %s from %s to %s: its worker is overloaded", move.model, move.source, move.destination)
-            self._planned[(move.model, move.destination)] = self._share(move.model, move.source)
-            model.scaling = asyncio.create_task(self._move(model, source, target), name=f"ember-move-{move.model}")
-
-    def _residents(self, worker: WorkerHandle) -> tuple[Resident, ...]:
-        leaving = {(id(m), w.id) for m, w in self._leaving}
-        return tuple(
-            Resident(
-                model=name,
-                bytes=m.deployment.metadata.bytes,
-                share=self._share(name, worker.id),
-                movable=(name, worker.id) in self._shares
-                and not self._promoting(m)
-                and (m.scaling is None or m.scaling.done())
-                and (id(m), worker.id) not in leaving,
-                tenant=m.state.tenant,
-                slo_s=m.deployment.slo_ms / 1000.0,
-                batch_s=m.runner.latency.predict(1),
-            )
-            for name, m in self._models.items()
-            if worker in m.workers
-        )
-
-    async def _move(self, model: _Model, source: WorkerHandle, target: WorkerHandle) -> None:
-        if not await self._add_instance(model, target) or source not in model.workers:
-            return
-        model.workers.remove(source)  # no new batch goes there; the one running finishes
-        self._leaving.append((model, source))
-        await self._unload_left()
-
-    async def _unload_left(self) -> None:
-        """Unload the instances moved away whose last batch has finished."""
-        still: list[tuple[_Model, WorkerHandle]] = []
-        for model, worker in self._leaving:
-            if worker in model.workers or model.deployment.name not in self._models:
-                continue  # back in use (placed there again), or removed: remove() unloaded it
-            if worker.id in model.runner.statistics().busy_instances:
-                still.append((model, worker))
-                continue
-            with contextlib.suppress(EmberError):
-                await worker.unload(model.deployment.key)
-        self._leaving = still
 
     # -- promotion ---------------------------------------------------------------------------------
 
@@ -502,7 +409,7 @@ class Controller:
         assets = await run_blocking(self._clock, self._store.assets, key)
         worker: WorkerHandle | None = None
         for attempt in range(2):
-            worker = await self._choose_worker(deployment)
+            worker = await choose_worker(self, deployment)
             if worker is None:  # only when told not to wait
                 raise ModelUnavailable(f"no worker can take '{deployment.name}' now", retry_after_s=10.0)
             try:
@@ -526,132 +433,16 @@ class Controller:
         self._metrics.set_tier(deployment.name, Tier.HOT.value)
         return worker
 
-    # -- placement and eviction --------------------------------------------------------------------
-
-    async def _choose_worker(
-        self, deployment: Deployment, exclude: set[str] | None = None, wait: bool = True
-    ) -> WorkerHandle | None:
-        waited = 0.0
-        while True:
-            workers = {w.id: w for w in self._backend.workers() if not exclude or w.id not in exclude}
-            views = tuple(self._worker_view(w, deployment) for w in workers.values())
-            tenant = tenant_of(deployment)
-            model = self._models.get(deployment.name)
-            demand, batch_s = 0.0, 0.0
-            if model is not None:
-                demand = device_share(model.state.arrival_rate, model.runner.latency, deployment.max_batch_size)
-                batch_s = model.runner.latency.predict(1)
-            request = PlacementRequest(
-                model=deployment.name,
-                bytes=deployment.metadata.bytes,
-                device=deployment.device,
-                tenant=tenant,
-                demand=demand,
-                slo_s=deployment.slo_ms / 1000.0,
-                batch_s=batch_s,
-            )
-            choice = self._placement.choose(request, views)
-            if choice is not None:
-                self._tenants_seen.setdefault(choice, set()).add(tenant)
-                self._planned[(deployment.name, choice)] = demand
-                return workers[choice]
-            if await self._evict_for(deployment, views, workers):
-                continue
-            if await self._recycle_for(tenant, views, workers):
-                continue  # its replacement, fresh, comes up while this loop waits
-            if not wait:
-                return None
-            if waited >= WORKER_WAIT_S:
-                raise ModelUnavailable(
-                    f"no worker for device '{deployment.device}' is ready for '{deployment.name}' or has "
-                    f"{deployment.metadata.bytes} bytes free (models of different tenants never share a worker); "
-                    "check `ember status` and the worker logs, or add workers",
-                    retry_after_s=10.0,
-                )
-            await self._clock.sleep(0.05)
-            waited += 0.05
-
-    async def _evict_for(
-        self, deployment: Deployment, views: tuple[WorkerView, ...], workers: dict[str, WorkerHandle]
-    ) -> bool:
-        """Demote what the eviction policy names from the fitting worker with the most room; True if any."""
-        fitting = [
-            v for v in views if v.ready and device_fits(deployment.device, v.device) and v.free_bytes is not None
-        ]
-        if not fitting:
-            return False
-        target = max(fitting, key=lambda v: (v.free_bytes or 0, v.id))
-        need = deployment.metadata.bytes - (target.free_bytes or 0)
-        hosted = [m for m in self._models.values() if workers[target.id] in m.workers]
-        stats = [m.runner.statistics() for m in hosted]
-        candidates = tuple(
-            EvictionCandidate(
-                name=m.deployment.name,
-                bytes=m.deployment.metadata.bytes,
-                reload_s=self._load_s(m, Tier.WARM),
-                arrival_rate=m.state.arrival_rate,
-                last_used=s.last_active,
-                busy=s.busy,
-            )
-            for m, s in zip(hosted, stats, strict=True)
-        )
-        victims = self._eviction.choose(need, candidates)
-        for name in victims:
-            victim = self._models[name]
-            worker = workers[target.id]
-            if worker in victim.workers:
-                victim.workers.remove(worker)
-            with contextlib.suppress(EmberError):
-                await worker.unload(victim.deployment.key)
-            self._metrics.set_tier(name, self.tier(name).value)
-        return bool(victims)
-
-    async def _recycle_for(self, tenant: str, views: tuple[WorkerView, ...], workers: dict[str, WorkerHandle]) -> bool:
-        """Recycle an idle worker that only another tenant's code has run in, so ``tenant`` gets a fresh
-        process; True if one was."""
-        idle = [
-            v for v in views if v.ready and not v.models and v.in_flight == 0 and v.tenants and tenant not in v.tenants
-        ]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda v: v.id)
-        _log.info("recycling worker %s (it ran tenants %s) for tenant %s", victim.id, sorted(victim.tenants), tenant)
-        self._tenants_seen.pop(victim.id, None)
-        await self._backend.recycle(workers[victim.id])
-        return True
-
-    def _worker_view(self, worker: WorkerHandle, deployment: Deployment | None = None) -> WorkerView:
-        """``deployment``: the model being placed, whose warm weights every worker can map."""
-        hosted = (
-            Hosted(
-                name=m.deployment.name,
-                bytes=m.deployment.metadata.bytes,
-                tenant=m.state.tenant,
-                slo_s=m.deployment.slo_ms / 1000.0,
-                batch_s=m.runner.latency.predict(1),
-                share=self._share(m.deployment.name, worker.id),
-            )
-            for m in self._models.values()
-            if worker in m.workers
-        )
-        warm = deployment is not None and self._store.tier(deployment.key) is Tier.WARM  # host memory, shared
-        return worker_view(
-            worker.id,
-            worker.device,
-            hosted,
-            ready=worker.alive,
-            in_flight=worker.in_flight,
-            capacity_bytes=self._device_memory_bytes,
-            warm_model=deployment.name if deployment is not None and warm else None,
-            tenants_seen=self._tenants_seen.get(worker.id, ()),
-        )
-
     def _worker_lost(self, worker: WorkerHandle) -> None:
         self._tenants_seen.pop(worker.id, None)
         for name, model in self._models.items():
             if worker in model.workers:
                 model.workers.remove(worker)
                 self._metrics.set_tier(name, self.tier(name).value)
+
+    def _share(self, name: str, worker_id: str) -> float:
+        key = (name, worker_id)
+        return self._shares.get(key, 0.0) + self._planned.get(key, 0.0)
 
     def _get(self, name: str) -> _Model:
         model = self._models.get(name)

@@ -23,9 +23,26 @@ from ember.policies import (
 from ember.policies.tiers import Tier
 from ember.sim.cluster import ModelSpec
 
-__all__ = ["Device", "Instance", "Model", "Request", "RunResult"]
+__all__ = [
+    "COOL",
+    "DONE",
+    "EXPIRE",
+    "HOT",
+    "LOAD",
+    "TICK",
+    "WAKE",
+    "WARM",
+    "Device",
+    "Instance",
+    "Model",
+    "Request",
+    "RunResult",
+]
 
 Request = tuple[float, int, float]  # (deadline, rows, arrival)
+#: The kinds of event in the engine's heap.
+LOAD, DONE, WAKE, TICK, EXPIRE = 0, 1, 2, 3, 4
+HOT, WARM, COOL = Tier.HOT, Tier.WARM, Tier.COOL
 
 
 @dataclass
