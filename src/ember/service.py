@@ -54,6 +54,7 @@ from ember.policies import (
 )
 from ember.registry import DeploymentRecord, Registry
 from ember.scheduler import DeviceArbiter, ModelRunner
+from ember.scope import TaskScope
 from ember.store import Store
 from ember.store.bandwidths import HostBandwidths, read_bandwidths
 
@@ -178,8 +179,8 @@ class EmberService:
         )
         self.arbiter = DeviceArbiter(LatestStartFirst(), self.clock)
         self._runners: dict[str, ModelRunner] = {}
-        self._controller_task: asyncio.Task[None] | None = None
-        self._saver_task: asyncio.Task[None] | None = None
+        #: The control loop and the periodic save of measurements; their failures are logged.
+        self._tasks = TaskScope(_log)
         #: Per model, the latency model last written to the registry.
         self._saved: dict[str, LatencyModel] = {}
         self._deploying: set[str] = set()
@@ -216,8 +217,8 @@ class EmberService:
             runner = self._add(deployment)
             restored = self._saved[record.name] = runner.latency.from_json(self.registry.latency(record.key))
             runner.restore_latency(restored)
-        self._controller_task = asyncio.create_task(self.controller.run(), name="ember-controller")
-        self._saver_task = asyncio.create_task(self._save_periodically(), name="ember-save-measurements")
+        self._tasks.spawn(self.controller.run(), name="ember-controller")
+        self._tasks.spawn(self._save_periodically(), name="ember-save-measurements")
         self._accepting = True
         self.ready = True
 
@@ -226,11 +227,8 @@ class EmberService:
         self.ready = False
         draining = ShuttingDown("Ember is shutting down; retry against another instance or after the restart")
         await asyncio.gather(*(runner.stop(draining) for runner in self._runners.values()))
-        for task in (self._controller_task, self._saver_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._tasks.aclose()
+        await self.controller.close()
         self.save_measurements()
         await self.backend.stop()
         self.store.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,6 +100,35 @@ def test_device_time_the_runner_reports_becomes_the_models_share_of_its_worker(t
         await clock.sleep(2.0)
         await controller.tick()  # the device seconds were handed over once: nothing ran since
         assert controller.utilization(worker.id) == pytest.approx(0.125)
+        await backend.stop()
+
+    run_in_virtual_time(main)
+
+
+def test_a_model_waiting_for_room_is_placed_the_moment_a_demotion_frees_it(tmp_path):
+    async def main(clock: VirtualClock) -> None:
+        backend = FakeBackend(clock, profile=LatencyProfile(base_s=0.01, load_s=0.25))
+        await backend.start()
+        store = Store(tmp_path / "store", tmp_path / "shm")
+        controller = Controller(
+            clock, store, backend, FixedKeepAlive(), MemoryAwarePlacement(), Metrics(), device_memory_bytes=1500
+        )
+        busy, waiting = FakeRunner(_deployment("a")), FakeRunner(_deployment("b"))
+        busy.stats = replace(busy.stats, queued=1)  # requests in flight: the eviction policy spares it
+        for runner in (busy, waiting):
+            stage_weights(store, runner.deployment.key)
+            controller.add(runner)
+        await controller.ensure_hot("a")
+        promotion = asyncio.ensure_future(controller.ensure_hot("b"))  # no room on the only worker
+        await clock.sleep(5.5)
+        assert not promotion.done()
+        demoted_at = clock.now()
+        await controller.demote("a", Tier.WARM)
+        await promotion
+        # Woken by the demotion, not by a later look: only b's load on the worker (0.25 s) passed since.
+        assert clock.now() - demoted_at == pytest.approx(0.25)
+        assert controller.tier("b") is Tier.HOT
+        await controller.close()
         await backend.stop()
 
     run_in_virtual_time(main)

@@ -26,7 +26,7 @@ from ember.clock import Clock, run_blocking
 from ember.cluster.base import ClusterBackend, WorkerHandle
 from ember.config import Deployment
 from ember.controller.moves import measure_shares, rebalance, unload_left
-from ember.controller.placing import WORKER_WAIT_S, choose_worker, recycle_for, view_of_worker
+from ember.controller.placing import WORKER_WAIT_S, choose_worker, recycle_for, view_of_worker, wait_for_workers
 from ember.errors import EmberError, ModelNotFound, ModelUnavailable, WorkerCrashed
 from ember.metrics import Metrics
 from ember.policies.autoscaler import Autoscaler, ScaleView, SloAutoscaler
@@ -39,6 +39,7 @@ from ember.policies.placement import (
     Rebalancer,
 )
 from ember.policies.tiers import Tier
+from ember.scope import TaskScope
 from ember.state import Measured, ModelState, RunnerStatistics, fold, model_view, tenant_of
 from ember.store import Store
 
@@ -144,7 +145,12 @@ class Controller:
         self._measured_at = clock.now()
         #: Instances moved away, to unload once no batch of theirs runs there.
         self._leaving: list[tuple[_Model, WorkerHandle]] = []
+        #: The promotions, added instances and moves in progress: their failures are logged.
+        self._tasks = TaskScope(_log)
+        #: Set (then replaced) whenever something placement reads changes; see ``placing.wait_for_workers``.
+        self._changed = asyncio.Event()
         backend.on_worker_lost(self._worker_lost)
+        backend.on_worker_ready(lambda _: self.workers_changed())
 
     # -- registration ------------------------------------------------------------------------------
 
@@ -174,12 +180,13 @@ class Controller:
                 await worker.unload(model.deployment.key)
         model.workers.clear()
         self._metrics.forget(name)
+        self.workers_changed()
 
     async def import_worker(self, tenant: str) -> WorkerHandle | None:
         """The worker to run a deploy-time import of ``tenant``'s model: placement decides, as for a load,
         so a tenant's import never runs beside another tenant's models (an idle worker that ran another
         tenant's code is recycled for it). None: no worker qualifies."""
-        waited, recycled = 0.0, False
+        deadline, recycled = self._clock.now() + WORKER_WAIT_S, False
         while True:
             workers = {w.id: w for w in self._backend.workers()}
             views = tuple(view_of_worker(self, w) for w in workers.values())
@@ -191,10 +198,8 @@ class Controller:
                 recycled = await recycle_for(self, tenant, views, workers)
                 if not recycled:
                     return None
-            if waited >= WORKER_WAIT_S:
+            if not await wait_for_workers(self, deadline):
                 return None
-            await self._clock.sleep(0.05)
-            waited += 0.05
 
     # -- what the rest asks ------------------------------------------------------------------------
 
@@ -254,6 +259,7 @@ class Controller:
         if model is not None and worker in model.workers:
             model.workers.remove(worker)
             self._metrics.set_tier(name, self.tier(name).value)
+            self.workers_changed()
 
     async def demote(self, name: str, to: Tier) -> None:
         """Move ``name`` down to tier ``to`` (warm or cool) now."""
@@ -262,6 +268,7 @@ class Controller:
         for worker in workers:
             with contextlib.suppress(EmberError):
                 await worker.unload(model.deployment.key)
+        self.workers_changed()
         if self._models.get(name) is not model:
             return  # removed meanwhile: remove() has dealt with its files
         if to is Tier.COOL:
@@ -346,13 +353,14 @@ class Controller:
         count, scale_state = self._autoscaler.decide(now, view, model.state.scale_state)
         model.state = replace(model.state, scale_state=scale_state)
         if count > len(alive):
-            model.scaling = asyncio.create_task(self._add_instance(model), name=f"ember-scale-{d.name}")
+            model.scaling = self._tasks.spawn(self._add_instance(model), name=f"ember-scale-{d.name}")
         elif count < len(alive):
             idle = [w for w in reversed(alive) if w.id not in stats.busy_instances]
             for worker in idle[: len(alive) - count]:
                 model.workers.remove(worker)
                 with contextlib.suppress(EmberError):
                     await worker.unload(d.key)
+                self.workers_changed()
 
     async def _add_instance(self, model: _Model, worker: WorkerHandle | None = None) -> bool:
         """Load one more instance of ``model``, on ``worker`` or where placement says; True if it is up."""
@@ -382,8 +390,7 @@ class Controller:
         if model.promoting is None or model.promoting.done():
             model.promoting_since = self._clock.now()
             model.promoting_s = self._load_s(model, self._store.tier(model.deployment.key))
-            task = asyncio.create_task(self._promote(model), name=f"ember-promote-{model.deployment.name}")
-            task.add_done_callback(_consume)
+            task = self._tasks.spawn(self._promote(model), name=f"ember-promote-{model.deployment.name}")
             model.promoting = task
         return model.promoting
 
@@ -439,6 +446,17 @@ class Controller:
             if worker in model.workers:
                 model.workers.remove(worker)
                 self._metrics.set_tier(name, self.tier(name).value)
+        self.workers_changed()
+
+    def workers_changed(self) -> None:
+        """Something placement reads changed (a worker came or went, a model left one): wake every
+        choice of a worker that waits."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def close(self) -> None:
+        """Cancel the promotions, added instances and moves still running, and wait for them."""
+        await self._tasks.aclose()
 
     def _share(self, name: str, worker_id: str) -> float:
         key = (name, worker_id)
@@ -449,9 +467,3 @@ class Controller:
         if model is None:
             raise ModelNotFound(name)
         return model
-
-
-def _consume(task: asyncio.Task[WorkerHandle]) -> None:
-    """Retrieve a promotion's error: a pre-warm nobody awaits must not warn; awaiting callers see it."""
-    if not task.cancelled():
-        task.exception()

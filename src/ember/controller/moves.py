@@ -9,7 +9,6 @@ unload it once no batch of the model runs there. Functions of the :class:`Contro
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from dataclasses import replace
@@ -67,7 +66,7 @@ async def rebalance(c: Controller, policy: Rebalancer) -> None:
             continue
         _log.info("moving %s from %s to %s: its worker is overloaded", move.model, move.source, move.destination)
         c._planned[(move.model, move.destination)] = c._share(move.model, move.source)
-        model.scaling = asyncio.create_task(move_model(c, model, source, target), name=f"ember-move-{move.model}")
+        model.scaling = c._tasks.spawn(move_model(c, model, source, target), name=f"ember-move-{move.model}")
 
 
 def residents(c: Controller, worker: WorkerHandle) -> tuple[Resident, ...]:
@@ -109,4 +108,5 @@ async def unload_left(c: Controller) -> None:
             continue
         with contextlib.suppress(EmberError):
             await worker.unload(model.deployment.key)
+        c.workers_changed()
     c._leaving = still

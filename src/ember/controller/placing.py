@@ -9,6 +9,7 @@ tenant's code is recycled (``recycle_for``); then it waits for a worker. Functio
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import TYPE_CHECKING
@@ -29,12 +30,15 @@ _log = logging.getLogger(__name__)
 __all__ = ["choose_worker", "evict_for", "recycle_for", "view_of_worker"]
 
 WORKER_WAIT_S = 120.0
+#: A waiting choice looks again at least this often, for what no event announces (a busy worker that
+#: only another tenant's code ran in going idle, so that it may be recycled).
+RECHECK_S = 1.0
 
 
 async def choose_worker(
     c: Controller, deployment: Deployment, exclude: set[str] | None = None, wait: bool = True
 ) -> WorkerHandle | None:
-    waited = 0.0
+    deadline = c._clock.now() + WORKER_WAIT_S
     while True:
         workers = {w.id: w for w in c._backend.workers() if not exclude or w.id not in exclude}
         views = tuple(view_of_worker(c, w, deployment) for w in workers.values())
@@ -64,15 +68,29 @@ async def choose_worker(
             continue  # its replacement, fresh, comes up while this loop waits
         if not wait:
             return None
-        if waited >= WORKER_WAIT_S:
+        if not await wait_for_workers(c, deadline):
             raise ModelUnavailable(
                 f"no worker for device '{deployment.device}' is ready for '{deployment.name}' or has "
                 f"{deployment.metadata.bytes} bytes free (models of different tenants never share a worker); "
                 "check `ember status` and the worker logs, or add workers",
                 retry_after_s=10.0,
             )
-        await c._clock.sleep(0.05)
-        waited += 0.05
+
+
+async def wait_for_workers(c: Controller, deadline: float) -> bool:
+    """Wait until something placement reads changes (``Controller.workers_changed``: a worker came or
+    went, a model left one), or ``RECHECK_S`` passes; False, at once, when ``deadline`` has passed."""
+    now = c._clock.now()
+    if now >= deadline:
+        return False
+    changed = asyncio.ensure_future(c._changed.wait())
+    timer = asyncio.ensure_future(c._clock.sleep(min(RECHECK_S, deadline - now)))
+    try:
+        await asyncio.wait([changed, timer], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (changed, timer):
+            waiter.cancel()
+    return True
 
 
 async def evict_for(

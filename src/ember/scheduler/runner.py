@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,10 +42,13 @@ from ember.policies.latency import LatencyModel
 from ember.policies.tiers import Tier
 from ember.scheduler.device import DeviceArbiter
 from ember.scheduler.queue import ModelQueue, Pending
+from ember.scope import TaskScope
 from ember.state import Measured, RunnerStatistics, queue_snapshot, start_delay_s
 from ember.worker.protocol import rows_of
 
 __all__ = ["ModelRunner", "Promoter"]
+
+_log = logging.getLogger(__name__)
 
 #: Idle gaps kept between two controller ticks; more are dropped (one per idle period at most).
 MAX_IDLE_GAPS = 256
@@ -131,11 +135,13 @@ class ModelRunner:
         self._running: dict[str, tuple[float, float, list[Pending]]] = {}
         #: Instances loaded since their last batch: that first batch's time is not a steady one.
         self._fresh: set[str] = set()
+        #: The loop's task, in a scope that logs its failure (a bug) the moment it happens.
+        self._tasks = TaskScope(_log)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self.run(), name=f"ember-runner-{self.deployment.name}")
+            self._task = self._tasks.spawn(self.run(), name=f"ember-runner-{self.deployment.name}")
 
     async def stop(self, error: EmberError) -> None:
         """Stop the loop and answer every request it holds, queued or running, with ``error``."""

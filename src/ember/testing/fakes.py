@@ -155,6 +155,7 @@ class FakeBackend:
         self._seq = itertools.count()
         self._workers: dict[str, FakeWorker] = {}
         self._callbacks: list[Callable[[FakeWorker], None]] = []
+        self._ready_callbacks: list[Callable[[FakeWorker], None]] = []
         self.restarts = 0
 
     async def start(self) -> None:
@@ -173,6 +174,9 @@ class FakeBackend:
 
     def on_worker_lost(self, callback: Callable[[FakeWorker], None]) -> None:
         self._callbacks.append(callback)
+
+    def on_worker_ready(self, callback: Callable[[FakeWorker], None]) -> None:
+        self._ready_callbacks.append(callback)
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -193,7 +197,9 @@ class FakeBackend:
         for callback in self._callbacks:
             callback(worker)
         self.restarts += 1
-        self._spawn()
+        replacement = self._spawn()
+        for callback in self._ready_callbacks:
+            callback(replacement)
 
 
 def stage_weights(store: Store, key: str, size: int = 1024) -> StoredModel:
