@@ -23,8 +23,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ember.store.bench import format_table, run_benchmark
-from ember.store.bench_compress import format_ratios, run_compress_benchmark
+from ember.bench.compress import format_ratios, run_compress_benchmark
+from ember.bench.load import format_table, run_benchmark
 from ember.store.loader import LoaderConfig
 
 

@@ -183,9 +183,9 @@ def bench(
     --no-save, the store's promotion and the warm tier's load rates go to HOME/bandwidths.json:
     `ember serve` predicts a model's first load with them (docs/operations.md).
     """
+    from ember.bench.load import format_table, run_benchmark
     from ember.clock import WallClock
     from ember.store.bandwidths import BANDWIDTHS_FILE, measured_bandwidths, save_bandwidths
-    from ember.store.bench import format_table, run_benchmark
 
     with _errors():
         where = home.expanduser()

@@ -49,10 +49,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ember.store.bandwidths import PROMOTE, Row
 from ember.store.convert import write_checkpoint
 from ember.store.format import PREAMBLE_BYTES, read_index
 from ember.store.loader import LoaderConfig, load_checkpoint
@@ -64,22 +64,7 @@ if TYPE_CHECKING:
 __all__ = ["PROMOTE", "Row", "run_benchmark"]
 
 _PAGE = 4096
-#: The method name of the cool -> warm rows.
-PROMOTE = "store.promote (cool -> warm)"
 _SIZES_MIB = (64, 16, 4, 1, 0.25, 0.0625)  # a mix of tensor sizes, like a model's matrices and vectors
-
-
-@dataclass(frozen=True)
-class Row:
-    method: str
-    source: str
-    gb_per_s: float
-    ratio_to_ceiling: float
-    seconds: float
-    bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def make_tensors(size_bytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
