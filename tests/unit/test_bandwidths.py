@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ember import cli
+from ember.cli import commands as cli
 from ember.client import Client
 from ember.clock import VirtualClock
 from ember.config import DeploySpec

@@ -25,7 +25,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ember.cli_common import DEFAULT_HOME, HomeOption, console, err_console, fail, print_table, size_text
+from ember.cli.common import DEFAULT_HOME, HomeOption, console, err_console, fail, print_table, size_text
 from ember.errors import EmberError
 from ember.store import Store
 
