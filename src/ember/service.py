@@ -448,7 +448,7 @@ class EmberService:
     def tenant_of(self, name: str) -> str | None:
         """The tenant owning model ``name``, or None if no such model is deployed."""
         runner = self._runners.get(name)
-        return None if runner is None else str(runner.deployment.extra.get("tenant", "default"))
+        return None if runner is None else runner.deployment.tenant
 
     def info(self, name: str) -> ModelInfo:
         runner = self.runner(name)
@@ -472,7 +472,7 @@ class EmberService:
             bytes=d.metadata.bytes,
             source=str(d.extra.get("source", "")),
             created_at=d.created_at,
-            tenant=str(d.extra.get("tenant", "default")),
+            tenant=d.tenant,
             max_instances=d.max_instances,
             settings={
                 "inputs": [t.to_json() for t in d.metadata.inputs],

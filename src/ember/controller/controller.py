@@ -40,7 +40,7 @@ from ember.policies.placement import (
 )
 from ember.policies.tiers import Tier
 from ember.scope import TaskScope
-from ember.state import Measured, ModelState, RunnerStatistics, fold, model_view, tenant_of
+from ember.state import Measured, ModelState, RunnerStatistics, fold, model_view
 from ember.store import Store
 
 __all__ = ["ColdStart", "Controller", "Runner"]
@@ -164,7 +164,7 @@ class Controller:
         model = self._models.get(deployment.name)
         if model is not None:
             model.deployment = deployment
-            model.state = replace(model.state, tenant=tenant_of(deployment))
+            model.state = replace(model.state, tenant=deployment.tenant)
 
     async def remove(self, name: str) -> None:
         model = self._models.pop(name, None)

@@ -20,7 +20,7 @@ from ember.errors import EmberError, ModelUnavailable
 from ember.policies.eviction import EvictionCandidate
 from ember.policies.placement import PlacementRequest, WorkerView, device_fits, device_share
 from ember.policies.tiers import Tier
-from ember.state import Hosted, tenant_of, worker_view
+from ember.state import Hosted, worker_view
 
 if TYPE_CHECKING:
     from ember.controller.controller import Controller
@@ -42,7 +42,7 @@ async def choose_worker(
     while True:
         workers = {w.id: w for w in c._backend.workers() if not exclude or w.id not in exclude}
         views = tuple(view_of_worker(c, w, deployment) for w in workers.values())
-        tenant = tenant_of(deployment)
+        tenant = deployment.tenant
         model = c._models.get(deployment.name)
         demand, batch_s = 0.0, 0.0
         if model is not None:

@@ -22,15 +22,10 @@ from ember.policies.keepalive import IdleHistogram
 from ember.policies.latency import LatencyModel
 from ember.policies.placement import DEFAULT_TENANT
 
-__all__ = ["RATE_SMOOTHING", "Measured", "ModelState", "RunnerStatistics", "fold", "tenant_of"]
+__all__ = ["RATE_SMOOTHING", "Measured", "ModelState", "RunnerStatistics", "fold"]
 
 #: Weight of the newest tick in the arrival-rate average.
 RATE_SMOOTHING = 0.3
-
-
-def tenant_of(deployment: Deployment) -> str:
-    """The tenant that owns ``deployment`` (the default tenant when none was given)."""
-    return str(deployment.extra.get("tenant", DEFAULT_TENANT))
 
 
 @dataclass(frozen=True)
@@ -94,7 +89,7 @@ class ModelState:
 
     @classmethod
     def of(cls, deployment: Deployment, now: float) -> ModelState:
-        return cls(name=deployment.name, tenant=tenant_of(deployment), last_active=now, rate_since=now)
+        return cls(name=deployment.name, tenant=deployment.tenant, last_active=now, rate_since=now)
 
 
 def fold(state: ModelState, measured: Measured, stats: RunnerStatistics, now: float) -> ModelState:
