@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from ember.clock import Clock, run_blocking
 from ember.cluster.base import ClusterBackend, WorkerHandle
@@ -32,7 +31,7 @@ from ember.metrics import Metrics
 from ember.policies.autoscaler import Autoscaler, ScaleView, SloAutoscaler
 from ember.policies.eviction import Eviction, ExpectedCostEviction
 from ember.policies.keepalive import Demotion, KeepAlive, ModelView
-from ember.policies.latency import Bandwidths, LatencyModel, remaining_load_s
+from ember.policies.latency import Bandwidths, remaining_load_s
 from ember.policies.placement import (
     Placement,
     PlacementRequest,
@@ -40,10 +39,10 @@ from ember.policies.placement import (
 )
 from ember.policies.tiers import Tier
 from ember.scope import TaskScope
-from ember.state import Measured, ModelState, RunnerStatistics, fold, model_view
+from ember.state import Measured, ModelState, Runner, RunnerStatistics, fold, model_view
 from ember.store import Store
 
-__all__ = ["ColdStart", "Controller", "Runner"]
+__all__ = ["ColdStart", "Controller"]
 
 
 _log = logging.getLogger(__name__)
@@ -56,29 +55,6 @@ class ColdStart:
     tier: Tier
     seconds: float
     at: float
-
-
-class Runner(Protocol):
-    """What the controller asks of a model's runner (``scheduler.ModelRunner``): what it measured, and
-    to be told of loads."""
-
-    @property
-    def deployment(self) -> Deployment: ...
-
-    @property
-    def latency(self) -> LatencyModel:
-        """The model's latency model as measured so far."""
-        ...
-
-    def statistics(self) -> RunnerStatistics: ...
-
-    def drain(self) -> Measured:
-        """What was measured since the last drain."""
-        ...
-
-    def instance_loaded(self, instance_id: str) -> None: ...
-
-    def observe_load(self, tier: Tier, seconds: float) -> None: ...
 
 
 @dataclass

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from ember.config import Deployment
 from ember.policies.autoscaler import ScaleState
 from ember.policies.keepalive import IdleHistogram
 from ember.policies.latency import LatencyModel
 from ember.policies.placement import DEFAULT_TENANT
+from ember.policies.tiers import Tier
 
-__all__ = ["RATE_SMOOTHING", "Measured", "ModelState", "RunnerStatistics", "fold"]
+__all__ = ["RATE_SMOOTHING", "Measured", "ModelState", "Runner", "RunnerStatistics", "fold"]
 
 #: Weight of the newest tick in the arrival-rate average.
 RATE_SMOOTHING = 0.3
@@ -66,6 +68,29 @@ class Measured:
     idle_gaps: tuple[float, ...] = ()
     #: Device seconds its batches took, per instance (worker id).
     busy_s: Mapping[str, float] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    """What a model's runner publishes to the controller (``scheduler.ModelRunner``; in tests
+    ``testing.FakeRunner``): its statistics, what it measured, and where it is told of loads."""
+
+    @property
+    def deployment(self) -> Deployment: ...
+
+    @property
+    def latency(self) -> LatencyModel:
+        """The model's latency model as measured so far."""
+        ...
+
+    def statistics(self) -> RunnerStatistics: ...
+
+    def drain(self) -> Measured:
+        """What was measured since the last drain."""
+        ...
+
+    def instance_loaded(self, instance_id: str) -> None: ...
+
+    def observe_load(self, tier: Tier, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
