@@ -5,10 +5,10 @@
 
 Claim (issue 3): Ember loads at >= 90% of the raw link measured in the same run, and >= 2.5x
 ``safetensors.torch.load_file`` from the page cache. The methods, the "loaded" rule (every page
-resident and read) and the sources are described in ``ember.store.bench``; ``ember store bench``
+resident and read) and the sources are described in ``ember.bench.load``; ``ember store bench``
 runs the same code.
 
-Then the compressed tier (``ember.store.bench_compress``): compression ratio per dtype on real
+Then the compressed tier (``ember.bench.compress``): compression ratio per dtype on real
 MiniLM weights, trained-like and random ones (zstd over the whole file beside it); compressed
 against uncompressed loads from the page cache and cold disk, per decompression thread count; and
 ``Store.promote`` of each from cold disk. The notes say, per source, whether compression paid and
@@ -23,8 +23,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ember.store.bench import format_table, run_benchmark
-from ember.store.bench_compress import format_ratios, run_compress_benchmark
+from ember.bench.compress import format_ratios, run_compress_benchmark
+from ember.bench.load import format_table, run_benchmark
 from ember.store.loader import LoaderConfig
 
 

@@ -27,13 +27,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ember.bench.load import evict, run_benchmark
 from ember.clock import WallClock
 from ember.config import DeploySpec
 from ember.policies.latency import Bandwidths
+from ember.policies.tiers import Tier
 from ember.service import EmberService, ServeOptions
-from ember.store import Tier
 from ember.store.bandwidths import BANDWIDTHS_FILE, measured_bandwidths, read_bandwidths, save_bandwidths
-from ember.store.bench import evict, run_benchmark
 
 MODEL_CODE = """
 import torch

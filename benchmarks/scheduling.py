@@ -103,9 +103,10 @@ async def _run(policy: BatchPolicy, on_unmeetable: str, requests: int, concurren
     seconds = time.perf_counter() - start
     await runner.stop(DeadlineUnmeetable("benchmark over"))
     done = per_caller * concurrency
+    stats = runner.statistics()
     return {
         "us_per_request": 1e6 * seconds / done,
-        "rows_per_batch": runner.stats.rows / max(runner.stats.batches, 1),
+        "rows_per_batch": stats.rows / max(stats.batches, 1),
         "refused": float(refused),
     }
 

@@ -39,10 +39,12 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ANSWER_MISMATCH", "Batch", "ModelAPI", "TensorSpec", "check_answer"]
+__all__ = ["ANSWER_MISMATCH", "Arrays", "Batch", "ModelAPI", "TensorSpec", "check_answer"]
 
 Array = npt.NDArray[Any]
 Batch = Mapping[str, Array]
+#: One request's (or one answer's) tensors by name, as they travel between gateway, scheduler and worker.
+Arrays = dict[str, npt.NDArray[Any]]
 
 #: The Open Inference Protocol datatypes and the numpy dtype of each (BYTES: object arrays of bytes).
 DATATYPES: Mapping[str, np.dtype[Any]] = MappingProxyType(

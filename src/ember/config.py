@@ -326,3 +326,8 @@ class Deployment:
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def tenant(self) -> str:
+        """The tenant that owns the model (``default`` when it was deployed without one)."""
+        return str(self.extra.get("tenant", "default"))

@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ember.api import Arrays
 from ember.clock import Clock, WallClock, run_blocking
 from ember.cluster.base import ClusterBackend
 from ember.cluster.local import LocalBackend, WorkerLimits, storage_full
@@ -57,10 +58,10 @@ from ember.policies import (
 from ember.registry import DeploymentRecord, Registry
 from ember.requestlog import REQUEST_LOG, RecentRequests, RequestLog, current
 from ember.scheduler import DeviceArbiter, ModelRunner
+from ember.scope import TaskScope
 from ember.store import Store, Tier
 from ember.store.bandwidths import HostBandwidths, read_bandwidths
 from ember.tracing import Tracer, otlp_tracer
-from ember.worker.protocol import Arrays
 
 __all__ = ["EmberService", "ModelInfo", "ServeOptions"]
 
@@ -213,8 +214,8 @@ class EmberService:
         )
         self.arbiter = DeviceArbiter(LatestStartFirst(), self.clock)
         self._runners: dict[str, ModelRunner] = {}
-        self._controller_task: asyncio.Task[None] | None = None
-        self._saver_task: asyncio.Task[None] | None = None
+        #: The control loop and the periodic save of measurements; their failures are logged.
+        self._tasks = TaskScope(_log)
         #: Per model, the latency model last written to the registry.
         self._saved: dict[str, LatencyModel] = {}
         self._meter_task: asyncio.Task[None] | None = None
@@ -252,10 +253,11 @@ class EmberService:
                 self._set_aside(record, exc)
                 continue
             runner = self._add(deployment)
-            runner.latency = self._saved[record.name] = runner.latency.from_json(self.registry.latency(record.key))
-        self._controller_task = asyncio.create_task(self.controller.run(), name="ember-controller")
-        self._saver_task = asyncio.create_task(self._save_periodically(), name="ember-save-measurements")
-        self._meter_task = asyncio.create_task(self._meter_loop(), name="ember-meter")
+            restored = self._saved[record.name] = runner.latency.from_json(self.registry.latency(record.key))
+            runner.restore_latency(restored)
+        self._tasks.spawn(self.controller.run(), name="ember-controller")
+        self._tasks.spawn(self._save_periodically(), name="ember-save-measurements")
+        self._tasks.spawn(self._meter_loop(), name="ember-meter")
         self._accepting = True
         self.ready = True
 
@@ -264,11 +266,8 @@ class EmberService:
         self.ready = False
         draining = ShuttingDown("Ember is shutting down; retry against another instance or after the restart")
         await asyncio.gather(*(runner.stop(draining) for runner in self._runners.values()))
-        for task in (self._controller_task, self._saver_task, self._meter_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._tasks.aclose()
+        await self.controller.close()
         self.save_measurements()
         try:
             await self.flush_usage()
@@ -294,7 +293,7 @@ class EmberService:
         runner = self.runner(name)
         record = current.get()
         if record is not None:
-            record.model, record.tenant = name, str(runner.deployment.extra.get("tenant", "default"))
+            record.model, record.tenant = name, runner.deployment.tenant
             tier = self.controller.tier(name)
             record.cold_start = None if tier is Tier.HOT else tier.value
         return await runner.submit(inputs, timeout_s)
@@ -501,30 +500,31 @@ class EmberService:
     def tenant_of(self, name: str) -> str | None:
         """The tenant owning model ``name``, or None if no such model is deployed."""
         runner = self._runners.get(name)
-        return None if runner is None else str(runner.deployment.extra.get("tenant", "default"))
+        return None if runner is None else runner.deployment.tenant
 
     def info(self, name: str) -> ModelInfo:
         runner = self.runner(name)
         d = runner.deployment
+        stats = runner.statistics()
         cold = self.controller.last_cold_start(name)
         return ModelInfo(
             name=d.name,
             version=d.version,
             tier=self.controller.tier(name).value,
             instances=self.controller.instances(name),
-            requests=runner.stats.requests,
-            succeeded=runner.stats.succeeded,
-            failed=runner.stats.failed,
-            queued=len(runner.queue),
+            requests=stats.requests,
+            succeeded=stats.succeeded,
+            failed=stats.failed,
+            queued=stats.queued,
             task=d.metadata.task,
             slo_ms=d.slo_ms,
-            slo_attainment=runner.stats.slo_attainment,
+            slo_attainment=stats.slo_attainment,
             cold_starts=self.controller.cold_starts(name),
             last_cold_start=None if cold is None else {"tier": cold.tier.value, "seconds": cold.seconds, "at": cold.at},
             bytes=d.metadata.bytes,
             source=str(d.extra.get("source", "")),
             created_at=d.created_at,
-            tenant=str(d.extra.get("tenant", "default")),
+            tenant=d.tenant,
             max_instances=d.max_instances,
             settings={
                 "inputs": [t.to_json() for t in d.metadata.inputs],
@@ -587,9 +587,7 @@ class EmberService:
                 if (start is None or bucket >= start) and (tenant is None or owner == tenant):
                     recorded[(model, owner)] = recorded.get((model, owner), Usage()) + charge
         deployed = {
-            name: Deployed(
-                str(r.deployment.extra.get("tenant", "default")), r.deployment.metadata.bytes, r.deployment.created_at
-            )
+            name: Deployed(r.deployment.tenant, r.deployment.metadata.bytes, r.deployment.created_at)
             for name, r in self._runners.items()
         }
         return report(recorded, deployed, start, self.clock.wall())
@@ -610,7 +608,7 @@ class EmberService:
             instances = self.controller.instances(name)
             host = size if self.store.tier(d.key) is Tier.WARM else 0
             holding = Holding(instances, size, host)
-            self.meter.observe(name, str(d.extra.get("tenant", "default")), holding, runner.stats.requests)
+            self.meter.observe(name, d.tenant, holding, runner.statistics().requests)
 
     def _note_tier(self, name: str) -> None:
         tier = self.controller.tier(name).value

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from ember.bench.load import ARENA_TO_CUDA, run_benchmark
 from ember.store import LoaderConfig, Store, compress_checkpoint, load_checkpoint, write_checkpoint
 from ember.store.bandwidths import measured_bandwidths
-from ember.store.bench import ARENA_TO_CUDA, run_benchmark
 from ember.store.store import WEIGHTS
 from ember.worker.host import ModelHost
 from ember.worker.main import start_libraries

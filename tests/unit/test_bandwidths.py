@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ember import cli
+from ember.cli import commands as cli
 from ember.client import Client
 from ember.clock import VirtualClock
 from ember.config import DeploySpec
 from ember.errors import DeadlineUnmeetable
 from ember.policies.latency import Bandwidths
+from ember.policies.tiers import Tier
 from ember.service import EmberService, ServeOptions
-from ember.store import Tier
-from ember.store.bandwidths import BANDWIDTHS_FILE, measured_bandwidths, read_bandwidths, save_bandwidths
-from ember.store.bench import PROMOTE, Row
+from ember.store.bandwidths import BANDWIDTHS_FILE, PROMOTE, Row, measured_bandwidths, read_bandwidths, save_bandwidths
 from ember.testing import FakeBackend, run_in_virtual_time
 
 runner = CliRunner()

@@ -19,9 +19,9 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from ember import cli
-from ember.cli_common import size_text
-from ember.cli_progress import DeployProgress
+from ember.cli import commands as cli
+from ember.cli.common import size_text
+from ember.cli.progress import DeployProgress
 from ember.client import Client, _error_from
 from ember.config import DeploySpec
 from ember.errors import (

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from ember import cli_describe
 from ember.cli import app
+from ember.cli import describe as cli_describe
 from ember.client import Client
 
 runner = CliRunner()

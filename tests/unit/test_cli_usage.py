@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from ember.cli_usage import parse_since
+from ember.cli.usage import parse_since
 
 NOW = 1_764_800_000.0
 

@@ -12,8 +12,8 @@ import pytest
 from ember.clock import VirtualClock
 from ember.config import DeploySpec
 from ember.errors import DeadlineUnmeetable
+from ember.policies.tiers import Tier
 from ember.service import EmberService, ServeOptions
-from ember.store import Tier
 from ember.testing import FakeBackend, LatencyProfile, run_in_virtual_time
 
 

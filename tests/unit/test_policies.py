@@ -11,11 +11,12 @@ from ember.policies import (
     LatencyModel,
     LeastLoaded,
     ModelView,
+    PlacementRequest,
     QueueSnapshot,
     TenantIsolated,
     WorkerView,
 )
-from ember.store import Tier
+from ember.policies.tiers import Tier
 
 queues = st.lists(st.tuples(st.floats(0, 10), st.integers(1, 8), st.floats(0, 10)), min_size=1, max_size=40).map(
     lambda q: tuple(sorted(q))
@@ -114,14 +115,14 @@ def _worker(wid: str, bytes_loaded: int = 0, ready: bool = True, device: str = "
 
 def test_placement_prefers_the_least_loaded_ready_worker():
     workers = (_worker("a", 100), _worker("b", 10), _worker("c", 0, ready=False))
-    assert LeastLoaded().choose("m", 5, "auto", workers) == "b"
+    assert LeastLoaded().choose(PlacementRequest("m", 5, "auto"), workers) == "b"
 
 
 def test_placement_matches_the_device_and_says_none_when_nothing_fits():
     workers = (_worker("a", 0, device="cpu"), _worker("g", 50, device="cuda:0"))
-    assert LeastLoaded().choose("m", 5, "cuda", workers) == "g"
-    assert LeastLoaded().choose("m", 5, "cuda:1", workers) is None
-    assert LeastLoaded().choose("m", 5, "auto", (_worker("x", ready=False),)) is None
+    assert LeastLoaded().choose(PlacementRequest("m", 5, "cuda"), workers) == "g"
+    assert LeastLoaded().choose(PlacementRequest("m", 5, "cuda:1"), workers) is None
+    assert LeastLoaded().choose(PlacementRequest("m", 5, "auto"), (_worker("x", ready=False),)) is None
 
 
 def test_tenant_isolation_keeps_other_tenants_models_off_a_worker():
@@ -136,12 +137,13 @@ def test_tenant_isolation_keeps_other_tenants_models_off_a_worker():
         hosting("b", "globex", bytes_loaded=1),
         hosting("c", bytes_loaded=50),
     )
-    assert LeastLoaded().choose("m", 5, "auto", workers, "acme") == "b"  # the least loaded, whoever is there
-    assert policy.choose("m", 5, "auto", workers, "acme") == "a"  # its own tenant's worker
-    assert policy.choose("m", 5, "auto", workers, "initech") == "c"  # an empty one
-    assert policy.choose("m", 5, "auto", workers[:2], "initech") is None  # none free of others
-    assert policy.choose("m", 5, "auto", (workers[0], hosting("c")), "acme") == "c"  # alone, it spreads
+    acme, initech = PlacementRequest("m", 5, tenant="acme"), PlacementRequest("m", 5, tenant="initech")
+    assert LeastLoaded().choose(acme, workers) == "b"  # the least loaded, whoever is there
+    assert policy.choose(acme, workers) == "a"  # its own tenant's worker
+    assert policy.choose(initech, workers) == "c"  # an empty one
+    assert policy.choose(initech, workers[:2]) is None  # none free of others
+    assert policy.choose(acme, (workers[0], hosting("c"))) == "c"  # alone, it spreads
     # With another tenant there, acme keeps to its worker and leaves the empty one to newcomers.
-    assert policy.choose("m", 5, "auto", (workers[0], workers[1], hosting("c")), "acme") == "a"
+    assert policy.choose(acme, (workers[0], workers[1], hosting("c"))) == "a"
     unready = WorkerView("a", False, "cpu", ("m0",), 10, 0, tenants=frozenset({"acme"}))
-    assert policy.choose("m", 5, "auto", (unready, workers[1], hosting("c")), "acme") == "c"  # its own is down
+    assert policy.choose(acme, (unready, workers[1], hosting("c"))) == "c"  # its own is down

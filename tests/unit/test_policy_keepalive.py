@@ -17,7 +17,7 @@ from ember.policies import (
     ModelView,
     Prewarm,
 )
-from ember.store import Tier
+from ember.policies.tiers import Tier
 from ember.testing import poisson_arrivals
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from ember.policies import Bandwidths, LatencyModel, remaining_load_s, warmup_batch_sizes, windowed_quantile
 from ember.policies.latency import bucket_of
-from ember.store import Tier
+from ember.policies.tiers import Tier
 
 samples = st.lists(st.tuples(st.integers(1, 300), st.floats(0, 5)), max_size=60)
 

@@ -19,6 +19,7 @@ from ember.policies import (
     LruEviction,
     MemoryAwarePlacement,
     Move,
+    PlacementRequest,
     Resident,
     ScaleState,
     ScaleView,
@@ -110,10 +111,11 @@ def _worker(wid: str, loaded: int = 0, capacity: int | None = None, warm: tuple[
 
 def test_placement_prefers_warm_weights_then_the_tightest_fit():
     workers = (_worker("a", 0, 100), _worker("b", 60, 100), _worker("c", 90, 100))
-    assert MemoryAwarePlacement().choose("m", 30, "cuda", workers) == "b"  # c is too full, b fits tightest
+    request = PlacementRequest("m", 30, "cuda")
+    assert MemoryAwarePlacement().choose(request, workers) == "b"  # c is too full, b fits tightest
     warm = (*workers, _worker("d", 0, 100, warm=("m",)))
-    assert MemoryAwarePlacement().choose("m", 30, "cuda", warm) == "d"
-    assert MemoryAwarePlacement().choose("m", 200, "cuda", workers) is None
+    assert MemoryAwarePlacement().choose(request, warm) == "d"
+    assert MemoryAwarePlacement().choose(PlacementRequest("m", 200, "cuda"), workers) is None
 
 
 @given(
@@ -122,7 +124,7 @@ def test_placement_prefers_warm_weights_then_the_tightest_fit():
 )
 def test_placement_only_picks_ready_workers_with_room(loads, size):
     workers = tuple(_worker(f"w{i}", used, 100, ready=ready) for i, (used, ready, _) in enumerate(loads))
-    choice = MemoryAwarePlacement().choose("m", size, "auto", workers)
+    choice = MemoryAwarePlacement().choose(PlacementRequest("m", size, "auto"), workers)
     fits = [w for w in workers if w.ready and 100 - w.bytes_loaded >= size]
     if not fits:
         assert choice is None
@@ -137,11 +139,11 @@ def test_placement_packs_by_time_as_well_as_memory():
     # would push it past 70%, so the next tightest with time to spare (a, idle) gets it.
     workers = (_worker("a", 0, 100), _worker("b", 60, 100, utilization=0.6), _worker("c", 50, 100, utilization=0.3))
     placement = MemoryAwarePlacement(max_utilization=0.7)
-    assert placement.choose("m", 30, "cuda", workers, demand=0.2) == "c"
-    assert placement.choose("m", 30, "cuda", workers, demand=0.05) == "b"  # still room: pack
+    assert placement.choose(PlacementRequest("m", 30, "cuda", demand=0.2), workers) == "c"
+    assert placement.choose(PlacementRequest("m", 30, "cuda", demand=0.05), workers) == "b"  # still room: pack
     # nobody has time to spare: the least utilized that fits in memory
     busy = (_worker("x", 0, 100, utilization=0.9), _worker("y", 60, 100, utilization=0.8))
-    assert placement.choose("m", 30, "cuda", busy, demand=0.2) == "y"
+    assert placement.choose(PlacementRequest("m", 30, "cuda", demand=0.2), busy) == "y"
 
 
 @given(
@@ -151,7 +153,7 @@ def test_placement_packs_by_time_as_well_as_memory():
 def test_placement_fills_no_device_past_max_utilization_while_one_has_time(loads, demand):
     workers = tuple(_worker(f"w{i}", used, 100, utilization=u) for i, (u, used) in enumerate(loads))
     placement = MemoryAwarePlacement()
-    choice = placement.choose("m", 0, "auto", workers, demand=demand)
+    choice = placement.choose(PlacementRequest("m", 0, "auto", demand=demand), workers)
     chosen = next(w for w in workers if w.id == choice)
     if any(w.utilization + demand <= placement.max_utilization for w in workers):
         assert chosen.utilization + demand <= placement.max_utilization + 1e-12
@@ -164,15 +166,17 @@ def test_placement_keeps_long_batches_away_from_short_slos_while_a_device_has_ti
     vision = _worker("vision", 50, 100, utilization=0.2, shortest_slo_s=0.1, longest_batch_s=0.006)
     empty = _worker("empty", 0, 100)
     placement = MemoryAwarePlacement()
+    llm_request = PlacementRequest("llm", 30, "cuda", slo_s=1.0, batch_s=0.175)
+    resnet_request = PlacementRequest("resnet", 30, "cuda", slo_s=0.1, batch_s=0.006)
     # a 175 ms batch would hold the device past a quarter of their SLO: it goes to the empty one
-    assert placement.choose("llm", 30, "cuda", (vision, empty), slo_s=1.0, batch_s=0.175) == "empty"
+    assert placement.choose(llm_request, (vision, empty)) == "empty"
     # another vision model packs with them (tightest fit)
-    assert placement.choose("resnet", 30, "cuda", (vision, empty), slo_s=0.1, batch_s=0.006) == "vision"
+    assert placement.choose(resnet_request, (vision, empty)) == "vision"
     # and a short-SLO model stays off a device whose residents run long batches
     llm = _worker("llm", 50, 100, utilization=0.2, shortest_slo_s=1.0, longest_batch_s=0.175)
-    assert placement.choose("resnet", 30, "cuda", (llm, empty), slo_s=0.1, batch_s=0.006) == "empty"
+    assert placement.choose(resnet_request, (llm, empty)) == "empty"
     # when nothing else fits, sharing beats not placing at all
-    assert placement.choose("llm", 30, "cuda", (vision,), slo_s=1.0, batch_s=0.175) == "vision"
+    assert placement.choose(llm_request, (vision,)) == "vision"
 
 
 def _device(wid: str, *shares: float, capacity: int = 100, movable: bool = True) -> WorkerView:
@@ -225,9 +229,9 @@ def test_device_share_batches_as_the_rate_needs():
 
 def test_least_loaded_baseline_spreads_and_matches_the_device():
     workers = (_worker("a", 100), _worker("b", 10), _worker("c", 0, ready=False))
-    assert LeastLoaded().choose("m", 5, "auto", workers) == "b"
-    assert LeastLoaded().choose("m", 5, "cuda:1", workers) is None
-    assert LeastLoaded().choose("m", 5, "cpu", workers) is None
+    assert LeastLoaded().choose(PlacementRequest("m", 5, "auto"), workers) == "b"
+    assert LeastLoaded().choose(PlacementRequest("m", 5, "cuda:1"), workers) is None
+    assert LeastLoaded().choose(PlacementRequest("m", 5, "cpu"), workers) is None
 
 
 # -- eviction -----------------------------------------------------------------------------------------

@@ -28,6 +28,12 @@ def test_the_gateway_side_never_imports_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_importing_the_policies_imports_no_storage_or_worker_code():
+    code = "import sys, ember.policies; print(sorted(m for m in sys.modules if m.startswith(('ember.st', 'ember.wo'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_the_readme_model_runs_as_the_platform_runs_it(tmp_path):
     readme = (ROOT / "README.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "class Linear" in b)

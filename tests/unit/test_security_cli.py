@@ -10,8 +10,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ember import cli, cli_keys
 from ember.cli import app, curl_example, is_loopback
+from ember.cli import commands as cli
+from ember.cli import keys as cli_keys
 from ember.client import Client, find_api_key
 
 runner = CliRunner()

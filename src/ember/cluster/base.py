@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ember.worker.protocol import Arrays, Batch
+from ember.api import Arrays
+from ember.worker.protocol import Batch
 
 __all__ = ["ClusterBackend", "ProgressCallback", "WorkerHandle"]
 
@@ -62,6 +63,10 @@ class ClusterBackend(Protocol):
 
     def on_worker_lost(self, callback: Callable[[WorkerHandle], None]) -> None:
         """Call ``callback`` once for each worker that dies; the backend replaces it."""
+        ...
+
+    def on_worker_ready(self, callback: Callable[[WorkerHandle], None]) -> None:
+        """Call ``callback`` once for each worker that joins the pool after it started (a replacement)."""
         ...
 
     def statistics(self) -> dict[str, Any]: ...

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ember.api import Arrays
 from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.errors import EmberError, InternalError, InvalidInput, ModelFailed, StorageFull, WorkerCrashed
 from ember.worker.lifeline import PARENT_ENV
 from ember.worker.protocol import (
-    Arrays,
     Batch,
     Import,
     Infer,
@@ -356,6 +356,7 @@ class LocalBackend:
         self._spares_wanted = spares
         self._spares: list[LocalWorker] = []
         self._callbacks: list[Callable[[LocalWorker], None]] = []
+        self._ready_callbacks: list[Callable[[LocalWorker], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
         self._stopping = False
@@ -387,6 +388,13 @@ class LocalBackend:
     def on_worker_lost(self, callback: Callable[[LocalWorker], None]) -> None:
         self._callbacks.append(callback)
 
+    def on_worker_ready(self, callback: Callable[[LocalWorker], None]) -> None:
+        self._ready_callbacks.append(callback)
+
+    def _joined(self, worker: LocalWorker) -> None:
+        for callback in self._ready_callbacks:
+            callback(worker)
+
     def statistics(self) -> dict[str, Any]:
         return {
             "backend": "local",
@@ -412,6 +420,7 @@ class LocalBackend:
             self._spares.append(worker)
         else:  # a worker died while this one started: it is needed now
             self._workers[worker.id] = worker
+            self._joined(worker)
 
     def _lost(self, worker: LocalWorker) -> None:
         if worker in self._spares:
@@ -424,6 +433,7 @@ class LocalBackend:
             # Before the callbacks, so that the controller can place the lost models on it.
             spare = self._spares.pop(0)
             self._workers[spare.id] = spare
+            self._joined(spare)
         for callback in self._callbacks:
             callback(worker)
         if self._stopping:

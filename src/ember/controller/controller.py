@@ -1,24 +1,17 @@
-"""The control loop: tiers, keep-alive and pre-warm, autoscaling, placement and eviction, applied.
+"""The control loop: tiers, keep-alive and pre-warm, autoscaling and promotion, applied.
 
-Every tick the controller folds what the runners measured (idle periods into each model's idle-time
-histogram, arrivals into its arrival rate), builds a frozen view of each model and asks the pure
-policies (``ember.policies``) what to do:
-
-- keep-alive (``HybridHistogramKeepAlive`` by default): demote idle models one tier, or pre-warm a
-  model whose next request is expected soon;
-- autoscaler (``SloAutoscaler``): how many instances a hot model needs, up to its ``max_instances``;
-  the loop adds one instance at a time and removes idle ones;
-- rebalancing (``MemoryAwarePlacement.moves``): each worker's utilization is the sum of its models'
-  shares of it (device seconds their batches took per second, measured every tick); a model on a
-  worker busier than the policy's ``high`` may be moved: loaded on the destination, then dropped
-  from the source once nothing of it runs there.
+Every tick the controller takes what each runner published (its statistics and the measurements
+drained since the last tick), folds them into the model's frozen state (``ember.state.fold``),
+builds each policy's input with the state layer's builders and asks the pure policies what to do:
+keep-alive (demote idle models one tier, or pre-warm one whose next request is expected soon); the
+autoscaler (how many instances a hot model needs, up to ``max_instances``: one instance added at a
+time, idle ones removed); rebalancing (``moves.py``).
 
 Promotion is on demand: the first request for a model that is not hot calls :meth:`ensure_hot`,
 which brings it up one tier at a time (cool -> warm: the store copies the weights into host memory;
-warm -> hot: a worker chosen by the placement policy builds the model around them). Concurrent
-callers share one promotion. When no worker has device memory for the model, the eviction policy
-names the hot models to demote from the fullest fitting worker. Every load's measured time feeds
-the model's latency model, which predicts the next one.
+warm -> hot: a worker chosen by placement, ``placing.py``, builds the model around them).
+Concurrent callers share one promotion. Each load's measured time goes to the runner, whose
+latency model predicts the next one.
 """
 
 from __future__ import annotations
@@ -26,30 +19,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ember.clock import Clock, run_blocking
 from ember.cluster.base import ClusterBackend, WorkerHandle
 from ember.config import Deployment
+from ember.controller.moves import measure_shares, rebalance, unload_left
+from ember.controller.placing import WORKER_WAIT_S, choose_worker, recycle_for, view_of_worker, wait_for_workers
 from ember.errors import EmberError, ModelNotFound, ModelUnavailable, WorkerCrashed
 from ember.metrics import Metrics
-from ember.policies.autoscaler import Autoscaler, ScaleState, ScaleView, SloAutoscaler
-from ember.policies.eviction import Eviction, EvictionCandidate, ExpectedCostEviction
-from ember.policies.keepalive import Demotion, IdleHistogram, KeepAlive, ModelView
+from ember.policies.autoscaler import Autoscaler, ScaleView, SloAutoscaler
+from ember.policies.eviction import Eviction, ExpectedCostEviction
+from ember.policies.keepalive import Demotion, KeepAlive, ModelView
 from ember.policies.latency import Bandwidths, remaining_load_s
-from ember.policies.placement import Placement, Rebalancer, Resident, WorkerView, device_fits, device_share
-from ember.scheduler.runner import ModelRunner
-from ember.store import Store, Tier
+from ember.policies.placement import (
+    Placement,
+    PlacementRequest,
+    Rebalancer,
+)
+from ember.policies.tiers import Tier
+from ember.scope import TaskScope
+from ember.state import Measured, ModelState, Runner, RunnerStatistics, fold, model_view
+from ember.store import Store
 
 __all__ = ["ColdStart", "Controller"]
 
-WORKER_WAIT_S = 120.0
-#: Weight of the newest tick in the arrival-rate average.
-RATE_SMOOTHING = 0.3
-#: Weight of the newest tick in a model's share of a worker.
-SHARE_SMOOTHING = 0.5
 
 _log = logging.getLogger(__name__)
 
@@ -66,7 +61,8 @@ class ColdStart:
 @dataclass
 class _Model:
     deployment: Deployment
-    runner: ModelRunner
+    runner: Runner
+    state: ModelState
     workers: list[WorkerHandle] = field(default_factory=list)
     promoting: asyncio.Task[WorkerHandle] | None = None
     #: When the running promotion began, and how long it was predicted to take.
@@ -75,12 +71,9 @@ class _Model:
     scaling: asyncio.Task[object] | None = None
     last_cold_start: ColdStart | None = None
     cold_starts: int = 0
-    histogram: IdleHistogram = field(default_factory=IdleHistogram)
-    prewarmed: bool = False
-    scale_state: ScaleState = field(default_factory=ScaleState)
-    arrival_rate: float = 0.0
-    requests_seen: int = 0
-    rate_since: float = 0.0
+    #: The runner's statistics and what it measured, as of the last tick.
+    stats: RunnerStatistics = field(default_factory=RunnerStatistics)
+    measured: Measured = field(default_factory=Measured)
     #: When its last promotion to hot finished: its idle time on the device counts from then at the
     #: earliest (a load started by a refused request is not demoted at the next tick).
     hot_since: float = 0.0
@@ -130,22 +123,28 @@ class Controller:
         self._measured_at = clock.now()
         #: Instances moved away, to unload once no batch of theirs runs there.
         self._leaving: list[tuple[_Model, WorkerHandle]] = []
+        #: The promotions, added instances and moves in progress: their failures are logged.
+        self._tasks = TaskScope(_log)
+        #: Set (then replaced) whenever something placement reads changes; see ``placing.wait_for_workers``.
+        self._changed = asyncio.Event()
         #: Told a model's name whenever its instances or tier may have changed (the service's meter).
         self._on_change = on_change
         backend.on_worker_lost(self._worker_lost)
+        backend.on_worker_ready(lambda _: self.workers_changed())
 
     # -- registration ------------------------------------------------------------------------------
 
-    def add(self, runner: ModelRunner) -> None:
+    def add(self, runner: Runner) -> None:
         name = runner.deployment.name
-        self._models[name] = _Model(runner.deployment, runner, rate_since=self._clock.now())
-        self._changed(name)
+        self._models[name] = _Model(runner.deployment, runner, ModelState.of(runner.deployment, self._clock.now()))
+        self.model_changed(name)
 
     def update(self, deployment: Deployment) -> None:
         """Use ``deployment`` (a changed SLO or keep-alive of the same version) from the next tick on."""
         model = self._models.get(deployment.name)
         if model is not None:
             model.deployment = deployment
+            model.state = replace(model.state, tenant=deployment.tenant)
 
     async def remove(self, name: str) -> None:
         model = self._models.pop(name, None)
@@ -161,27 +160,26 @@ class Controller:
                 await worker.unload(model.deployment.key)
         model.workers.clear()
         self._metrics.forget(name)
+        self.workers_changed()
 
     async def import_worker(self, tenant: str) -> WorkerHandle | None:
         """The worker to run a deploy-time import of ``tenant``'s model: placement decides, as for a load,
         so a tenant's import never runs beside another tenant's models (an idle worker that ran another
         tenant's code is recycled for it). None: no worker qualifies."""
-        waited, recycled = 0.0, False
+        deadline, recycled = self._clock.now() + WORKER_WAIT_S, False
         while True:
             workers = {w.id: w for w in self._backend.workers()}
-            views = tuple(self._worker_view(w) for w in workers.values())
-            choice = self._placement.choose("", 0, "auto", views, tenant)
+            views = tuple(view_of_worker(self, w) for w in workers.values())
+            choice = self._placement.choose(PlacementRequest(tenant=tenant), views)
             if choice is not None:
                 self._tenants_seen.setdefault(choice, set()).add(tenant)
                 return workers[choice]
             if not recycled:
-                recycled = await self._recycle_for(tenant, views, workers)
+                recycled = await recycle_for(self, tenant, views, workers)
                 if not recycled:
                     return None
-            if waited >= WORKER_WAIT_S:
+            if not await wait_for_workers(self, deadline):
                 return None
-            await self._clock.sleep(0.05)
-            waited += 0.05
 
     # -- what the rest asks ------------------------------------------------------------------------
 
@@ -190,6 +188,18 @@ class Controller:
         if model.alive():
             return Tier.HOT
         return self._store.tier(model.deployment.key)
+
+    def state(self, name: str) -> ModelState:
+        """What the control loop remembers of ``name``, as of its last tick."""
+        return self._get(name).state
+
+    def utilization(self, worker_id: str) -> float:
+        """The share of ``worker_id``'s device time its models took, as measured at the last tick."""
+        return sum(
+            self._share(name, worker_id)
+            for name, m in self._models.items()
+            if any(w.id == worker_id for w in m.workers)
+        )
 
     def instances(self, name: str) -> int:
         return len(self._get(name).alive())
@@ -228,7 +238,8 @@ class Controller:
         model = self._models.get(name)
         if model is not None and worker in model.workers:
             model.workers.remove(worker)
-            self._changed(name)
+            self.model_changed(name)
+            self.workers_changed()
 
     async def demote(self, name: str, to: Tier) -> None:
         """Move ``name`` down to tier ``to`` (warm or cool) now."""
@@ -237,13 +248,14 @@ class Controller:
         for worker in workers:
             with contextlib.suppress(EmberError):
                 await worker.unload(model.deployment.key)
+        self.workers_changed()
         if self._models.get(name) is not model:
             return  # removed meanwhile: remove() has dealt with its files
         if to is Tier.COOL:
             await run_blocking(self._clock, self._store.demote, model.deployment.key)
-        self._changed(name)
+        self.model_changed(name)
 
-    def _changed(self, name: str) -> None:
+    def model_changed(self, name: str) -> None:
         """``name``'s instances or tier may have changed: the tier gauge, and whoever listens, learn it."""
         self._metrics.set_tier(name, self.tier(name).value)
         if self._on_change is not None:
@@ -267,49 +279,40 @@ class Controller:
         views = tuple(self._view(model, now) for model in models)
         for action in self._keepalive.decide(views):
             target = self._models.get(action.name)
-            if target is None or target.runner.busy or self._promoting(target):
+            if target is None or target.runner.statistics().busy or self._promoting(target):
                 continue
             if isinstance(action, Demotion):
                 await self.demote(action.name, action.to)
             else:
-                target.prewarmed = True
+                target.state = replace(target.state, prewarmed=True)
                 self._start_promotion(target)
         for model in models:
             if model.deployment.max_instances > 1 and model.deployment.name in self._models:
                 await self._autoscale(model, now)
-        self._measure_shares(now)
-        await self._unload_left()
+        measure_shares(self, now)
+        await unload_left(self)
         if self._rebalancer is not None:
-            await self._rebalance(self._rebalancer)
+            await rebalance(self, self._rebalancer)
 
     def _measure(self, model: _Model, now: float) -> None:
-        runner = model.runner
-        for gap in runner.idle_gaps:
-            model.histogram = model.histogram.observe(gap)
-        if runner.idle_gaps:
-            model.prewarmed = False  # a new busy period began
-        runner.idle_gaps.clear()
-        elapsed = now - model.rate_since
-        if elapsed > 0:
-            rate = (runner.stats.requests - model.requests_seen) / elapsed
-            model.arrival_rate += RATE_SMOOTHING * (rate - model.arrival_rate)
-            model.requests_seen = runner.stats.requests
-            model.rate_since = now
+        """Take what the runner measured since the last tick and fold it into the model's state."""
+        model.stats, model.measured = model.runner.statistics(), model.runner.drain()
+        model.state = fold(model.state, model.measured, model.stats, now)
 
     def _view(self, model: _Model, now: float) -> ModelView:
-        name = model.deployment.name
-        busy = model.runner.busy or self._promoting(model)
-        tier = self.tier(name)
-        return ModelView(
-            name=name,
-            tier=tier,
-            idle_s=0.0 if busy else max(0.0, now - max(model.runner.stats.last_active, model.hot_since)),
-            busy=busy,
-            keepalive_hot_s=model.deployment.keepalive_hot_s,
-            keepalive_warm_s=model.deployment.keepalive_warm_s,
-            histogram=model.histogram,
-            load_s=self._load_s(model, Tier.WARM if tier is Tier.HOT else tier),
-            prewarmed=model.prewarmed,
+        d, state = model.deployment, model.state
+        return model_view(
+            d.name,
+            self.tier(d.name),
+            now - max(state.last_active, model.hot_since),
+            model.stats.busy or self._promoting(model),
+            keepalive_hot_s=d.keepalive_hot_s,
+            keepalive_warm_s=d.keepalive_warm_s,
+            histogram=state.histogram,
+            latency=state.latency,
+            model_bytes=d.metadata.bytes,
+            bandwidths=self._bandwidths,
+            prewarmed=state.prewarmed,
         )
 
     def _load_s(self, model: _Model, tier: Tier) -> float:
@@ -321,36 +324,37 @@ class Controller:
         alive = model.alive()
         if not alive or self._promoting(model) or (model.scaling is not None and not model.scaling.done()):
             return
-        d = model.deployment
+        d, stats = model.deployment, model.runner.statistics()
         view = ScaleView(
             name=d.name,
-            arrival_rate=model.arrival_rate,
-            queued=len(model.runner.queue) + model.runner.running,
+            arrival_rate=model.state.arrival_rate,
+            queued=stats.queued + stats.running,
             current=len(alive),
             slo_s=d.slo_ms / 1000.0,
             max_batch_size=d.max_batch_size,
-            latency=model.runner.latency,
+            latency=stats.latency,
             min_instances=1,
             max_instances=d.max_instances,
         )
-        count, model.scale_state = self._autoscaler.decide(now, view, model.scale_state)
+        count, scale_state = self._autoscaler.decide(now, view, model.state.scale_state)
+        model.state = replace(model.state, scale_state=scale_state)
         if count > len(alive):
-            model.scaling = asyncio.create_task(self._add_instance(model), name=f"ember-scale-{d.name}")
+            model.scaling = self._tasks.spawn(self._add_instance(model), name=f"ember-scale-{d.name}")
         elif count < len(alive):
-            busy = model.runner.busy_instances()
-            idle = [w for w in reversed(alive) if w.id not in busy]
+            idle = [w for w in reversed(alive) if w.id not in stats.busy_instances]
             for worker in idle[: len(alive) - count]:
                 model.workers.remove(worker)
                 with contextlib.suppress(EmberError):
                     await worker.unload(d.key)
-                self._changed(d.name)
+                self.workers_changed()
+                self.model_changed(d.name)
 
     async def _add_instance(self, model: _Model, worker: WorkerHandle | None = None) -> bool:
         """Load one more instance of ``model``, on ``worker`` or where placement says; True if it is up."""
         d = model.deployment
         try:
             if worker is None:
-                worker = await self._choose_worker(d, exclude={w.id for w in model.workers}, wait=False)
+                worker = await choose_worker(self, d, exclude={w.id for w in model.workers}, wait=False)
                 if worker is None:
                     return False
             assets = await run_blocking(self._clock, self._store.assets, d.key)
@@ -362,90 +366,8 @@ class Controller:
             return False
         model.workers.append(worker)
         model.runner.instance_loaded(worker.id)
-        self._changed(d.name)
+        self.model_changed(d.name)
         return True
-
-    # -- rebalancing -------------------------------------------------------------------------------
-
-    def _share(self, name: str, worker_id: str) -> float:
-        key = (name, worker_id)
-        return self._shares.get(key, 0.0) + self._planned.get(key, 0.0)
-
-    def _measure_shares(self, now: float) -> None:
-        """Fold the device seconds each model's batches took on each worker since the last tick into its
-        share of that worker."""
-        elapsed, self._measured_at = now - self._measured_at, now
-        if elapsed <= 0:
-            return
-        shares: dict[tuple[str, str], float] = {}
-        for name, model in self._models.items():
-            busy = model.runner.busy_s
-            for worker in model.alive():
-                key = (name, worker.id)
-                measured = busy.get(worker.id, 0.0) / elapsed
-                before = self._shares.get(key)
-                shares[key] = measured if before is None else before + SHARE_SMOOTHING * (measured - before)
-            busy.clear()
-        self._shares = shares
-        self._planned.clear()
-
-    async def _rebalance(self, policy: Rebalancer) -> None:
-        """Move models off workers busier than ``policy.high``: load on the destination first."""
-        workers = {w.id: w for w in self._backend.workers()}
-        views = tuple(self._worker_view(w) for w in workers.values())
-        if not any(v.utilization > policy.high for v in views):
-            return
-        views = tuple(
-            replace(v, residents=self._residents(workers[v.id])) if v.utilization > policy.high else v for v in views
-        )
-        for move in policy.moves(views):
-            model = self._models.get(move.model)
-            source, target = workers.get(move.source), workers.get(move.destination)
-            if model is None or source is None or target is None or source not in model.workers:
-                continue
-            _log.info("moving %s from %s to %s: its worker is overloaded", move.model, move.source, move.destination)
-            self._planned[(move.model, move.destination)] = self._share(move.model, move.source)
-            model.scaling = asyncio.create_task(self._move(model, source, target), name=f"ember-move-{move.model}")
-
-    def _residents(self, worker: WorkerHandle) -> tuple[Resident, ...]:
-        leaving = {(id(m), w.id) for m, w in self._leaving}
-        return tuple(
-            Resident(
-                model=name,
-                bytes=m.deployment.metadata.bytes,
-                share=self._share(name, worker.id),
-                movable=(name, worker.id) in self._shares
-                and not self._promoting(m)
-                and (m.scaling is None or m.scaling.done())
-                and (id(m), worker.id) not in leaving,
-                tenant=str(m.deployment.extra.get("tenant", "default")),
-                slo_s=m.deployment.slo_ms / 1000.0,
-                batch_s=m.runner.latency.predict(1),
-            )
-            for name, m in self._models.items()
-            if worker in m.workers
-        )
-
-    async def _move(self, model: _Model, source: WorkerHandle, target: WorkerHandle) -> None:
-        if not await self._add_instance(model, target) or source not in model.workers:
-            return
-        model.workers.remove(source)  # no new batch goes there; the one running finishes
-        self._leaving.append((model, source))
-        await self._unload_left()
-        self._changed(model.deployment.name)
-
-    async def _unload_left(self) -> None:
-        """Unload the instances moved away whose last batch has finished."""
-        still: list[tuple[_Model, WorkerHandle]] = []
-        for model, worker in self._leaving:
-            if worker in model.workers or model.deployment.name not in self._models:
-                continue  # back in use (placed there again), or removed: remove() unloaded it
-            if worker.id in model.runner.busy_instances():
-                still.append((model, worker))
-                continue
-            with contextlib.suppress(EmberError):
-                await worker.unload(model.deployment.key)
-        self._leaving = still
 
     # -- promotion ---------------------------------------------------------------------------------
 
@@ -456,8 +378,7 @@ class Controller:
         if model.promoting is None or model.promoting.done():
             model.promoting_since = self._clock.now()
             model.promoting_s = self._load_s(model, self._store.tier(model.deployment.key))
-            task = asyncio.create_task(self._promote(model), name=f"ember-promote-{model.deployment.name}")
-            task.add_done_callback(_consume)
+            task = self._tasks.spawn(self._promote(model), name=f"ember-promote-{model.deployment.name}")
             model.promoting = task
         return model.promoting
 
@@ -483,7 +404,7 @@ class Controller:
         assets = await run_blocking(self._clock, self._store.assets, key)
         worker: WorkerHandle | None = None
         for attempt in range(2):
-            worker = await self._choose_worker(deployment)
+            worker = await choose_worker(self, deployment)
             if worker is None:  # only when told not to wait
                 raise ModelUnavailable(f"no worker can take '{deployment.name}' now", retry_after_s=10.0)
             try:
@@ -499,142 +420,38 @@ class Controller:
         model.runner.instance_loaded(worker.id)
         model.hot_since = self._clock.now()
         seconds = model.hot_since - start
-        model.runner.latency = model.runner.latency.observe_load(from_tier, seconds)
+        model.runner.observe_load(from_tier, seconds)
         model.last_cold_start = ColdStart(from_tier, seconds, self._clock.wall())
         model.cold_starts += 1
         self._metrics.cold_starts.labels(deployment.name, from_tier.value).inc()
         self._metrics.load_seconds.labels(from_tier.value).observe(seconds)
-        self._changed(deployment.name)
+        self.model_changed(deployment.name)
         return worker
-
-    # -- placement and eviction --------------------------------------------------------------------
-
-    async def _choose_worker(
-        self, deployment: Deployment, exclude: set[str] | None = None, wait: bool = True
-    ) -> WorkerHandle | None:
-        waited = 0.0
-        while True:
-            workers = {w.id: w for w in self._backend.workers() if not exclude or w.id not in exclude}
-            views = tuple(self._worker_view(w, deployment) for w in workers.values())
-            tenant = str(deployment.extra.get("tenant", "default"))
-            model = self._models.get(deployment.name)
-            demand, batch_s = 0.0, 0.0
-            if model is not None:
-                demand = device_share(model.arrival_rate, model.runner.latency, deployment.max_batch_size)
-                batch_s = model.runner.latency.predict(1)
-            choice = self._placement.choose(
-                deployment.name,
-                deployment.metadata.bytes,
-                deployment.device,
-                views,
-                tenant,
-                demand,
-                deployment.slo_ms / 1000.0,
-                batch_s,
-            )
-            if choice is not None:
-                self._tenants_seen.setdefault(choice, set()).add(tenant)
-                self._planned[(deployment.name, choice)] = demand
-                return workers[choice]
-            if await self._evict_for(deployment, views, workers):
-                continue
-            if await self._recycle_for(tenant, views, workers):
-                continue  # its replacement, fresh, comes up while this loop waits
-            if not wait:
-                return None
-            if waited >= WORKER_WAIT_S:
-                raise ModelUnavailable(
-                    f"no worker for device '{deployment.device}' is ready for '{deployment.name}' or has "
-                    f"{deployment.metadata.bytes} bytes free (models of different tenants never share a worker); "
-                    "check `ember status` and the worker logs, or add workers",
-                    retry_after_s=10.0,
-                )
-            await self._clock.sleep(0.05)
-            waited += 0.05
-
-    async def _evict_for(
-        self, deployment: Deployment, views: tuple[WorkerView, ...], workers: dict[str, WorkerHandle]
-    ) -> bool:
-        """Demote what the eviction policy names from the fitting worker with the most room; True if any."""
-        fitting = [
-            v for v in views if v.ready and device_fits(deployment.device, v.device) and v.free_bytes is not None
-        ]
-        if not fitting:
-            return False
-        target = max(fitting, key=lambda v: (v.free_bytes or 0, v.id))
-        need = deployment.metadata.bytes - (target.free_bytes or 0)
-        hosted = [m for m in self._models.values() if workers[target.id] in m.workers]
-        candidates = tuple(
-            EvictionCandidate(
-                name=m.deployment.name,
-                bytes=m.deployment.metadata.bytes,
-                reload_s=self._load_s(m, Tier.WARM),
-                arrival_rate=m.arrival_rate,
-                last_used=m.runner.stats.last_active,
-                busy=m.runner.busy,
-            )
-            for m in hosted
-        )
-        victims = self._eviction.choose(need, candidates)
-        for name in victims:
-            victim = self._models[name]
-            worker = workers[target.id]
-            if worker in victim.workers:
-                victim.workers.remove(worker)
-            with contextlib.suppress(EmberError):
-                await worker.unload(victim.deployment.key)
-            self._changed(name)
-        return bool(victims)
-
-    async def _recycle_for(self, tenant: str, views: tuple[WorkerView, ...], workers: dict[str, WorkerHandle]) -> bool:
-        """Recycle an idle worker that only another tenant's code has run in, so ``tenant`` gets a fresh
-        process; True if one was."""
-        idle = [
-            v for v in views if v.ready and not v.models and v.in_flight == 0 and v.tenants and tenant not in v.tenants
-        ]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda v: v.id)
-        _log.info("recycling worker %s (it ran tenants %s) for tenant %s", victim.id, sorted(victim.tenants), tenant)
-        self._tenants_seen.pop(victim.id, None)
-        await self._backend.recycle(workers[victim.id])
-        return True
-
-    def _worker_view(self, worker: WorkerHandle, deployment: Deployment | None = None) -> WorkerView:
-        """``deployment``: the model being placed, whose warm weights every worker can map."""
-        hosted = [m for m in self._models.values() if worker in m.workers]
-        warm = deployment is not None and self._store.tier(deployment.key) is Tier.WARM  # host memory, shared
-        return WorkerView(
-            id=worker.id,
-            ready=worker.alive,
-            device=worker.device,
-            models=tuple(m.deployment.name for m in hosted),
-            bytes_loaded=sum(m.deployment.metadata.bytes for m in hosted),
-            in_flight=worker.in_flight,
-            capacity_bytes=self._device_memory_bytes,
-            warm_models=(deployment.name,) if deployment is not None and warm else (),
-            tenants=frozenset(str(m.deployment.extra.get("tenant", "default")) for m in hosted)
-            | frozenset(self._tenants_seen.get(worker.id, ())),
-            utilization=sum(self._share(m.deployment.name, worker.id) for m in hosted),
-            shortest_slo_s=min((m.deployment.slo_ms / 1000.0 for m in hosted), default=math.inf),
-            longest_batch_s=max((m.runner.latency.predict(1) for m in hosted), default=0.0),
-        )
 
     def _worker_lost(self, worker: WorkerHandle) -> None:
         self._tenants_seen.pop(worker.id, None)
         for name, model in self._models.items():
             if worker in model.workers:
                 model.workers.remove(worker)
-                self._changed(name)
+                self.model_changed(name)
+        self.workers_changed()
+
+    def workers_changed(self) -> None:
+        """Something placement reads changed (a worker came or went, a model left one): wake every
+        choice of a worker that waits."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def close(self) -> None:
+        """Cancel the promotions, added instances and moves still running, and wait for them."""
+        await self._tasks.aclose()
+
+    def _share(self, name: str, worker_id: str) -> float:
+        key = (name, worker_id)
+        return self._shares.get(key, 0.0) + self._planned.get(key, 0.0)
 
     def _get(self, name: str) -> _Model:
         model = self._models.get(name)
         if model is None:
             raise ModelNotFound(name)
         return model
-
-
-def _consume(task: asyncio.Task[WorkerHandle]) -> None:
-    """Retrieve a promotion's error: a pre-warm nobody awaits must not warn; awaiting callers see it."""
-    if not task.cancelled():
-        task.exception()

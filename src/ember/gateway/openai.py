@@ -40,7 +40,7 @@ def routes(service: EmberService) -> list[Route]:
             raise InvalidInput("'model' must be the name of a deployed embedding model (GET /v1/models lists them)")
         name = auth.qualified(request, name)
         d = service.deployment(name)
-        auth.check_model(request, name, str(d.extra.get("tenant", "default")))
+        auth.check_model(request, name, d.tenant)
         if d.metadata.task != "embeddings":
             raise InvalidInput(f"model '{name}' is not an embedding model; use /v2/models/{name}/infer")
         texts = _texts(body.get("input"))

@@ -12,6 +12,7 @@ and return the next one (``LatencyModel.observe_*``, ``IdleHistogram.observe``, 
 - ``placement``: packing by device time and memory, warm weights first, and moves off overloaded
   devices; the least-loaded baseline.
 - ``eviction``: expected reload cost x probability of reuse; the LRU baseline.
+- ``tiers``: the temperature tiers (``Tier``) the other policies decide in.
 """
 
 from ember.policies.autoscaler import Autoscaler, ScaleState, ScaleView, SloAutoscaler, instance_capacity
@@ -51,6 +52,7 @@ from ember.policies.placement import (
     MemoryAwarePlacement,
     Move,
     Placement,
+    PlacementRequest,
     Rebalancer,
     Resident,
     TenantIsolated,
@@ -58,6 +60,7 @@ from ember.policies.placement import (
     device_fits,
     device_share,
 )
+from ember.policies.tiers import Tier
 
 __all__ = [
     "DEFAULT_TENANT",
@@ -87,6 +90,7 @@ __all__ = [
     "Move",
     "OnUnmeetable",
     "Placement",
+    "PlacementRequest",
     "Prewarm",
     "QueueSnapshot",
     "Rebalancer",
@@ -96,6 +100,7 @@ __all__ = [
     "SloAutoscaler",
     "SloBatcher",
     "TenantIsolated",
+    "Tier",
     "WorkerView",
     "admission",
     "admits",

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ember.policies._frozen import evolve
-from ember.store import Tier
+from ember.policies.tiers import Tier
 
 __all__ = [
     "Demotion",

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ember.policies._frozen import evolve
-from ember.store import Tier
+from ember.policies.tiers import Tier
 
 __all__ = ["Bandwidths", "LatencyModel", "remaining_load_s", "warmup_batch_sizes", "windowed_quantile"]
 

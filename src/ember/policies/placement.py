@@ -45,6 +45,7 @@ __all__ = [
     "MemoryAwarePlacement",
     "Move",
     "Placement",
+    "PlacementRequest",
     "Rebalancer",
     "Resident",
     "TenantIsolated",
@@ -54,6 +55,24 @@ __all__ = [
 ]
 
 DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """A model to place, as placement sees it. The defaults ask for a worker for a tenant's deploy-time
+    import: no model yet (``model`` None), no bytes, any device."""
+
+    model: str | None = None
+    #: The bytes of its weights on the device.
+    bytes: int = 0
+    #: The device it asks for: ``auto``, a kind (``cuda``) or one device (``cuda:1``).
+    device: str = "auto"
+    tenant: str = DEFAULT_TENANT
+    #: The share of a device's time it is expected to take (``device_share``).
+    demand: float = 0.0
+    slo_s: float = math.inf
+    #: Predicted seconds of its shortest batch (one row).
+    batch_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,20 +132,8 @@ class WorkerView:
 
 
 class Placement(Protocol):
-    def choose(
-        self,
-        model: str,
-        model_bytes: int,
-        device: str,
-        workers: tuple[WorkerView, ...],
-        tenant: str = DEFAULT_TENANT,
-        demand: float = 0.0,
-        slo_s: float = math.inf,
-        batch_s: float = 0.0,
-    ) -> str | None:
-        """The id of the worker that should load ``model`` (of ``tenant``, expected to take ``demand``
-        of a device's time, with an SLO of ``slo_s`` and batches of ``batch_s`` at least), or None if
-        none can."""
+    def choose(self, request: PlacementRequest, workers: tuple[WorkerView, ...]) -> str | None:
+        """The id of the worker that should load ``request``'s model, or None if none can."""
         ...
 
 
@@ -159,26 +166,19 @@ class MemoryAwarePlacement:
         if not 0 < self.max_utilization <= self.high:
             raise ValueError(f"need 0 < max_utilization ({self.max_utilization}) <= high ({self.high})")
 
-    def choose(
-        self,
-        model: str,
-        model_bytes: int,
-        device: str,
-        workers: tuple[WorkerView, ...],
-        tenant: str = DEFAULT_TENANT,
-        demand: float = 0.0,
-        slo_s: float = math.inf,
-        batch_s: float = 0.0,
-    ) -> str | None:
+    def choose(self, request: PlacementRequest, workers: tuple[WorkerView, ...]) -> str | None:
+        model, model_bytes, slo_s, batch_s = request.model, request.bytes, request.slo_s, request.batch_s
         fits = [
             w
             for w in workers
-            if w.ready and device_fits(device, w.device) and (w.free_bytes is None or w.free_bytes >= model_bytes)
+            if w.ready
+            and device_fits(request.device, w.device)
+            and (w.free_bytes is None or w.free_bytes >= model_bytes)
         ]
         if not fits:
             return None
         blocking = self.blocking
-        limit = self.max_utilization - demand
+        limit = self.max_utilization - request.demand
         roomy = [w for w in fits if w.utilization <= limit]
         together = [
             w
@@ -221,10 +221,16 @@ class MemoryAwarePlacement:
                     and resident.model not in w.models
                     and w.utilization + resident.share <= self.max_utilization
                 )
-                target = self.choose(
-                    resident.model, resident.bytes, kind, others, resident.tenant, resident.share, resident.slo_s,
-                    resident.batch_s,
-                )  # fmt: skip
+                request = PlacementRequest(
+                    model=resident.model,
+                    bytes=resident.bytes,
+                    device=kind,
+                    tenant=resident.tenant,
+                    demand=resident.share,
+                    slo_s=resident.slo_s,
+                    batch_s=resident.batch_s,
+                )
+                target = self.choose(request, others)
                 if target is None:
                     continue
                 result.append(Move(resident.model, source.id, target))
@@ -250,18 +256,8 @@ class LeastLoaded:
     (``cuda`` matches ``cuda:N``). Ties break on the worker id, so the choice is repeatable.
     """
 
-    def choose(
-        self,
-        model: str,
-        model_bytes: int,
-        device: str,
-        workers: tuple[WorkerView, ...],
-        tenant: str = DEFAULT_TENANT,
-        demand: float = 0.0,
-        slo_s: float = math.inf,
-        batch_s: float = 0.0,
-    ) -> str | None:
-        fits = [w for w in workers if w.ready and device_fits(device, w.device)]
+    def choose(self, request: PlacementRequest, workers: tuple[WorkerView, ...]) -> str | None:
+        fits = [w for w in workers if w.ready and device_fits(request.device, w.device)]
         if not fits:
             return None
         best = min(fits, key=lambda w: (w.bytes_loaded, len(w.models), w.in_flight, w.id))
@@ -279,25 +275,16 @@ class TenantIsolated:
 
     inner: Placement = LeastLoaded()
 
-    def choose(
-        self,
-        model: str,
-        model_bytes: int,
-        device: str,
-        workers: tuple[WorkerView, ...],
-        tenant: str = DEFAULT_TENANT,
-        demand: float = 0.0,
-        slo_s: float = math.inf,
-        batch_s: float = 0.0,
-    ) -> str | None:
+    def choose(self, request: PlacementRequest, workers: tuple[WorkerView, ...]) -> str | None:
+        tenant = request.tenant
         allowed = tuple(w for w in workers if w.tenants <= {tenant})
         shared = any(w.tenants - {tenant} for w in workers)
         own = tuple(w for w in allowed if w.tenants)
         if shared and own:
-            choice = self.inner.choose(model, model_bytes, device, own, tenant, demand, slo_s, batch_s)
+            choice = self.inner.choose(request, own)
             if choice is not None:
                 return choice
-        return self.inner.choose(model, model_bytes, device, allowed, tenant, demand, slo_s, batch_s)
+        return self.inner.choose(request, allowed)
 
 
 def device_fits(wanted: str, have: str) -> bool:

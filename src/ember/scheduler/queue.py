@@ -9,8 +9,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember.api import Arrays
 from ember.errors import Overloaded
-from ember.worker.protocol import Arrays
 
 __all__ = ["ModelQueue", "Pending"]
 

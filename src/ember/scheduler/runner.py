@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from ember.api import ANSWER_MISMATCH, DATATYPES
+from ember.api import ANSWER_MISMATCH, DATATYPES, Arrays
 from ember.clock import Clock
 from ember.cluster.base import WorkerHandle
 from ember.config import Deployment
@@ -38,12 +39,17 @@ from ember.metrics import Metrics
 from ember.policies.batching import Admission, BatchPolicy, QueueSnapshot, admission
 from ember.policies.devices import Candidate
 from ember.policies.latency import LatencyModel
+from ember.policies.tiers import Tier
 from ember.requestlog import current
 from ember.scheduler.device import DeviceArbiter
 from ember.scheduler.queue import ModelQueue, Pending
-from ember.worker.protocol import Arrays, rows_of
+from ember.scope import TaskScope
+from ember.state import Measured, RunnerStatistics, queue_snapshot, start_delay_s
+from ember.worker.protocol import rows_of
 
-__all__ = ["ModelRunner", "Promoter", "RunnerStats"]
+__all__ = ["ModelRunner", "Promoter"]
+
+_log = logging.getLogger(__name__)
 
 #: Idle gaps kept between two controller ticks; more are dropped (one per idle period at most).
 MAX_IDLE_GAPS = 256
@@ -70,7 +76,7 @@ class Promoter(Protocol):
 
 
 @dataclass
-class RunnerStats:
+class _Counters:
     requests: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -97,7 +103,7 @@ class ModelRunner:
     ) -> None:
         self.deployment = deployment
         self.queue = ModelQueue(deployment.name, deployment.max_queue)
-        self.stats = RunnerStats(last_active=clock.now())
+        self._stats = _Counters(last_active=clock.now())
         self.running = 0
         self._clock = clock
         self._policy = policy
@@ -115,27 +121,28 @@ class ModelRunner:
         self._success = metrics.success.labels(*labels)
         self._request_us = metrics.request_us.labels(*labels)
         self._slo_total = metrics.slo_total.labels(name)
-        self._latency = metrics.latency.labels(name)
+        self._latency_seconds = metrics.latency.labels(name)
         self._slo_met = metrics.slo_met.labels(name)
         self._slo_attainment = metrics.slo_attainment.labels(name)
-        #: The latency model, folded from every measured batch (and loads, by the controller).
-        self.latency = LatencyModel()
-        #: Idle periods that ended (seconds), for the keep-alive histogram; the controller drains it.
-        self.idle_gaps: list[float] = []
-        #: Device seconds this model's batches took, per instance (worker id), since the controller
-        #: last drained it: its share of each device.
-        self.busy_s: dict[str, float] = {}
+        #: The latency model: the one place every measured batch, refusal and load is folded in.
+        self._latency = LatencyModel()
+        #: Idle periods that ended (seconds), for the keep-alive histogram, and the device seconds this
+        #: model's batches took per instance (its share of each device), since the last ``drain()``.
+        self._idle_gaps: list[float] = []
+        self._busy_s: dict[str, float] = {}
         self._refuse = deployment.on_unmeetable == "refuse"
         #: Batches running now, by instance id: when each started, how long it is predicted to take,
         #: and its requests.
         self._running: dict[str, tuple[float, float, list[Pending]]] = {}
         #: Instances loaded since their last batch: that first batch's time is not a steady one.
         self._fresh: set[str] = set()
+        #: The loop's task, in a scope that logs its failure (a bug) the moment it happens.
+        self._tasks = TaskScope(_log)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self.run(), name=f"ember-runner-{self.deployment.name}")
+            self._task = self._tasks.spawn(self.run(), name=f"ember-runner-{self.deployment.name}")
 
     async def stop(self, error: EmberError) -> None:
         """Stop the loop and answer every request it holds, queued or running, with ``error``."""
@@ -167,6 +174,42 @@ class ModelRunner:
     def busy(self) -> bool:
         return bool(self.running or len(self.queue))
 
+    @property
+    def latency(self) -> LatencyModel:
+        """The latency model as measured so far."""
+        return self._latency
+
+    def restore_latency(self, latency: LatencyModel) -> None:
+        """Start from ``latency`` (measurements saved by an earlier process)."""
+        self._latency = latency
+
+    def observe_load(self, tier: Tier, seconds: float) -> None:
+        """Told by the promoter: a load of the model from ``tier`` took ``seconds``."""
+        self._latency = self._latency.observe_load(tier, seconds)
+
+    def statistics(self) -> RunnerStatistics:
+        """The counters and what the runner holds now, as an immutable snapshot."""
+        stats = self._stats
+        return RunnerStatistics(
+            requests=stats.requests,
+            succeeded=stats.succeeded,
+            failed=stats.failed,
+            slo_met=stats.slo_met,
+            batches=stats.batches,
+            rows=stats.rows,
+            last_active=stats.last_active,
+            queued=len(self.queue),
+            running=self.running,
+            busy_instances=frozenset(self._running),
+            latency=self._latency,
+        )
+
+    def drain(self) -> Measured:
+        """What was measured since the last drain (idle gaps, device seconds per instance), handed over once."""
+        measured = Measured(tuple(self._idle_gaps), self._busy_s)
+        self._idle_gaps, self._busy_s = [], {}
+        return measured
+
     async def submit(self, inputs: Arrays, timeout_s: float | None = None) -> Arrays:
         now = self._clock.now()
         slo_s = self.deployment.slo_ms / 1000.0
@@ -178,7 +221,7 @@ class ModelRunner:
             decided = self._admission(now, deadline, rows, idle=self._idle())
             if decided.verdict == "refuse":
                 if decided.too_slow:
-                    self.latency = self.latency.observe_refusal(rows)
+                    self._latency = self._latency.observe_refusal(rows)
                 self._count_refusal()
                 raise self._unmeetable(now, deadline, rows, hard, deadline - now, decided)
             probe = decided.verdict == "probe"
@@ -186,10 +229,10 @@ class ModelRunner:
         pending = Pending(inputs, rows, now, deadline, hard, future, probe=probe)
         idle = not self.busy
         self.queue.put(pending)  # raises Overloaded when full: nothing was admitted
-        if idle and self.stats.requests and len(self.idle_gaps) < MAX_IDLE_GAPS:
-            self.idle_gaps.append(now - self.stats.last_active)
-        self.stats.requests += 1
-        self.stats.last_active = now
+        if idle and self._stats.requests and len(self._idle_gaps) < MAX_IDLE_GAPS:
+            self._idle_gaps.append(now - self._stats.last_active)
+        self._stats.requests += 1
+        self._stats.last_active = now
         self._pending_gauge.inc()
         try:
             if hard:
@@ -208,10 +251,10 @@ class ModelRunner:
 
     def _start_delay(self, now: float) -> float:
         """Predicted seconds before a request arriving now could start running, served alone."""
-        delay = self._promoter.start_delay_s(self.deployment.name)
+        busy_until = None
         if self._running and len(self._running) >= max(1, len(self._promoter.hot_instances(self.deployment.name))):
-            delay = max(delay, min(start + run_s for start, run_s, _ in self._running.values()) - now)
-        return max(0.0, delay)
+            busy_until = min(start + run_s for start, run_s, _ in self._running.values())
+        return start_delay_s(now, load_s=self._promoter.start_delay_s(self.deployment.name), busy_until=busy_until)
 
     def _idle(self) -> bool:
         """Whether a request admitted now would start at once: an instance holds the model and runs nothing."""
@@ -219,7 +262,7 @@ class ModelRunner:
         return bool(hot) and len(self._running) < len(hot) and not len(self.queue)
 
     def _admission(self, now: float, deadline: float, rows: int, idle: bool = False) -> Admission:
-        return admission(now, deadline, rows, self.latency, self._start_delay(now), idle=idle)
+        return admission(now, deadline, rows, self._latency, self._start_delay(now), idle=idle)
 
     def _unmeetable(
         self, now: float, deadline: float, rows: int, hard: bool, allowed_s: float, decided: Admission | None = None
@@ -242,7 +285,7 @@ class ModelRunner:
                 f"retry in {_seconds(retry)}",
                 retry_after_s=retry,
             )
-        run_ms = 1000.0 * self.latency.admission_s(rows)
+        run_ms = 1000.0 * self._latency.admission_s(rows)
         if decided.too_slow:
             size = "one row" if rows == 1 else f"{rows} rows"
             return DeadlineUnmeetable(
@@ -289,17 +332,7 @@ class ModelRunner:
                     continue
                 now = self._clock.now()
                 peek = self.queue.peek(self.deployment.max_batch_size)
-                snapshot = QueueSnapshot(
-                    now=now,
-                    queued=tuple((p.deadline, p.rows, p.arrival) for p in peek),
-                    instance_idle=True,
-                    max_batch_size=self.deployment.max_batch_size,
-                    latency=self.latency,
-                    start_delay_s=self._start_delay(now),
-                    hard=tuple(p.hard for p in peek),
-                    probes=tuple(p.probe for p in peek),
-                )
-                decision = self._policy.decide(snapshot)
+                decision = self._policy.decide(self._snapshot(now, peek, self._start_delay(now)))
                 if decision.refuse:
                     self._refuse_queued(now, peek, decision.refuse)
                     continue  # decide again: requests beyond the window it saw may now join the batch
@@ -311,7 +344,7 @@ class ModelRunner:
                 if not batch:
                     continue
                 instance = idle[0]
-                self._running[instance.id] = (now, self.latency.predict(sum(p.rows for p in batch)), batch)
+                self._running[instance.id] = (now, self._latency.predict(sum(p.rows for p in batch)), batch)
                 batches.create_task(self._dispatch(instance, batch), name=f"ember-batch-{name}")
 
     async def _while_loading(self, promotion: asyncio.Future[WorkerHandle]) -> None:
@@ -322,16 +355,7 @@ class ModelRunner:
             peek = self.queue.peek(self.deployment.max_batch_size)
             wake_at: float | None = None
             if peek:
-                snapshot = QueueSnapshot(
-                    now=now,
-                    queued=tuple((p.deadline, p.rows, p.arrival) for p in peek),
-                    instance_idle=False,
-                    max_batch_size=self.deployment.max_batch_size,
-                    latency=self.latency,
-                    hard=tuple(p.hard for p in peek),
-                    probes=tuple(p.probe for p in peek),
-                )
-                decision = self._policy.decide(snapshot)
+                decision = self._policy.decide(self._snapshot(now, peek, None))
                 if decision.refuse:
                     self._refuse_queued(now, peek, decision.refuse)
                     continue
@@ -340,6 +364,19 @@ class ModelRunner:
                     wake_at = max(decision.valid_until, now + 1e-3)
             self.queue.changed.clear()
             await self._wait_change(wake_at, promotion)
+
+    def _snapshot(self, now: float, peek: list[Pending], start_delay: float | None) -> QueueSnapshot:
+        """The batching policy's view of ``peek``; ``start_delay`` None: no instance can take a batch now."""
+        return queue_snapshot(
+            now,
+            tuple((p.deadline, p.rows, p.arrival) for p in peek),
+            self._latency,
+            self.deployment.max_batch_size,
+            instance_idle=start_delay is not None,
+            start_delay_s=start_delay or 0.0,
+            hard=tuple(p.hard for p in peek),
+            probes=tuple(p.probe for p in peek),
+        )
 
     def _refuse_queued(self, now: float, peek: list[Pending], positions: tuple[int, ...]) -> None:
         refused = set(positions)
@@ -403,11 +440,11 @@ class ModelRunner:
             raise
         finally:
             self.running -= len(live)
-            self.stats.last_active = self._clock.now()
-        self.stats.batches += 1
-        self.stats.rows += rows
+            self._stats.last_active = self._clock.now()
+        self._stats.batches += 1
+        self._stats.rows += rows
         self._observe(instance.id, rows, result.compute_s)
-        self.busy_s[instance.id] = self.busy_s.get(instance.id, 0.0) + result.compute_s
+        self._busy_s[instance.id] = self._busy_s.get(instance.id, 0.0) + result.compute_s
         self._exec_count.inc()
         self._count.inc(rows)
         self._compute_us.inc(result.compute_s * 1e6)
@@ -430,7 +467,7 @@ class ModelRunner:
         candidate = Candidate(
             model=self.deployment.name,
             earliest_deadline=min(p.deadline for p in live),
-            run_s=self.latency.predict(rows),
+            run_s=self._latency.predict(rows),
             swap_in_s=0.0,  # the model is loaded on ``instance`` before any batch is sent
             requests=len(live),
         )
@@ -469,15 +506,15 @@ class ModelRunner:
         if instance_id in self._fresh:
             self._fresh.discard(instance_id)
             return
-        self.latency = self.latency.observe_batch(rows, seconds, self._clock.now(), warmup=warmup)
+        self._latency = self._latency.observe_batch(rows, seconds, self._clock.now(), warmup=warmup)
 
     def _count_refusal(self) -> None:
         """Count a request refused at admission: a failure against the SLO, as one refused later is."""
-        self.stats.requests += 1
-        self.stats.failed += 1
+        self._stats.requests += 1
+        self._stats.failed += 1
         self._slo_total.inc()
         self._metrics.failure.labels(*self._labels, DeadlineUnmeetable.__name__).inc()
-        attainment = self.stats.slo_attainment
+        attainment = self._stats.slo_attainment
         if attainment is not None:
             self._slo_attainment.set(attainment)
 
@@ -485,22 +522,22 @@ class ModelRunner:
         now = self._clock.now()
         ok = pending.future.done() and not pending.future.cancelled() and pending.future.exception() is None
         self._slo_total.inc()
-        self._latency.observe(now - pending.arrival)
+        self._latency_seconds.observe(now - pending.arrival)
         if ok:
-            self.stats.succeeded += 1
+            self._stats.succeeded += 1
             self._success.inc()
             self._request_us.inc((now - pending.arrival) * 1e6)
             if now - pending.arrival <= self.deployment.slo_ms / 1000.0:
-                self.stats.slo_met += 1
+                self._stats.slo_met += 1
                 self._slo_met.inc()
         else:
-            self.stats.failed += 1
+            self._stats.failed += 1
             reason = "CANCELLED"
             if pending.future.done() and not pending.future.cancelled():
                 error = pending.future.exception()
                 reason = type(error).__name__ if error is not None else "UNKNOWN"
             self._metrics.failure.labels(*self._labels, reason).inc()
-        attainment = self.stats.slo_attainment
+        attainment = self._stats.slo_attainment
         if attainment is not None:
             self._slo_attainment.set(attainment)
 

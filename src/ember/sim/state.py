@@ -20,12 +20,29 @@ from ember.policies import (
     WorkerView,
     warmup_batch_sizes,
 )
+from ember.policies.tiers import Tier
 from ember.sim.cluster import ModelSpec
-from ember.store import Tier
 
-__all__ = ["Device", "Instance", "Model", "Request", "RunResult"]
+__all__ = [
+    "COOL",
+    "DONE",
+    "EXPIRE",
+    "HOT",
+    "LOAD",
+    "TICK",
+    "WAKE",
+    "WARM",
+    "Device",
+    "Instance",
+    "Model",
+    "Request",
+    "RunResult",
+]
 
 Request = tuple[float, int, float]  # (deadline, rows, arrival)
+#: The kinds of event in the engine's heap.
+LOAD, DONE, WAKE, TICK, EXPIRE = 0, 1, 2, 3, 4
+HOT, WARM, COOL = Tier.HOT, Tier.WARM, Tier.COOL
 
 
 @dataclass

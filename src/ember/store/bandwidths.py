@@ -5,7 +5,7 @@ over these links plus a set-up cost (:class:`ember.policies.latency.Bandwidths`)
 default ``on_unmeetable=refuse`` a request whose predicted start is past its SLO is refused at
 once. The defaults are guesses; ``HOME/bandwidths.json`` holds what the bench measured here.
 
-Which bench rows (:mod:`ember.store.bench`) become which link:
+Which bench rows (:mod:`ember.bench.load`) become which link:
 
 - ``disk_bytes_per_s`` (cool -> warm): the ``store.promote`` row, the platform's own promotion
   (copy into the warm tier, chunk checksums checked), from ``cold disk`` when the bench measured
@@ -30,7 +30,7 @@ import json
 import os
 import platform
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -39,9 +39,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ember.config import validation_message
 from ember.policies.latency import Bandwidths
-from ember.store.bench import PROMOTE, Row
 
-__all__ = ["BANDWIDTHS_FILE", "HostBandwidths", "measured_bandwidths", "read_bandwidths", "save_bandwidths"]
+__all__ = [
+    "BANDWIDTHS_FILE",
+    "PROMOTE",
+    "HostBandwidths",
+    "Row",
+    "measured_bandwidths",
+    "read_bandwidths",
+    "save_bandwidths",
+]
+
+#: The method name of the load benchmark's cool -> warm rows (``ember.bench.load``).
+PROMOTE = "store.promote (cool -> warm)"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured load of the benchmark: a method from a source, its rate and its ratio to the link."""
+
+    method: str
+    source: str
+    gb_per_s: float
+    ratio_to_ceiling: float
+    seconds: float
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 #: The file under Ember's home.
 BANDWIDTHS_FILE = "bandwidths.json"

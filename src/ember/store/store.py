@@ -37,7 +37,6 @@ The store reports the warm, cool and cold tiers; hot (on the device) is the work
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import hashlib
 import itertools
@@ -53,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import CorruptCheckpoint
+from ember.policies.tiers import Tier
 from ember.store.arena import ARENA_PREFIX, SLAB_FILE, Arena, SlabRef
 from ember.store.compress import compress_checkpoint, decompress_checkpoint, read_compressed_index, verify_frames
 from ember.store.format import REPAIR as _FORMAT_REPAIR
@@ -71,15 +71,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SCRATCH = (".promote-", ".trash-")
 _REPAIR = "remove it from the store and import it again from its source"
 _log = logging.getLogger(__name__)
-
-
-class Tier(enum.StrEnum):
-    """Where a model's weights are; hotter tiers serve the next request sooner."""
-
-    HOT = "hot"
-    WARM = "warm"
-    COOL = "cool"
-    COLD = "cold"
 
 
 @dataclass(frozen=True)

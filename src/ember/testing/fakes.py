@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ember.api import TensorSpec, check_answer
+from ember.api import Arrays, TensorSpec, check_answer
 from ember.clock import Clock, VirtualClock
 from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.errors import ModelFailed, WorkerCrashed
 from ember.store import Store, StoredModel
 from ember.store.format import write_raw
 from ember.store.store import WEIGHTS
-from ember.worker.protocol import Arrays, Batch, rows_of
+from ember.worker.protocol import Batch, rows_of
 
 __all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "run_in_virtual_time", "stage_weights"]
 
@@ -155,6 +155,7 @@ class FakeBackend:
         self._seq = itertools.count()
         self._workers: dict[str, FakeWorker] = {}
         self._callbacks: list[Callable[[FakeWorker], None]] = []
+        self._ready_callbacks: list[Callable[[FakeWorker], None]] = []
         self.restarts = 0
 
     async def start(self) -> None:
@@ -173,6 +174,9 @@ class FakeBackend:
 
     def on_worker_lost(self, callback: Callable[[FakeWorker], None]) -> None:
         self._callbacks.append(callback)
+
+    def on_worker_ready(self, callback: Callable[[FakeWorker], None]) -> None:
+        self._ready_callbacks.append(callback)
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -193,7 +197,9 @@ class FakeBackend:
         for callback in self._callbacks:
             callback(worker)
         self.restarts += 1
-        self._spawn()
+        replacement = self._spawn()
+        for callback in self._ready_callbacks:
+            callback(replacement)
 
 
 def stage_weights(store: Store, key: str, size: int = 1024) -> StoredModel:

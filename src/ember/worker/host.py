@@ -26,11 +26,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ember.api import ANSWER_MISMATCH, ModelAPI, check_answer
+from ember.api import ANSWER_MISMATCH, Arrays, ModelAPI, check_answer
 from ember.store.convert import write_checkpoint
 from ember.store.loader import LoaderConfig, load_checkpoint
 from ember.store.store import WEIGHTS
-from ember.worker.protocol import Arrays, Batch, rows_of
+from ember.worker.protocol import Batch, rows_of
 
 __all__ = ["ClassNotFound", "ModelHost", "instantiate", "resolve_class"]
 

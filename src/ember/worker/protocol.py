@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
+
+from ember.api import Arrays
 
 __all__ = [
     "Batch",
@@ -35,7 +36,6 @@ __all__ = [
     "write_frame",
 ]
 
-Arrays = dict[str, npt.NDArray[Any]]
 _HEADER = struct.Struct("<I")
 MAX_FRAME = 1 << 31
 

@@ -20,7 +20,7 @@ import typer
 from rich.text import Text
 
 from ember.auth.keys import ADMIN_KEY_FILE, METRICS_KEY_FILE
-from ember.cli_common import (
+from ember.cli.common import (
     DEFAULT_HOME,
     HomeOption,
     absolute_source,

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ember.cli_common import DASH, DEFAULT_HOME, HomeOption, UrlOption, console, errors, fail, print_table
+from ember.cli.common import DASH, DEFAULT_HOME, HomeOption, UrlOption, console, errors, fail, print_table
 from ember.client import DEFAULT_URL, Client
 
 __all__ = ["parse_since", "usage"]

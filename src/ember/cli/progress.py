@@ -28,7 +28,7 @@ from rich.progress import (
     TextColumn,
 )
 
-from ember.cli_common import size_text
+from ember.cli.common import size_text
 
 __all__ = ["DeployProgress"]
 

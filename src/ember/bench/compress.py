@@ -9,7 +9,7 @@ Used by ``benchmarks/load.py`` (``--no-compressed`` skips it). Three parts, one 
   whole file.
 * **Loads** of a ``size_gb`` trained-like bf16 checkpoint, uncompressed and compressed, into a
   fresh private buffer (the uncompressed one by Ember's parallel reads), from the page cache and
-  from cold disk, touched as in :mod:`ember.store.bench`; the compressed one once per thread count.
+  from cold disk, touched as in :mod:`ember.bench.load`; the compressed one once per thread count.
   From the page cache also the decompression alone into a buffer faulted in beforehand, the
   codec's own throughput, to set beside the ceiling (which reads into such a buffer too). GB/s
   counts raw (uncompressed) bytes throughout.
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.store.bench import Row, _measure, _synced, _workdir, ceiling, evict, touch, warm_up
+from ember.bench.load import Row, _measure, _synced, _workdir, ceiling, evict, touch, warm_up
 from ember.store.compress import (
     LEVEL,
     compress_checkpoint,

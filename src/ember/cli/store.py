@@ -25,7 +25,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ember.cli_common import DEFAULT_HOME, HomeOption, console, err_console, fail, print_table, size_text
+from ember.cli.common import DEFAULT_HOME, HomeOption, console, err_console, fail, print_table, size_text
 from ember.errors import EmberError
 from ember.store import Store
 
@@ -183,9 +183,9 @@ def bench(
     --no-save, the store's promotion and the warm tier's load rates go to HOME/bandwidths.json:
     `ember serve` predicts a model's first load with them (docs/operations.md).
     """
+    from ember.bench.load import format_table, run_benchmark
     from ember.clock import WallClock
     from ember.store.bandwidths import BANDWIDTHS_FILE, measured_bandwidths, save_bandwidths
-    from ember.store.bench import format_table, run_benchmark
 
     with _errors():
         where = home.expanduser()

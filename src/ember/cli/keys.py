@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ember.auth.keys import Role
-from ember.cli_common import DEFAULT_HOME, HomeOption, UrlOption, console, errors, print_table
+from ember.cli.common import DEFAULT_HOME, HomeOption, UrlOption, console, errors, print_table
 from ember.client import DEFAULT_URL, Client
 
 __all__ = ["keys_app", "tenants_app"]

@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ember.cli_common import (
+from ember.cli.common import (
     DASH,
     DEFAULT_HOME,
     HomeOption,

@@ -3,13 +3,13 @@
     ember serve [--deploy SOURCE ...]     run the server (and deploy the quick start's models)
     ember deploy SOURCE [options]         import a model into the store and bring it up
     ember ls | status | logs              what is deployed, how the server is, what the workers said
-    ember describe NAME                   one model in full: inputs, outputs, SLO, tier, options (ember.cli_describe)
+    ember describe NAME                   one model in full: inputs, outputs, SLO, tier, options (ember.cli.describe)
     ember invoke NAME --text/--data       call a model
     ember load | unload | rm NAME         make hot now, demote (--to cool|warm), remove
-    ember store ls|import|verify|export|bench   the weight store, in --home (see ember.cli_store)
-    ember sim SCENARIO [--json PATH]       replay a workload against the policies in virtual time (ember.cli_sim)
-    ember usage [--tenant T] [--since 1h]  device-seconds and GB-seconds per model and tenant (ember.cli_usage)
-    ember keys create|ls|revoke, ember tenants set|ls   API keys and quotas (see ember.cli_keys)
+    ember store ls|import|verify|export|bench   the weight store, in --home (see ember.cli.store)
+    ember sim SCENARIO [--json PATH]       replay a workload against the policies in virtual time (ember.cli.sim)
+    ember usage [--tenant T] [--since 1h]  device-seconds and GB-seconds per model and tenant (ember.cli.usage)
+    ember keys create|ls|revoke, ember tenants set|ls   API keys and quotas (see ember.cli.keys)
 
 Every command but ``serve`` and ``logs`` talks to a running server through :class:`ember.Client`
 (``--url``, or ``EMBER_URL``) with an API key (``EMBER_API_KEY``, or the admin key file in
@@ -33,7 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ember import __version__
-from ember.cli_common import (
+from ember.cli.common import (
     DASH,
     DEFAULT_HOME,
     HomeOption,
@@ -46,13 +46,13 @@ from ember.cli_common import (
     print_table,
     size_text,
 )
-from ember.cli_describe import describe
-from ember.cli_keys import keys_app, tenants_app
-from ember.cli_progress import DeployProgress
-from ember.cli_serve import curl_example, is_loopback, serve
-from ember.cli_sim import sim
-from ember.cli_store import store_app
-from ember.cli_usage import usage
+from ember.cli.describe import describe
+from ember.cli.keys import keys_app, tenants_app
+from ember.cli.progress import DeployProgress
+from ember.cli.serve import curl_example, is_loopback, serve
+from ember.cli.sim import sim
+from ember.cli.store import store_app
+from ember.cli.usage import usage
 from ember.client import DEFAULT_URL, Client
 from ember.config import DEFAULT_KEEPALIVE_HOT_S, DEFAULT_KEEPALIVE_WARM_S, DEFAULT_SLO_MS
 from ember.errors import InvalidInput
@@ -551,7 +551,3 @@ def tail_lines(path: Path, count: int, block_bytes: int = 64 * 1024) -> list[str
             file.seek(position)
             data = file.read(step) + data
     return [line.decode("utf-8", "replace") for line in data.splitlines()[-count:]]
-
-
-if __name__ == "__main__":
-    main()

@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ember.cli_common import print_table
+from ember.cli.common import print_table
 from ember.errors import EmberError
 
 __all__ = ["sim"]

@@ -54,11 +54,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.store.arena import register_arena
+from ember.store.bandwidths import PROMOTE, Row
 from ember.store.convert import write_checkpoint
 from ember.store.format import PREAMBLE_BYTES, read_index
 from ember.store.loader import LoaderConfig, load_checkpoint
@@ -70,27 +70,12 @@ if TYPE_CHECKING:
 __all__ = ["PROMOTE", "Row", "run_benchmark"]
 
 _PAGE = 4096
-#: The method name of the cool -> warm rows.
-PROMOTE = "store.promote (cool -> warm)"
 #: The same promotion into a warm tier of one shared-memory file per model (a store without an arena).
 PROMOTE_FILES = "store.promote (file per model)"
 #: The warm tier's load onto the device from the store's arena (pinned once), as a CUDA worker does it.
 ARENA_TO_CUDA = "ember (warm arena) -> cuda"
 _KEY = "bench@1"
 _SIZES_MIB = (64, 16, 4, 1, 0.25, 0.0625)  # a mix of tensor sizes, like a model's matrices and vectors
-
-
-@dataclass(frozen=True)
-class Row:
-    method: str
-    source: str
-    gb_per_s: float
-    ratio_to_ceiling: float
-    seconds: float
-    bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def make_tensors(size_bytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
