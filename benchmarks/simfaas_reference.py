@@ -38,36 +38,16 @@ from ember.sim.engine import Engine
 from ember.sim.policysets import build_policy_set
 from ember.sim.report import summarise
 from ember.sim.scenario import parse_scenario
+from ember.testing import SIMFAAS_COLD_S, SIMFAAS_WARM_S, simfaas_scenario
 
-WARM_S, COLD_S = 2.016, 2.163
-
-SCENARIO = """
-name: simfaas-reference
-seed: {seed}
-duration_s: {duration}
-tick_s: 1
-warm_tick_s: 60
-cluster: {{nodes: 2, devices_per_node: 64}}
-models:
-  - name: fn
-    weights_gb: 0.5
-    slo_ms: 60000
-    max_batch_size: 1
-    service: {{kind: exponential, mean_ms: {warm}}}
-    cold_service: {{kind: exponential, mean_ms: {cold}}}
-workload:
-  synthetic: {{total_rate_per_s: {rate}, mix: {{poisson: 1}}}}
-policy_sets:
-  - {{name: classic_faas, options: {{keepalive_s: {keepalive}}}}}
-"""
+WARM_S, COLD_S = SIMFAAS_WARM_S, SIMFAAS_COLD_S
 
 
 def ember_run(
     rate: float, duration_s: float, keepalive_s: float, seed: int, shared_queue: bool = False
 ) -> tuple[float, float, float]:
     """(cold-start probability, mean live instances, CPU seconds) of one ``classic_faas`` run."""
-    text = SCENARIO.format(seed=seed, duration=duration_s, rate=rate, warm=WARM_S * 1000, cold=COLD_S * 1000,
-                           keepalive=keepalive_s)  # fmt: skip
+    text = simfaas_scenario(rate, duration_s, keepalive_s, seed)
     s = parse_scenario(text, Path.cwd(), origin="simfaas-reference")
     policies = build_policy_set("classic_faas", {"keepalive_s": keepalive_s})
     if shared_queue:

@@ -26,32 +26,13 @@ import pytest
 from ember.sim.report import summarise
 from ember.sim.runner import run_policy_set
 from ember.sim.scenario import parse_scenario
+from ember.testing import SIMFAAS_COLD_S, SIMFAAS_WARM_S, simfaas_scenario
 
 simfaas = pytest.importorskip("simfaas.ServerlessSimulator")
 sim_process = pytest.importorskip("simfaas.SimProcess")
 
 HERE = Path(__file__).resolve().parent
-WARM_MS, COLD_MS, KEEPALIVE_S = 2016, 2163, 600.0  # SimFaaS's example: AWS Lambda measurements
-
-SCENARIO = """
-name: simfaas
-seed: {seed}
-duration_s: {duration}
-tick_s: 1
-warm_tick_s: 60
-cluster: {{nodes: 2, devices_per_node: 64}}
-models:
-  - name: fn
-    weights_gb: 0.5
-    slo_ms: 60000
-    max_batch_size: 1
-    service: {{kind: exponential, mean_ms: {warm}}}
-    cold_service: {{kind: exponential, mean_ms: {cold}}}
-workload:
-  synthetic: {{total_rate_per_s: {rate}, mix: {{poisson: 1}}}}
-policy_sets:
-  - {{name: classic_faas, options: {{keepalive_s: {keepalive}}}}}
-"""
+KEEPALIVE_S = 600.0  # SimFaaS's example, with its warm and cold means (AWS Lambda measurements)
 
 
 class Replay(sim_process.SimProcess):
@@ -83,7 +64,7 @@ class Exponential(sim_process.SimProcess):
 @pytest.mark.parametrize(("rate", "duration_s"), [(0.002, 2e6), (0.01, 1e6), (0.1, 1e5), (1.0, 2e4)])
 def test_classic_faas_matches_simfaas(rate: float, duration_s: float) -> None:
     seed = 3
-    text = SCENARIO.format(seed=seed, duration=duration_s, rate=rate, warm=WARM_MS, cold=COLD_MS, keepalive=KEEPALIVE_S)
+    text = simfaas_scenario(rate, duration_s, KEEPALIVE_S, seed)
     scenario = parse_scenario(text, HERE, origin="simfaas")
     workload = scenario.workload()
     result = run_policy_set(scenario, "classic_faas", {"keepalive_s": KEEPALIVE_S}, workload)
@@ -93,8 +74,8 @@ def test_classic_faas_matches_simfaas(rate: float, duration_s: float) -> None:
     rng = random.Random(seed)
     sim = simfaas.ServerlessSimulator(
         arrival_process=Replay(list(workload.times), end + 1.0),
-        warm_service_process=Exponential(rng, WARM_MS / 1000),
-        cold_service_process=Exponential(rng, COLD_MS / 1000),
+        warm_service_process=Exponential(rng, SIMFAAS_WARM_S),
+        cold_service_process=Exponential(rng, SIMFAAS_COLD_S),
         expiration_threshold=KEEPALIVE_S,
         max_time=end + 1.0,
     )

@@ -3,15 +3,18 @@
 ``VirtualClock`` moves only when told; ``FakeWorker``/``FakeBackend`` stand in for worker processes
 with a latency profile on that clock; ``FakeRunner`` stands in for a model's runner where the
 controller is tested alone; ``stage_weights`` puts a model's bytes in a store;
-``poisson_arrivals`` builds a repeatable arrival trace.
+``poisson_arrivals`` builds a repeatable arrival trace; ``simfaas_scenario`` the scenario of SimFaaS's
+one-function model.
 """
 
 from ember.clock import VirtualClock
 from ember.testing.fakes import FakeBackend, FakeWorker, LatencyProfile, run_in_virtual_time, stage_weights
 from ember.testing.runner import FakeRunner
-from ember.testing.traces import poisson_arrivals
+from ember.testing.traces import SIMFAAS_COLD_S, SIMFAAS_WARM_S, poisson_arrivals, simfaas_scenario
 
 __all__ = [
+    "SIMFAAS_COLD_S",
+    "SIMFAAS_WARM_S",
     "FakeBackend",
     "FakeRunner",
     "FakeWorker",
@@ -19,5 +22,6 @@ __all__ = [
     "VirtualClock",
     "poisson_arrivals",
     "run_in_virtual_time",
+    "simfaas_scenario",
     "stage_weights",
 ]
