@@ -132,17 +132,21 @@ class Decoder1B(_Configured):
     max_batch_size = 16
     dtype = torch.bfloat16
 
+    #: vocabulary, hidden, intermediate, layers, attention heads, key-value heads, positions
+    sizes: ClassVar[tuple[int, ...]] = (128256, 2048, 8192, 16, 32, 8, 8192)
+
     def config(self) -> Any:
         from transformers import LlamaConfig
 
+        vocab, hidden, intermediate, layers, heads, kv_heads, positions = self.sizes
         return LlamaConfig(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=8192,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=positions,
             tie_word_embeddings=True,
         )
 
@@ -167,17 +171,4 @@ class DecoderTiny(Decoder1B):
     """The same decoder at 2 layers, hidden 64, vocabulary 512, fp32."""
 
     dtype = torch.float32
-
-    def config(self) -> Any:
-        from transformers import LlamaConfig
-
-        return LlamaConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-        )
+    sizes = (512, 64, 128, 2, 4, 2, 512)
