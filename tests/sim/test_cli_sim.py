@@ -24,7 +24,8 @@ def test_ember_sim_prints_a_row_per_policy_set_and_writes_json(tmp_path: Path) -
     assert set(body["policy_sets"]) == {"always_on", "ember"}
     for entry in body["policy_sets"].values():
         for key in ("slo_attainment", "p50_ms", "p99_ms", "cold_start_fraction", "mean_instances", "gpu_seconds",
-                    "gpu_memory_gb_seconds"):  # fmt: skip
+                    "gpu_memory_gb_seconds", "host_memory_gb_seconds", "load_gb", "load_gb_from_disk", "gpu_usd",
+                    "host_memory_usd", "usd", "usd_per_million_requests"):  # fmt: skip
             assert key in entry
     assert body["policy_sets"]["always_on"]["gpu_seconds_vs_always_on"] == 1.0
 
@@ -52,5 +53,6 @@ def test_ember_sim_to_a_pipe_keeps_every_cell_whole(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "\N{HORIZONTAL ELLIPSIS}" not in result.output
     header = next(line for line in result.output.splitlines() if "policy set" in line)
-    for column in ("requests", "SLO met", "p50 ms", "p99 ms", "cold w/c", "GPU-s", "xAO", "GB-s", "models/GPU"):
+    for column in ("requests", "SLO met", "p50 ms", "p99 ms", "cold w/c", "GPU-s", "xAO", "GB-s", "models/GPU",
+                   "host GB-s", "load GB", "$", "$/M req"):  # fmt: skip
         assert column in header

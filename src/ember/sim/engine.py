@@ -31,6 +31,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ember.errors import InvalidInput
+from ember.metering import Holding, accrue
 from ember.policies import (
     Bandwidths,
     Candidate,
@@ -115,10 +116,11 @@ class Engine:
         self.missed: dict[str, int] = {}
         self.tick_armed = False
         self.tick_n = 0
-        # Integrals over time: devices held, bytes resident, instances up.
-        self._t_acc = 0.0
+        # Integrals over time: devices held, bytes resident, instances up, warm copies; bytes loaded.
+        self._t_acc = self._t_host = 0.0
         self.held = self.used_total = 0
-        self.gpu_s = self.byte_s = self.inst_s = 0.0
+        self.gpu_s = self.byte_s = self.inst_s = self.host_gb_s = 0.0
+        self.loaded_bytes = self.loaded_from_disk = 0
         if start_warm and policies.warm_tier:
             for node in range(cluster.nodes):
                 for m in self.models:
@@ -168,6 +170,7 @@ class Engine:
         end = max(self.duration_s, self.now)
         self.now = end
         self._account()
+        self._account_host()
         return RunResult(
             self.p.name,
             end,
@@ -183,6 +186,9 @@ class Engine:
             self.missed,
             self.events,
             self.occupancy,
+            self.host_gb_s,
+            self.loaded_bytes,
+            self.loaded_from_disk,
         )
 
     def _push(self, t: float, kind: int, obj: Any) -> None:
@@ -427,3 +433,13 @@ class Engine:
             self.byte_s += self.used_total * dt
             self.inst_s += len(self.instances) * dt
             self._t_acc = self.now
+
+    def _account_host(self) -> None:
+        """Charge the warm copies held since the last change (the meter's rule, ``ember.metering.accrue``).
+
+        Its own clock, apart from ``_account``'s: billing host memory splits no other integral.
+        """
+        dt = self.now - self._t_host
+        if dt > 0:
+            self.host_gb_s += accrue(Holding(host_bytes=sum(self.warm_bytes)), dt).host_gb_seconds
+            self._t_host = self.now

@@ -149,6 +149,9 @@ def place_on(e: Engine, m: _Model, dev: _Device, demand: float, preloaded: bool 
     e._arm_tick()
     if not preloaded:
         dev.loading_bytes += need
+        e.loaded_bytes += need
+        if source is _COOL:
+            e.loaded_from_disk += need
         e._push(ready, LOAD, inst)
     return inst
 
@@ -208,6 +211,7 @@ def keep_warm(e: Engine, node: int, m: _Model) -> None:
     if m.idx in warm:
         warm.move_to_end(m.idx)
         return
+    e._account_host()
     warm[m.idx] = None
     e.warm_bytes[node] += m.spec.weights_bytes
     over = e.warm_bytes[node] - e.cluster.host_memory_bytes
@@ -231,6 +235,7 @@ def keep_warm(e: Engine, node: int, m: _Model) -> None:
 
 
 def drop_warm(e: Engine, node: int, idx: int) -> None:
+    e._account_host()
     del e.warm[node][idx]
     e.warm_bytes[node] -= e.models[idx].spec.weights_bytes
 

@@ -11,6 +11,7 @@ import numpy as np
 from rich.table import Table
 
 from ember.sim.engine import RunResult
+from ember.sim.prices import DEFAULT_PRICES, Prices, bill
 
 __all__ = ["PolicyReport", "summarise", "table", "write_json"]
 
@@ -34,13 +35,26 @@ class PolicyReport:
     models_per_gpu: float
     batches: int
     wall_s: float
+    #: Warm copies in host memory, GB x seconds held.
+    host_memory_gb_seconds: float
+    #: Weights moved onto devices by loads, and the part read from disk (cool loads), GB.
+    load_gb: float
+    load_gb_from_disk: float
+    #: The bill at the scenario's prices: devices held, host memory held, both, and per million requests.
+    gpu_usd: float
+    host_memory_usd: float
+    usd: float
+    usd_per_million_requests: float
 
 
-def summarise(result: RunResult, wall_s: float, always_on_gpu_s: float | None) -> PolicyReport:
+def summarise(
+    result: RunResult, wall_s: float, always_on_gpu_s: float | None, prices: Prices = DEFAULT_PRICES
+) -> PolicyReport:
     lat = np.asarray(result.latencies_s, dtype=np.float64)
     total = len(lat) + result.refused
     p50, p99 = (float(v) * 1000 for v in np.percentile(lat, [50, 99])) if len(lat) else (float("nan"),) * 2
     cold = sum(result.cold_starts.values())
+    dollars = bill(result.gpu_seconds, result.host_memory_gb_seconds, prices)
     return PolicyReport(
         policy_set=result.policy_set,
         requests=total,
@@ -58,21 +72,33 @@ def summarise(result: RunResult, wall_s: float, always_on_gpu_s: float | None) -
         models_per_gpu=result.instance_seconds / result.gpu_seconds if result.gpu_seconds else 0.0,
         batches=result.batches,
         wall_s=wall_s,
+        host_memory_gb_seconds=result.host_memory_gb_seconds,
+        load_gb=result.bytes_loaded / 1e9,
+        load_gb_from_disk=result.bytes_loaded_from_disk / 1e9,
+        gpu_usd=dollars.gpu_usd,
+        host_memory_usd=dollars.host_memory_usd,
+        usd=dollars.total_usd,
+        usd_per_million_requests=dollars.total_usd / total * 1e6 if total else 0.0,
     )
 
 
 def table(scenario: str, reports: list[PolicyReport]) -> Table:
     t = Table(title=f"ember sim: {scenario}", caption="cold: requests that waited for a load from warm/cool; "
-              "xAO: GPU-seconds over always-on's; inst: mean instances up")  # fmt: skip
+              "xAO: GPU-seconds over always-on's; inst: mean instances up; GB-s: weights on devices; "
+              "host GB-s: warm copies in host memory; load GB: weights moved by loads; $: devices held and "
+              "host memory at the scenario's prices")  # fmt: skip
     t.add_column("policy set", no_wrap=True)
-    for col in ("requests", "SLO met", "p50 ms", "p99 ms", "cold w/c", "inst", "GPU-s", "xAO", "GB-s", "models/GPU"):
+    columns = ("requests", "SLO met", "p50 ms", "p99 ms", "cold w/c", "inst", "GPU-s", "xAO", "GB-s", "models/GPU",
+               "host GB-s", "load GB", "$", "$/M req")  # fmt: skip
+    for col in columns:
         t.add_column(col, justify="right")
     for r in reports:
         ratio = "-" if r.gpu_seconds_vs_always_on is None else f"{r.gpu_seconds_vs_always_on:.3f}"
         t.add_row(
             r.policy_set, f"{r.requests:,}", f"{100 * r.slo_attainment:.3f}%", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
             f"{r.cold_starts_warm:,}/{r.cold_starts_cool:,}", f"{r.mean_instances:.1f}", f"{r.gpu_seconds:,.0f}",
-            ratio, f"{r.gpu_memory_gb_seconds:,.0f}", f"{r.models_per_gpu:.1f}",
+            ratio, f"{r.gpu_memory_gb_seconds:,.0f}", f"{r.models_per_gpu:.1f}", f"{r.host_memory_gb_seconds:,.0f}",
+            f"{r.load_gb:,.1f}", f"{r.usd:,.2f}", f"{r.usd_per_million_requests:,.2f}",
         )  # fmt: skip
     return t
 

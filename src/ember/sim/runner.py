@@ -48,7 +48,7 @@ def run_scenario(
         result = run_policy_set(scenario, name, options, workload)
         if name == "always_on":
             always_on_gpu_s = result.gpu_seconds
-        reports.append(summarise(result, clock.now() - start, always_on_gpu_s))
+        reports.append(summarise(result, clock.now() - start, always_on_gpu_s, scenario.prices))
         if on_result is not None:
             on_result(result)
     return reports

@@ -29,6 +29,7 @@ from ember.config import validation_message
 from ember.errors import InvalidInput
 from ember.sim.calibration import BUILTIN_CALIBRATIONS, LatencyCurve, load_calibration
 from ember.sim.cluster import ClusterSpec, Distribution, ModelSpec, ServiceTime
+from ember.sim.prices import DEFAULT_PRICES, GPU_HOUR_USD, HOST_MEMORY_GB_HOUR_USD, Prices
 from ember.sim.workload import Pattern, SyntheticSpec, Workload, load_trace, synthetic
 
 __all__ = ["BUILTIN_SCENARIOS", "Scenario", "load_scenario", "parse_scenario"]
@@ -137,6 +138,11 @@ class WorkloadIn(_Strict):
         return self
 
 
+class PricesIn(_Strict):
+    gpu_hour_usd: float = Field(GPU_HOUR_USD, ge=0)
+    host_memory_gb_hour_usd: float = Field(HOST_MEMORY_GB_HOUR_USD, ge=0)
+
+
 class PolicySetIn(_Strict):
     name: Literal["always_on", "classic_faas", "ray_serve", "ember"]
     options: dict[str, Annotated[float, Field(ge=0)]] = {}
@@ -154,6 +160,7 @@ class ScenarioIn(_Strict):
     cluster: ClusterIn = Field(default_factory=lambda: ClusterIn.model_validate({}))
     models: list[ModelIn] = Field(min_length=1)
     workload: WorkloadIn
+    prices: PricesIn = Field(default_factory=lambda: PricesIn.model_validate({}))
     policy_sets: list[PolicySetIn | Literal["always_on", "classic_faas", "ray_serve", "ember"]] = Field(min_length=1)
 
 
@@ -171,6 +178,7 @@ class Scenario:
     synthetic: SyntheticSpec | None
     trace: TraceIn | None
     folder: Path
+    prices: Prices = DEFAULT_PRICES
 
     def workload(self) -> Workload:
         """The arrivals: generated from the seed, or read from the trace (cut at ``duration_s``)."""
@@ -244,5 +252,5 @@ def parse_scenario(text: str, folder: Path, origin: str = "<scenario>") -> Scena
         )  # fmt: skip
     return Scenario(
         s.name, s.seed, s.duration_s, s.tick_s, s.warm_tick_s, s.start_warm, cluster, tuple(models), sets, syn,
-        s.workload.trace, folder,
+        s.workload.trace, folder, Prices(s.prices.gpu_hour_usd, s.prices.host_memory_gb_hour_usd),
     )  # fmt: skip

@@ -65,6 +65,11 @@ class RunResult:
     events: list[tuple[Any, ...]] = field(default_factory=list)
     #: At each control tick: (time, instances hot or loading, warm copies in host memory, devices held).
     occupancy: list[tuple[float, int, int, int]] = field(default_factory=list)
+    #: Warm copies in host memory, integrated over time (``ember.metering.accrue``'s host GB-seconds).
+    host_memory_gb_seconds: float = 0.0
+    #: Weight bytes moved onto devices by loads, all of them and those read from disk (cool).
+    bytes_loaded: int = 0
+    bytes_loaded_from_disk: int = 0
 
 
 class Model:
