@@ -13,7 +13,10 @@ trace (``benchmarks/fidelity.py``), in two cases on one worker:
   are deterministic in the trace, so both sides must agree on them within one.
 * ``tight``: SLOs the real server misses on purpose (a 50 ms SLO behind other models' 50 ms
   batches, bursts past a model's capacity, a load from cool longer than the SLO), so a simulator
-  that predicted 100 % would fail: the real side must miss at least 15 % of about 180 requests.
+  that predicted 100 % would fail: the real side must miss at least 10 % of about 180 requests
+  (admission that never locks a model out serves more of this trace than the server it was first
+  measured on: 83 to 86 % met on this host, where the refusals of the overloaded model and the cool
+  load past its SLO keep it well below 100 %).
   The tolerance is wider here, and says why. This check found two differences between the server
   and the engine that cost the simulator 10 to 20 points of optimism, both since fixed in the
   server (a refused head of the queue no longer shrinks the batch behind it; a model promoted
@@ -80,7 +83,7 @@ def test_the_simulator_calibrated_by_the_server_predicts_its_attainment_and_p99(
 def test_on_slos_the_server_misses_the_simulator_predicts_a_low_attainment_too(own: Server) -> None:
     real, sim, real_by, sim_by, report = _run(own.url, fidelity.TIGHT)
     # Discriminating: the server misses a substantial share, and the simulator must see it too.
-    assert real.slo_attainment <= 0.85 and real.refused > 0, report
+    assert real.slo_attainment <= 0.90 and real.refused > 0, report
     assert sim.slo_attainment <= 0.90 and sim.refused > 0, report
     assert gap(real, sim).attainment_abs <= 0.25, report
     assert abs(real_by["tight"].slo_attainment - sim_by["tight"].slo_attainment) <= 0.15, report
