@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sim_cases import SMALL
 
-from ember.policies import Candidate, LatencyModel, QueueSnapshot, ScaleState, ScaleView
+from ember.errors import InvalidInput
+from ember.policies import Candidate, LatencyModel, PackByMemory, QueueSnapshot, ScaleState, ScaleView
 from ember.policies.baselines import (
     EarliestDeadlineFirst,
     FixedSizeBatcher,
@@ -15,6 +20,11 @@ from ember.policies.baselines import (
     PerRequest,
     Pinned,
 )
+from ember.sim.policysets import build_policy_set
+from ember.sim.runner import run_policy_set
+from ember.sim.scenario import parse_scenario
+
+HERE = Path(__file__).resolve().parent
 
 
 def view(queued: int, current: int, max_instances: int = 10) -> ScaleView:
@@ -84,3 +94,23 @@ def test_faas_routes_to_the_newest_idle_instance_as_simfaas_does() -> None:
     assert NewestIdle().choose((old, new)) == "f#1"  # started last, whatever its last use
     assert NewestIdle().choose((new, newer, old)) == "f#1"  # a tie: the first listed (started first)
     assert NewestIdle().choose((old,)) == "f#0"
+
+
+@pytest.mark.parametrize("policy_set", ["classic_faas", "ray_serve"])
+def test_the_baselines_pack_onto_the_first_device_while_it_has_room(policy_set: str) -> None:
+    scenario = parse_scenario(SMALL, HERE, origin="small")
+    options = dict(scenario.policy_sets)[policy_set]
+    assert isinstance(build_policy_set(policy_set, options).placement, PackByMemory)
+    run = run_policy_set(scenario, policy_set, options, scenario.workload(), record_events=True)
+    devices = [event[3] for event in run.events if event[1] == "load"]
+    if policy_set == "ray_serve":
+        assert set(devices) == {"n0/cuda:0"}  # the small scenario's 34 models fit one H200's memory
+    else:  # an instance per request in flight: the second device opens only once the first is full
+        first_other = devices.index("n0/cuda:1")
+        assert first_other > 300 and devices.count("n0/cuda:1") < devices.count("n0/cuda:0") / 10
+
+
+def test_ray_serve_takes_a_fractional_gpu_per_replica() -> None:
+    assert build_policy_set("ray_serve", {"num_gpus": 0.25}).placement == PackByMemory(0.25)
+    with pytest.raises(InvalidInput, match="num_gpus"):
+        build_policy_set("ray_serve", {"num_gpus": 2.0})

@@ -5,6 +5,8 @@
     ember sim my.yaml --json out.json      a scenario file; the figures also as JSON
     ember sim default --only ember --duration-s 3600
     ember sim default --plots plots/       also PNGs: latency CDF, cost vs attainment, tier occupancy
+    ember sim default --sweep-rate 6,60,600 --plots plots/
+                                           every set at each total rate; plots/cost_sweep.png
 
 Prints one row per policy set: requests, SLO attainment, p50/p99 latency, cold starts by tier,
 mean instances, GPU-seconds (and their ratio to always-on), GPU-memory GB-seconds, models per GPU.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +25,9 @@ from rich.text import Text
 
 from ember.cli.common import print_table
 from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from ember.sim.scenario import Scenario
 
 __all__ = ["sim"]
 
@@ -41,6 +46,10 @@ def sim(
     plots_dir: Annotated[
         Path | None,
         typer.Option("--plots", help="Also write PNG plots into this folder (needs the 'plots' extra)."),
+    ] = None,
+    sweep_rate: Annotated[
+        str | None,
+        typer.Option("--sweep-rate", help="Run every set at these total rates (6,60,600) and plot $/M requests."),
     ] = None,
 ) -> None:
     """Replay a workload against always-on, classic FaaS, Ray-Serve-like and Ember policies in virtual time."""
@@ -64,6 +73,9 @@ def sim(
         missing = sorted(set(only or ()) - names)
         if missing:
             raise EmberError(f"policy set '{missing[0]}' is not in the scenario; it has: {', '.join(sorted(names))}")
+        if sweep_rate is not None:
+            _sweep(loaded, sweep_rate, tuple(only or ()), json_path, plots_dir or Path("."))
+            return
         with _console.status("simulating") as status:
             reports = run_scenario(
                 loaded, tuple(only or ()), progress=lambda n: status.update(f"simulating {n}"),
@@ -90,3 +102,22 @@ def sim(
             _err.print(Text(f"error: {exc.message}", style="red"))
             raise typer.Exit(1) from None
         _console.print(f"wrote {', '.join(p.name for p in written)} in {plots_dir}", highlight=False)
+
+
+def _sweep(loaded: Scenario, rates_text: str, only: tuple[str, ...], json_path: Path | None, plots_dir: Path) -> None:
+    """``--sweep-rate``: a table per rate, the sweep plot, and the figures as JSON when asked."""
+    from ember.sim.plots import prepare_plots_dir, write_sweep_plot
+    from ember.sim.report import table, write_sweep_json
+    from ember.sim.sweep import parse_rates, sweep
+
+    rates = parse_rates(rates_text)
+    prepare_plots_dir(plots_dir)
+    with _console.status("simulating") as status:
+        reports = sweep(loaded, rates, only, progress=lambda n: status.update(f"simulating {n}"))
+    for rate, rows in reports.items():
+        print_table(table(f"{loaded.name} at {rate:g} requests/s", rows), _console)
+    if json_path is not None:
+        write_sweep_json(json_path, loaded.name, loaded.seed, reports)
+        _console.print(f"wrote {json_path}", highlight=False)
+    path = write_sweep_plot(plots_dir, loaded.name, reports)
+    _console.print(f"wrote {path}", highlight=False)

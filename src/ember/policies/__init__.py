@@ -10,7 +10,7 @@ and return the next one (``LatencyModel.observe_*``, ``IdleHistogram.observe``, 
 - ``autoscaler``: instances per model from arrival rate, latency and SLO, with hysteresis.
 - ``keepalive``: the hybrid idle-time histogram policy (ATC'20) with pre-warm; the fixed baseline.
 - ``placement``: packing by device time and memory, warm weights first, and moves off overloaded
-  devices; the least-loaded baseline.
+  devices; the baselines' packing by memory (``PackByMemory``) and the least-loaded spread.
 - ``eviction``: expected reload cost x probability of reuse; the LRU baseline.
 - ``tiers``: the temperature tiers (``Tier``) the other policies decide in.
 """
@@ -51,6 +51,7 @@ from ember.policies.placement import (
     LeastLoaded,
     MemoryAwarePlacement,
     Move,
+    PackByMemory,
     Placement,
     PlacementRequest,
     Rebalancer,
@@ -89,6 +90,7 @@ __all__ = [
     "ModelView",
     "Move",
     "OnUnmeetable",
+    "PackByMemory",
     "Placement",
     "PlacementRequest",
     "Prewarm",

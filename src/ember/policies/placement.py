@@ -20,7 +20,10 @@ does), prefer
 When no worker has time to spare, the least utilized one that fits is chosen (one whose residents
 it can share a device with, if any). ``None`` means no
 worker has room in memory: the caller evicts (see ``policies.eviction``) and asks again.
-:class:`LeastLoaded` is the baseline that spreads models and ignores memory.
+:class:`LeastLoaded` spreads models and ignores memory. :class:`PackByMemory` is the baselines'
+placement: the fullest worker that still holds the model, by memory and optionally by a fraction of
+a device per model, as Ray's scheduler packs fractional-GPU replicas and GPU FaaS offerings share a
+device by memory; it reads neither device time nor SLOs.
 
 Utilization is measured, so it lags: models placed in one burst all see the devices as they were.
 :meth:`MemoryAwarePlacement.moves` corrects that afterwards. A device busier than ``high`` keeps its
@@ -44,6 +47,7 @@ __all__ = [
     "LeastLoaded",
     "MemoryAwarePlacement",
     "Move",
+    "PackByMemory",
     "Placement",
     "PlacementRequest",
     "Rebalancer",
@@ -262,6 +266,46 @@ class LeastLoaded:
             return None
         best = min(fits, key=lambda w: (w.bytes_loaded, len(w.models), w.in_flight, w.id))
         return best.id
+
+
+@dataclass(frozen=True)
+class PackByMemory:
+    """Pack: among ready workers that fit the device and have room, the one left with the least free
+    memory after placing (the tightest fit), then the one with the most models, then the id.
+
+    Room is memory (``bytes`` within the worker's free bytes; a worker of unknown capacity always has
+    room, and comes after every worker of known capacity) and, with ``gpu_fraction`` set, a share of
+    the device: each model asks for that fraction (Ray's ``num_gpus``), so a worker holds at most
+    ``1 / gpu_fraction`` of them. Devices fill one after another and an empty one is taken only when
+    no occupied one has room. None when no worker has room: the caller evicts and asks again.
+    """
+
+    #: The fraction of a device each model asks for; None: memory alone limits a device.
+    gpu_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.gpu_fraction is not None and not 0 < self.gpu_fraction <= 1:
+            raise ValueError(f"need 0 < gpu_fraction <= 1, got {self.gpu_fraction}")
+
+    def choose(self, request: PlacementRequest, workers: tuple[WorkerView, ...]) -> str | None:
+        need, fraction = request.bytes, self.gpu_fraction
+        slots = math.inf if fraction is None else math.floor(1 / fraction + 1e-9)
+        fits = [
+            w
+            for w in workers
+            if w.ready
+            and device_fits(request.device, w.device)
+            and (w.free_bytes is None or w.free_bytes >= need)
+            and len(w.models) < slots
+        ]
+        if not fits:
+            return None
+
+        def score(w: WorkerView) -> tuple[float, int, str]:
+            free = w.free_bytes
+            return (math.inf if free is None else free - need, -len(w.models), w.id)
+
+        return min(fits, key=score).id
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["PLOT_FILES", "RunSeries", "prepare_plots_dir", "series_of", "write_plots"]
+__all__ = ["PLOT_FILES", "SWEEP_FILE", "RunSeries", "prepare_plots_dir", "series_of", "write_plots", "write_sweep_plot"]
 
 PLOT_FILES = ("latency_cdf.png", "cost_vs_attainment.png", "occupancy.png")
 #: Evenly spaced CDF levels, plus this many more spaced geometrically into the tail (1 - 10^-k).
@@ -241,3 +241,33 @@ def _occupancy(scenario: str, series: Sequence[RunSeries], styles: _Styles) -> F
     axes[-1].set_xlabel(f"simulated time ({unit}), sampled at each control tick")
     fig.suptitle(f"{scenario}: tier occupancy over time")
     return fig
+
+
+SWEEP_FILE = "cost_sweep.png"
+
+
+def write_sweep_plot(directory: Path, scenario: str, reports: dict[float, list[PolicyReport]]) -> Path:
+    """Dollars per million requests (log scale) against SLO attainment, one curve per policy set
+    through its rates (each point labelled with its rate); written as ``SWEEP_FILE`` in ``directory``."""
+    prepare_plots_dir(directory)
+    names = [r.policy_set for rows in reports.values() for r in rows]
+    styles = _styles(names)
+    fig = _figure(9, 6)
+    ax = fig.subplots()
+    for name in dict.fromkeys(names):
+        points = [(rate, r) for rate, rows in reports.items() for r in rows if r.policy_set == name]
+        x = np.array([100 * r.slo_attainment for _, r in points])
+        y = np.array([r.usd_per_million_requests for _, r in points])
+        styles[name].plot(ax, x, y, label=name)
+        ax.scatter(x, y, s=30, color=styles[name].color, zorder=3)
+        for (rate, _), xi, yi in zip(points, x, y, strict=True):
+            ax.annotate(f"{rate:g}/s", (xi, yi), xytext=(5, 3), textcoords="offset points", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("SLO attainment (% of all requests, refused ones count as missed)")
+    ax.set_ylabel("dollars per million requests (log scale; devices held and host memory)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{scenario}: cost against attainment over total request rates (down and right is better)")
+    path = directory / SWEEP_FILE
+    fig.savefig(path, dpi=_DPI)
+    return path

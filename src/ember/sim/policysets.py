@@ -27,6 +27,7 @@ from ember.policies import (
     LeastLoaded,
     LruEviction,
     MemoryAwarePlacement,
+    PackByMemory,
     Placement,
     Rebalancer,
     SloAutoscaler,
@@ -105,20 +106,24 @@ def build_policy_set(name: str, options: dict[str, float]) -> PolicySet:
         raise InvalidInput(f"policy set '{name}' has no option {unknown[0]!r}; it takes {sorted(_OPTIONS[kind])}")
     if any(v < 0 for v in options.values()):
         raise InvalidInput(f"policy set '{name}': options must be >= 0, got {options}")
-    edf, lru, spread = EarliestDeadlineFirst(), LruEviction(), LeastLoaded()
+    edf, lru, spread, pack = EarliestDeadlineFirst(), LruEviction(), LeastLoaded(), PackByMemory()
     if kind is SetName.ALWAYS_ON:
         return PolicySet(name, DeadlineBatcher(), edf, None, spread, Pinned(), lru, Loader.EMBER, warm_tier=False,
                          pinned=True)  # fmt: skip
-    if kind is SetName.CLASSIC_FAAS:
+    if kind is SetName.CLASSIC_FAAS:  # instances share devices by memory, as GPU FaaS offerings do
         keep = options.get("keepalive_s", 600.0)
-        return PolicySet(name, DeadlineBatcher(), edf, FixedKeepAlive(), spread, PerRequest(), lru, Loader.PLAIN,
+        return PolicySet(name, DeadlineBatcher(), edf, FixedKeepAlive(), pack, PerRequest(), lru, Loader.PLAIN,
                          warm_tier=False, max_batch_size=1, keepalive_hot_s=keep, keepalive_warm_s=0.0,
                          router=NewestIdle(), exact_keepalive=True)  # fmt: skip
     if kind is SetName.RAY_SERVE:
         batch = int(options.get("max_batch_size", 10))  # @serve.batch's defaults: 10 rows, 10 ms
         if batch < 1:
             raise InvalidInput("ray_serve: max_batch_size must be >= 1")
-        return PolicySet(name, FixedSizeBatcher(options.get("max_wait_s", 0.01)), edf, None, spread,
+        gpus = options.get("num_gpus", 0.0)  # a replica's fractional GPU; 0: memory alone packs
+        if gpus > 1:
+            raise InvalidInput(f"ray_serve: num_gpus must be at most 1, got {gpus}")
+        # Ray's scheduler packs replicas by the resources they ask for: memory, and num_gpus when given.
+        return PolicySet(name, FixedSizeBatcher(options.get("max_wait_s", 0.01)), edf, None, PackByMemory(gpus or None),
                          OngoingRequests(), lru, Loader.PLAIN, warm_tier=False, max_batch_size=batch)  # fmt: skip
     placement = MemoryAwarePlacement()
     return PolicySet(
@@ -133,6 +138,6 @@ def build_policy_set(name: str, options: dict[str, float]) -> PolicySet:
 _OPTIONS: dict[SetName, frozenset[str]] = {
     SetName.ALWAYS_ON: frozenset(),
     SetName.CLASSIC_FAAS: frozenset({"keepalive_s"}),
-    SetName.RAY_SERVE: frozenset({"max_batch_size", "max_wait_s"}),
+    SetName.RAY_SERVE: frozenset({"max_batch_size", "max_wait_s", "num_gpus"}),
     SetName.EMBER: frozenset({"keepalive_hot_s", "keepalive_warm_s", "max_wait_s"}),
 }

@@ -13,7 +13,7 @@ from rich.table import Table
 from ember.sim.engine import RunResult
 from ember.sim.prices import DEFAULT_PRICES, Prices, bill
 
-__all__ = ["PolicyReport", "summarise", "table", "write_json"]
+__all__ = ["PolicyReport", "summarise", "table", "write_json", "write_sweep_json"]
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,21 @@ def table(scenario: str, reports: list[PolicyReport]) -> Table:
 
 
 def write_json(path: Path, scenario: str, seed: int, reports: list[PolicyReport]) -> None:
-    body = {"scenario": scenario, "seed": seed, "policy_sets": {r.policy_set: asdict(r) for r in reports}}
-    for entry in body["policy_sets"].values():  # type: ignore[attr-defined]
+    body = {"scenario": scenario, "seed": seed, "policy_sets": _entries(reports)}
+    path.write_text(json.dumps(body, indent=2, allow_nan=False) + "\n")
+
+
+def write_sweep_json(path: Path, scenario: str, seed: int, reports: dict[float, list[PolicyReport]]) -> None:
+    """A load sweep's figures: ``rates`` maps each total rate (requests per second) to its policy sets."""
+    rates = [{"total_rate_per_s": rate, "policy_sets": _entries(rows)} for rate, rows in reports.items()]
+    body = {"scenario": scenario, "seed": seed, "rates": rates}
+    path.write_text(json.dumps(body, indent=2, allow_nan=False) + "\n")
+
+
+def _entries(reports: list[PolicyReport]) -> dict[str, dict[str, object]]:
+    entries = {r.policy_set: asdict(r) for r in reports}
+    for entry in entries.values():
         for key, value in entry.items():
             if isinstance(value, float) and not math.isfinite(value):
                 entry[key] = None  # no latency without a served request; JSON has no NaN
-    path.write_text(json.dumps(body, indent=2, allow_nan=False) + "\n")
+    return entries

@@ -15,7 +15,7 @@ seed: {seed}
 duration_s: {duration}
 tick_s: 1
 warm_tick_s: 60
-cluster: {{nodes: 2, devices_per_node: 64}}
+cluster: {{nodes: 2, devices_per_node: 64, device_memory_gb: 0.9}}  # one instance per device, as SimFaaS runs them
 models:
   - name: fn
     weights_gb: 0.5
@@ -39,7 +39,8 @@ def simfaas_scenario(
     cold_s: float = SIMFAAS_COLD_S,
 ) -> str:
     """The scenario text of SimFaaS's model: one function, Poisson arrivals, exponential warm and cold
-    service (a cold request's whole service is one draw), a fixed idle timeout, room for 128 instances."""
+    service (a cold request's whole service is one draw), a fixed idle timeout, room for 128 instances
+    (a device holds one, as SimFaaS's servers run side by side)."""
     return _SIMFAAS.format(
         seed=seed, duration=duration_s, rate=rate_per_s, warm=warm_s * 1000, cold=cold_s * 1000, keepalive=keepalive_s
     )
