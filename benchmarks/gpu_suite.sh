@@ -7,6 +7,7 @@
 #   OUT=/tmp/ember-gpu benchmarks/gpu_suite.sh            # on a CUDA host, from the repository root
 #   QUICK=1 OUT=/tmp/ember-gpu benchmarks/gpu_suite.sh    # the same steps at toy sizes (checks the script on a CPU)
 #   STEPS="tests load" benchmarks/gpu_suite.sh             # only these: tests load resnet decoder warm compressed
+#   LOAD_FLAGS=--no-cold benchmarks/gpu_suite.sh           # extra flags for benchmarks/load.py
 #
 # Python packages Ember needs beyond those the host has may lie as wheels in .whl/: they are
 # installed into a scratch folder first (a GPU host here reaches no package registry).
@@ -23,9 +24,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 if [ -n "${QUICK:-}" ]; then
-  device=cpu; size=0.05; resnet=resnet-tiny; decoder=decoder-tiny
+  device=cpu; size=0.05; resnet=resnet-tiny; decoder=decoder-tiny; arena_mb=256
 else
-  device=cuda; size=1; resnet=resnet50; decoder=decoder-1b
+  device=cuda; size=1; resnet=resnet50; decoder=decoder-1b; arena_mb=4096
 fi
 failed=0
 steps=" ${STEPS:-tests load resnet decoder warm compressed} "
@@ -48,11 +49,11 @@ echo "cpus $(nproc)"; free -g | head -2; df -h /dev/shm "${TMPDIR:-/tmp}" | tail
 
 step tests "tests/gpu" 120 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
 step load "load" 170 "$PY" benchmarks/load.py --size-gb "$size" --repeat 2 --threads 8 --no-compressed \
-  --json "$OUT/load.json"
+  ${LOAD_FLAGS:-} --json "$OUT/load.json"
 step resnet "cold start $resnet" 120 "$PY" benchmarks/cold_start.py --model "$resnet" --device "$device" \
   --repeats 3 --baseline-repeats 2 --settle-s 1 --json "$OUT/cold_start_$resnet.json"
 step decoder "cold start $decoder" 150 "$PY" benchmarks/cold_start.py --model "$decoder" --device "$device" \
-  --repeats 3 --baseline-repeats 2 --settle-s 1 --json "$OUT/cold_start_$decoder.json"
+  --repeats 3 --baseline-repeats 2 --settle-s 1 --warm-budget-mb "$arena_mb" --json "$OUT/cold_start_$decoder.json"
 step warm "warm path" 75 "$PY" benchmarks/warm_path.py --device "$device" --duration-s 3 --rounds 2 \
   --hop-iterations 500 --json "$OUT/warm_path.json"
 step compressed "compressed tier" 110 "$PY" benchmarks/load.py --size-gb "$size" --repeat 2 --threads "$(nproc)" \

@@ -316,8 +316,26 @@ class _Registered:
         if torch.cuda.is_available():
             cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
             self.pinned = int(cudart.cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)) == 0
-            if not self.pinned and hasattr(cudart, "cudaGetLastError"):
-                cudart.cudaGetLastError()  # clear the refusal, so no later CUDA check reports it
+            if not self.pinned:
+                _clear_cuda_error()
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a refused registration, so the next CUDA call that
+    checks it (an allocation, say) does not report the refusal as its own failure.
+
+    PyTorch's ``cudart()`` binds no ``cudaGetLastError``: call it in the runtime library this
+    process already has loaded (found in ``/proc/self/maps``)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    except OSError:
+        return
+    for path in sorted(paths):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(path).cudaGetLastError()
 
 
 def register_arena(path: Path) -> bool:
