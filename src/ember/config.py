@@ -16,11 +16,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ember.api import TensorSpec
+from ember.generation import GenerationInfo
 
 __all__ = [
     "DEFAULT_KEEPALIVE_HOT_S",
     "DEFAULT_KEEPALIVE_WARM_S",
+    "DEFAULT_MAX_NUM_SEQS",
     "DEFAULT_SLO_MS",
+    "DEFAULT_TPOT_SLO_MS",
+    "DEFAULT_TTFT_SLO_MS",
     "DeploySpec",
     "Deployment",
     "ModelMetadata",
@@ -34,18 +38,23 @@ __all__ = [
 DEFAULT_KEEPALIVE_HOT_S = 300.0
 DEFAULT_KEEPALIVE_WARM_S = 3600.0
 DEFAULT_SLO_MS = 100.0
+#: Generative models' defaults: time to first token, time per output token, sequences per instance.
+DEFAULT_TTFT_SLO_MS = 2000.0
+DEFAULT_TPOT_SLO_MS = 200.0
+DEFAULT_MAX_NUM_SEQS = 16
 #: The longest keep-alive (30 days): a model that should never leave a tier is better pinned by traffic.
 MAX_KEEPALIVE_S = 30 * 24 * 3600.0
 
 #: Matched whole (``fullmatch``): ``$`` alone would let a trailing newline through.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
-Kind = Literal["class", "hf", "exported", "torchscript"]
+Kind = Literal["class", "hf", "gguf", "exported", "torchscript"]
 #: What to do with a request whose deadline cannot be met even if served alone.
 OnUnmeetable = Literal["refuse", "best_effort"]
 
 _ADAPTERS: dict[str, str] = {
     "hf": "ember.models.embedding:SentenceEmbedding",
+    "gguf": "ember.models.causal_lm:CausalLM",
     "exported": "ember.models.exported:ExportedProgram",
     "torchscript": "ember.models.torchscript:TorchScript",
 }
@@ -88,6 +97,12 @@ class DeploySpec(BaseModel):
     device: str = "auto"
     options: dict[str, Any] = Field(default_factory=dict)
     compress: bool = False  # keep the cool copy compressed (ember.store.compress), if that saves 5%
+    #: Generative models: the objectives for time to first token and time per output token, the most
+    #: sequences one instance runs at once, and the longest prompt + output (None: the model's own).
+    ttft_slo_ms: float = Field(DEFAULT_TTFT_SLO_MS, gt=0, le=3_600_000)
+    tpot_slo_ms: float = Field(DEFAULT_TPOT_SLO_MS, gt=0, le=600_000)
+    max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1, le=4096)
+    max_model_len: int | None = Field(None, ge=16, le=1 << 20)
     #: The tenant that owns the model; set by the gateway from the caller's key (admins may choose).
     tenant: str | None = None
     #: Set by the server for an uploaded model: the folder it was unpacked into, which ``source`` is
@@ -215,13 +230,15 @@ def detect_kind(source: str) -> Kind:
     path = Path(source)
     if path.is_dir():
         return "hf"
+    if path.suffix == ".gguf":
+        return "gguf"
     if path.suffix == ".pt2":
         return "exported"
     if path.suffix in (".pt", ".pth", ".ts", ".torchscript"):
         return "torchscript"
     raise ValueError(
         f"cannot tell what {source!r} is: give file.py:Class or module:Class, a Hugging Face folder, "
-        "a .pt2 (torch.export) or .pt (TorchScript) file, or pass --kind"
+        "a .gguf file, a .pt2 (torch.export) or .pt (TorchScript) file, or pass --kind"
     )
 
 
@@ -268,7 +285,25 @@ def resolve_source(spec: DeploySpec) -> tuple[str, dict[str, Any]]:
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise ValueError(f"{spec.source} does not exist")
-    return _ADAPTERS[str(spec.kind)], {**spec.options, "path": str(path)}  # options cannot move the source
+    adapter = CAUSAL_LM if spec.kind == "hf" and is_causal_lm_folder(path) else _ADAPTERS[str(spec.kind)]
+    return adapter, {**spec.options, "path": str(path)}  # options cannot move the source
+
+
+#: The adapter for generative models: Hugging Face causal-LM folders and GGUF files.
+CAUSAL_LM = "ember.models.causal_lm:CausalLM"
+
+
+def is_causal_lm_folder(path: Path) -> bool:
+    """Whether a Hugging Face folder holds a causal (generative) language model: its ``config.json``
+    names an architecture ``...ForCausalLM``."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return isinstance(architectures, list) and any(str(a).endswith("ForCausalLM") for a in architectures)
 
 
 @dataclass(frozen=True)
@@ -280,6 +315,8 @@ class ModelMetadata:
     max_batch_size: int
     task: str | None
     bytes: int = 0
+    #: Generative models (``task == "generate"``): what the platform needs to schedule their tokens.
+    generation: GenerationInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -288,6 +325,7 @@ class ModelMetadata:
             "max_batch_size": self.max_batch_size,
             "task": self.task,
             "bytes": self.bytes,
+            "generation": None if self.generation is None else self.generation.to_json(),
         }
 
     @classmethod
@@ -298,6 +336,7 @@ class ModelMetadata:
             max_batch_size=int(data["max_batch_size"]),
             task=data.get("task"),
             bytes=int(data.get("bytes", 0)),
+            generation=None if data.get("generation") is None else GenerationInfo.from_json(data["generation"]),
         )
 
 
@@ -322,6 +361,15 @@ class Deployment:
     warmup: bool = True
     max_instances: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    ttft_slo_ms: float = DEFAULT_TTFT_SLO_MS
+    tpot_slo_ms: float = DEFAULT_TPOT_SLO_MS
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    #: The longest prompt + output a sequence may reach (the deploy option, else the model's own).
+    max_model_len: int | None = None
+
+    @property
+    def generative(self) -> bool:
+        return self.metadata.task == "generate"
 
     @property
     def key(self) -> str:
