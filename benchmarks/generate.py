@@ -307,7 +307,8 @@ def main() -> None:
                 for rate in rates:
                     asks = workload(rate, args.duration_s, args.seed, pairs, args)
                     with c.step(f"{system} at {rate:g} req/s ({len(asks)} requests)"):
-                        results = c.run_async(lambda a=asks, u=server.url: drive(u, a, MODEL_NAME, args.duration_s + 600))
+                        wait_s = args.duration_s + 600
+                        results = c.run_async(lambda a=asks, u=server.url, w=wait_s: drive(u, a, MODEL_NAME, w))
                     row = {"system": system, "rate": rate, **summarise(results, args.duration_s, ttft_slo, tpot_slo)}
                     print(
                         f"    met both {row['met_share']:.0%}, goodput {row['goodput_rps']:.2f}/s, "
