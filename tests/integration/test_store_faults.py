@@ -127,6 +127,7 @@ def test_a_checkpoint_damaged_on_disk_is_refused_by_name(own: Server) -> None:
     assert response.status_code == 500
     assert response.headers["ember-error"] == "CorruptCheckpoint"
     assert "fragile" in error_of(response)
+    assert own.tier("fragile") == "cool"  # the instance built from the damaged copy meanwhile was unloaded
     answers(own, "keeper")
     verify = own.cli("store", "verify", "--home", str(own.home), with_url=False)
     assert verify.returncode == 1 and "fragile@1" in verify.stderr

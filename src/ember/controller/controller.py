@@ -42,6 +42,7 @@ from ember.policies.tiers import Tier
 from ember.scope import TaskScope
 from ember.state import Measured, ModelState, Runner, RunnerStatistics, fold, model_view
 from ember.store import Store
+from ember.store.format import is_compressed
 
 __all__ = ["ColdStart", "Controller"]
 
@@ -399,23 +400,31 @@ class Controller:
                 f"(`ember rm {deployment.name}` then `ember deploy ...`)",
                 retry_after_s=60.0,
             )
-        if from_tier is Tier.COOL:
+        weights = self._store.weights_path(key)
+        copying = None
+        if from_tier is Tier.COOL and is_compressed(weights):  # decoding it twice would cost more than it saves
             await run_blocking(self._clock, self._store.promote, key)
-        assets = await run_blocking(self._clock, self._store.assets, key)
-        worker: WorkerHandle | None = None
-        for attempt in range(2):
-            worker = await choose_worker(self, deployment)
-            if worker is None:  # only when told not to wait
-                raise ModelUnavailable(f"no worker can take '{deployment.name}' now", retry_after_s=10.0)
+            weights = self._store.weights_path(key)
+        elif from_tier is Tier.COOL:
+            # The worker loads the disk copy while the store copies it into the warm tier: the cold
+            # start costs the longer of the two, not their sum. The copy checks every checksum; if it
+            # fails, the instance built meanwhile is unloaded and the request fails with it.
+            copying = asyncio.ensure_future(run_blocking(self._clock, self._store.promote, key))
+        try:
+            assets = await run_blocking(self._clock, self._store.assets, key)
+            worker = await self._load_on_a_worker(deployment, str(weights), assets)
+        except BaseException:
+            if copying is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(copying)
+            raise
+        if copying is not None:
             try:
-                await worker.load(
-                    key, deployment.model_ref, deployment.options, str(self._store.weights_path(key)), assets
-                )
-                break
-            except WorkerCrashed:
-                if attempt == 1:
-                    raise
-        assert worker is not None
+                await copying
+            except BaseException:
+                with contextlib.suppress(EmberError):
+                    await worker.unload(key)
+                raise
         model.workers.append(worker)
         model.runner.instance_loaded(worker.id)
         model.hot_since = self._clock.now()
@@ -427,6 +436,20 @@ class Controller:
         self._metrics.load_seconds.labels(from_tier.value).observe(seconds)
         self.model_changed(deployment.name)
         return worker
+
+    async def _load_on_a_worker(self, deployment: Deployment, weights: str, assets: dict[str, bytes]) -> WorkerHandle:
+        """Build ``deployment`` on the worker placement chooses (once more on another if that one dies)."""
+        for attempt in range(2):
+            worker = await choose_worker(self, deployment)
+            if worker is None:  # only when told not to wait
+                raise ModelUnavailable(f"no worker can take '{deployment.name}' now", retry_after_s=10.0)
+            try:
+                await worker.load(deployment.key, deployment.model_ref, deployment.options, weights, assets)
+                return worker
+            except WorkerCrashed:
+                if attempt == 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _worker_lost(self, worker: WorkerHandle) -> None:
         self._tenants_seen.pop(worker.id, None)
