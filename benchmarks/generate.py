@@ -71,9 +71,15 @@ def prepare(model: str, cache: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    saved = cache / "tokenizer"  # SmolLM2's tokenizer, kept apart so a host without the GGUF can build the others
+    if (saved / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+    else:
+        gguf = smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer.save_pretrained(saved)
     if model == "smollm2":
+        gguf = smollm2_gguf()
         lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     else:  # random weights from a fixed seed, SmolLM2's tokenizer
         sizes = {"decoder-1b": (2048, 16, 32, 8, 8192), "tiny": (128, 2, 4, 2, 256)}[model]
