@@ -6,7 +6,7 @@
 #
 #   OUT=/tmp/ember-gpu benchmarks/gpu_suite.sh            # on a CUDA host, from the repository root
 #   QUICK=1 OUT=/tmp/ember-gpu benchmarks/gpu_suite.sh    # the same steps at toy sizes (checks the script on a CPU)
-#   STEPS="tests load" benchmarks/gpu_suite.sh             # only these: tests load resnet decoder warm compressed
+#   STEPS="tests load" benchmarks/gpu_suite.sh             # only these: tests load resnet decoder warm compressed generate
 #   LOAD_FLAGS=--no-cold benchmarks/gpu_suite.sh           # extra flags for benchmarks/load.py
 #
 # Python packages Ember needs beyond those the host has may lie as wheels in .whl/: they are
@@ -24,12 +24,15 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 if [ -n "${QUICK:-}" ]; then
-  device=cpu; size=0.05; resnet=resnet-tiny; decoder=decoder-tiny; arena_mb=256
+  device=cpu; size=0.05; resnet=resnet-tiny; decoder=decoder-tiny; arena_mb=256; llm=tiny
+  llm_flags=(--rates 1,2 --duration-s 6)
 else
-  device=cuda; size=1; resnet=resnet50; decoder=decoder-1b; arena_mb=4096
+  device=cuda; size=1; resnet=resnet50; decoder=decoder-1b; arena_mb=4096; llm=decoder-1b
+  llm_flags=(--rates 2,4,8,16 --duration-s 20 --prompt-scale 0.5 --output-scale 0.5 --max-output 256
+    --ttft-slo-ms 1000 --tpot-slo-ms 100 --max-num-seqs 64)
 fi
 failed=0
-steps=" ${STEPS:-tests load resnet decoder warm compressed} "
+steps=" ${STEPS:-tests load resnet decoder warm compressed generate} "
 step() {  # step KEY NAME LIMIT_S COMMAND...: run it if STEPS names KEY, say how it ended
   local key=$1 name=$2 limit=$3
   shift 3
@@ -58,5 +61,8 @@ step warm "warm path" 75 "$PY" benchmarks/warm_path.py --device "$device" --dura
   --hop-iterations 500 --json "$OUT/warm_path.json"
 step compressed "compressed tier" 110 "$PY" benchmarks/load.py --size-gb "$size" --repeat 2 --threads "$(nproc)" \
   --compressed-only --json "$OUT/load_compressed.json"
+# generate: SmolLM2's tokenizer travels in .gencache/tokenizer (benchmarks/generate.py keeps it apart)
+step generate "generate $llm" 300 "$PY" benchmarks/generate.py --model "$llm" --device "$device" "${llm_flags[@]}" \
+  --cache-dir "${GENCACHE:-.gencache}" --json "$OUT/generate.json"
 echo "=== done: $failed step(s) failed"
 exit "$failed"
