@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ember.api import ANSWER_MISMATCH, Arrays, ModelAPI, check_answer
+from ember.api import ANSWER_MISMATCH, Arrays, GenerativeModel, ModelAPI, check_answer
 from ember.store.convert import write_checkpoint
 from ember.store.loader import LoaderConfig, load_checkpoint
 from ember.store.store import WEIGHTS
@@ -94,10 +94,22 @@ def instantiate(model_ref: str, options: Mapping[str, Any]) -> ModelAPI:
 
 
 def describe(model: ModelAPI) -> dict[str, Any]:
+    if isinstance(model, GenerativeModel) or model.task == "generate":
+        if not isinstance(model, GenerativeModel):
+            raise ValueError(f"{type(model).__name__}.task = 'generate': subclass ember.GenerativeModel instead")
+        return {
+            "inputs": [t.to_json() for t in model.inputs],
+            "outputs": [t.to_json() for t in model.outputs],
+            "max_batch_size": int(model.max_batch_size),
+            "task": "generate",
+            "generation": model.generation_info().to_json(),
+        }
     if not model.inputs or not model.outputs:
         raise ValueError(f"{type(model).__name__} must declare its inputs and outputs (TensorSpec tuples)")
     if model.task not in (None, "embeddings"):
-        raise ValueError(f"{type(model).__name__}.task = {model.task!r}: use 'embeddings' or None")
+        raise ValueError(
+            f"{type(model).__name__}.task = {model.task!r}: use 'embeddings', or None; subclass GenerativeModel"
+        )
     return {
         "inputs": [t.to_json() for t in model.inputs],
         "outputs": [t.to_json() for t in model.outputs],
