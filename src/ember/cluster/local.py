@@ -21,7 +21,15 @@ from typing import Any
 
 from ember.api import Arrays
 from ember.cluster.base import ProgressCallback, WorkerHandle
-from ember.errors import EmberError, InternalError, InvalidInput, ModelFailed, StorageFull, WorkerCrashed
+from ember.errors import (
+    EmberError,
+    InternalError,
+    InvalidInput,
+    ModelFailed,
+    ModelUnavailable,
+    StorageFull,
+    WorkerCrashed,
+)
 from ember.generation import GenerateRequest, TokenChunk
 from ember.worker.lifeline import PARENT_ENV
 from ember.worker.protocol import (
@@ -352,6 +360,8 @@ def _error_from(reply: Reply) -> EmberError:
         return InternalError(f"worker: {reply.error}")
     if reply.extra.get("errno") == errno.ENOSPC:
         return storage_full(reply.error)
+    if reply.error_kind == "ModelUnloaded":
+        return ModelUnavailable(f"worker: {reply.error}")
     if reply.error_kind in ("ClassNotFound", "InvalidInput"):  # the caller's mistake, not the model's failure
         return InvalidInput(reply.error.partition(": ")[2] or reply.error)
     return ModelFailed(f"the model raised {reply.error}; fix the model and redeploy it (`ember logs` shows more)")
