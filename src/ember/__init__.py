@@ -5,7 +5,7 @@ Protocol v2, the OpenAI API and :class:`Client`; idle, it costs nothing on the d
 back in milliseconds.
 """
 
-from ember.api import ModelAPI, TensorSpec
+from ember.api import GenerativeModel, ModelAPI, SeqChunk, TensorSpec
 from ember.clock import Clock, VirtualClock, WallClock
 from ember.config import DeploySpec
 from ember.errors import EmberError
@@ -18,7 +18,9 @@ __all__ = [
     "DeploySpec",
     "EmberError",
     "EmberService",
+    "GenerativeModel",
     "ModelAPI",
+    "SeqChunk",
     "ServeOptions",
     "TensorSpec",
     "VirtualClock",

@@ -22,12 +22,19 @@ The smallest useful model::
 
         def predict(self, batch):
             return {"y": batch["x"] * 2}
+
+A generative model subclasses :class:`GenerativeModel` instead: the platform owns the batch, the
+KV-cache budget and the token loop (tokenizing, scheduling, sampling, stop strings, streaming);
+the class says how to turn text into tokens and back, and how to run one step: a list of
+:class:`SeqChunk` (new tokens of running sequences, prefill chunks and decodes together) in, the
+next-token logits of each out. It keeps each sequence's cache itself, keyed by ``seq_id``, until
+``release(seq_id)``.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -36,10 +43,22 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from ember.errors import InvalidInput
+from ember.generation import ChatMessage, GenerationInfo
+
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ANSWER_MISMATCH", "Arrays", "Batch", "ModelAPI", "TensorSpec", "check_answer"]
+__all__ = [
+    "ANSWER_MISMATCH",
+    "Arrays",
+    "Batch",
+    "GenerativeModel",
+    "ModelAPI",
+    "SeqChunk",
+    "TensorSpec",
+    "check_answer",
+]
 
 Array = npt.NDArray[Any]
 Batch = Mapping[str, Array]
@@ -196,3 +215,69 @@ class ModelAPI:
         if path.is_absolute():
             return path
         return Path(inspect.getfile(type(self))).resolve().parent / path
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's part of a step: compute ``token_ids`` at positions ``start``, ``start + 1``, ...
+
+    ``start`` is how many of the sequence's tokens the model's cache already holds for ``seq_id``
+    (0: a new sequence, or one preempted and being recomputed: its cache was released). A decode
+    is one token; a prefill chunk is a slice of the prompt.
+    """
+
+    seq_id: int
+    token_ids: tuple[int, ...]
+    start: int
+
+
+class GenerativeModel(ModelAPI):
+    """Base class of generative (token by token) models. Override the tokenizer hooks, ``step``,
+    ``release`` and ``generation_info``; ``setup`` builds the network as for any model.
+
+    The platform calls ``step`` once per iteration with every sequence that computes tokens in it,
+    in any mix of prefill chunks and decodes, and samples the next token of each sequence from the
+    returned logits. It calls ``release(seq_id)`` when a sequence ends, is cancelled or preempted;
+    a released sequence may come back with ``start == 0``, to be recomputed from its tokens.
+    """
+
+    task = "generate"
+    #: The tokens that end a sequence (``finish_reason="stop"``) unless the request ignores them.
+    eos_token_ids: tuple[int, ...] = ()
+
+    # -- deploy time -------------------------------------------------------------------------------
+
+    def generation_info(self) -> GenerationInfo:
+        """Length limit, KV-cache bytes per token, vocabulary size, chat template: called at deploy
+        time after ``source_weights`` and ``source_assets``, and reported in the model's metadata."""
+        raise NotImplementedError(f"{type(self).__name__}.generation_info() is not written yet")
+
+    # -- text and tokens (load time onwards) -------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        """A completion prompt's tokens."""
+        raise NotImplementedError(f"{type(self).__name__}.tokenize(text) is not written yet")
+
+    def chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """A chat's tokens, through the model's chat template, ready for the assistant's answer."""
+        raise InvalidInput(f"{type(self).__name__} has no chat template; send a completion prompt instead")
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The text of ``token_ids``, special tokens left out. A prefix of a multi-byte character
+        may decode to U+FFFD: the platform holds such text back until the character is complete."""
+        raise NotImplementedError(f"{type(self).__name__}.detokenize(token_ids) is not written yet")
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def step(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
+        """Run one step: the logits after the last token of each chunk, shape (len(chunks), vocab)."""
+        raise NotImplementedError(f"{type(self).__name__}.step(chunks) is not written yet")
+
+    def release(self, seq_id: int) -> None:
+        """Forget ``seq_id``'s cache (it ended, was cancelled, or is preempted)."""
+
+    def predict(self, batch: Batch) -> Batch:
+        raise InvalidInput(
+            f"{type(self).__name__} is a generative model: call it through /v1/chat/completions, "
+            "/v1/completions or /v2/models/{name}/generate"
+        )

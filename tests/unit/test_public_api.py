@@ -22,6 +22,12 @@ def test_all_is_sorted_and_every_name_resolves():
         assert getattr(ember, name) is not None, name
 
 
+def test_the_generative_contract_is_public():
+    assert {"GenerativeModel", "SeqChunk", "ModelAPI"} <= set(ember.__all__)
+    assert issubclass(ember.GenerativeModel, ember.ModelAPI)
+    assert ember.GenerativeModel.task == "generate"
+
+
 def test_the_gateway_side_never_imports_torch():
     code = "import sys, ember, ember.gateway.app, ember.service, ember.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

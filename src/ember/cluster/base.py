@@ -6,10 +6,11 @@ two protocols with actors. Nothing above this seam knows which one runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from ember.api import Arrays
+from ember.generation import GenerateRequest, TokenChunk
 from ember.worker.protocol import Batch
 
 __all__ = ["ClusterBackend", "ProgressCallback", "WorkerHandle"]
@@ -46,6 +47,13 @@ class WorkerHandle(Protocol):
     async def unload(self, key: str) -> None: ...
 
     async def infer(self, key: str, requests: list[Arrays]) -> Batch: ...
+
+    def generate(self, key: str, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """One sequence of generative model ``key``, chunk by chunk, until a chunk with a
+        ``finish_reason``. Raises an ``EmberError`` before or during the stream (``InvalidInput`` for a
+        prompt over the length limit). Closing the iterator early (``aclose()``, or its consumer being
+        cancelled) stops the sequence in the worker and frees its KV cache within one step."""
+        ...
 
 
 class ClusterBackend(Protocol):

@@ -14,17 +14,28 @@ import itertools
 import os
 import socket
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ember.api import Arrays
 from ember.cluster.base import ProgressCallback, WorkerHandle
-from ember.errors import EmberError, InternalError, InvalidInput, ModelFailed, StorageFull, WorkerCrashed
+from ember.errors import (
+    EmberError,
+    InternalError,
+    InvalidInput,
+    ModelFailed,
+    ModelUnavailable,
+    StorageFull,
+    WorkerCrashed,
+)
+from ember.generation import GenerateRequest, TokenChunk
 from ember.worker.lifeline import PARENT_ENV
 from ember.worker.protocol import (
     Batch,
+    Cancel,
+    Generate,
     Import,
     Infer,
     Load,
@@ -32,8 +43,10 @@ from ember.worker.protocol import (
     Progress,
     Reply,
     Shutdown,
+    Tokens,
     Unload,
     WorkerReady,
+    encode_frame,
     read_frame,
     write_frame,
 )
@@ -91,6 +104,8 @@ class LocalWorker:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         #: Who hears the Progress messages of a message in flight, by its id.
         self._progress: dict[int, ProgressCallback] = {}
+        #: The chunks (or the error) of each running sequence, by the id of its Generate.
+        self._streams: dict[int, asyncio.Queue[TokenChunk | EmberError]] = {}
         self._process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -115,7 +130,7 @@ class LocalWorker:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._streams)
 
     @property
     def pid(self) -> int | None:
@@ -192,6 +207,32 @@ class LocalWorker:
             ) from None
         batch: Batch = reply.value
         return batch
+
+    async def generate(self, key: str, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """One sequence, chunk by chunk; closing the iterator early sends ``Cancel`` for it."""
+        if not self._alive or self._writer is None:
+            raise WorkerCrashed(f"worker {self._id} is not running")
+        msg_id = next(self._ids)
+        queue: asyncio.Queue[TokenChunk | EmberError] = asyncio.Queue()
+        self._streams[msg_id] = queue
+        finished = False
+        try:
+            # One frame in one write: frames never interleave, whoever else is writing.
+            self._writer.write(encode_frame(Generate(msg_id, key, request)))
+            while True:
+                item = await queue.get()
+                if isinstance(item, EmberError):
+                    finished = True  # the worker holds nothing for it
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(msg_id, None)
+            if not finished and self._alive and self._writer is not None and not self._writer.is_closing():
+                # Written without waiting: this runs while the consumer is being cancelled too.
+                self._writer.write(encode_frame(Cancel(next(self._ids), msg_id)))
 
     async def stop(self) -> None:
         self._closing = True
@@ -271,7 +312,16 @@ class LocalWorker:
                 message = await read_frame(reader)
                 if message is None:
                     break
-                if isinstance(message, Reply):
+                if isinstance(message, Tokens):
+                    for seq_id, chunk in message.chunks:
+                        stream = self._streams.get(seq_id)
+                        if stream is not None:
+                            stream.put_nowait(chunk)
+                elif isinstance(message, Reply):
+                    stream = self._streams.get(message.id)
+                    if stream is not None:  # a sequence the worker refused or failed
+                        stream.put_nowait(_error_from(message))
+                        continue
                     self._last_reply_at = asyncio.get_running_loop().time()  # clock-ok: for _watch
                     future = self._pending.get(message.id)
                     if future is not None and not future.done():
@@ -286,6 +336,8 @@ class LocalWorker:
             for future in list(self._pending.values()):
                 if not future.done():
                     future.set_exception(crash)
+            for stream in list(self._streams.values()):
+                stream.put_nowait(crash)
             if not self._closing and self._lost_callback is not None:
                 self._lost_callback(self)
 
@@ -308,7 +360,9 @@ def _error_from(reply: Reply) -> EmberError:
         return InternalError(f"worker: {reply.error}")
     if reply.extra.get("errno") == errno.ENOSPC:
         return storage_full(reply.error)
-    if reply.error_kind == "ClassNotFound":  # the deployer's typo, not the model's failure
+    if reply.error_kind == "ModelUnloaded":
+        return ModelUnavailable(f"worker: {reply.error}")
+    if reply.error_kind in ("ClassNotFound", "InvalidInput"):  # the caller's mistake, not the model's failure
         return InvalidInput(reply.error.partition(": ")[2] or reply.error)
     return ModelFailed(f"the model raised {reply.error}; fix the model and redeploy it (`ember logs` shows more)")
 

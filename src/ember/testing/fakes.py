@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,13 +13,22 @@ from typing import Any, TypeVar
 from ember.api import Arrays, TensorSpec, check_answer
 from ember.clock import Clock, VirtualClock
 from ember.cluster.base import ProgressCallback, WorkerHandle
-from ember.errors import ModelFailed, WorkerCrashed
+from ember.errors import InvalidInput, ModelFailed, WorkerCrashed
+from ember.generation import FinishReason, GenerateRequest, GenerationInfo, TokenChunk
 from ember.store import Store, StoredModel
 from ember.store.format import write_raw
 from ember.store.store import WEIGHTS
 from ember.worker.protocol import Batch, rows_of
 
-__all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "run_in_virtual_time", "stage_weights"]
+__all__ = [
+    "FAKE_GENERATION",
+    "FakeBackend",
+    "FakeWorker",
+    "LatencyProfile",
+    "count_prompt_tokens",
+    "run_in_virtual_time",
+    "stage_weights",
+]
 
 T = TypeVar("T")
 
@@ -30,8 +39,28 @@ FAKE_INPUTS = (TensorSpec("x", "FP32", (-1, 4)),)
 FAKE_OUTPUTS = (TensorSpec("x", "FP32", (-1, 4)),)
 
 
+#: What a fake generative model says about itself (``FakeWorker(generation=...)``).
+FAKE_GENERATION = GenerationInfo(max_model_len=2048, kv_bytes_per_token=4096, vocab_size=1000)
+
+#: A fake generative model: the texts of the tokens it answers a request with (at most
+#: ``max_tokens`` of them are sent; fewer end the sequence with ``finish_reason="stop"``).
+Script = Callable[[GenerateRequest], Sequence[str]]
+
+
 def _identity(batch: Arrays) -> Arrays:
     return dict(batch)
+
+
+def _counting(request: GenerateRequest) -> Sequence[str]:
+    """`` t0``, `` t1``, ... one per token asked for."""
+    return [f" t{i}" for i in range(request.params.max_tokens)]
+
+
+def count_prompt_tokens(request: GenerateRequest) -> int:
+    """A fake tokenizer's count of the prompt: its whitespace-separated words (at least one)."""
+    if request.prompt is not None:
+        return max(1, len(request.prompt.split()))
+    return max(1, sum(len(m.content.split()) + 1 for m in request.messages or ()))
 
 
 @dataclass(frozen=True)
@@ -44,8 +73,21 @@ class LatencyProfile:
     load_s: float = 0.05
     unload_s: float = 0.0
 
+    #: Generative models: a prefill takes ``prefill_s + prefill_per_token_s * prompt_tokens``; each
+    #: decode step ``decode_s + decode_per_seq_s * running sequences`` of that model on the worker.
+    prefill_s: float = 0.01
+    prefill_per_token_s: float = 0.0
+    decode_s: float = 0.02
+    decode_per_seq_s: float = 0.0
+
     def batch_s(self, rows: int) -> float:
         return self.base_s + self.per_row_s * rows
+
+    def prefill_time_s(self, prompt_tokens: int) -> float:
+        return self.prefill_s + self.prefill_per_token_s * prompt_tokens
+
+    def decode_step_s(self, running: int) -> float:
+        return self.decode_s + self.decode_per_seq_s * running
 
 
 @dataclass
@@ -59,12 +101,23 @@ class FakeWorker:
     device: str = "cpu"
     #: When set, every load fails with this message, as a model whose setup raises.
     load_error: str | None = None
-    #: What an import reports about the model; None: one FP32 input and output ``x`` of shape [-1, 4].
+    #: What an import reports about the model; None: one FP32 input and output ``x`` of shape [-1, 4]
+    #: (or, with ``generation`` set, a generative model with that ``GenerationInfo``).
     described: dict[str, Any] | None = None
+    #: Generative models: what an import reports (None: the model is one-shot) and the scripted tokens.
+    generation: GenerationInfo | None = None
+    script: Script = _counting
     alive: bool = True
     loaded: set[str] = field(default_factory=set)
     batches: list[tuple[str, int]] = field(default_factory=list)
     in_flight: int = 0
+    #: The options of each loaded model's ``Load`` (a generative model's max_num_seqs, max_model_len, ...).
+    load_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Sequences running now, by model key; every sequence started, as (key, prompt tokens); the
+    #: number of sequences stopped before their end (their stream closed early).
+    running: dict[str, int] = field(default_factory=dict)
+    sequences: list[tuple[str, int]] = field(default_factory=list)
+    cancelled: int = 0
     _on_lost: Callable[[FakeWorker], None] | None = None
     _crash: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -76,6 +129,14 @@ class FakeWorker:
             progress(64, 64)
         if self.described is not None:
             return self.described
+        if self.generation is not None:
+            return {
+                "inputs": [],
+                "outputs": [],
+                "max_batch_size": 1,
+                "task": "generate",
+                "generation": self.generation.to_json(),
+            }
         return {
             "inputs": [spec.to_json() for spec in FAKE_INPUTS],
             "outputs": [spec.to_json() for spec in FAKE_OUTPUTS],
@@ -90,6 +151,7 @@ class FakeWorker:
         if self.load_error is not None:
             raise ModelFailed(self.load_error)
         self.loaded.add(key)
+        self.load_options[key] = dict(options)
         return self.profile.load_s
 
     async def unload(self, key: str) -> None:
@@ -106,6 +168,57 @@ class FakeWorker:
         seconds = self.profile.batch_s(rows)
         await self._take(seconds)
         return Batch([self._answer(r) for r in requests], seconds)
+
+    async def generate(self, key: str, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """``script``'s tokens, one chunk per decode step, timed by the latency profile on the clock.
+
+        The first chunk comes after the prefill; each later one after a decode step whose length
+        grows with the sequences of ``key`` running at once. A prompt at or over the model's length
+        limit (the Load option ``max_model_len``, else ``generation.max_model_len``) is refused with
+        ``InvalidInput``; a sequence reaching the limit ends with ``finish_reason="length"``.
+        """
+        self._check()
+        if key not in self.loaded:
+            raise ModelFailed(f"{key} is not loaded on {self.id}")
+        prompt_tokens = count_prompt_tokens(request)
+        limit = int(self.load_options.get(key, {}).get("max_model_len") or 0)
+        if not limit:
+            limit = (self.generation or FAKE_GENERATION).max_model_len
+        if prompt_tokens >= limit:
+            raise InvalidInput(
+                f"the prompt is {prompt_tokens} tokens; this model takes at most {limit - 1} (max_model_len {limit})"
+            )
+        texts = list(self.script(request))
+        room = min(request.params.max_tokens, limit - prompt_tokens)
+        self.sequences.append((key, prompt_tokens))
+        self.running[key] = self.running.get(key, 0) + 1
+        done = False
+        try:
+            await self._take(self.profile.prefill_time_s(prompt_tokens))
+            for i, text in enumerate(texts[:room]):
+                if i > 0:
+                    await self._take(self.profile.decode_step_s(self.running[key]))
+                last = i + 1 == min(room, len(texts))
+                reason: FinishReason | None = None
+                if last:
+                    reason = "stop" if len(texts) < room else "length"
+                done = last
+                yield TokenChunk(
+                    text,
+                    token_ids=(i,),
+                    prompt_tokens=prompt_tokens if i == 0 else 0,
+                    completion_tokens=i + 1,
+                    finish_reason=reason,
+                )
+            if not done:  # the script had no tokens at all
+                done = True
+                yield TokenChunk("", prompt_tokens=prompt_tokens, finish_reason="stop")
+        finally:
+            self.running[key] -= 1
+            if not self.running[key]:
+                del self.running[key]
+            if not done:
+                self.cancelled += 1
 
     def _answer(self, request: Arrays) -> Arrays | str:
         """``model``'s answer, checked against the declared outputs as a real worker checks it."""
@@ -147,10 +260,21 @@ class FakeWorker:
 class FakeBackend:
     """A pool of fake workers; a crashed worker is replaced by a fresh one at once."""
 
-    def __init__(self, clock: Clock, size: int = 1, profile: LatencyProfile | None = None, model: Model = _identity):
+    def __init__(
+        self,
+        clock: Clock,
+        size: int = 1,
+        profile: LatencyProfile | None = None,
+        model: Model = _identity,
+        generation: GenerationInfo | None = None,
+        script: Script = _counting,
+    ):
+        """``generation`` and ``script``: every worker serves a fake generative model (see FakeWorker)."""
         self.clock = clock
         self.profile = profile or LatencyProfile()
         self.model = model
+        self.generation = generation
+        self.script = script
         self._size = size
         self._seq = itertools.count()
         self._workers: dict[str, FakeWorker] = {}
@@ -187,7 +311,9 @@ class FakeBackend:
         }
 
     def _spawn(self) -> FakeWorker:
-        worker = FakeWorker(f"f{next(self._seq)}", self.clock, self.profile, self.model)
+        worker = FakeWorker(
+            f"f{next(self._seq)}", self.clock, self.profile, self.model, generation=self.generation, script=self.script
+        )
         worker._on_lost = self._lost
         self._workers[worker.id] = worker
         return worker

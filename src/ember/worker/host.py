@@ -26,13 +26,21 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ember.api import ANSWER_MISMATCH, Arrays, ModelAPI, check_answer
+from ember.api import ANSWER_MISMATCH, Arrays, GenerativeModel, ModelAPI, check_answer
+from ember.errors import InvalidInput
+from ember.generation import GenerateRequest, TokenChunk
 from ember.store.convert import write_checkpoint
 from ember.store.loader import LoaderConfig, load_checkpoint
 from ember.store.store import WEIGHTS
+from ember.worker.generation import GenerationEngine
 from ember.worker.protocol import Batch, rows_of
 
-__all__ = ["ClassNotFound", "ModelHost", "instantiate", "resolve_class"]
+__all__ = ["ENGINE_OPTIONS", "ClassNotFound", "ModelHost", "instantiate", "resolve_class"]
+
+#: Load options a generative model's engine takes (from the Deployment), not its class.
+ENGINE_OPTIONS = ("max_num_seqs", "max_model_len", "kv_budget_bytes", "max_step_tokens")
+#: A sequence's failure: (the id of its Generate, the error, the error's kind).
+SeqFailure = tuple[int, str, str]
 
 Array = npt.NDArray[Any]
 
@@ -94,10 +102,22 @@ def instantiate(model_ref: str, options: Mapping[str, Any]) -> ModelAPI:
 
 
 def describe(model: ModelAPI) -> dict[str, Any]:
+    if isinstance(model, GenerativeModel) or model.task == "generate":
+        if not isinstance(model, GenerativeModel):
+            raise ValueError(f"{type(model).__name__}.task = 'generate': subclass ember.GenerativeModel instead")
+        return {
+            "inputs": [t.to_json() for t in model.inputs],
+            "outputs": [t.to_json() for t in model.outputs],
+            "max_batch_size": int(model.max_batch_size),
+            "task": "generate",
+            "generation": model.generation_info().to_json(),
+        }
     if not model.inputs or not model.outputs:
         raise ValueError(f"{type(model).__name__} must declare its inputs and outputs (TensorSpec tuples)")
     if model.task not in (None, "embeddings"):
-        raise ValueError(f"{type(model).__name__}.task = {model.task!r}: use 'embeddings' or None")
+        raise ValueError(
+            f"{type(model).__name__}.task = {model.task!r}: use 'embeddings', or None; subclass GenerativeModel"
+        )
     return {
         "inputs": [t.to_json() for t in model.inputs],
         "outputs": [t.to_json() for t in model.outputs],
@@ -111,6 +131,9 @@ class ModelHost:
         self.device = device
         self.loader = loader or LoaderConfig()
         self.models: dict[str, ModelAPI] = {}
+        #: The step loop of each loaded generative model, and which model each sequence runs on.
+        self.engines: dict[str, GenerationEngine] = {}
+        self._seq_model: dict[int, str] = {}
 
     def import_model(
         self,
@@ -144,18 +167,72 @@ class ModelHost:
         assets: Mapping[str, bytes],
     ) -> float:
         start = time.perf_counter()  # clock-ok: the worker measures its own work
-        model = instantiate(model_ref, options)
+        engine_options = {k: v for k, v in options.items() if k in ENGINE_OPTIONS and v is not None}
+        model = instantiate(model_ref, {k: v for k, v in options.items() if k not in ENGINE_OPTIONS})
         weights = load_checkpoint(weights_path, self.device, self.loader)
         model.setup(weights, assets, self.device)
+        if isinstance(model, GenerativeModel):
+            self.engines[key] = GenerationEngine(model, **{k: int(v) for k, v in engine_options.items()})
         self.models[key] = model
         return time.perf_counter() - start  # clock-ok
 
-    def unload(self, key: str) -> None:
+    def unload(self, key: str) -> list[int]:
+        """Forget ``key``; the ids of the sequences it was still running (stopped, never answered)."""
         # No gc.collect() here: a full collection in a process holding torch and transformers takes
         # 0.3-0.5 s, and the next message (maybe a promotion) would wait behind it. Reference
         # counting frees the model's tensors as soon as the last reference goes.
+        engine = self.engines.pop(key, None)
+        dropped = [] if engine is None else engine.cancel_all()
+        for seq_id in dropped:
+            self._seq_model.pop(seq_id, None)
         if self.models.pop(key, None) is not None and self.device.type == "cuda":
             torch.cuda.empty_cache()
+        return dropped
+
+    # -- generative models -------------------------------------------------------------------------
+
+    def generate(self, key: str, seq_id: int, request: GenerateRequest) -> None:
+        """Queue a sequence on ``key``'s engine: it joins at the next step."""
+        engine = self.engines.get(key)
+        if engine is None:
+            if key in self.models:
+                raise InvalidInput(f"model {key.partition('@')[0]} is not generative; call its infer route")
+            raise KeyError(f"model {key} is not loaded on this worker")
+        engine.add(seq_id, request)
+        self._seq_model[seq_id] = key
+
+    def cancel(self, seq_id: int) -> bool:
+        """Stop a sequence and free its cache now; False if it had already finished."""
+        key = self._seq_model.pop(seq_id, None)
+        engine = None if key is None else self.engines.get(key)
+        return engine is not None and engine.cancel(seq_id)
+
+    @property
+    def generating(self) -> bool:
+        return any(engine.has_work for engine in self.engines.values())
+
+    def step(self) -> tuple[list[tuple[int, TokenChunk]], list[SeqFailure]]:
+        """One step of every generative model with work: the chunks produced, and the sequences
+        that failed (a model whose step raised fails the sequences it was running)."""
+        chunks: list[tuple[int, TokenChunk]] = []
+        failed: list[SeqFailure] = []
+        for key, engine in list(self.engines.items()):
+            if not engine.has_work:
+                continue
+            try:
+                produced = engine.step()
+            except Exception as exc:
+                _log_failure(key, "step")
+                error = f"{type(exc).__name__}: {exc}"
+                failed += [(seq_id, error, "ModelFailed") for seq_id in engine.cancel_all()]
+                continue
+            for seq_id, chunk in produced:
+                chunks.append((seq_id, chunk))
+                if chunk.finish_reason is not None:
+                    self._seq_model.pop(seq_id, None)
+        for seq_id, _, _ in failed:
+            self._seq_model.pop(seq_id, None)
+        return chunks, failed
 
     def infer(self, key: str, requests: list[Arrays]) -> Batch:
         model = self.models.get(key)

@@ -3,6 +3,11 @@
 The parent passes one end of a socketpair as ``--fd``. The worker imports torch (and whatever
 ``--preload`` names), creates the CUDA context on GPU hosts, says :class:`WorkerReady`, then answers
 each message in order: one batch at a time per device. When the parent goes away, it exits.
+
+While generative models have sequences running, the worker runs their steps one after another and
+reads every message that has arrived between two steps: a ``Generate`` joins at the next step, a
+``Cancel`` frees its sequence before it, and one-shot batches, loads and unloads run in between.
+Each step's chunks go back in one :class:`Tokens` frame.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import importlib
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -22,9 +28,13 @@ from pathlib import Path
 
 import torch
 
+from ember.errors import InvalidInput
+from ember.generation import TokenChunk
 from ember.store.arena import register_arena
 from ember.worker.host import ModelHost
 from ember.worker.protocol import (
+    Cancel,
+    Generate,
     Import,
     Infer,
     Load,
@@ -33,6 +43,7 @@ from ember.worker.protocol import (
     Progress,
     Reply,
     Shutdown,
+    Tokens,
     Unload,
     WorkerReady,
     recv_message,
@@ -80,11 +91,18 @@ def serve(sock: socket.socket, host: ModelHost, max_memory_bytes: int = 0) -> No
 
 def _serve(sock: socket.socket, host: ModelHost, max_memory_bytes: int) -> None:
     while True:
+        # Block for the next message when idle; between two steps, only read what has arrived.
+        if host.generating and not select.select([sock], [], [], 0)[0]:
+            _step(sock, host)
+            continue
         message = recv_message(sock)
         if message is None or isinstance(message, Shutdown):
             if isinstance(message, Shutdown):
                 send_message(sock, Reply(message.id, True))
             return
+        if isinstance(message, Generate | Cancel):
+            _sequence(sock, host, message)
+            continue
         send_message(sock, _handle(host, message, sock))
         if max_memory_bytes and isinstance(message, Infer):
             rss = resident_bytes()
@@ -98,6 +116,26 @@ def _serve(sock: socket.socket, host: ModelHost, max_memory_bytes: int) -> None:
                     flush=True,
                 )
                 return
+
+
+def _sequence(sock: socket.socket, host: ModelHost, message: Generate | Cancel) -> None:
+    """Start a sequence (answering only if it cannot run), or cancel one (answering with its last chunk)."""
+    if isinstance(message, Cancel):
+        if host.cancel(message.target):
+            send_message(sock, Tokens(((message.target, TokenChunk("", finish_reason="cancelled")),)))
+        return
+    try:
+        host.generate(message.key, message.id, message.request)
+    except Exception as exc:
+        send_message(sock, _failure(message, exc))
+
+
+def _step(sock: socket.socket, host: ModelHost) -> None:
+    chunks, failed = host.step()
+    if chunks:
+        send_message(sock, Tokens(tuple(chunks)))
+    for seq_id, error, kind in failed:
+        send_message(sock, Reply(seq_id, False, error=error, error_kind=kind))
 
 
 def _progress_sender(sock: socket.socket, msg_id: int) -> Callable[[int, int], None]:
@@ -130,7 +168,10 @@ def _handle(host: ModelHost, message: Message, sock: socket.socket | None = None
             )
             return Reply(msg_id, True, load_s)
         if isinstance(message, Unload):
-            host.unload(message.key)
+            for seq_id in host.unload(message.key):
+                if sock is not None:
+                    error = "the model was unloaded while the sequence ran; send the request again"
+                    send_message(sock, Reply(seq_id, False, error=error, error_kind="ModelUnloaded"))
             return Reply(msg_id, True)
         if isinstance(message, Import):
             progress = None if sock is None else _progress_sender(sock, msg_id)
@@ -140,13 +181,19 @@ def _handle(host: ModelHost, message: Message, sock: socket.socket | None = None
             return Reply(msg_id, True, sorted(host.models))
         return Reply(msg_id, False, error=f"unknown message {type(message).__name__}", error_kind="InternalError")
     except Exception as exc:
-        detail = "".join(traceback.format_exception_only(exc)).strip()
+        return _failure(message, exc)
+
+
+def _failure(message: Message, exc: Exception) -> Reply:
+    """The error reply to ``message``, its traceback in the worker log (a caller's InvalidInput: none)."""
+    detail = "".join(traceback.format_exception_only(exc)).strip()
+    if not isinstance(exc, InvalidInput):
         print(
             f"ember worker {os.getpid()}: {type(message).__name__} failed:\n{traceback.format_exc()}",
             file=sys.stderr,
         )
-        extra = {"errno": exc.errno} if isinstance(exc, OSError) else {}
-        return Reply(msg_id, False, error=detail, error_kind=type(exc).__name__, extra=extra)
+    extra = {"errno": exc.errno} if isinstance(exc, OSError) else {}
+    return Reply(getattr(message, "id", -1), False, error=detail, error_kind=type(exc).__name__, extra=extra)
 
 
 def start_libraries(device: torch.device) -> None:

@@ -18,9 +18,12 @@ from typing import Any
 import numpy as np
 
 from ember.api import Arrays
+from ember.generation import GenerateRequest, TokenChunk
 
 __all__ = [
     "Batch",
+    "Cancel",
+    "Generate",
     "Import",
     "Infer",
     "Load",
@@ -28,8 +31,10 @@ __all__ = [
     "Progress",
     "Reply",
     "Shutdown",
+    "Tokens",
     "Unload",
     "WorkerReady",
+    "encode_frame",
     "read_frame",
     "recv_message",
     "send_message",
@@ -89,6 +94,34 @@ class Infer:
 
 
 @dataclass(frozen=True)
+class Generate:
+    """Start one sequence of generative model ``key``. The worker answers with :class:`Tokens` frames
+    naming this ``id`` (the last chunk of a sequence has a ``finish_reason``), or with an error
+    :class:`Reply` of this ``id`` if the request cannot run (a prompt over the length limit)."""
+
+    id: int
+    key: str
+    request: GenerateRequest
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop sequence ``target`` (the ``id`` of its :class:`Generate`) and free its KV cache. The
+    worker answers with a last chunk for it whose ``finish_reason`` is ``cancelled`` (none if the
+    sequence had already finished)."""
+
+    id: int
+    target: int
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What one step produced: a chunk per sequence, each with the ``id`` of its :class:`Generate`."""
+
+    chunks: tuple[tuple[int, TokenChunk], ...]
+
+
+@dataclass(frozen=True)
 class Ping:
     id: int
 
@@ -125,16 +158,21 @@ class Progress:
     total_bytes: int
 
 
-Message = WorkerReady | Import | Load | Unload | Infer | Ping | Shutdown | Reply | Progress
+Message = WorkerReady | Import | Load | Unload | Infer | Generate | Cancel | Tokens | Ping | Shutdown | Reply | Progress
 
 
 def _dumps(message: Message) -> bytes:
     return pickle.dumps(message, protocol=5)
 
 
-def send_message(sock: socket.socket, message: Message) -> None:
+def encode_frame(message: Message) -> bytes:
+    """``message`` as one frame: its length, then its pickle."""
     payload = _dumps(message)
-    sock.sendall(_HEADER.pack(len(payload)) + payload)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def send_message(sock: socket.socket, message: Message) -> None:
+    sock.sendall(encode_frame(message))
 
 
 def recv_message(sock: socket.socket) -> Message | None:
@@ -163,8 +201,7 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
 
 
 async def write_frame(writer: asyncio.StreamWriter, message: Message) -> None:
-    payload = _dumps(message)
-    writer.write(_HEADER.pack(len(payload)) + payload)
+    writer.write(encode_frame(message))
     await writer.drain()
 
 
