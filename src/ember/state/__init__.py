@@ -6,11 +6,12 @@ and the pure builders of every policy input (:func:`queue_snapshot`, :func:`mode
 all build their snapshots here; none keeps a copy of these rules.
 """
 
-from ember.state.model import RATE_SMOOTHING, Measured, ModelState, Runner, RunnerStatistics, fold
+from ember.state.model import RATE_SMOOTHING, GenerationStatistics, Measured, ModelState, Runner, RunnerStatistics, fold
 from ember.state.views import Hosted, model_view, queue_snapshot, start_delay_s, worker_view
 
 __all__ = [
     "RATE_SMOOTHING",
+    "GenerationStatistics",
     "Hosted",
     "Measured",
     "ModelState",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,13 +13,22 @@ from typing import Any, TypeVar
 from ember.api import Arrays, TensorSpec, check_answer
 from ember.clock import Clock, VirtualClock
 from ember.cluster.base import ProgressCallback, WorkerHandle
-from ember.errors import ModelFailed, WorkerCrashed
+from ember.errors import InvalidInput, ModelFailed, WorkerCrashed
+from ember.generation import FinishReason, GenerateRequest, TokenChunk
 from ember.store import Store, StoredModel
 from ember.store.format import write_raw
 from ember.store.store import WEIGHTS
 from ember.worker.protocol import Batch, rows_of
 
-__all__ = ["FakeBackend", "FakeWorker", "LatencyProfile", "run_in_virtual_time", "stage_weights"]
+__all__ = [
+    "FakeBackend",
+    "FakeWorker",
+    "GenerationProfile",
+    "LatencyProfile",
+    "generative_description",
+    "run_in_virtual_time",
+    "stage_weights",
+]
 
 T = TypeVar("T")
 
@@ -48,6 +57,49 @@ class LatencyProfile:
         return self.base_s + self.per_row_s * rows
 
 
+@dataclass(frozen=True)
+class GenerationProfile:
+    """How a fake generative model takes its time: a prompt of ``n`` tokens prefills in
+    ``prefill_base_s + prefill_per_token_s * n`` (and yields the first token); each further token takes
+    a decode step of ``step_base_s + step_per_seq_s * b`` with ``b`` sequences running on the worker.
+    A prompt is one token per ``bytes_per_token`` UTF-8 bytes (chat messages add ``template_tokens``);
+    an answer ends (``stop``) after ``eos_after`` tokens, or at ``max_tokens`` (``length``)."""
+
+    prefill_base_s: float = 0.005
+    prefill_per_token_s: float = 0.0001
+    step_base_s: float = 0.01
+    step_per_seq_s: float = 0.001
+    bytes_per_token: int = 4
+    template_tokens: int = 8
+    eos_after: int | None = None
+
+    def prompt_tokens(self, request: GenerateRequest) -> int:
+        extra = self.template_tokens if request.messages is not None else 0
+        return max(1, request.size_hint() // self.bytes_per_token) + extra
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill_base_s + self.prefill_per_token_s * tokens
+
+    def step_s(self, batch: int) -> float:
+        return self.step_base_s + self.step_per_seq_s * batch
+
+
+def generative_description(max_model_len: int = 2048, kv_bytes_per_token: int = 1024) -> dict[str, Any]:
+    """What a fake generative model's import reports (``FakeWorker.described``)."""
+    return {
+        "inputs": [],
+        "outputs": [],
+        "max_batch_size": 1,
+        "task": "generate",
+        "generation": {
+            "max_model_len": max_model_len,
+            "kv_bytes_per_token": kv_bytes_per_token,
+            "vocab_size": 1000,
+            "chat_template": True,
+        },
+    }
+
+
 @dataclass
 class FakeWorker:
     """A worker that runs ``model`` (a function of a batch) and takes time on ``clock``."""
@@ -65,6 +117,14 @@ class FakeWorker:
     loaded: set[str] = field(default_factory=set)
     batches: list[tuple[str, int]] = field(default_factory=list)
     in_flight: int = 0
+    generation: GenerationProfile = field(default_factory=GenerationProfile)
+    #: Per loaded key, the options its load carried (``max_num_seqs``, ``max_model_len``, ...).
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Sequences generating now, per key; every sequence started, as (key, prompt tokens); and those
+    #: closed before their end (cancelled).
+    sequences: dict[str, int] = field(default_factory=dict)
+    generations: list[tuple[str, int]] = field(default_factory=list)
+    cancelled: int = 0
     _on_lost: Callable[[FakeWorker], None] | None = None
     _crash: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -90,6 +150,7 @@ class FakeWorker:
         if self.load_error is not None:
             raise ModelFailed(self.load_error)
         self.loaded.add(key)
+        self.options[key] = dict(options)
         return self.profile.load_s
 
     async def unload(self, key: str) -> None:
@@ -106,6 +167,50 @@ class FakeWorker:
         seconds = self.profile.batch_s(rows)
         await self._take(seconds)
         return Batch([self._answer(r) for r in requests], seconds)
+
+    async def generate(self, key: str, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """Stream a fake answer: tokens ``" t1"``, ``" t2"``, ... timed by ``generation`` on ``clock``.
+
+        A prompt of ``max_model_len`` tokens or more is InvalidInput naming the limit; closing the
+        stream early cancels the sequence (counted in ``cancelled``)."""
+        if key not in self.loaded:
+            raise ModelFailed(f"{key} is not loaded on {self.id}")
+        profile = self.generation
+        prompt = profile.prompt_tokens(request)
+        max_len = self.options.get(key, {}).get("max_model_len")
+        if max_len is not None and prompt >= int(max_len):
+            raise InvalidInput(f"the prompt is {prompt} tokens, and this model takes at most {max_len} (max_model_len)")
+        limit = request.params.max_tokens
+        if max_len is not None:
+            limit = min(limit, int(max_len) - prompt)
+        if profile.eos_after is not None:
+            limit = min(limit, profile.eos_after)
+        self.generations.append((key, prompt))
+        self.sequences[key] = self.sequences.get(key, 0) + 1
+        finished = False
+        try:
+            await self._take(profile.prefill_s(prompt))
+            made = 0
+            while True:
+                made += 1
+                finish: FinishReason | None = None
+                if made >= limit:
+                    finish = "stop" if profile.eos_after is not None and made >= profile.eos_after else "length"
+                yield TokenChunk(
+                    f" t{made}",
+                    (made,),
+                    prompt_tokens=prompt if made == 1 else 0,
+                    completion_tokens=made,
+                    finish_reason=finish,
+                )
+                if finish is not None:
+                    finished = True
+                    return
+                await self._take(profile.step_s(sum(self.sequences.values())))
+        finally:
+            self.sequences[key] -= 1
+            if not finished:
+                self.cancelled += 1
 
     def _answer(self, request: Arrays) -> Arrays | str:
         """``model``'s answer, checked against the declared outputs as a real worker checks it."""
@@ -147,10 +252,22 @@ class FakeWorker:
 class FakeBackend:
     """A pool of fake workers; a crashed worker is replaced by a fresh one at once."""
 
-    def __init__(self, clock: Clock, size: int = 1, profile: LatencyProfile | None = None, model: Model = _identity):
+    def __init__(
+        self,
+        clock: Clock,
+        size: int = 1,
+        profile: LatencyProfile | None = None,
+        model: Model = _identity,
+        *,
+        described: dict[str, Any] | None = None,
+        generation: GenerationProfile | None = None,
+    ):
         self.clock = clock
         self.profile = profile or LatencyProfile()
         self.model = model
+        #: What every worker's import reports, and how its generative models take their time.
+        self.described = described
+        self.generation = generation or GenerationProfile()
         self._size = size
         self._seq = itertools.count()
         self._workers: dict[str, FakeWorker] = {}
@@ -187,7 +304,14 @@ class FakeBackend:
         }
 
     def _spawn(self) -> FakeWorker:
-        worker = FakeWorker(f"f{next(self._seq)}", self.clock, self.profile, self.model)
+        worker = FakeWorker(
+            f"f{next(self._seq)}",
+            self.clock,
+            self.profile,
+            self.model,
+            described=self.described,
+            generation=self.generation,
+        )
         worker._on_lost = self._lost
         self._workers[worker.id] = worker
         return worker
