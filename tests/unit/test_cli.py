@@ -529,6 +529,28 @@ def test_deploy_sends_the_slo_policy_options(
     assert bad.exit_code != 0
 
 
+def test_deploy_sends_the_generative_options(
+    serve_with: Callable[[Handler], None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "llm.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(uploaded(request))
+        return httpx.Response(200, content=ndjson({"stage": "done", "model": MODEL}))
+
+    serve_with(handler)
+    args = ["deploy", "llm.gguf", "--ttft-slo-ms", "800", "--tpot-slo-ms", "60"]
+    result = runner.invoke(cli.app, [*args, "--max-num-seqs", "8", "--max-model-len", "1024"])
+    assert result.exit_code == 0, result.output
+    sent = bodies[0]
+    assert (sent["ttft_slo_ms"], sent["tpot_slo_ms"], sent["max_num_seqs"], sent["max_model_len"]) == (800, 60, 8, 1024)
+    spec = DeploySpec.model_validate({k: v for k, v in sent.items() if k != "files"})  # what the server accepts
+    assert spec.max_num_seqs == 8 and spec.max_model_len == 1024
+    assert runner.invoke(cli.app, ["deploy", "llm.gguf", "--max-num-seqs", "0"]).exit_code != 0
+
+
 def test_deploy_error_event_prints_one_red_line(serve_with: Callable[[Handler], None]) -> None:
     serve_with(
         lambda request: httpx.Response(

@@ -54,7 +54,14 @@ from ember.cli.sim import sim
 from ember.cli.store import store_app
 from ember.cli.usage import usage
 from ember.client import DEFAULT_URL, Client
-from ember.config import DEFAULT_KEEPALIVE_HOT_S, DEFAULT_KEEPALIVE_WARM_S, DEFAULT_SLO_MS
+from ember.config import (
+    DEFAULT_KEEPALIVE_HOT_S,
+    DEFAULT_KEEPALIVE_WARM_S,
+    DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_SLO_MS,
+    DEFAULT_TPOT_SLO_MS,
+    DEFAULT_TTFT_SLO_MS,
+)
 from ember.errors import InvalidInput
 from ember.gateway.tensors import DATATYPES
 
@@ -158,6 +165,31 @@ def deploy(
         int | None, typer.Option(min=1, help="Most workers holding the model at once (default: 1).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: auto).")] = None,
+    ttft_slo_ms: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help=f"Generative models: time-to-first-token objective (default: {DEFAULT_TTFT_SLO_MS:g})."
+        ),
+    ] = None,
+    tpot_slo_ms: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help=f"Generative models: time-per-output-token objective (default: {DEFAULT_TPOT_SLO_MS:g})."
+        ),
+    ] = None,
+    max_num_seqs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"Generative models: most sequences one instance runs at once (default: {DEFAULT_MAX_NUM_SEQS}).",
+        ),
+    ] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            min=16, help="Generative models: most tokens of prompt and answer together (default: the model's own)."
+        ),
+    ] = None,
     option: Annotated[
         list[str] | None, typer.Option("--option", help="KEY=JSON passed to the model class (repeatable).")
     ] = None,
@@ -194,6 +226,10 @@ def deploy(
             device=device,
             options=options or None,
             compress=compress or None,
+            ttft_slo_ms=ttft_slo_ms,
+            tpot_slo_ms=tpot_slo_ms,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
         )
     console.print(
         f"deployed {model['name']} v{model['version']}: {model['tier']}, {size_text(int(model['bytes']))}, "
