@@ -7,7 +7,7 @@ all build their snapshots here; none keeps a copy of these rules.
 """
 
 from ember.state.model import RATE_SMOOTHING, GenerationStatistics, Measured, ModelState, Runner, RunnerStatistics, fold
-from ember.state.views import Hosted, model_view, queue_snapshot, start_delay_s, worker_view
+from ember.state.views import Hosted, model_view, queue_snapshot, scale_view, start_delay_s, worker_view
 
 __all__ = [
     "RATE_SMOOTHING",
@@ -20,6 +20,7 @@ __all__ = [
     "fold",
     "model_view",
     "queue_snapshot",
+    "scale_view",
     "start_delay_s",
     "worker_view",
 ]

@@ -9,7 +9,10 @@ questions, so the derived parts of each snapshot are computed here, once:
   a whole load, or until an instance frees);
 - :func:`model_view`: the keep-alive policy's view of a model on one tier (no idle time while busy;
   the load time from the tier below hot);
-- :func:`worker_view`: placement's view of a worker from what it hosts.
+- :func:`worker_view`: placement's view of a worker from what it hosts;
+- :func:`scale_view`: the autoscaler's view of a model. A generative model's capacity is counted in
+  output tokens: steps of up to ``max_num_seqs`` sequences within its TPOT objective, against the
+  arrival rate times the tokens its answers have taken on average.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ember.config import Deployment
+from ember.policies.autoscaler import ScaleView
 from ember.policies.batching import QueueSnapshot
 from ember.policies.keepalive import IdleHistogram, ModelView
 from ember.policies.latency import Bandwidths, LatencyModel
 from ember.policies.placement import WorkerView
 from ember.policies.tiers import Tier
+from ember.state.model import RunnerStatistics
 
-__all__ = ["Hosted", "model_view", "queue_snapshot", "start_delay_s", "worker_view"]
+__all__ = ["Hosted", "model_view", "queue_snapshot", "scale_view", "start_delay_s", "worker_view"]
 
 
 def queue_snapshot(
@@ -119,4 +125,26 @@ def worker_view(
         utilization=sum(m.share for m in models),
         shortest_slo_s=min((m.slo_s for m in models), default=math.inf),
         longest_batch_s=max((m.batch_s for m in models), default=0.0),
+    )
+
+
+def scale_view(deployment: Deployment, stats: RunnerStatistics, arrival_rate: float, current: int) -> ScaleView:
+    """The autoscaler's view of a model with ``current`` instances, receiving ``arrival_rate`` requests
+    per second; a generative model's in output tokens (see the module's doc)."""
+    d = deployment
+    slo_s, batch, rate = d.slo_ms / 1000.0, d.max_batch_size, arrival_rate
+    generation = stats.generation
+    if generation is not None:
+        slo_s, batch = d.tpot_slo_ms / 1000.0, d.max_num_seqs
+        rate = arrival_rate * max(1.0, generation.generation_tokens / max(1, stats.succeeded))
+    return ScaleView(
+        name=d.name,
+        arrival_rate=rate,
+        queued=stats.queued + stats.running,
+        current=current,
+        slo_s=slo_s,
+        max_batch_size=batch,
+        latency=stats.latency,
+        min_instances=1,
+        max_instances=d.max_instances,
     )
