@@ -64,6 +64,7 @@ from ember.registry import DeploymentRecord, Registry
 from ember.requestlog import REQUEST_LOG, RecentRequests, RequestLog, current
 from ember.scheduler import DeviceArbiter, GenerativeRunner, ModelRunner
 from ember.scope import TaskScope
+from ember.state import GenerationStatistics
 from ember.store import Store, Tier
 from ember.store.bandwidths import HostBandwidths, read_bandwidths
 from ember.tracing import Tracer, otlp_tracer
@@ -151,6 +152,10 @@ class ModelInfo:
     max_instances: int = 1
     #: What ``ember describe`` adds: inputs, outputs, batching, keep-alives, device, the model's options.
     settings: dict[str, Any] = field(default_factory=dict)
+    #: A generative model's objectives, limits and token figures (``ttft_slo_ms``, ``tpot_slo_ms``,
+    #: ``max_num_seqs``, ``max_model_len``, ``ttft_attainment``, ``tpot_attainment``, ``tokens_per_s``,
+    #: ``running``, ``waiting``, ``prompt_tokens``, ``generation_tokens``); None for a one-shot model.
+    generation: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -583,6 +588,7 @@ class EmberService:
                 "device": d.device,
                 "options": dict(d.options),
             },
+            generation=None if stats.generation is None else _generation_info(d, stats.generation),
         )
 
     def models(self) -> list[ModelInfo]:
@@ -602,6 +608,11 @@ class EmberService:
                 "arena": None if stats.arena is None else dataclasses.asdict(stats.arena),
             },
             "bandwidths": self.bandwidths.to_json(),
+            "generation": {
+                name: _generation_info(runner.deployment, counted.generation)
+                for name, runner in sorted(self._runners.items())
+                if (counted := runner.statistics()).generation is not None
+            },
         }
 
     # -- usage -------------------------------------------------------------------------------------
@@ -714,6 +725,16 @@ class EmberService:
             error,
             path,
         )
+
+
+def _generation_info(d: Deployment, stats: GenerationStatistics) -> dict[str, Any]:
+    return {
+        "ttft_slo_ms": d.ttft_slo_ms,
+        "tpot_slo_ms": d.tpot_slo_ms,
+        "max_num_seqs": d.max_num_seqs,
+        "max_model_len": d.max_model_len,
+        **stats.to_json(),
+    }
 
 
 def _check_generative(spec: DeploySpec, metadata: ModelMetadata) -> None:

@@ -468,6 +468,25 @@ def test_models_table_marks_missing_attainment() -> None:
     assert "\N{EN DASH}" in text and "98.7%" in text
 
 
+def test_models_table_shows_a_generative_models_ttft_and_tpot_attainment_and_tokens_per_second() -> None:
+    llm = {
+        **MODEL,
+        "name": "llm",
+        "slo_attainment": 0.9,
+        "generation": {"ttft_slo_ms": 800.0, "tpot_slo_ms": 60.0, "ttft_attainment": 0.95,
+                       "tpot_attainment": 0.925, "tokens_per_s": 41.25},
+    }  # fmt: skip
+    out = io.StringIO()
+    Console(file=out, width=250).print(cli.models_table([MODEL, llm]))
+    header, one_shot, generative = out.getvalue().splitlines()[:3]
+    assert "TTFT met" in header and "TPOT met" in header and "tok/s" in header
+    assert "800/60" in generative and "95.0%" in generative and "92.5%" in generative and "41.2" in generative
+    assert one_shot.count("\N{EN DASH}") >= 3  # the one-shot model has none of them
+    only = io.StringIO()
+    Console(file=only, width=250).print(cli.models_table([MODEL]))
+    assert "TTFT" not in only.getvalue()
+
+
 def uploaded(request: httpx.Request) -> dict[str, Any]:
     """The deployment of a packaged deploy (from its header), with the files the package held."""
     assert request.headers["content-type"] == PACKAGE_MEDIA_TYPE

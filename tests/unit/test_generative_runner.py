@@ -259,3 +259,32 @@ def test_a_worker_lost_before_the_first_token_is_retried_on_its_replacement(tmp_
             assert chunks[-1].completion_tokens == 3 and backend.restarts == 1
 
     run_in_virtual_time(main)
+
+
+def test_metrics_have_vllms_names_and_info_shows_attainment_and_tokens_per_second(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock)
+        async with service:
+            await service.deploy(_spec(model_file, ttft_slo_ms=1000, tpot_slo_ms=100))
+            for _ in range(2):
+                await _collect(service, _ask("z" * 80, max_tokens=5))
+            text = service.metrics.render().decode()
+            label = '{model_name="llm"}'
+            assert f"vllm:time_to_first_token_seconds_count{label} 2.0" in text
+            assert f"vllm:time_per_output_token_seconds_count{label} 8.0" in text  # 4 tokens after each first
+            assert f"vllm:e2e_request_latency_seconds_count{label} 2.0" in text
+            assert f"vllm:prompt_tokens_total{label} 40.0" in text
+            assert f"vllm:generation_tokens_total{label} 10.0" in text
+            assert 'vllm:request_success_total{finished_reason="length",model_name="llm"} 2.0' in text
+            assert f"vllm:num_requests_running{label} 0.0" in text
+            assert f"vllm:num_requests_waiting{label} 0.0" in text
+            info = service.info("llm").generation
+            assert info is not None
+            assert info["ttft_attainment"] == 1.0 and info["tpot_attainment"] == 1.0
+            assert info["tokens_per_s"] == pytest.approx(10 / 60)  # over the last minute
+            assert (info["ttft_slo_ms"], info["tpot_slo_ms"], info["max_model_len"]) == (1000, 100, 2048)
+            assert service.status()["generation"]["llm"]["generation_tokens"] == 10
+            await service.remove("llm")
+            assert "vllm:generation_tokens_total{" not in service.metrics.render().decode()
+
+    run_in_virtual_time(main)

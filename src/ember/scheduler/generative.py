@@ -133,6 +133,18 @@ class GenerativeRunner:
         self._fresh: set[str] = set()
         #: Output tokens per whole second, for ``tokens_per_s``.
         self._rate: deque[tuple[int, int]] = deque()
+        name = deployment.name
+        # Each metric's child for this model, looked up once.
+        self._ttft = metrics.ttft.labels(name)
+        self._tpot = metrics.tpot.labels(name)
+        self._e2e = metrics.e2e.labels(name)
+        self._prompt_counter = metrics.prompt_tokens.labels(name)
+        self._generation_counter = metrics.generation_tokens.labels(name)
+        self._running_gauge = metrics.running.labels(name)
+        self._waiting_gauge = metrics.waiting.labels(name)
+        self._slo_total = metrics.slo_total.labels(name)
+        self._slo_met = metrics.slo_met.labels(name)
+        self._slo_attainment = metrics.slo_attainment.labels(name)
         self._stopped: EmberError | None = None
         #: Warm-up streams running (they keep the model busy, as requests do).
         self._warming = 0
@@ -353,6 +365,7 @@ class GenerativeRunner:
         """Wait for a seat on a hot instance, first come first served; promote the model if none is hot."""
         name = self.deployment.name
         self._waiting.append(seq)
+        self._waiting_gauge.set(len(self._waiting))
         try:
             while True:
                 if self._stopped is not None:
@@ -403,6 +416,7 @@ class GenerativeRunner:
         if not running:
             self._busy_since[instance.id] = now
         running.append(seq)
+        self._running_gauge.inc()
         fresh = instance.id in self._fresh
         self._fresh.discard(instance.id)
         seq.last_at = now  # dispatched: the prefill time counts from here
@@ -449,10 +463,17 @@ class GenerativeRunner:
                 seq.prompt_tokens = chunk.prompt_tokens
                 if not warmup:
                     self._stats.prompt_tokens += chunk.prompt_tokens
+                    self._prompt_counter.inc(chunk.prompt_tokens)
             if first_counts:
                 model = model.observe_prefill(seq.prompt_tokens, now - seq.last_at, now, warmup=warmup)
+            if not warmup:
+                self._ttft.observe(now - seq.arrival)
         elif new:
-            model = model.observe_step(batch, context or seq.context, (now - seq.last_at) / new, now, warmup=warmup)
+            per_token = (now - seq.last_at) / new
+            model = model.observe_step(batch, context or seq.context, per_token, now, warmup=warmup)
+            if not warmup:
+                for _ in range(new):
+                    self._tpot.observe(per_token)
         if chunk.finish_reason is not None and not warmup:  # the warm-up's length is its own choice
             model = model.observe_completion(chunk.completion_tokens)
             seq.finish = chunk.finish_reason
@@ -461,27 +482,43 @@ class GenerativeRunner:
         seq.last_at = now
         if new and not warmup:
             self._stats.generation_tokens += new
+            self._generation_counter.inc(new)
             self._count_rate(now, new)
 
     # -- accounting --------------------------------------------------------------------------------
 
     def _account(self, seq: _Sequence, done: bool) -> None:
+        """Count a stream that ended: done (to its finish), or not (failed, or its client left).
+
+        Attainment counts the streams that ran to their end and those that failed before their first
+        token (against both objectives); a stream whose client left after tokens came is not judged."""
         s = self._stats
         if not done:
             s.failed += 1
-            if seq.first_at is None:  # refused or failed before its first token: against both objectives
-                s.answered += 1
+            if seq.first_at is None:
+                self._judge(False, False)
             return
         s.succeeded += 1
-        s.answered += 1
         d = self.deployment
         assert seq.first_at is not None
         ttft_ok = seq.first_at - seq.arrival <= d.ttft_slo_ms / 1000.0
         tokens = seq.completion_tokens
         tpot_ok = tokens <= 1 or (seq.last_at - seq.first_at) / (tokens - 1) <= d.tpot_slo_ms / 1000.0
+        self._judge(ttft_ok, tpot_ok)
+        self._e2e.observe(seq.last_at - seq.arrival)
+        if seq.finish in ("stop", "length"):
+            self._metrics.request_success.labels(d.name, seq.finish).inc()
+
+    def _judge(self, ttft_ok: bool, tpot_ok: bool) -> None:
+        s = self._stats
+        s.answered += 1
         s.ttft_met += ttft_ok
         s.tpot_met += tpot_ok
         s.slo_met += ttft_ok and tpot_ok
+        self._slo_total.inc()
+        if ttft_ok and tpot_ok:
+            self._slo_met.inc()
+        self._slo_attainment.set(s.slo_met / s.answered)
 
     def _refused(self, view: TokenRequest, decided: TokenAdmission) -> None:
         """Count a refusal at admission (against both objectives), and on the evidence that justified it."""
@@ -491,7 +528,7 @@ class GenerativeRunner:
             self._model = self._model.observe_refusal_step(view.batch + 1, view.context)
         self._stats.requests += 1
         self._stats.failed += 1
-        self._stats.answered += 1
+        self._judge(False, False)
 
     def _count_rate(self, now: float, tokens: int) -> None:
         second = int(now)
@@ -508,8 +545,11 @@ class GenerativeRunner:
         return recent / RATE_WINDOW_S
 
     def _notify(self) -> None:
+        """Wake whoever waits for a seat, and show the running and waiting counts."""
         self._changed.set()
         self._changed = asyncio.Event()
+        self._running_gauge.set(sum(len(seqs) for seqs in self._running.values()))
+        self._waiting_gauge.set(len(self._waiting))
 
     # -- refusals ----------------------------------------------------------------------------------
 
