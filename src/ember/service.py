@@ -58,6 +58,7 @@ from ember.policies import (
     MemoryAwarePlacement,
     SloBatcher,
     TenantIsolated,
+    kv_cache_bytes,
     warmup_batch_sizes,
 )
 from ember.registry import DeploymentRecord, Registry
@@ -825,5 +826,5 @@ def generation_options(max_num_seqs: int, max_model_len: int, kv_bytes_per_token
     return {
         "max_num_seqs": max_num_seqs,
         "max_model_len": max_model_len,
-        "kv_budget_bytes": max_num_seqs * max_model_len * kv_bytes_per_token,
+        "kv_budget_bytes": kv_cache_bytes(max_num_seqs, max_model_len, kv_bytes_per_token),
     }

@@ -7,7 +7,7 @@ all build their snapshots here; none keeps a copy of these rules.
 """
 
 from ember.state.model import RATE_SMOOTHING, GenerationStatistics, Measured, ModelState, Runner, RunnerStatistics, fold
-from ember.state.views import Hosted, model_view, queue_snapshot, scale_view, start_delay_s, worker_view
+from ember.state.views import Hosted, kv_bytes_of, model_view, queue_snapshot, scale_view, start_delay_s, worker_view
 
 __all__ = [
     "RATE_SMOOTHING",
@@ -18,6 +18,7 @@ __all__ = [
     "Runner",
     "RunnerStatistics",
     "fold",
+    "kv_bytes_of",
     "model_view",
     "queue_snapshot",
     "scale_view",

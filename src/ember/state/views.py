@@ -26,11 +26,11 @@ from ember.policies.autoscaler import ScaleView
 from ember.policies.batching import QueueSnapshot
 from ember.policies.keepalive import IdleHistogram, ModelView
 from ember.policies.latency import Bandwidths, LatencyModel
-from ember.policies.placement import WorkerView
+from ember.policies.placement import WorkerView, kv_cache_bytes
 from ember.policies.tiers import Tier
 from ember.state.model import RunnerStatistics
 
-__all__ = ["Hosted", "model_view", "queue_snapshot", "scale_view", "start_delay_s", "worker_view"]
+__all__ = ["Hosted", "kv_bytes_of", "model_view", "queue_snapshot", "scale_view", "start_delay_s", "worker_view"]
 
 
 def queue_snapshot(
@@ -96,6 +96,8 @@ class Hosted:
     batch_s: float
     #: Its share of the worker's time (measured, plus what placement expects of it since).
     share: float = 0.0
+    #: A generative model's KV-cache budget there, beside its weights.
+    kv_bytes: int = 0
 
 
 def worker_view(
@@ -117,7 +119,7 @@ def worker_view(
         ready=ready,
         device=device,
         models=tuple(m.name for m in models),
-        bytes_loaded=sum(m.bytes for m in models),
+        bytes_loaded=sum(m.bytes + m.kv_bytes for m in models),
         in_flight=in_flight,
         capacity_bytes=capacity_bytes,
         warm_models=() if warm_model is None else (warm_model,),
@@ -148,3 +150,11 @@ def scale_view(deployment: Deployment, stats: RunnerStatistics, arrival_rate: fl
         min_instances=1,
         max_instances=d.max_instances,
     )
+
+
+def kv_bytes_of(deployment: Deployment) -> int:
+    """The KV-cache budget one instance of ``deployment`` holds on its device (0 for a one-shot model)."""
+    generation = deployment.metadata.generation
+    if generation is None or deployment.max_model_len is None:
+        return 0
+    return kv_cache_bytes(deployment.max_num_seqs, deployment.max_model_len, generation.kv_bytes_per_token)
