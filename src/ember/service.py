@@ -306,10 +306,7 @@ class EmberService:
             raise ShuttingDown("Ember is shutting down; retry after the restart")
         runner = self.runner(name)
         if isinstance(runner, GenerativeRunner):
-            raise InvalidInput(
-                f"model '{name}' is generative: it answers POST /v1/chat/completions, /v1/completions and "
-                f"/v2/models/{name}/generate (or generate_stream), not infer"
-            )
+            raise generate_routes(name)
         self._note_request(name, runner)
         return await runner.submit(inputs, timeout_s)
 
@@ -817,6 +814,14 @@ def _deployment(record: DeploymentRecord) -> Deployment:
         tpot_slo_ms=spec.tpot_slo_ms,
         max_num_seqs=spec.max_num_seqs,
         max_model_len=max_model_len,
+    )
+
+
+def generate_routes(name: str) -> InvalidInput:
+    """The answer to an infer request for generative model ``name``: the routes it does answer."""
+    return InvalidInput(
+        f"model '{name}' is generative: it answers POST /v1/chat/completions, /v1/completions and "
+        f"/v2/models/{name}/generate (or generate_stream), not infer"
     )
 
 

@@ -288,3 +288,43 @@ def test_metrics_have_vllms_names_and_info_shows_attainment_and_tokens_per_secon
             assert "vllm:generation_tokens_total{" not in service.metrics.render().decode()
 
     run_in_virtual_time(main)
+
+
+def test_the_oip_infer_route_of_a_generative_model_names_the_generate_routes(tmp_path, model_file):
+    import httpx
+
+    from ember.gateway.app import build_app
+
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock)
+        async with service:
+            await service.deploy(_spec(model_file))
+            transport = httpx.ASGITransport(app=build_app(service, manage_lifetime=False))
+            key = (service.home / "admin.key").read_text().strip()
+            headers = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(transport=transport, base_url="http://ember", headers=headers) as client:
+                body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0, 0, 0, 0]}]}
+                response = await client.post("/v2/models/llm/infer", json=body)
+                assert response.status_code == 400
+                assert "/v2/models/llm/generate" in response.json()["error"]
+                assert (await client.get("/v2/models/llm")).status_code == 200  # its metadata still answers
+
+    run_in_virtual_time(main)
+
+
+def test_a_cold_model_refuses_a_ttft_its_load_cannot_meet_starts_loading_and_serves_the_retry(tmp_path, model_file):
+    async def main(clock: VirtualClock) -> None:
+        service, _ = _service(tmp_path, clock)
+        async with service:
+            await service.deploy(_spec(model_file, ttft_slo_ms=30))
+            await service.unload("llm")  # to cool: its load is predicted to take far more than 30 ms
+            started = clock.now()
+            with pytest.raises(DeadlineUnmeetable, match="being loaded") as refused:
+                await anext(service.generate("llm", _ask()))
+            assert clock.now() == started
+            await clock.sleep(refused.value.retry_after_s * 1.001)
+            # Retried when the rest of the load fits the objective: admitted, it waits for the load.
+            chunks = await _collect(service, _ask(max_tokens=2))
+            assert chunks[-1].completion_tokens == 2 and service.info("llm").tier == "hot"
+
+    run_in_virtual_time(main)
