@@ -54,7 +54,7 @@ from ember.policies.tiers import Tier
 from ember.policies.token_admission import TokenAdmission, TokenRequest, token_admission
 from ember.policies.token_latency import TokenLatencyModel
 from ember.scheduler.runner import MAX_IDLE_GAPS, Promoter
-from ember.state import GenerationStatistics, Measured, RunnerStatistics
+from ember.state import GenerationStatistics, Measured, RunnerStatistics, choose_seat, token_request
 
 __all__ = ["GenerativeRunner"]
 
@@ -94,6 +94,10 @@ class _Sequence:
     @property
     def context(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        return self.request.params.max_tokens
 
 
 @dataclass
@@ -315,51 +319,34 @@ class GenerativeRunner:
         return _Sequence(request, now, deadline, hard, strict, tokens)
 
     def _view(self, now: float, deadline: float, tokens: int) -> TokenRequest:
-        """Admission's view of a request of ``tokens`` arriving ``now``."""
+        """Admission's view of a request of ``tokens`` arriving ``now`` (``state.token_request``)."""
         d = self.deployment
         hot = self._promoter.hot_instances(d.name)
-        base = TokenRequest(now, deadline, d.tpot_slo_ms / 1000.0, tokens, context=tokens)
-        if not hot:
-            return evolve(base, wait_s=self._promoter.start_delay_s(d.name))
-        free = None if self._waiting else self._choose(hot, tokens)
-        if free is not None:
-            running = self._running.get(free.id, [])
-            context = (sum(s.context for s in running) + tokens) // (len(running) + 1)
-            return evolve(base, batch=len(running), context=context, idle=True)
-        # Every seat is taken (or others wait first): it starts when enough running sequences end.
-        ends = sorted(self._remaining_s(s, len(seqs)) for seqs in self._running.values() for s in seqs)
-        ahead = len(self._waiting)
-        if not ends:
-            wait = 0.0
-        elif ahead < len(ends):
-            wait = ends[ahead]
-        else:
-            wait = ends[-1] * (ahead // len(ends) + 1)
-        return evolve(base, batch=d.max_num_seqs - 1, wait_s=wait, seat_free_s=ends[0] if ends else 0.0)
-
-    def _remaining_s(self, seq: _Sequence, batch: int) -> float:
-        """Predicted seconds before ``seq`` ends: its expected answer's tokens left, at its batch's step."""
-        expected = self._model.expected_completion(seq.request.params.max_tokens)
-        left = max(1, expected - seq.completion_tokens)
-        return left * self._model.predict_step(batch, seq.context)
+        return token_request(
+            now,
+            deadline,
+            d.tpot_slo_ms / 1000.0,
+            tokens,
+            self._model,
+            instances={w.id: self._running.get(w.id, []) for w in hot},
+            waiting=len(self._waiting),
+            max_num_seqs=d.max_num_seqs,
+            kv_tokens=self._kv_tokens,
+            load_s=0.0 if hot else self._promoter.start_delay_s(d.name),
+        )
 
     def _choose(self, hot: tuple[WorkerHandle, ...], tokens: int) -> WorkerHandle | None:
-        """The instance with a free seat and KV room running the fewest sequences, then with the most room."""
+        """The instance a sequence of ``tokens`` starts on now (``state.choose_seat``), or None."""
+        by_id = {w.id: w for w in hot}
+        running = {w.id: self._running.get(w.id, []) for w in hot}
+        chosen = choose_seat(running, tokens, self.deployment.max_num_seqs, self._kv_tokens)
+        return None if chosen is None else by_id[chosen]
+
+    @property
+    def _kv_tokens(self) -> int:
+        """The KV budget of one instance, in tokens: every seat at full length."""
         d = self.deployment
-        capacity = d.max_num_seqs * (d.max_model_len or 0)
-        best: tuple[int, int, str] | None = None
-        chosen = None
-        for instance in hot:
-            running = self._running.get(instance.id, [])
-            if len(running) >= d.max_num_seqs:
-                continue
-            room = capacity - sum(s.context for s in running)
-            if running and capacity and room < tokens:
-                continue
-            key = (len(running), -room, instance.id)
-            if best is None or key < best:
-                best, chosen = key, instance
-        return chosen
+        return d.max_num_seqs * (d.max_model_len or 0)
 
     async def _seat(self, seq: _Sequence) -> WorkerHandle:
         """Wait for a seat on a hot instance, first come first served; promote the model if none is hot."""

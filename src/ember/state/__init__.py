@@ -7,6 +7,7 @@ all build their snapshots here; none keeps a copy of these rules.
 """
 
 from ember.state.model import RATE_SMOOTHING, GenerationStatistics, Measured, ModelState, Runner, RunnerStatistics, fold
+from ember.state.seats import Seat, Seated, choose_seat, token_request
 from ember.state.views import Hosted, kv_bytes_of, model_view, queue_snapshot, scale_view, start_delay_s, worker_view
 
 __all__ = [
@@ -17,11 +18,15 @@ __all__ = [
     "ModelState",
     "Runner",
     "RunnerStatistics",
+    "Seat",
+    "Seated",
+    "choose_seat",
     "fold",
     "kv_bytes_of",
     "model_view",
     "queue_snapshot",
     "scale_view",
     "start_delay_s",
+    "token_request",
     "worker_view",
 ]
