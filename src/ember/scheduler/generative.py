@@ -53,6 +53,7 @@ from ember.policies.latency import LatencyModel
 from ember.policies.tiers import Tier
 from ember.policies.token_admission import TokenAdmission, TokenRequest, token_admission
 from ember.policies.token_latency import TokenLatencyModel
+from ember.scheduler.refusals import late, unmeetable
 from ember.scheduler.runner import MAX_IDLE_GAPS, Promoter
 from ember.state import GenerationStatistics, Measured, RunnerStatistics, choose_seat, token_request
 
@@ -541,59 +542,13 @@ class GenerativeRunner:
     # -- refusals ----------------------------------------------------------------------------------
 
     def _unmeetable(self, view: TokenRequest, decided: TokenAdmission, hard: bool) -> DeadlineUnmeetable:
-        d = self.deployment
-        name = d.name
-        retry = max(decided.retry_after_s, 0.001)
+        name = self.deployment.name
         loading = not self._promoter.hot_instances(name) and self._promoter.start_delay_s(name) > 0
         if loading:
             self._promoter.prewarm(name)  # so that the retry finds it loaded
-        allowed_ms = 1000.0 * (view.ttft_deadline - view.now)
-        limit = f"the request's timeout ({allowed_ms:.0f} ms)" if hard else f"its TTFT objective ({d.ttft_slo_ms:g} ms)"
-        later = f"retry in {_seconds(retry)}"
-        if decided.on == "tpot":
-            step_ms = 1000.0 * self._model.admission_step_s(view.batch + 1, view.context)
-            if decided.too_slow:
-                return DeadlineUnmeetable(
-                    f"model '{name}' needs {step_ms:.0f} ms per output token even alone by its latest "
-                    f"measurements, past its TPOT objective ({d.tpot_slo_ms:g} ms). It is measured again (one "
-                    f"request served as a probe) within {_seconds(retry)}; until then retrying will not help. "
-                    f"Deploy it with a longer --tpot-slo-ms, or let it answer late (`ember update {name} "
-                    "--on-unmeetable best-effort`)",
-                    retry_after_s=retry,
-                )
-            return DeadlineUnmeetable(
-                f"model '{name}' runs {view.batch} sequences; one more would take {step_ms:.0f} ms per output "
-                f"token, past its TPOT objective ({d.tpot_slo_ms:g} ms); {later}",
-                retry_after_s=retry,
-            )
-        prefill_ms = 1000.0 * self._model.admission_prefill_s(view.prompt_tokens)
-        if decided.too_slow:
-            return DeadlineUnmeetable(
-                f"model '{name}' needs {prefill_ms:.0f} ms to read a prompt of about {view.prompt_tokens} tokens "
-                f"by its latest measurements, past {limit}. It is measured again (one request served as a probe) "
-                f"within {_seconds(retry)}; until then retrying will not help. Deploy it with a longer "
-                f"--ttft-slo-ms, or let it answer late (`ember update {name} --on-unmeetable best-effort`)",
-                retry_after_s=retry,
-            )
-        why = "it is being loaded" if loading else "every seat is taken"
-        predicted_ms = prefill_ms + 1000.0 * view.wait_s
-        return DeadlineUnmeetable(
-            f"model '{name}' is predicted to give its first token in {predicted_ms:.0f} ms ({why}), past {limit}; "
-            f"{later}",
-            retry_after_s=retry,
-        )
+        return unmeetable(self.deployment, self._model, view, decided, hard=hard, loading=loading)
 
     def _late(self, seq: _Sequence) -> DeadlineUnmeetable:
-        d = self.deployment
-        loading = not self._promoter.hot_instances(d.name)
-        what = "the request's timeout" if seq.hard else f"its TTFT objective ({d.ttft_slo_ms:g} ms)"
-        why = "while the model was being loaded" if loading else "while every seat was taken"
-        return DeadlineUnmeetable(
-            f"model '{d.name}' could not start the request in time for {what}: it waited "
-            f"{1000.0 * (self._clock.now() - seq.arrival):.0f} ms {why}; retry in 1 s",
-            retry_after_s=1.0,
-        )
-
-
-def _seconds(seconds: float) -> str:
-    return f"{max(1, math.ceil(seconds))} s"
+        loading = not self._promoter.hot_instances(self.deployment.name)
+        waited_s = self._clock.now() - seq.arrival
+        return late(self.deployment, waited_s, hard=seq.hard, loading=loading)
