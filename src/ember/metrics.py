@@ -8,6 +8,13 @@ histogram, tier per model, SLO attainment, and metered usage per model and tenan
 (``ember_device_seconds_total``, ``ember_device_gb_seconds_total``, ``ember_host_gb_seconds_total``,
 ``ember_metered_requests_total``; ``ember.metering`` defines them; they count from the process's start,
 the registry keeps the totals across restarts). A removed model's series are dropped (:meth:`Metrics.forget`).
+
+Generative models also have vLLM's, labelled ``model_name`` as vLLM labels them, so dashboards built
+for vLLM carry over: ``vllm:time_to_first_token_seconds``, ``vllm:time_per_output_token_seconds``
+(one observation per output token after the first), ``vllm:e2e_request_latency_seconds``
+(histograms), ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
+``vllm:request_success_total`` (by ``finished_reason``) and the gauges ``vllm:num_requests_running``
+and ``vllm:num_requests_waiting``.
 """
 
 from __future__ import annotations
@@ -132,6 +139,36 @@ class Metrics:
             registry=r,
         )
 
+        model_name = ["model_name"]
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token: arrival to the first output token",
+            model_name,
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40),
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "vllm:time_per_output_token_seconds",
+            "Time per output token after the first",
+            model_name,
+            buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Arrival to the last output token",
+            model_name,
+            buckets=(0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120),
+            registry=r,
+        )
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", model_name, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Output tokens generated", model_name, registry=r)
+        self.request_success = Counter(
+            "vllm:request_success", "Generations that ran to their end", [*model_name, "finished_reason"], registry=r
+        )
+        self.running = Gauge("vllm:num_requests_running", "Sequences generating now", model_name, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a seat", model_name, registry=r)
+
         usage = ("model", "tenant")
         self.device_seconds = Counter(
             "ember_device_seconds", "Seconds x hot instances held (ember.metering)", usage, registry=r
@@ -163,9 +200,16 @@ class Metrics:
         show it as present with its last values for ever."""
         for family in self._triton:
             family.children = {values: c for values, c in family.children.items() if values[0] != model}
-        for metric in (self.slo_met, self.slo_total, self.slo_attainment, self.latency):
+        generative = (self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens)
+        for metric in (self.slo_met, self.slo_total, self.slo_attainment, self.latency, *generative):
             with contextlib.suppress(KeyError):
                 metric.remove(model)
+        for gauge in (self.running, self.waiting):
+            with contextlib.suppress(KeyError):
+                gauge.remove(model)
+        for reason in ("stop", "length"):
+            with contextlib.suppress(KeyError):
+                self.request_success.remove(model, reason)
         usage = (self.device_seconds, self.device_gb_seconds, self.host_gb_seconds, self.metered_requests)
         for tenant in self._charged.pop(model, ()):
             for counter in usage:

@@ -5,6 +5,10 @@ The gateway is a thin layer over this object; so is an embedded use from Python:
     async with EmberService(ServeOptions(home=Path("~/.ember"))) as ember:
         await ember.deploy(DeploySpec(source="examples/minilm.py:MiniLM"))
         out = await ember.infer("minilm", {"text": np.array([b"hello"], dtype=object)})
+
+A generative model (``deployment.generative``) answers :meth:`EmberService.generate` instead: an async
+iterator of :class:`~ember.generation.TokenChunk` (``scheduler.GenerativeRunner``); ``infer`` on it is
+InvalidInput naming the generate routes.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +48,7 @@ from ember.config import (
 )
 from ember.controller import Controller
 from ember.errors import EmberError, InvalidInput, ModelFailed, ModelNotFound, ModelUnavailable, ShuttingDown
+from ember.generation import GenerateRequest, TokenChunk
 from ember.metering import BUCKET_S, Deployed, Holding, Meter, Usage, report
 from ember.metrics import Metrics
 from ember.policies import (
@@ -53,12 +58,14 @@ from ember.policies import (
     MemoryAwarePlacement,
     SloBatcher,
     TenantIsolated,
+    kv_cache_bytes,
     warmup_batch_sizes,
 )
 from ember.registry import DeploymentRecord, Registry
 from ember.requestlog import REQUEST_LOG, RecentRequests, RequestLog, current
-from ember.scheduler import DeviceArbiter, ModelRunner
+from ember.scheduler import DeviceArbiter, GenerativeRunner, ModelRunner
 from ember.scope import TaskScope
+from ember.state import GenerationStatistics
 from ember.store import Store, Tier
 from ember.store.bandwidths import HostBandwidths, read_bandwidths
 from ember.tracing import Tracer, otlp_tracer
@@ -83,6 +90,9 @@ SAVE_MEASUREMENTS_S = 10.0
 METER_FLUSH_S = 10.0
 #: Tier changes and cold starts kept for the dashboard (all models together).
 HISTORY = 2048
+
+#: A model's runner: batches of one-shot requests, or seats and streams of generative ones.
+AnyRunner = ModelRunner | GenerativeRunner
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,10 @@ class ModelInfo:
     max_instances: int = 1
     #: What ``ember describe`` adds: inputs, outputs, batching, keep-alives, device, the model's options.
     settings: dict[str, Any] = field(default_factory=dict)
+    #: A generative model's objectives, limits and token figures (``ttft_slo_ms``, ``tpot_slo_ms``,
+    #: ``max_num_seqs``, ``max_model_len``, ``ttft_attainment``, ``tpot_attainment``, ``tokens_per_s``,
+    #: ``running``, ``waiting``, ``prompt_tokens``, ``generation_tokens``); None for a one-shot model.
+    generation: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -213,7 +227,7 @@ class EmberService:
             on_change=self._metered,
         )
         self.arbiter = DeviceArbiter(LatestStartFirst(), self.clock)
-        self._runners: dict[str, ModelRunner] = {}
+        self._runners: dict[str, AnyRunner] = {}
         #: The control loop and the periodic save of measurements; their failures are logged.
         self._tasks = TaskScope(_log)
         #: Per model, the latency model last written to the registry.
@@ -281,7 +295,7 @@ class EmberService:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def runner(self, name: str) -> ModelRunner:
+    def runner(self, name: str) -> AnyRunner:
         runner = self._runners.get(name)
         if runner is None:
             raise ModelNotFound(name)
@@ -291,12 +305,44 @@ class EmberService:
         if not self._accepting:
             raise ShuttingDown("Ember is shutting down; retry after the restart")
         runner = self.runner(name)
+        if isinstance(runner, GenerativeRunner):
+            raise generate_routes(name)
+        self._note_request(name, runner)
+        return await runner.submit(inputs, timeout_s)
+
+    async def generate(
+        self, name: str, request: GenerateRequest, timeout_s: float | None = None
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """The chunks of ``request``'s answer as model ``name`` makes them.
+
+        An async generator: admission's errors (DeadlineUnmeetable 429 with ``retry_after_s``,
+        ModelNotFound, InvalidInput for a one-shot model or a too long request, Overloaded) raise on
+        the first ``__anext__``; ``aclose()`` (a client that left) cancels the sequence on its worker.
+        ``timeout_s`` bounds the time to the first token.
+        """
+        if not self._accepting:
+            raise ShuttingDown("Ember is shutting down; retry after the restart")
+        runner = self.runner(name)
+        if not isinstance(runner, GenerativeRunner):
+            raise InvalidInput(
+                f"model '{name}' is not generative: call POST /v2/models/{name}/infer (or /v1/embeddings for "
+                "an embedding model)"
+            )
+        self._note_request(name, runner)
+        stream = runner.generate(request, timeout_s)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+
+    def _note_request(self, name: str, runner: AnyRunner) -> None:
+        """Tell the request log (when one records this request) which model and tier answer it."""
         record = current.get()
         if record is not None:
             record.model, record.tenant = name, runner.deployment.tenant
             tier = self.controller.tier(name)
             record.cold_start = None if tier is Tier.HOT else tier.value
-        return await runner.submit(inputs, timeout_s)
 
     # -- deployments -------------------------------------------------------------------------------
 
@@ -445,6 +491,7 @@ class EmberService:
                 on_stored(stored.bytes)
             say({"stage": "stored", "model": record.name, "bytes": stored.bytes})
             metadata = ModelMetadata.from_json({**described, "bytes": stored.bytes})
+            _check_generative(spec, metadata)
             max_batch = min(spec.max_batch_size or metadata.max_batch_size, metadata.max_batch_size)
             finished = self.registry.finish(
                 record.name,
@@ -539,6 +586,7 @@ class EmberService:
                 "device": d.device,
                 "options": dict(d.options),
             },
+            generation=None if stats.generation is None else _generation_info(d, stats.generation),
         )
 
     def models(self) -> list[ModelInfo]:
@@ -558,6 +606,11 @@ class EmberService:
                 "arena": None if stats.arena is None else dataclasses.asdict(stats.arena),
             },
             "bandwidths": self.bandwidths.to_json(),
+            "generation": {
+                name: _generation_info(runner.deployment, counted.generation)
+                for name, runner in sorted(self._runners.items())
+                if (counted := runner.statistics()).generation is not None
+            },
         }
 
     # -- usage -------------------------------------------------------------------------------------
@@ -631,10 +684,14 @@ class EmberService:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _add(self, deployment: Deployment) -> ModelRunner:
-        runner = ModelRunner(
-            deployment, self.clock, _batch_policy(deployment), self.controller, self.metrics, self.arbiter
-        )
+    def _add(self, deployment: Deployment) -> AnyRunner:
+        runner: AnyRunner
+        if deployment.generative:  # its worker batches its sequences step by step: no device arbiter
+            runner = GenerativeRunner(deployment, self.clock, self.controller, self.metrics)
+        else:
+            runner = ModelRunner(
+                deployment, self.clock, _batch_policy(deployment), self.controller, self.metrics, self.arbiter
+            )
         self._runners[deployment.name] = runner
         self.controller.add(runner)
         runner.start()
@@ -666,6 +723,32 @@ class EmberService:
             error,
             path,
         )
+
+
+def _generation_info(d: Deployment, stats: GenerationStatistics) -> dict[str, Any]:
+    return {
+        "ttft_slo_ms": d.ttft_slo_ms,
+        "tpot_slo_ms": d.tpot_slo_ms,
+        "max_num_seqs": d.max_num_seqs,
+        "max_model_len": d.max_model_len,
+        **stats.to_json(),
+    }
+
+
+def _check_generative(spec: DeploySpec, metadata: ModelMetadata) -> None:
+    """A generative model must say how long its sequences may be; ``--max-model-len`` may only shorten it."""
+    if metadata.task == "generate" and metadata.generation is None:
+        raise InvalidInput(
+            f"{spec.source} declares task 'generate' but reports no generation info (max_model_len, "
+            "kv_bytes_per_token, vocab_size); a generative model class must describe them"
+        )
+    if metadata.generation is not None and spec.max_model_len is not None:
+        own = metadata.generation.max_model_len
+        if spec.max_model_len > own:
+            raise InvalidInput(
+                f"--max-model-len {spec.max_model_len} is more than {spec.source} supports ({own} tokens); "
+                f"give at most {own}, or leave it out to use the model's own"
+            )
 
 
 def _copy_modules(root: Path, into: Path) -> None:
@@ -702,12 +785,19 @@ def _deployment(record: DeploymentRecord) -> Deployment:
     check_name(record.name)
     spec = DeploySpec.model_validate(record.spec)
     meta = record.metadata
+    metadata = ModelMetadata.from_json(meta["model"])
+    options = dict(meta["options"])
+    max_model_len = None
+    if metadata.generation is not None:
+        own = metadata.generation.max_model_len
+        max_model_len = own if spec.max_model_len is None else min(spec.max_model_len, own)
+        options |= generation_options(spec.max_num_seqs, max_model_len, metadata.generation.kv_bytes_per_token)
     return Deployment(
         name=record.name,
         version=record.version,
         model_ref=str(meta["model_ref"]),
-        options=dict(meta["options"]),
-        metadata=ModelMetadata.from_json(meta["model"]),
+        options=options,
+        metadata=metadata,
         slo_ms=spec.slo_ms,
         max_batch_size=int(meta["max_batch_size"]),
         max_batch_wait_ms=spec.max_batch_wait_ms,
@@ -720,4 +810,26 @@ def _deployment(record: DeploymentRecord) -> Deployment:
         warmup=spec.warmup,
         max_instances=spec.max_instances,
         extra={"source": spec.source, "tenant": spec.tenant or "default"},
+        ttft_slo_ms=spec.ttft_slo_ms,
+        tpot_slo_ms=spec.tpot_slo_ms,
+        max_num_seqs=spec.max_num_seqs,
+        max_model_len=max_model_len,
     )
+
+
+def generate_routes(name: str) -> InvalidInput:
+    """The answer to an infer request for generative model ``name``: the routes it does answer."""
+    return InvalidInput(
+        f"model '{name}' is generative: it answers POST /v1/chat/completions, /v1/completions and "
+        f"/v2/models/{name}/generate (or generate_stream), not infer"
+    )
+
+
+def generation_options(max_num_seqs: int, max_model_len: int, kv_bytes_per_token: int) -> dict[str, int]:
+    """What a generative model's load carries beside its own options: the most sequences an instance
+    runs, the longest prompt + answer, and the KV-cache budget that holds them all at full length."""
+    return {
+        "max_num_seqs": max_num_seqs,
+        "max_model_len": max_model_len,
+        "kv_budget_bytes": kv_cache_bytes(max_num_seqs, max_model_len, kv_bytes_per_token),
+    }

@@ -468,6 +468,25 @@ def test_models_table_marks_missing_attainment() -> None:
     assert "\N{EN DASH}" in text and "98.7%" in text
 
 
+def test_models_table_shows_a_generative_models_ttft_and_tpot_attainment_and_tokens_per_second() -> None:
+    llm = {
+        **MODEL,
+        "name": "llm",
+        "slo_attainment": 0.9,
+        "generation": {"ttft_slo_ms": 800.0, "tpot_slo_ms": 60.0, "ttft_attainment": 0.95,
+                       "tpot_attainment": 0.925, "tokens_per_s": 41.25},
+    }  # fmt: skip
+    out = io.StringIO()
+    Console(file=out, width=250).print(cli.models_table([MODEL, llm]))
+    header, one_shot, generative = out.getvalue().splitlines()[:3]
+    assert "TTFT met" in header and "TPOT met" in header and "tok/s" in header
+    assert "800/60" in generative and "95.0%" in generative and "92.5%" in generative and "41.2" in generative
+    assert one_shot.count("\N{EN DASH}") >= 3  # the one-shot model has none of them
+    only = io.StringIO()
+    Console(file=only, width=250).print(cli.models_table([MODEL]))
+    assert "TTFT" not in only.getvalue()
+
+
 def uploaded(request: httpx.Request) -> dict[str, Any]:
     """The deployment of a packaged deploy (from its header), with the files the package held."""
     assert request.headers["content-type"] == PACKAGE_MEDIA_TYPE
@@ -527,6 +546,28 @@ def test_deploy_sends_the_slo_policy_options(
     DeploySpec.model_validate({k: v for k, v in bodies[0].items() if k != "files"})  # what the server accepts
     bad = runner.invoke(cli.app, ["deploy", "double.py:Double", "--on-unmeetable", "drop"])
     assert bad.exit_code != 0
+
+
+def test_deploy_sends_the_generative_options(
+    serve_with: Callable[[Handler], None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "llm.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(uploaded(request))
+        return httpx.Response(200, content=ndjson({"stage": "done", "model": MODEL}))
+
+    serve_with(handler)
+    args = ["deploy", "llm.gguf", "--ttft-slo-ms", "800", "--tpot-slo-ms", "60"]
+    result = runner.invoke(cli.app, [*args, "--max-num-seqs", "8", "--max-model-len", "1024"])
+    assert result.exit_code == 0, result.output
+    sent = bodies[0]
+    assert (sent["ttft_slo_ms"], sent["tpot_slo_ms"], sent["max_num_seqs"], sent["max_model_len"]) == (800, 60, 8, 1024)
+    spec = DeploySpec.model_validate({k: v for k, v in sent.items() if k != "files"})  # what the server accepts
+    assert spec.max_num_seqs == 8 and spec.max_model_len == 1024
+    assert runner.invoke(cli.app, ["deploy", "llm.gguf", "--max-num-seqs", "0"]).exit_code != 0
 
 
 def test_deploy_error_event_prints_one_red_line(serve_with: Callable[[Handler], None]) -> None:

@@ -50,3 +50,23 @@ def test_folding_takes_the_gaps_the_arrivals_and_the_runners_latency_model():
     assert (after.requests_seen, after.rate_since) == (20, 10.0)
     assert fold(after, Measured(), stats, now=10.0) == after  # no time passed, nothing measured
     assert state.histogram.total == 0  # a fold returns a new value
+
+
+def test_a_generative_model_scales_by_output_tokens_within_its_tpot():
+    from ember.config import Deployment, ModelMetadata
+    from ember.generation import GenerationInfo
+    from ember.state import GenerationStatistics, scale_view
+
+    meta = ModelMetadata((), (), 1, "generate", 1 << 20, GenerationInfo(2048, 1024, 1000))
+    d = Deployment(
+        name="llm", version=1, model_ref="x", options={}, metadata=meta, slo_ms=100.0, max_batch_size=1,
+        max_batch_wait_ms=0.0, keepalive_hot_s=60.0, keepalive_warm_s=600.0, max_queue=16, device="cpu",
+        max_instances=4, tpot_slo_ms=80.0, max_num_seqs=8,
+    )  # fmt: skip
+    steps = LatencyModel().observe_batch(8, 0.02)
+    stats = RunnerStatistics(succeeded=10, latency=steps, generation=GenerationStatistics(generation_tokens=500))
+    view = scale_view(d, stats, arrival_rate=2.0, current=1)
+    assert view.arrival_rate == pytest.approx(100.0)  # 2 requests/s x 50 tokens each
+    assert (view.slo_s, view.max_batch_size, view.max_instances) == (pytest.approx(0.08), 8, 4)
+    one_shot = scale_view(d, RunnerStatistics(), arrival_rate=2.0, current=1)
+    assert (one_shot.arrival_rate, one_shot.slo_s, one_shot.max_batch_size) == (2.0, pytest.approx(0.1), 1)

@@ -54,7 +54,14 @@ from ember.cli.sim import sim
 from ember.cli.store import store_app
 from ember.cli.usage import usage
 from ember.client import DEFAULT_URL, Client
-from ember.config import DEFAULT_KEEPALIVE_HOT_S, DEFAULT_KEEPALIVE_WARM_S, DEFAULT_SLO_MS
+from ember.config import (
+    DEFAULT_KEEPALIVE_HOT_S,
+    DEFAULT_KEEPALIVE_WARM_S,
+    DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_SLO_MS,
+    DEFAULT_TPOT_SLO_MS,
+    DEFAULT_TTFT_SLO_MS,
+)
 from ember.errors import InvalidInput
 from ember.gateway.tensors import DATATYPES
 
@@ -158,6 +165,31 @@ def deploy(
         int | None, typer.Option(min=1, help="Most workers holding the model at once (default: 1).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: auto).")] = None,
+    ttft_slo_ms: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help=f"Generative models: time-to-first-token objective (default: {DEFAULT_TTFT_SLO_MS:g})."
+        ),
+    ] = None,
+    tpot_slo_ms: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help=f"Generative models: time-per-output-token objective (default: {DEFAULT_TPOT_SLO_MS:g})."
+        ),
+    ] = None,
+    max_num_seqs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"Generative models: most sequences one instance runs at once (default: {DEFAULT_MAX_NUM_SEQS}).",
+        ),
+    ] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            min=16, help="Generative models: most tokens of prompt and answer together (default: the model's own)."
+        ),
+    ] = None,
     option: Annotated[
         list[str] | None, typer.Option("--option", help="KEY=JSON passed to the model class (repeatable).")
     ] = None,
@@ -194,10 +226,19 @@ def deploy(
             device=device,
             options=options or None,
             compress=compress or None,
+            ttft_slo_ms=ttft_slo_ms,
+            tpot_slo_ms=tpot_slo_ms,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
         )
+    generation = model.get("generation")
+    objective = (
+        f"SLO {model['slo_ms']:g} ms"
+        if not generation
+        else f"TTFT {generation['ttft_slo_ms']:g} ms, TPOT {generation['tpot_slo_ms']:g} ms"
+    )
     console.print(
-        f"deployed {model['name']} v{model['version']}: {model['tier']}, {size_text(int(model['bytes']))}, "
-        f"SLO {model['slo_ms']:g} ms",
+        f"deployed {model['name']} v{model['version']}: {model['tier']}, {size_text(int(model['bytes']))}, {objective}",
         highlight=False,
     )
 
@@ -244,13 +285,29 @@ def list_models(
 
 
 def models_table(models: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per model; with a generative model among them, its TTFT and TPOT attainment and output
+    tokens per second too (its SLO column shows both objectives, TTFT/TPOT)."""
+    generative = any(m.get("generation") for m in models)
     table = Table(box=None, header_style="bold")
     for header in ("name", "version", "tier", "instances", "requests", "failed", "queued"):
         table.add_column(header, justify="right" if header not in ("name", "tier") else "left")
-    for header in ("SLO ms", "SLO met", "last cold start", "size"):
+    for header in ("SLO ms", "SLO met"):
+        table.add_column(header, justify="right")
+    if generative:
+        for header in ("TTFT met", "TPOT met", "tok/s"):
+            table.add_column(header, justify="right")
+    for header in ("last cold start", "size"):
         table.add_column(header, justify="left" if header == "last cold start" else "right")
     for m in models:
-        attained = m.get("slo_attainment")
+        generation = m.get("generation")
+        slo = f"{float(m['slo_ms']):g}"
+        extra: list[str] = []
+        if generation:
+            slo = f"{float(generation['ttft_slo_ms']):g}/{float(generation['tpot_slo_ms']):g}"
+            rate = f"{float(generation['tokens_per_s']):.1f}"
+            extra = [_percent(generation.get("ttft_attainment")), _percent(generation.get("tpot_attainment")), rate]
+        elif generative:
+            extra = [DASH, DASH, DASH]
         table.add_row(
             str(m["name"]),
             str(m["version"]),
@@ -259,12 +316,17 @@ def models_table(models: Sequence[Mapping[str, Any]]) -> Table:
             str(m["requests"]),
             str(m["failed"]),
             str(m["queued"]),
-            f"{float(m['slo_ms']):g}",
-            DASH if attained is None else f"{100 * float(attained):.1f}%",
+            slo,
+            _percent(m.get("slo_attainment")),
+            *extra,
             cold_start(m.get("last_cold_start")),
             size_text(int(m.get("bytes", 0))),
         )
     return table
+
+
+def _percent(fraction: object) -> str:
+    return DASH if not isinstance(fraction, int | float) else f"{100 * float(fraction):.1f}%"
 
 
 @app.command()
@@ -313,6 +375,13 @@ def status(
         console.print(
             f"warm arena: {size_text(int(arena['used_bytes']))} of {size_text(int(arena['bytes']))} in use, "
             f"largest free run {size_text(int(arena['largest_free_bytes']))}",
+            highlight=False,
+        )
+    for name, g in (state.get("generation") or {}).items():
+        console.print(
+            f"generative {name}: {g.get('running', 0)} running, {g.get('waiting', 0)} waiting, "
+            f"{float(g.get('tokens_per_s', 0.0)):.1f} tokens/s, TTFT met {_percent(g.get('ttft_attainment'))}, "
+            f"TPOT met {_percent(g.get('tpot_attainment'))}",
             highlight=False,
         )
     links = state.get("bandwidths")

@@ -29,7 +29,7 @@ from ember.controller.moves import measure_shares, rebalance, unload_left
 from ember.controller.placing import WORKER_WAIT_S, choose_worker, recycle_for, view_of_worker, wait_for_workers
 from ember.errors import EmberError, ModelNotFound, ModelUnavailable, WorkerCrashed
 from ember.metrics import Metrics
-from ember.policies.autoscaler import Autoscaler, ScaleView, SloAutoscaler
+from ember.policies.autoscaler import Autoscaler, SloAutoscaler
 from ember.policies.eviction import Eviction, ExpectedCostEviction
 from ember.policies.keepalive import Demotion, KeepAlive, ModelView
 from ember.policies.latency import Bandwidths, remaining_load_s
@@ -40,7 +40,7 @@ from ember.policies.placement import (
 )
 from ember.policies.tiers import Tier
 from ember.scope import TaskScope
-from ember.state import Measured, ModelState, Runner, RunnerStatistics, fold, model_view
+from ember.state import Measured, ModelState, Runner, RunnerStatistics, fold, model_view, scale_view
 from ember.store import Store
 from ember.store.format import is_compressed
 
@@ -326,17 +326,7 @@ class Controller:
         if not alive or self._promoting(model) or (model.scaling is not None and not model.scaling.done()):
             return
         d, stats = model.deployment, model.runner.statistics()
-        view = ScaleView(
-            name=d.name,
-            arrival_rate=model.state.arrival_rate,
-            queued=stats.queued + stats.running,
-            current=len(alive),
-            slo_s=d.slo_ms / 1000.0,
-            max_batch_size=d.max_batch_size,
-            latency=stats.latency,
-            min_instances=1,
-            max_instances=d.max_instances,
-        )
+        view = scale_view(d, stats, model.state.arrival_rate, len(alive))
         count, scale_state = self._autoscaler.decide(now, view, model.state.scale_state)
         model.state = replace(model.state, scale_state=scale_state)
         if count > len(alive):

@@ -18,7 +18,7 @@ from ember.cluster.base import WorkerHandle
 from ember.controller.placing import view_of_worker
 from ember.errors import EmberError
 from ember.policies.placement import Rebalancer, Resident
-from ember.state import Measured
+from ember.state import Measured, kv_bytes_of
 
 if TYPE_CHECKING:
     from ember.controller.controller import Controller, _Model
@@ -74,7 +74,7 @@ def residents(c: Controller, worker: WorkerHandle) -> tuple[Resident, ...]:
     return tuple(
         Resident(
             model=name,
-            bytes=m.deployment.metadata.bytes,
+            bytes=m.deployment.metadata.bytes + kv_bytes_of(m.deployment),
             share=c._share(name, worker.id),
             movable=(name, worker.id) in c._shares
             and not c._promoting(m)

@@ -20,7 +20,7 @@ from ember.errors import EmberError, ModelUnavailable
 from ember.policies.eviction import EvictionCandidate
 from ember.policies.placement import PlacementRequest, WorkerView, device_fits, device_share
 from ember.policies.tiers import Tier
-from ember.state import Hosted, worker_view
+from ember.state import Hosted, kv_bytes_of, worker_view
 
 if TYPE_CHECKING:
     from ember.controller.controller import Controller
@@ -56,6 +56,7 @@ async def choose_worker(
             demand=demand,
             slo_s=deployment.slo_ms / 1000.0,
             batch_s=batch_s,
+            kv_bytes=kv_bytes_of(deployment),
         )
         choice = c._placement.choose(request, views)
         if choice is not None:
@@ -71,7 +72,8 @@ async def choose_worker(
         if not await wait_for_workers(c, deadline):
             raise ModelUnavailable(
                 f"no worker for device '{deployment.device}' is ready for '{deployment.name}' or has "
-                f"{deployment.metadata.bytes} bytes free (models of different tenants never share a worker); "
+                f"{deployment.metadata.bytes + kv_bytes_of(deployment)} bytes free (weights and KV cache; models "
+                "of different tenants never share a worker); "
                 "check `ember status` and the worker logs, or add workers",
                 retry_after_s=10.0,
             )
@@ -101,13 +103,13 @@ async def evict_for(
     if not fitting:
         return False
     target = max(fitting, key=lambda v: (v.free_bytes or 0, v.id))
-    need = deployment.metadata.bytes - (target.free_bytes or 0)
+    need = deployment.metadata.bytes + kv_bytes_of(deployment) - (target.free_bytes or 0)
     hosted = [m for m in c._models.values() if workers[target.id] in m.workers]
     stats = [m.runner.statistics() for m in hosted]
     candidates = tuple(
         EvictionCandidate(
             name=m.deployment.name,
-            bytes=m.deployment.metadata.bytes,
+            bytes=m.deployment.metadata.bytes + kv_bytes_of(m.deployment),
             reload_s=c._load_s(m, Tier.WARM),
             arrival_rate=m.state.arrival_rate,
             last_used=s.last_active,
@@ -152,6 +154,7 @@ def view_of_worker(c: Controller, worker: WorkerHandle, deployment: Deployment |
             slo_s=m.deployment.slo_ms / 1000.0,
             batch_s=m.runner.latency.predict(1),
             share=c._share(m.deployment.name, worker.id),
+            kv_bytes=kv_bytes_of(m.deployment),
         )
         for m in c._models.values()
         if worker in m.workers

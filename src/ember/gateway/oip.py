@@ -23,7 +23,7 @@ from ember.errors import EmberError, InvalidInput, ModelNotFound
 from ember.gateway import auth
 from ember.gateway.edge import ClientGone, check_inputs, error_response, read_body, read_json, receive_body
 from ember.gateway.tensors import encode_infer_response, parse_infer_request
-from ember.service import EmberService
+from ember.service import EmberService, generate_routes
 
 __all__ = ["infer_target", "routes", "serve_infer"]
 
@@ -211,6 +211,8 @@ async def _infer(
 ) -> tuple[bytes, int | None]:
     """Parse, check, run and encode one infer request: ``(body, json_header_length)``."""
     d = _checked_deployment(service, name, version)
+    if d.generative:  # before its (empty) inputs are checked: name the routes it answers
+        raise generate_routes(d.name)
     if header is not None and not header.strip().isdigit():
         raise InvalidInput(f"Inference-Header-Content-Length must be a byte count, not {header!r}")
     parsed = parse_infer_request(body, int(header) if header is not None else None)

@@ -60,6 +60,7 @@ from ember.policies.placement import (
     WorkerView,
     device_fits,
     device_share,
+    kv_cache_bytes,
 )
 from ember.policies.tiers import Tier
 
@@ -109,6 +110,7 @@ __all__ = [
     "device_fits",
     "device_share",
     "instance_capacity",
+    "kv_cache_bytes",
     "remaining_load_s",
     "reuse_probability",
     "warmup_batch_sizes",

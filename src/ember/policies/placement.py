@@ -32,6 +32,10 @@ each to the worker :meth:`~MemoryAwarePlacement.choose` picks among those with t
 back to an overloaded one), counting the moves already planned. A model alone on an overloaded
 device is not moved: it needs another instance, which is the autoscaler's decision.
 :func:`device_share` is the expected share for a model with a known arrival rate.
+
+Memory is what a model holds on the device: its weights and, for a generative model, the KV-cache
+budget of its instance (:func:`kv_cache_bytes`: ``max_num_seqs x max_model_len x kv_bytes_per_token``,
+enough for every sequence at full length), counted together (``PlacementRequest.device_bytes``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ __all__ = [
     "WorkerView",
     "device_fits",
     "device_share",
+    "kv_cache_bytes",
 ]
 
 DEFAULT_TENANT = "default"
@@ -77,6 +82,13 @@ class PlacementRequest:
     slo_s: float = math.inf
     #: Predicted seconds of its shortest batch (one row).
     batch_s: float = 0.0
+    #: A generative model's KV-cache budget, held on the device beside its weights (0: one-shot).
+    kv_bytes: int = 0
+
+    @property
+    def device_bytes(self) -> int:
+        """What it holds on the device: weights and KV cache."""
+        return self.bytes + self.kv_bytes
 
 
 @dataclass(frozen=True)
@@ -171,7 +183,7 @@ class MemoryAwarePlacement:
             raise ValueError(f"need 0 < max_utilization ({self.max_utilization}) <= high ({self.high})")
 
     def choose(self, request: PlacementRequest, workers: tuple[WorkerView, ...]) -> str | None:
-        model, model_bytes, slo_s, batch_s = request.model, request.bytes, request.slo_s, request.batch_s
+        model, model_bytes, slo_s, batch_s = request.model, request.device_bytes, request.slo_s, request.batch_s
         fits = [
             w
             for w in workers
@@ -288,7 +300,7 @@ class PackByMemory:
             raise ValueError(f"need 0 < gpu_fraction <= 1, got {self.gpu_fraction}")
 
     def choose(self, request: PlacementRequest, workers: tuple[WorkerView, ...]) -> str | None:
-        need, fraction = request.bytes, self.gpu_fraction
+        need, fraction = request.device_bytes, self.gpu_fraction
         slots = math.inf if fraction is None else math.floor(1 / fraction + 1e-9)
         fits = [
             w
@@ -357,3 +369,8 @@ def device_share(rate: float, latency: LatencyModel, max_batch_size: int) -> flo
         if size >= max_batch_size:
             return 1.0
         size = min(size * 2, max_batch_size)
+
+
+def kv_cache_bytes(max_num_seqs: int, max_model_len: int, kv_bytes_per_token: int) -> int:
+    """The KV-cache budget of one instance of a generative model: every sequence at full length."""
+    return max_num_seqs * max_model_len * kv_bytes_per_token

@@ -87,10 +87,20 @@ class ModelSpec:
     #: it at the end of the draw; under a shared queue the draw is the load, as ``cold_start``.
     cold_service: ServiceTime | None = None
     cold_service_mean_s: float = 0.0
+    #: A generative model's KV-cache budget per instance (``policies.kv_cache_bytes``), held on the
+    #: device beside its weights; never in the warm tier, never loaded (0: a one-shot model).
+    kv_bytes: int = 0
+
+    @property
+    def device_bytes(self) -> int:
+        """What an instance holds on its device: weights and KV cache."""
+        return self.weights_bytes + self.kv_bytes
 
     def __post_init__(self) -> None:
         if self.weights_bytes <= 0 or self.slo_s <= 0 or self.max_batch_size < 1 or self.work_per_request <= 0:
             raise InvalidInput(f"model '{self.name}': weights, SLO, max batch size and work must be positive")
+        if self.kv_bytes < 0:
+            raise InvalidInput(f"model '{self.name}': the KV-cache budget must be 0 or more bytes")
         if self.measured_load_s is not None and not all(s >= 0 and math.isfinite(s) for s in self.measured_load_s):
             raise InvalidInput(f"model '{self.name}': measured load times must be finite seconds >= 0")
         if self.cold_start is not None and self.cold_service is not None:

@@ -169,7 +169,7 @@ def hot_view(e: Engine, x: _Instance, idle_s: float | None = None) -> ModelView:
         keepalive_warm_s=p.keepalive_warm_s,
         histogram=m.histogram,
         latency=m.latency,
-        model_bytes=x.bytes,
+        model_bytes=x.model.spec.weights_bytes,
         bandwidths=e.bandwidths,
         prewarmed=m.prewarmed,
     )

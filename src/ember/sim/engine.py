@@ -76,10 +76,11 @@ class Engine:
     ) -> None:
         if tick_s <= 0 or warm_tick_s <= 0 or duration_s <= 0:
             raise InvalidInput("tick_s, warm_tick_s and duration_s must be positive")
-        too_big = next((m for m in models if m.weights_bytes > cluster.device_memory_bytes), None)
+        too_big = next((m for m in models if m.device_bytes > cluster.device_memory_bytes), None)
         if too_big is not None:
             raise InvalidInput(
-                f"model '{too_big.name}' ({too_big.weights_bytes / 1e9:.1f} GB) does not fit a device of"
+                f"model '{too_big.name}' ({too_big.device_bytes / 1e9:.1f} GB"
+                f"{' with its KV cache' if too_big.kv_bytes else ''}) does not fit a device of"
                 f" {cluster.device_memory_bytes / 1e9:.1f} GB; give the cluster more device memory"
             )
         self.cluster, self.workload, self.p = cluster, workload, policies

@@ -73,7 +73,7 @@ def scale(e: Engine, m: _Model) -> None:
 
 
 def start_instance(e: Engine, m: _Model, preloaded: bool = False) -> _Instance | None:
-    need = m.spec.weights_bytes
+    need = m.spec.device_bytes  # weights and KV cache
     demand = 0.0 if preloaded else device_share(max(m.rate, m.arrivals / e.window_s), m.latency, m.max_batch)
     hosts = candidate_devices(e, m, need)
     place = e.p.placement.choose
@@ -114,7 +114,7 @@ def candidate_devices(e: Engine, m: _Model, need: int) -> list[_Device]:
 
 def place_on(e: Engine, m: _Model, dev: _Device, demand: float, preloaded: bool = False) -> _Instance | None:
     """Load ``m`` on ``dev``, evicting idle residents if it must; None if it cannot."""
-    need = m.spec.weights_bytes
+    need = m.spec.device_bytes  # weights and KV cache
     short = dev.used + need - dev.capacity
     if short > 0 and (preloaded or not evict(e, dev, short)):  # pinning evicts nothing
         return None
@@ -162,7 +162,7 @@ def evict(e: Engine, dev: _Device, need: int) -> bool:
         EvictionCandidate(
             x.key,
             x.bytes,
-            x.model.latency.predict_load(_WARM if e.p.warm_tier else _COOL, x.bytes, bw),
+            x.model.latency.predict_load(_WARM if e.p.warm_tier else _COOL, x.model.spec.weights_bytes, bw),
             x.model.rate,
             x.last_used,
             x.running or x.ready_at > now or x.bound is not None,

@@ -116,7 +116,8 @@ class Instance:
         self.ready_at, self.load_s, self.source, self.started_at = ready_at, load_s, source, started_at
         #: Under a router (FaaS): the request bound to this instance, from its arrival until answered.
         self.bound: Request | None = None
-        self.bytes = model.spec.weights_bytes
+        #: What it holds on its device: weights and, for a generative model, its KV cache.
+        self.bytes = model.spec.device_bytes
         self.last_used = ready_at
         self.running = False
         #: Device seconds its batches took since the last tick, and its share of the device (smoothed).

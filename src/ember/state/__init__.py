@@ -6,19 +6,27 @@ and the pure builders of every policy input (:func:`queue_snapshot`, :func:`mode
 all build their snapshots here; none keeps a copy of these rules.
 """
 
-from ember.state.model import RATE_SMOOTHING, Measured, ModelState, Runner, RunnerStatistics, fold
-from ember.state.views import Hosted, model_view, queue_snapshot, start_delay_s, worker_view
+from ember.state.model import RATE_SMOOTHING, GenerationStatistics, Measured, ModelState, Runner, RunnerStatistics, fold
+from ember.state.seats import Seat, Seated, choose_seat, token_request
+from ember.state.views import Hosted, kv_bytes_of, model_view, queue_snapshot, scale_view, start_delay_s, worker_view
 
 __all__ = [
     "RATE_SMOOTHING",
+    "GenerationStatistics",
     "Hosted",
     "Measured",
     "ModelState",
     "Runner",
     "RunnerStatistics",
+    "Seat",
+    "Seated",
+    "choose_seat",
     "fold",
+    "kv_bytes_of",
     "model_view",
     "queue_snapshot",
+    "scale_view",
     "start_delay_s",
+    "token_request",
     "worker_view",
 ]

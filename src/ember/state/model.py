@@ -24,10 +24,47 @@ from ember.policies.latency import LatencyModel
 from ember.policies.placement import DEFAULT_TENANT
 from ember.policies.tiers import Tier
 
-__all__ = ["RATE_SMOOTHING", "Measured", "ModelState", "Runner", "RunnerStatistics", "fold"]
+__all__ = ["RATE_SMOOTHING", "GenerationStatistics", "Measured", "ModelState", "Runner", "RunnerStatistics", "fold"]
 
 #: Weight of the newest tick in the arrival-rate average.
 RATE_SMOOTHING = 0.3
+
+
+@dataclass(frozen=True)
+class GenerationStatistics:
+    """What a generative model's runner adds to its statistics (``GenerativeRunner.statistics()``)."""
+
+    #: Streams that ended (answered to their end, failed or refused), and of those, the ones whose
+    #: first token came within the TTFT objective and whose tokens came within the TPOT objective.
+    answered: int = 0
+    ttft_met: int = 0
+    tpot_met: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    #: Output tokens per second over the last minute.
+    tokens_per_s: float = 0.0
+    #: Sequences generating now, and requests waiting for a seat.
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def ttft_attainment(self) -> float | None:
+        return self.ttft_met / self.answered if self.answered else None
+
+    @property
+    def tpot_attainment(self) -> float | None:
+        return self.tpot_met / self.answered if self.answered else None
+
+    def to_json(self) -> dict[str, float | int | None]:
+        return {
+            "ttft_attainment": self.ttft_attainment,
+            "tpot_attainment": self.tpot_attainment,
+            "tokens_per_s": self.tokens_per_s,
+            "prompt_tokens": self.prompt_tokens,
+            "generation_tokens": self.generation_tokens,
+            "running": self.running,
+            "waiting": self.waiting,
+        }
 
 
 @dataclass(frozen=True)
@@ -48,6 +85,8 @@ class RunnerStatistics:
     #: The instances (worker ids) running one of its batches now.
     busy_instances: frozenset[str] = frozenset()
     latency: LatencyModel = field(default_factory=LatencyModel)
+    #: A generative model's token counters (None for a one-shot model).
+    generation: GenerationStatistics | None = None
 
     @property
     def busy(self) -> bool:

@@ -9,7 +9,10 @@ questions, so the derived parts of each snapshot are computed here, once:
   a whole load, or until an instance frees);
 - :func:`model_view`: the keep-alive policy's view of a model on one tier (no idle time while busy;
   the load time from the tier below hot);
-- :func:`worker_view`: placement's view of a worker from what it hosts.
+- :func:`worker_view`: placement's view of a worker from what it hosts;
+- :func:`scale_view`: the autoscaler's view of a model. A generative model's capacity is counted in
+  output tokens: steps of up to ``max_num_seqs`` sequences within its TPOT objective, against the
+  arrival rate times the tokens its answers have taken on average.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ember.config import Deployment
+from ember.policies.autoscaler import ScaleView
 from ember.policies.batching import QueueSnapshot
 from ember.policies.keepalive import IdleHistogram, ModelView
 from ember.policies.latency import Bandwidths, LatencyModel
-from ember.policies.placement import WorkerView
+from ember.policies.placement import WorkerView, kv_cache_bytes
 from ember.policies.tiers import Tier
+from ember.state.model import RunnerStatistics
 
-__all__ = ["Hosted", "model_view", "queue_snapshot", "start_delay_s", "worker_view"]
+__all__ = ["Hosted", "kv_bytes_of", "model_view", "queue_snapshot", "scale_view", "start_delay_s", "worker_view"]
 
 
 def queue_snapshot(
@@ -90,6 +96,8 @@ class Hosted:
     batch_s: float
     #: Its share of the worker's time (measured, plus what placement expects of it since).
     share: float = 0.0
+    #: A generative model's KV-cache budget there, beside its weights.
+    kv_bytes: int = 0
 
 
 def worker_view(
@@ -111,7 +119,7 @@ def worker_view(
         ready=ready,
         device=device,
         models=tuple(m.name for m in models),
-        bytes_loaded=sum(m.bytes for m in models),
+        bytes_loaded=sum(m.bytes + m.kv_bytes for m in models),
         in_flight=in_flight,
         capacity_bytes=capacity_bytes,
         warm_models=() if warm_model is None else (warm_model,),
@@ -120,3 +128,33 @@ def worker_view(
         shortest_slo_s=min((m.slo_s for m in models), default=math.inf),
         longest_batch_s=max((m.batch_s for m in models), default=0.0),
     )
+
+
+def scale_view(deployment: Deployment, stats: RunnerStatistics, arrival_rate: float, current: int) -> ScaleView:
+    """The autoscaler's view of a model with ``current`` instances, receiving ``arrival_rate`` requests
+    per second; a generative model's in output tokens (see the module's doc)."""
+    d = deployment
+    slo_s, batch, rate = d.slo_ms / 1000.0, d.max_batch_size, arrival_rate
+    generation = stats.generation
+    if generation is not None:
+        slo_s, batch = d.tpot_slo_ms / 1000.0, d.max_num_seqs
+        rate = arrival_rate * max(1.0, generation.generation_tokens / max(1, stats.succeeded))
+    return ScaleView(
+        name=d.name,
+        arrival_rate=rate,
+        queued=stats.queued + stats.running,
+        current=current,
+        slo_s=slo_s,
+        max_batch_size=batch,
+        latency=stats.latency,
+        min_instances=1,
+        max_instances=d.max_instances,
+    )
+
+
+def kv_bytes_of(deployment: Deployment) -> int:
+    """The KV-cache budget one instance of ``deployment`` holds on its device (0 for a one-shot model)."""
+    generation = deployment.metadata.generation
+    if generation is None or deployment.max_model_len is None:
+        return 0
+    return kv_cache_bytes(deployment.max_num_seqs, deployment.max_model_len, generation.kv_bytes_per_token)

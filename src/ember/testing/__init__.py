@@ -1,19 +1,20 @@
 """Fakes shipped with Ember, for its own tests and for users' tests of code built on it.
 
 ``VirtualClock`` moves only when told; ``FakeWorker``/``FakeBackend`` stand in for worker processes
-with a latency profile on that clock (generative ones stream scripted tokens); ``FakeRunner`` stands
-in for a model's runner where the controller is tested alone; ``stage_weights`` puts a model's bytes in a store;
+with a latency profile on that clock (and a token stream for generative models,
+``FakeWorker.generate``, timed by a ``GenerationProfile``); ``FakeRunner`` stands in for a model's runner where the
+controller is tested alone; ``stage_weights`` puts a model's bytes in a store;
 ``poisson_arrivals`` builds a repeatable arrival trace; ``simfaas_scenario`` the scenario of SimFaaS's
 one-function model.
 """
 
 from ember.clock import VirtualClock
 from ember.testing.fakes import (
-    FAKE_GENERATION,
     FakeBackend,
     FakeWorker,
+    GenerationProfile,
     LatencyProfile,
-    count_prompt_tokens,
+    generative_description,
     run_in_virtual_time,
     stage_weights,
 )
@@ -21,15 +22,15 @@ from ember.testing.runner import FakeRunner
 from ember.testing.traces import SIMFAAS_COLD_S, SIMFAAS_WARM_S, poisson_arrivals, simfaas_scenario
 
 __all__ = [
-    "FAKE_GENERATION",
     "SIMFAAS_COLD_S",
     "SIMFAAS_WARM_S",
     "FakeBackend",
     "FakeRunner",
     "FakeWorker",
+    "GenerationProfile",
     "LatencyProfile",
     "VirtualClock",
-    "count_prompt_tokens",
+    "generative_description",
     "poisson_arrivals",
     "run_in_virtual_time",
     "simfaas_scenario",

@@ -14,18 +14,18 @@ from ember.api import Arrays, TensorSpec, check_answer
 from ember.clock import Clock, VirtualClock
 from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.errors import InvalidInput, ModelFailed, WorkerCrashed
-from ember.generation import FinishReason, GenerateRequest, GenerationInfo, TokenChunk
+from ember.generation import FinishReason, GenerateRequest, TokenChunk
 from ember.store import Store, StoredModel
 from ember.store.format import write_raw
 from ember.store.store import WEIGHTS
 from ember.worker.protocol import Batch, rows_of
 
 __all__ = [
-    "FAKE_GENERATION",
     "FakeBackend",
     "FakeWorker",
+    "GenerationProfile",
     "LatencyProfile",
-    "count_prompt_tokens",
+    "generative_description",
     "run_in_virtual_time",
     "stage_weights",
 ]
@@ -34,33 +34,17 @@ T = TypeVar("T")
 
 Model = Callable[[Arrays], Arrays]
 
+#: A fake generative model's answer: the texts of its tokens, one per decode step (at most
+#: ``max_tokens`` of them are sent; fewer end the sequence with ``finish_reason="stop"``).
+Script = Callable[[GenerateRequest], Sequence[str]]
+
 #: What every fake model declares: ``x`` in, ``x`` out, FP32 rows of 4.
 FAKE_INPUTS = (TensorSpec("x", "FP32", (-1, 4)),)
 FAKE_OUTPUTS = (TensorSpec("x", "FP32", (-1, 4)),)
 
 
-#: What a fake generative model says about itself (``FakeWorker(generation=...)``).
-FAKE_GENERATION = GenerationInfo(max_model_len=2048, kv_bytes_per_token=4096, vocab_size=1000)
-
-#: A fake generative model: the texts of the tokens it answers a request with (at most
-#: ``max_tokens`` of them are sent; fewer end the sequence with ``finish_reason="stop"``).
-Script = Callable[[GenerateRequest], Sequence[str]]
-
-
 def _identity(batch: Arrays) -> Arrays:
     return dict(batch)
-
-
-def _counting(request: GenerateRequest) -> Sequence[str]:
-    """`` t0``, `` t1``, ... one per token asked for."""
-    return [f" t{i}" for i in range(request.params.max_tokens)]
-
-
-def count_prompt_tokens(request: GenerateRequest) -> int:
-    """A fake tokenizer's count of the prompt: its whitespace-separated words (at least one)."""
-    if request.prompt is not None:
-        return max(1, len(request.prompt.split()))
-    return max(1, sum(len(m.content.split()) + 1 for m in request.messages or ()))
 
 
 @dataclass(frozen=True)
@@ -73,21 +57,51 @@ class LatencyProfile:
     load_s: float = 0.05
     unload_s: float = 0.0
 
-    #: Generative models: a prefill takes ``prefill_s + prefill_per_token_s * prompt_tokens``; each
-    #: decode step ``decode_s + decode_per_seq_s * running sequences`` of that model on the worker.
-    prefill_s: float = 0.01
-    prefill_per_token_s: float = 0.0
-    decode_s: float = 0.02
-    decode_per_seq_s: float = 0.0
-
     def batch_s(self, rows: int) -> float:
         return self.base_s + self.per_row_s * rows
 
-    def prefill_time_s(self, prompt_tokens: int) -> float:
-        return self.prefill_s + self.prefill_per_token_s * prompt_tokens
 
-    def decode_step_s(self, running: int) -> float:
-        return self.decode_s + self.decode_per_seq_s * running
+@dataclass(frozen=True)
+class GenerationProfile:
+    """How a fake generative model takes its time: a prompt of ``n`` tokens prefills in
+    ``prefill_base_s + prefill_per_token_s * n`` (and yields the first token); each further token takes
+    a decode step of ``step_base_s + step_per_seq_s * b`` with ``b`` sequences running on the worker.
+    A prompt is one token per ``bytes_per_token`` UTF-8 bytes (chat messages add ``template_tokens``);
+    an answer ends (``stop``) after ``eos_after`` tokens, or at ``max_tokens`` (``length``)."""
+
+    prefill_base_s: float = 0.005
+    prefill_per_token_s: float = 0.0001
+    step_base_s: float = 0.01
+    step_per_seq_s: float = 0.001
+    bytes_per_token: int = 4
+    template_tokens: int = 8
+    eos_after: int | None = None
+
+    def prompt_tokens(self, request: GenerateRequest) -> int:
+        extra = self.template_tokens if request.messages is not None else 0
+        return max(1, request.size_hint() // self.bytes_per_token) + extra
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill_base_s + self.prefill_per_token_s * tokens
+
+    def step_s(self, batch: int) -> float:
+        return self.step_base_s + self.step_per_seq_s * batch
+
+
+def generative_description(max_model_len: int = 2048, kv_bytes_per_token: int = 1024) -> dict[str, Any]:
+    """What a fake generative model's import reports (``FakeWorker.described``)."""
+    return {
+        "inputs": [],
+        "outputs": [],
+        "max_batch_size": 1,
+        "task": "generate",
+        "generation": {
+            "max_model_len": max_model_len,
+            "kv_bytes_per_token": kv_bytes_per_token,
+            "vocab_size": 1000,
+            "chat_template": True,
+        },
+    }
 
 
 @dataclass
@@ -101,22 +115,20 @@ class FakeWorker:
     device: str = "cpu"
     #: When set, every load fails with this message, as a model whose setup raises.
     load_error: str | None = None
-    #: What an import reports about the model; None: one FP32 input and output ``x`` of shape [-1, 4]
-    #: (or, with ``generation`` set, a generative model with that ``GenerationInfo``).
+    #: What an import reports about the model; None: one FP32 input and output ``x`` of shape [-1, 4].
     described: dict[str, Any] | None = None
-    #: Generative models: what an import reports (None: the model is one-shot) and the scripted tokens.
-    generation: GenerationInfo | None = None
-    script: Script = _counting
     alive: bool = True
     loaded: set[str] = field(default_factory=set)
     batches: list[tuple[str, int]] = field(default_factory=list)
     in_flight: int = 0
-    #: The options of each loaded model's ``Load`` (a generative model's max_num_seqs, max_model_len, ...).
-    load_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Sequences running now, by model key; every sequence started, as (key, prompt tokens); the
-    #: number of sequences stopped before their end (their stream closed early).
-    running: dict[str, int] = field(default_factory=dict)
-    sequences: list[tuple[str, int]] = field(default_factory=list)
+    generation: GenerationProfile = field(default_factory=GenerationProfile)
+    script: Script | None = None
+    #: Per loaded key, the options its load carried (``max_num_seqs``, ``max_model_len``, ...).
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Sequences generating now, per key; every sequence started, as (key, prompt tokens); and those
+    #: closed before their end (cancelled).
+    sequences: dict[str, int] = field(default_factory=dict)
+    generations: list[tuple[str, int]] = field(default_factory=list)
     cancelled: int = 0
     _on_lost: Callable[[FakeWorker], None] | None = None
     _crash: asyncio.Event = field(default_factory=asyncio.Event)
@@ -129,14 +141,6 @@ class FakeWorker:
             progress(64, 64)
         if self.described is not None:
             return self.described
-        if self.generation is not None:
-            return {
-                "inputs": [],
-                "outputs": [],
-                "max_batch_size": 1,
-                "task": "generate",
-                "generation": self.generation.to_json(),
-            }
         return {
             "inputs": [spec.to_json() for spec in FAKE_INPUTS],
             "outputs": [spec.to_json() for spec in FAKE_OUTPUTS],
@@ -151,7 +155,7 @@ class FakeWorker:
         if self.load_error is not None:
             raise ModelFailed(self.load_error)
         self.loaded.add(key)
-        self.load_options[key] = dict(options)
+        self.options[key] = dict(options)
         return self.profile.load_s
 
     async def unload(self, key: str) -> None:
@@ -170,54 +174,53 @@ class FakeWorker:
         return Batch([self._answer(r) for r in requests], seconds)
 
     async def generate(self, key: str, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
-        """``script``'s tokens, one chunk per decode step, timed by the latency profile on the clock.
+        """Stream a fake answer timed by ``generation`` on ``clock``: ``script``'s texts (ending with
+        ``stop`` when they run out), else tokens ``" t1"``, ``" t2"``, ...
 
-        The first chunk comes after the prefill; each later one after a decode step whose length
-        grows with the sequences of ``key`` running at once. A prompt at or over the model's length
-        limit (the Load option ``max_model_len``, else ``generation.max_model_len``) is refused with
-        ``InvalidInput``; a sequence reaching the limit ends with ``finish_reason="length"``.
-        """
+        A prompt of ``max_model_len`` tokens or more is InvalidInput naming the limit; closing the
+        stream early cancels the sequence (counted in ``cancelled``)."""
         self._check()
         if key not in self.loaded:
             raise ModelFailed(f"{key} is not loaded on {self.id}")
-        prompt_tokens = count_prompt_tokens(request)
-        limit = int(self.load_options.get(key, {}).get("max_model_len") or 0)
-        if not limit:
-            limit = (self.generation or FAKE_GENERATION).max_model_len
-        if prompt_tokens >= limit:
-            raise InvalidInput(
-                f"the prompt is {prompt_tokens} tokens; this model takes at most {limit - 1} (max_model_len {limit})"
-            )
-        texts = list(self.script(request))
-        room = min(request.params.max_tokens, limit - prompt_tokens)
-        self.sequences.append((key, prompt_tokens))
-        self.running[key] = self.running.get(key, 0) + 1
-        done = False
+        profile = self.generation
+        prompt = profile.prompt_tokens(request)
+        max_len = self.options.get(key, {}).get("max_model_len")
+        if max_len is not None and prompt >= int(max_len):
+            raise InvalidInput(f"the prompt is {prompt} tokens, and this model takes at most {max_len} (max_model_len)")
+        limit = request.params.max_tokens
+        if max_len is not None:
+            limit = min(limit, int(max_len) - prompt)
+        ends = profile.eos_after
+        texts = None if self.script is None else list(self.script(request))
+        if texts is not None:
+            ends = len(texts) if ends is None else min(ends, len(texts))
+        if ends is not None:
+            limit = min(limit, ends)
+        self.generations.append((key, prompt))
+        self.sequences[key] = self.sequences.get(key, 0) + 1
+        finished = False
         try:
-            await self._take(self.profile.prefill_time_s(prompt_tokens))
-            for i, text in enumerate(texts[:room]):
-                if i > 0:
-                    await self._take(self.profile.decode_step_s(self.running[key]))
-                last = i + 1 == min(room, len(texts))
-                reason: FinishReason | None = None
-                if last:
-                    reason = "stop" if len(texts) < room else "length"
-                done = last
+            await self._take(profile.prefill_s(prompt))
+            made = 0
+            while True:
+                made += 1
+                finish: FinishReason | None = None
+                if made >= limit:
+                    finish = "stop" if ends is not None and made >= ends else "length"
                 yield TokenChunk(
-                    text,
-                    token_ids=(i,),
-                    prompt_tokens=prompt_tokens if i == 0 else 0,
-                    completion_tokens=i + 1,
-                    finish_reason=reason,
+                    f" t{made}" if texts is None else (texts[made - 1] if made <= len(texts) else ""),
+                    (made,),
+                    prompt_tokens=prompt if made == 1 else 0,
+                    completion_tokens=made,
+                    finish_reason=finish,
                 )
-            if not done:  # the script had no tokens at all
-                done = True
-                yield TokenChunk("", prompt_tokens=prompt_tokens, finish_reason="stop")
+                if finish is not None:
+                    finished = True
+                    return
+                await self._take(profile.step_s(sum(self.sequences.values())))
         finally:
-            self.running[key] -= 1
-            if not self.running[key]:
-                del self.running[key]
-            if not done:
+            self.sequences[key] -= 1
+            if not finished:
                 self.cancelled += 1
 
     def _answer(self, request: Arrays) -> Arrays | str:
@@ -266,14 +269,17 @@ class FakeBackend:
         size: int = 1,
         profile: LatencyProfile | None = None,
         model: Model = _identity,
-        generation: GenerationInfo | None = None,
-        script: Script = _counting,
+        *,
+        described: dict[str, Any] | None = None,
+        generation: GenerationProfile | None = None,
+        script: Script | None = None,
     ):
-        """``generation`` and ``script``: every worker serves a fake generative model (see FakeWorker)."""
         self.clock = clock
         self.profile = profile or LatencyProfile()
         self.model = model
-        self.generation = generation
+        #: What every worker's import reports, and how its generative models take their time.
+        self.described = described
+        self.generation = generation or GenerationProfile()
         self.script = script
         self._size = size
         self._seq = itertools.count()
@@ -312,7 +318,13 @@ class FakeBackend:
 
     def _spawn(self) -> FakeWorker:
         worker = FakeWorker(
-            f"f{next(self._seq)}", self.clock, self.profile, self.model, generation=self.generation, script=self.script
+            f"f{next(self._seq)}",
+            self.clock,
+            self.profile,
+            self.model,
+            described=self.described,
+            generation=self.generation,
+            script=self.script,
         )
         worker._on_lost = self._lost
         self._workers[worker.id] = worker
