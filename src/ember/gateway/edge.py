@@ -73,7 +73,7 @@ def error_response(error: EmberError, openai: bool = False) -> Response:
             "error": {
                 "message": error.message,
                 "type": _OPENAI_TYPES.get(error.http_status, "server_error"),
-                "param": None,
+                "param": getattr(error, "param", None),  # BadParameter names the field
                 "code": type(error).__name__,
             }
         }
