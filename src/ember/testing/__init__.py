@@ -4,11 +4,13 @@
 with a latency profile on that clock; ``FakeRunner`` stands in for a model's runner where the
 controller is tested alone; ``stage_weights`` puts a model's bytes in a store;
 ``poisson_arrivals`` builds a repeatable arrival trace; ``simfaas_scenario`` the scenario of SimFaaS's
-one-function model.
+one-function model; ``ScriptedGeneration`` stands in for the service's ``generate`` (token streams)
+where what sits above it is tested.
 """
 
 from ember.clock import VirtualClock
 from ember.testing.fakes import FakeBackend, FakeWorker, LatencyProfile, run_in_virtual_time, stage_weights
+from ember.testing.generation import ScriptedGeneration
 from ember.testing.runner import FakeRunner
 from ember.testing.traces import SIMFAAS_COLD_S, SIMFAAS_WARM_S, poisson_arrivals, simfaas_scenario
 
@@ -19,6 +21,7 @@ __all__ = [
     "FakeRunner",
     "FakeWorker",
     "LatencyProfile",
+    "ScriptedGeneration",
     "VirtualClock",
     "poisson_arrivals",
     "run_in_virtual_time",
