@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 over HTTP (KServe v2 / Triton), with the binary tensor extension.
 
 Routes: server metadata and health, model metadata, readiness and config, infer, and the model
-repository extension (index, load, unload). In Ember a deployed model is always ready to take
+repository extension (index, load, unload). Generative models answer on the generate extension
+(:mod:`ember.gateway.generate`), not on infer. In Ember a deployed model is always ready to take
 requests: one that is not hot is brought up while its requests wait. ``load`` makes it hot now;
 ``unload`` demotes it to the cool tier (it stays deployed and callable), or to the warm tier with
 Triton's request parameters: ``{"parameters": {"tier": "warm"}}``.
@@ -46,7 +47,7 @@ def routes(service: EmberService) -> list[Route]:
             {
                 "name": "ember",
                 "version": __version__,
-                "extensions": ["binary_tensor_data", "model_repository"],
+                "extensions": ["binary_tensor_data", "model_repository", "generate"],
             }
         )
 
@@ -211,6 +212,11 @@ async def _infer(
 ) -> tuple[bytes, int | None]:
     """Parse, check, run and encode one infer request: ``(body, json_header_length)``."""
     d = _checked_deployment(service, name, version)
+    if d.generative:
+        raise InvalidInput(
+            f"model '{d.name}' is a generative model: it answers on /v2/models/{d.name}/generate and "
+            f"/v2/models/{d.name}/generate_stream (and on /v1/chat/completions and /v1/completions), not on /infer"
+        )
     if header is not None and not header.strip().isdigit():
         raise InvalidInput(f"Inference-Header-Content-Length must be a byte count, not {header!r}")
     parsed = parse_infer_request(body, int(header) if header is not None else None)
