@@ -1,6 +1,7 @@
-"""The chat and completion routes on a real socket: the synchronous ``openai`` client against the
-gateway under uvicorn (in a thread), over a service whose ``generate`` is scripted; and a streaming
-client that hangs up, whose generation must be closed."""
+"""The chat and completion routes on a real socket: the synchronous ``openai`` client, Ember's own
+:class:`~ember.client.Client` and ``ember invoke`` against the gateway under uvicorn (in a thread),
+over a service whose ``generate`` is scripted; and a streaming client that hangs up, whose generation
+must be closed."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from typer.testing import CliRunner
 
 from ember.auth.keys import ADMIN_KEY_FILE
+from ember.cli import commands as cli
+from ember.client import Client
 from ember.clock import WallClock
 from ember.config import DeploySpec
+from ember.errors import InvalidInput, ModelNotFound
 from ember.gateway.app import build_app
 from ember.service import EmberService, ServeOptions
 from ember.testing import FakeBackend, LatencyProfile
@@ -137,3 +142,31 @@ def test_a_client_that_hangs_up_mid_stream_stops_its_generation(live: Live):
         assert live.fake.open == 0
     finally:
         live.fake.hold_after = None
+
+
+def test_the_client_streams_a_chat_and_a_completion(live: Live):
+    with Client(live.url, api_key=live.key) as ember:
+        assert list(ember.generate("llm", "Hi", max_tokens=3)) == list(WORDS[:3])
+        assert "".join(ember.generate("llm", "Hi", chat=False, max_tokens=2, seed=1)) == WORDS[1] + WORDS[2]
+        _, request, _ = live.fake.calls[-1]
+        assert request.prompt == "Hi" and request.params.seed == 1
+        assert "".join(ember.generate("llm", "Hi", stop=[" models"])) == "Ember keeps"
+        with pytest.raises(ModelNotFound, match="ghost"):
+            list(ember.generate("ghost", "Hi"))
+        with pytest.raises(InvalidInput, match="over the model's length limit"):
+            list(ember.generate("llm", "Hi", max_tokens=1000))
+
+
+def test_ember_invoke_streams_the_answer_to_the_terminal(live: Live, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("EMBER_API_KEY", live.key)
+    result = CliRunner().invoke(cli.app, ["invoke", "llm", "Hello there", "--max-tokens", "4", "--url", live.url])
+    assert result.exit_code == 0, result.output
+    assert result.output == "".join(WORDS[:4]) + "\n"
+    result = CliRunner().invoke(
+        cli.app, ["invoke", "llm", "Once", "--no-chat", "--temperature", "0", "--max-tokens", "2", "--url", live.url]
+    )
+    assert result.exit_code == 0 and result.output == WORDS[0] + WORDS[1] + "\n"
+    _, request, _ = live.fake.calls[-1]
+    assert request.prompt == "Once" and request.params.temperature == 0.0
+    result = CliRunner().invoke(cli.app, ["invoke", "llm", "--data", '{"x": 1}', "--url", live.url])
+    assert result.exit_code == 1 and "generative" in result.output
