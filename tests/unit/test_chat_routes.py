@@ -224,6 +224,21 @@ def test_an_error_mid_stream_is_an_error_event_then_done(tmp_path):
     assert fake.open == 0
 
 
+def test_a_bug_mid_stream_is_an_internal_error_event(tmp_path):
+    def buggy(name: str, request: GenerateRequest) -> list[TokenChunk | EmberError]:
+        chunks = word_script(name, request)
+        return [chunks[0], chunks[1].text]  # type: ignore[list-item]  # a str: the stream raises AttributeError, a bug
+
+    async def test(env: Env) -> None:
+        async with env.http() as http:
+            r = await http.post("/v1/completions", json={"model": "llm", "prompt": "x", "stream": True})
+        data = events(r.text)
+        assert data[-1] == "[DONE]" and data[-2]["error"]["code"] == "InternalError"
+        assert "AttributeError" in data[-2]["error"]["message"]
+
+    with_gateway(tmp_path, test, ScriptedGeneration(buggy))
+
+
 def test_a_client_that_disconnects_mid_stream_closes_its_generations(tmp_path):
     async def test(env: Env) -> None:
         body = json.dumps({"model": "llm", "messages": HELLO, "n": 2, "stream": True}).encode()

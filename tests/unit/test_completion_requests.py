@@ -53,6 +53,11 @@ def test_text_parts_are_joined_and_every_role_is_taken():
     ]
 
 
+def test_ignore_eos_is_vllms_extension_for_exact_lengths():
+    assert parse_chat(chat(ignore_eos=True)).requests(64)[0].params.ignore_eos
+    assert not parse_completion({"model": "m", "prompt": "x"}).requests(64)[0].params.ignore_eos
+
+
 def test_logprobs_become_the_number_of_alternatives():
     assert parse_chat(chat(logprobs=True)).requests(64)[0].params.logprobs == 0
     assert parse_chat(chat(logprobs=True, top_logprobs=5)).requests(64)[0].params.logprobs == 5

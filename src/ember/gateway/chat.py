@@ -15,6 +15,7 @@ share its prompt tokens.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from starlette.routing import Route
 
 from ember.clock import Clock
 from ember.config import Deployment
-from ember.errors import EmberError
+from ember.errors import EmberError, InternalError
 from ember.gateway import auth
 from ember.gateway.completions import BadParameter, ChatRequest, CompletionRequest, parse_chat, parse_completion
 from ember.gateway.edge import openai_error, read_json
@@ -42,7 +43,9 @@ from ember.gateway.streams import (
 )
 from ember.generation import TokenChunk
 
-__all__ = ["generative_deployment", "model_length", "routes"]
+__all__ = ["generative_deployment", "midstream_error", "model_length", "routes"]
+
+log = logging.getLogger("ember.gateway")
 
 #: A model whose metadata lacks a length limit (it should not happen) is held to this many tokens.
 FALLBACK_MAX_MODEL_LEN = 2048
@@ -61,6 +64,14 @@ def routes(service: Generates, clock: Clock) -> list[Route]:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
+
+
+def midstream_error(exc: Exception) -> EmberError:
+    """What a stream that has begun says of an error: Ember's own as is; anything else is a bug."""
+    if isinstance(exc, EmberError):
+        return exc
+    log.error("internal error in a token stream", exc_info=exc)
+    return InternalError(f"internal error ({type(exc).__name__}); the server log has details")
 
 
 def generative_deployment(service: Generates, request: Request, name: str, route: str) -> Deployment:
@@ -123,8 +134,8 @@ async def _events(answer: _Answer, opened: Opened, include_usage: bool) -> Async
             yield event(answer.chunk([answer.add(i, chunk)], usage))
         if include_usage:
             yield event(answer.chunk([], {"usage": answer.usage()}))
-    except EmberError as exc:
-        yield event(openai_error(exc))
+    except Exception as exc:  # the answer has begun: an error ends it as an event
+        yield event(openai_error(midstream_error(exc)))
     yield DONE
 
 

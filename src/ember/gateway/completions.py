@@ -5,7 +5,9 @@ The bodies are validated with OpenAI's field names. A field OpenAI does not have
 a field OpenAI has but Ember does not serve (``tools``, ``response_format`` other than text, penalties,
 ``logit_bias``, ``audio``...) is a 400 naming it too, unless it is null or holds the value that means
 "off" (``presence_penalty: 0``, ``tools: []``, ``echo: false``), which changes nothing. Nothing is
-silently ignored but ``user``, an opaque end-user id that does not change the answer.
+silently ignored but ``user``, an opaque end-user id that does not change the answer. One field
+is vLLM's, not OpenAI's: ``ignore_eos`` (generate past the end-of-sequence token, for benchmarks
+that need exact output lengths).
 
 ``n`` choices are ``n`` requests, the i-th seeded ``seed + i`` (so choices differ, and each is
 repeatable); a completion with a list of prompts is ``n`` requests per prompt, in order.
@@ -134,6 +136,8 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    #: vLLM's extension: keep generating past the end-of-sequence token (exact output lengths).
+    ignore_eos: bool = False
     # Known to OpenAI, not served: null or "off" only (see _unsupported).
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -171,6 +175,7 @@ class _Sampling(_Strict):
             seed=seed,
             stop=self.stops(),
             logprobs=logprobs,
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ember.config import Deployment, validation_message
-from ember.errors import EmberError, InvalidInput, ModelNotFound
-from ember.gateway.chat import model_length
+from ember.errors import InvalidInput, ModelNotFound
+from ember.gateway.chat import midstream_error, model_length
 from ember.gateway.completions import INT64_MAX, INT64_MIN, MAX_STOP, MAX_STOP_CHARS
 from ember.gateway.edge import read_json
 from ember.gateway.streams import EventStream, Generates, Opened, event, interleave, open_streams, until_disconnected
@@ -170,8 +170,8 @@ async def _events(head: dict[str, str], prefix: str, opened: Opened) -> AsyncIte
         async for _, chunk in interleave(opened):
             text, prefix = prefix + chunk.text, ""
             yield event({**head, "text_output": text, "finish_reason": chunk.finish_reason})
-    except EmberError as exc:
-        yield event(exc.to_json())
+    except Exception as exc:  # the answer has begun: an error ends it as an event
+        yield event(midstream_error(exc).to_json())
 
 
 async def _one(answer: dict[str, Any]) -> AsyncIterator[bytes]:

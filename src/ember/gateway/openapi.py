@@ -107,6 +107,7 @@ _OPENAI_SAMPLING = {
         "additionalProperties": False,
     },
     "user": {"type": "string"},
+    "ignore_eos": {"type": "boolean"},
 }
 _CHAT = {
     "type": "object",
