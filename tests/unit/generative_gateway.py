@@ -1,6 +1,6 @@
-"""What the generative route tests share: a gateway over a service with a one-shot model ``m`` and a
-generative model ``llm`` (fake workers, virtual time), whose ``generate`` is a
-:class:`~ember.testing.ScriptedGeneration`."""
+"""What the generative route tests share: a gateway over a service with a one-shot model ``m`` and
+generative models ``llm`` and ``raw`` (no chat template) on fake workers in virtual time, whose
+``generate`` is a :class:`~ember.testing.ScriptedGeneration`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ GENERATIVE = {
     "task": "generate",
     "generation": {"max_model_len": 64, "kv_bytes_per_token": 1024, "vocab_size": 100, "chat_template": True},
 }
+#: A generative model whose tokenizer has no chat template: completions only.
+RAW = {**GENERATIVE, "generation": {**GENERATIVE["generation"], "chat_template": False}}  # type: ignore[dict-item]
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 Test = Callable[["Env"], Awaitable[None]]
@@ -60,6 +62,9 @@ def with_gateway(tmp_path: Path, test: Test, fake: ScriptedGeneration | None = N
             for worker in service.backend.workers():
                 worker.described = GENERATIVE  # type: ignore[attr-defined]
             await service.deploy(DeploySpec(source=f"{model}:M", name="llm", warmup=False))
+            for worker in service.backend.workers():
+                worker.described = RAW  # type: ignore[attr-defined]
+            await service.deploy(DeploySpec(source=f"{model}:M", name="raw", warmup=False))
             service.generate = fake.generate  # type: ignore[attr-defined]
             app = build_app(service, manage_lifetime=False)
             key = (tmp_path / "admin.key").read_text().strip()

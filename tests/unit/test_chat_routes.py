@@ -152,6 +152,7 @@ def test_logprobs_in_chat_and_completions(tmp_path):
         ("/v1/chat/completions", {"model": "llm", "messages": HELLO, "bogus": 1}, 400, "bogus", "bogus"),
         ("/v1/chat/completions", {"model": "llm", "messages": [{"role": "x", "content": "y"}]}, 400, None, "role"),
         ("/v1/completions", {"model": "llm", "prompt": [1, 2, 3]}, 400, "prompt", "token arrays"),
+        ("/v1/chat/completions", {"model": "raw", "messages": HELLO}, 400, "messages", "/v1/completions"),
     ],
 )
 def test_bad_requests_answer_in_openais_error_shape(tmp_path, path, body, status, param, fragment):

@@ -77,6 +77,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             for worker in backend.workers():
                 worker.described = GENERATIVE
             await service.deploy(DeploySpec(source=f"{model}:M", name="llm", warmup=False))
+            for worker in backend.workers():
+                worker.described = {**GENERATIVE, "generation": {**GENERATIVE["generation"], "chat_template": False}}
+            await service.deploy(DeploySpec(source=f"{model}:M", name="raw", warmup=False))
             service.generate = fake.generate  # type: ignore[attr-defined]
             server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
             state["server"] = server
@@ -170,3 +173,7 @@ def test_ember_invoke_streams_the_answer_to_the_terminal(live: Live, monkeypatch
     assert request.prompt == "Once" and request.params.temperature == 0.0
     result = CliRunner().invoke(cli.app, ["invoke", "llm", "--data", '{"x": 1}', "--url", live.url])
     assert result.exit_code == 1 and "generative" in result.output
+    result = CliRunner().invoke(cli.app, ["invoke", "raw", "Once", "--url", live.url])
+    assert result.exit_code == 1 and "no chat template" in result.output and "--no-chat" in result.output
+    result = CliRunner().invoke(cli.app, ["invoke", "raw", "Once", "--no-chat", "--max-tokens", "1", "--url", live.url])
+    assert result.exit_code == 0 and result.output == WORDS[0] + "\n"
