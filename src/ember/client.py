@@ -2,12 +2,15 @@
 
 Ember's core is async; this is the one sync wrapper, over ``httpx``. It speaks the admin API
 (deploy with streamed progress, list, inspect, update, remove, load, unload, status), the Open Inference
-Protocol v2 with binary tensors (:meth:`Client.infer`) and the OpenAI embeddings route
-(:meth:`Client.embed`)::
+Protocol v2 with binary tensors (:meth:`Client.infer`), the OpenAI embeddings route
+(:meth:`Client.embed`) and, for generative models, the OpenAI chat and completion routes, streamed
+(:meth:`Client.generate`)::
 
     with Client("http://127.0.0.1:8000") as ember:
         ember.deploy("examples/minilm.py:MiniLM", slo_ms=50)
         vectors = ember.embed("minilm", ["hello", "world"])
+        for piece in ember.generate("smollm2", "Why is the sky blue?", max_tokens=64):
+            print(piece, end="", flush=True)
 
 Every request carries an API key as ``Authorization: Bearer <key>``: the ``api_key`` argument, else
 ``EMBER_API_KEY``, else, for a server on this machine (a loopback URL), the admin key file in the
@@ -227,6 +230,36 @@ class Client:
         rows = sorted(answer["data"], key=lambda item: int(item["index"]))
         return np.asarray([row["embedding"] for row in rows], dtype=np.float32)
 
+    def generate(
+        self,
+        name: str,
+        prompt: str,
+        *,
+        chat: bool = True,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+    ) -> Iterator[str]:
+        """Stream a generative model's answer to ``prompt``, piece by piece as its tokens come.
+
+        With ``chat`` the prompt is one user message (``POST /v1/chat/completions``; the model's chat
+        template applies); without, a raw completion prompt (``POST /v1/completions``). Errors raise the
+        matching :mod:`ember.errors` class, before the first piece or during the stream. Stopping the
+        iteration early closes the connection, which stops the generation on the server.
+        """
+        body: dict[str, Any] = {"model": name, "stream": True}
+        body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+        sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop}
+        body.update({k: v for k, v in sampling.items() if v is not None})
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        with self._http.stream("POST", path, json=body) as response:
+            if not response.is_success:
+                response.read()
+                raise self._error(response)
+            yield from _stream_text(response.iter_lines(), chat)
+
     def wait_ready(self, timeout_s: float = 60.0, interval_s: float = 0.1) -> None:
         """Wait until the server answers ``GET /v2/health/ready`` with 200; ``TimeoutError`` if it does not."""
         clock = WallClock()
@@ -358,10 +391,40 @@ def _read_deploy_stream(lines: Iterator[str], on_progress: Progress | None) -> d
     )
 
 
+def _stream_text(lines: Iterator[str], chat: bool) -> Iterator[str]:
+    """The text of each server-sent chunk of an OpenAI stream, until ``data: [DONE]``."""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise EmberError(f"the server sent a stream event that is not JSON: {data[:200]!r}") from exc
+        if not isinstance(chunk, dict):
+            raise EmberError(f"the server sent a stream event that is not an object: {data[:200]!r}")
+        if "error" in chunk:
+            raise EmberError(_error_message(chunk["error"]))
+        for choice in chunk.get("choices") or ():
+            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            if text:
+                yield str(text)
+    raise EmberError("the server ended the stream before it finished (no [DONE]); retry the request")
+
+
+def _error_message(error: Any) -> str:
+    """An error body's message: ``{"error": "..."}``, or OpenAI's ``{"error": {"message": "..."}}``."""
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return str(error)
+
+
 def _error_from_response(response: httpx.Response) -> EmberError:
     try:
         body = response.json()
-        message = str(body["error"]) if isinstance(body, dict) and "error" in body else response.text
+        message = _error_message(body["error"]) if isinstance(body, dict) and "error" in body else response.text
     except ValueError:
         message = response.text
     message = message.strip() or f"HTTP {response.status_code} {response.reason_phrase}"

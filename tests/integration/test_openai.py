@@ -99,12 +99,14 @@ def test_error_message_reaches_the_openai_client(client: openai.OpenAI, linear: 
         client.embeddings.create(model=linear, input="hello")
 
 
-def test_chat_completions_is_a_bad_request_the_openai_client_can_read(client: openai.OpenAI, minilm: str) -> None:
+def test_chat_completions_on_an_embedding_model_is_a_bad_request_naming_its_routes(
+    client: openai.OpenAI, minilm: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=minilm, messages=[{"role": "user", "content": "hello"}])
     assert caught.value.status_code == 400
     body = caught.value.body
-    assert isinstance(body, dict) and body["type"] == "invalid_request_error"
-    assert "/v1/chat/completions" in body["message"] and "/v1/embeddings" in body["message"]
-    with pytest.raises(openai.BadRequestError, match="no generative"):
+    assert isinstance(body, dict) and body["type"] == "invalid_request_error" and body["param"] == "model"
+    assert f"/v2/models/{minilm}/infer" in body["message"] and "/v1/embeddings" in body["message"]
+    with pytest.raises(openai.BadRequestError, match="not a generative model"):
         client.completions.create(model=minilm, prompt="hello")

@@ -17,6 +17,7 @@ from ember.testing import (
     run_in_virtual_time,
 )
 
+
 #: A prompt of ``n`` tokens for the default profile (4 UTF-8 bytes a token).
 def _prompt(tokens: int) -> str:
     return "abcd" * tokens

@@ -330,8 +330,10 @@ def test_openai_routes_that_do_not_exist_answer_in_the_openai_error_shape(tmp_pa
         assert r.status_code in (400, 404)
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
-        if "completions" in path:
-            assert r.status_code == 400 and "/v1/embeddings" in error["message"]
+        if path == "/v1/chat/completions":  # m is a one-shot model: the answer names its route
+            assert r.status_code == 400 and "/v2/models/m/infer" in error["message"]
+        if path == "/v1/completions":  # a completion takes a prompt, not messages
+            assert r.status_code == 400 and "no field 'messages'" in error["message"]
 
     _with_app(tmp_path, test)
 

@@ -4,7 +4,8 @@
     ember deploy SOURCE [options]         import a model into the store and bring it up
     ember ls | status | logs              what is deployed, how the server is, what the workers said
     ember describe NAME                   one model in full: inputs, outputs, SLO, tier, options (ember.cli.describe)
-    ember invoke NAME --text/--data       call a model
+    ember invoke NAME "prompt"            stream a generative model's answer (--max-tokens, --temperature)
+    ember invoke NAME --text/--data       call a one-shot model
     ember load | unload | rm NAME         make hot now, demote (--to cool|warm), remove
     ember store ls|import|verify|export|bench   the weight store, in --home (see ember.cli.store)
     ember sim SCENARIO [--json PATH]       replay a workload against the policies in virtual time (ember.cli.sim)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
@@ -466,15 +468,30 @@ def unload(
 @app.command()
 def invoke(
     name: str,
+    prompt: Annotated[
+        str | None, typer.Argument(help="A prompt for a generative model (its answer streams); other models: a text.")
+    ] = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A text to send (repeatable).")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Inputs as JSON, like '{\"x\": [[1, 2, 3, 4]]}'.")] = None,
     timeout_s: Annotated[float | None, typer.Option(min=0, help="The request's own deadline.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Generative models: most tokens to generate (default: the model's).")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(min=0, max=2, help="Generative models: sampling temperature; 0 is greedy.")
+    ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option("--chat/--no-chat", help="Generative models: send the prompt as a chat message, or as raw text."),
+    ] = True,
     url: UrlOption = DEFAULT_URL,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
-    """Call a model with texts (embedding and text models) or with JSON inputs."""
-    if (text is None) == (data is None):
-        raise typer.BadParameter("give either --text (one or more) or --data", param_hint="--text / --data")
+    """Call a model: a generative one with a prompt (the answer streams to the terminal), others with
+    texts (embedding and text models) or with JSON inputs."""
+    texts = [prompt, *(text or [])] if prompt is not None else text
+    if (texts is None) == (data is None):
+        raise typer.BadParameter("give a prompt, --text (one or more) or --data", param_hint="PROMPT / --text / --data")
     parsed: Any = None
     if data is not None:
         try:
@@ -482,9 +499,16 @@ def invoke(
         except ValueError as exc:
             raise typer.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
     with errors(url), Client(url, home=home) as client:
+        if client.model(name).get("task") == "generate":
+            if texts is None:
+                fail(f"model '{name}' is generative: give it a prompt, not --data")
+            _stream_answer(client, name, "\n".join(texts), chat, max_tokens, temperature)
+            return
+        if max_tokens is not None or temperature is not None or not chat:
+            fail(f"model '{name}' is not generative: --max-tokens, --temperature and --no-chat are for generative ones")
         inputs: list[dict[str, Any]] = client.metadata(name)["inputs"]
-        if text is not None:
-            outputs = _invoke_texts(client, name, text, inputs, timeout_s)
+        if texts is not None:
+            outputs = _invoke_texts(client, name, texts, inputs, timeout_s)
             if outputs is None:
                 return
         else:
@@ -494,6 +518,26 @@ def invoke(
                 fail(f"--data for model '{name}': {exc}")
             outputs = client.infer(name, arrays, timeout_s)
     typer.echo(json.dumps(outputs_to_json(outputs)))
+
+
+def _stream_answer(
+    client: Client, name: str, prompt: str, chat: bool, max_tokens: int | None, temperature: float | None
+) -> None:
+    """Print a generative model's answer as it comes; an error mid-answer ends the line first."""
+    began = False
+    try:
+        for piece in client.generate(name, prompt, chat=chat, max_tokens=max_tokens, temperature=temperature):
+            began = True
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except InvalidInput as exc:
+        if chat and "chat template" in exc.message:
+            fail(f"{exc.message.split(';')[0]}: call it with --no-chat")
+        raise
+    finally:
+        if began:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 def _invoke_texts(

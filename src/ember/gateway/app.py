@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import cast
 
 from starlette.applications import Starlette
 from starlette.datastructures import State
@@ -19,9 +20,10 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ember.errors import EmberError, InternalError
-from ember.gateway import admin, auth, dashboard, keys, oip, openai, openapi
+from ember.gateway import admin, auth, dashboard, generate, keys, oip, openai, openapi
 from ember.gateway.edge import error_response
 from ember.gateway.requestids import RequestIds
+from ember.gateway.streams import Generates
 from ember.service import EmberService
 
 __all__ = ["build_app"]
@@ -75,6 +77,7 @@ def build_app(service: EmberService, manage_lifetime: bool = True) -> Gateway:
 
     routes = [
         *oip.routes(service),  # first: Starlette tries routes in order, and infer is the hot one
+        *generate.routes(cast(Generates, service)),
         *openai.routes(service),
         *dashboard.routes(service),
         Route("/metrics", metrics, methods=["GET"]),

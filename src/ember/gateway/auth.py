@@ -23,10 +23,11 @@ Rules, in order:
    dashboard's data are anyone's, scoped to the caller's tenant; deploy, remove,
    load and unload need deployer; calling and reading need invoker. ``GET /metrics`` also takes the
    metrics key of ``HOME/metrics.key``, which opens nothing else (for a Prometheus scraper).
-5. A call (infer, embeddings) takes a token from its tenant's bucket, or is refused with 429 and
-   ``Retry-After``.
+5. A call (infer, generate, embeddings, chat and completions) takes a token from its tenant's
+   bucket, or is refused with 429 and ``Retry-After``.
 
-Routes that take a model name from the body (``/v1/embeddings``) call :func:`check_model` themselves.
+Routes that take a model name from the body (``/v1/embeddings``, ``/v1/chat/completions``,
+``/v1/completions``) call :func:`check_model` themselves.
 """
 
 from __future__ import annotations
@@ -302,10 +303,14 @@ class Reservation:
 TENANT_SCOPED_PATHS = frozenset({"/admin/usage", "/admin/dashboard"})
 
 
+#: The ends of the ``/v2/models/...`` paths that call a model (the rest read about it).
+_CALLS = ("/infer", "/generate", "/generate_stream")
+
+
 def _classify(method: str, path: str) -> tuple[Action, int]:
     """What a request does, and which segment of its path (split on '/') names a model (0: none)."""
     if path.startswith("/v2/models/"):
-        return (Action.INVOKE if method == "POST" and path.endswith("/infer") else Action.READ), 3
+        return (Action.INVOKE if method == "POST" and path.endswith(_CALLS) else Action.READ), 3
     if path.startswith("/v2/repository/models/"):
         return Action.DEPLOY, 4
     if path.startswith("/admin/models"):

@@ -25,6 +25,7 @@ __all__ = [
     "check_inputs",
     "decode_body",
     "error_response",
+    "openai_error",
     "read_body",
     "read_json",
     "receive_body",
@@ -69,15 +70,20 @@ def error_response(error: EmberError, openai: bool = False) -> Response:
         headers["Retry-After"] = error.retry_after_header
     body: dict[str, object] = dict(error.to_json())
     if openai:
-        body = {
-            "error": {
-                "message": error.message,
-                "type": _OPENAI_TYPES.get(error.http_status, "server_error"),
-                "param": None,
-                "code": type(error).__name__,
-            }
-        }
+        body = openai_error(error)
     return JSONResponse(body, status_code=error.http_status, headers=headers)
+
+
+def openai_error(error: EmberError) -> dict[str, object]:
+    """The error object the OpenAI clients read: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": _OPENAI_TYPES.get(error.http_status, "server_error"),
+            "param": getattr(error, "param", None),  # BadParameter names the field
+            "code": type(error).__name__,
+        }
+    }
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:

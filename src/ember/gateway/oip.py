@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 over HTTP (KServe v2 / Triton), with the binary tensor extension.
 
 Routes: server metadata and health, model metadata, readiness and config, infer, and the model
-repository extension (index, load, unload). In Ember a deployed model is always ready to take
+repository extension (index, load, unload). Generative models answer on the generate extension
+(:mod:`ember.gateway.generate`), not on infer. In Ember a deployed model is always ready to take
 requests: one that is not hot is brought up while its requests wait. ``load`` makes it hot now;
 ``unload`` demotes it to the cool tier (it stays deployed and callable), or to the warm tier with
 Triton's request parameters: ``{"parameters": {"tier": "warm"}}``.
@@ -46,7 +47,7 @@ def routes(service: EmberService) -> list[Route]:
             {
                 "name": "ember",
                 "version": __version__,
-                "extensions": ["binary_tensor_data", "model_repository"],
+                "extensions": ["binary_tensor_data", "model_repository", "generate"],
             }
         )
 

@@ -1,7 +1,5 @@
-"""The OpenAI-compatible routes: ``POST /v1/embeddings`` and ``GET /v1/models``.
-
-``/v1/chat/completions`` and ``/v1/completions`` answer 400 in the OpenAI error shape, saying that no
-generative model is served, so the official client raises a readable ``BadRequestError``.
+"""The OpenAI-compatible routes: ``POST /v1/embeddings``, ``GET /v1/models``, and (from
+:mod:`ember.gateway.chat`) ``POST /v1/chat/completions`` and ``POST /v1/completions``.
 
 A model fits ``/v1/embeddings`` when it declares ``task = "embeddings"``: one BYTES input of texts
 and one FP32 output of shape (-1, dim). Both ``encoding_format`` values work (``float``, and
@@ -12,7 +10,7 @@ words, not the model's tokens: the gateway never runs the tokenizer.
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from starlette.requests import Request
@@ -20,8 +18,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ember.errors import InvalidInput
-from ember.gateway import auth
+from ember.gateway import auth, chat
+from ember.gateway.completions import BadParameter
 from ember.gateway.edge import read_json
+from ember.gateway.streams import Generates
 from ember.service import EmberService
 
 __all__ = ["routes"]
@@ -41,6 +41,12 @@ def routes(service: EmberService) -> list[Route]:
         name = auth.qualified(request, name)
         d = service.deployment(name)
         auth.check_model(request, name, d.tenant)
+        if d.generative:
+            raise BadParameter(
+                f"model '{name}' is a generative model, not an embedding model; "
+                "call it on /v1/chat/completions or /v1/completions",
+                "model",
+            )
         if d.metadata.task != "embeddings":
             raise InvalidInput(f"model '{name}' is not an embedding model; use /v2/models/{name}/infer")
         texts = _texts(body.get("input"))
@@ -93,16 +99,9 @@ def routes(service: EmberService) -> list[Route]:
         m = service.info(request.path_params["name"])
         return JSONResponse({"id": m.name, "object": "model", "created": int(m.created_at), "owned_by": "ember"})
 
-    async def generative(request: Request) -> Response:
-        raise InvalidInput(
-            f"Ember does not serve {request.url.path} yet: it has no generative (chat or completion) models. "
-            "Embedding models answer on /v1/embeddings; every model answers on /v2/models/{name}/infer"
-        )
-
     return [
         Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/chat/completions", generative, methods=["POST"]),
-        Route("/v1/completions", generative, methods=["POST"]),
+        *chat.routes(cast(Generates, service), service.clock),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{name}", model, methods=["GET"]),
     ]

@@ -3,7 +3,8 @@
 The gateway is raw Starlette on its hot paths, so nothing derives a schema from the code; this one is
 kept beside the routes and checked against them (``tests/unit/test_openapi.py`` fuzzes every
 operation with schemathesis and requires each route to be described). It describes what a client
-may send; answers are ``application/json`` unless said otherwise, errors ``{"error": "..."}``.
+may send; answers are ``application/json`` unless said otherwise, errors ``{"error": "..."}`` (on
+``/v1/`` routes, OpenAI's ``{"error": {"message", "type", "param", "code"}}``).
 """
 
 from __future__ import annotations
@@ -87,6 +88,91 @@ _EMBEDDINGS = {
         "dimensions": {"type": "integer"},
     },
 }
+_STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]}
+_SAMPLING = {
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
+    "seed": {"type": "integer"},
+    "stop": _STOP,
+    "stream": {"type": "boolean"},
+}
+_OPENAI_SAMPLING = {
+    "model": {"type": "string"},
+    **_SAMPLING,
+    "n": {"type": "integer", "minimum": 1, "maximum": 8},
+    "stream_options": {
+        "type": "object",
+        "properties": {"include_usage": {"type": "boolean"}},
+        "additionalProperties": False,
+    },
+    "user": {"type": "string"},
+    "ignore_eos": {"type": "boolean"},
+}
+_CHAT = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        **_OPENAI_SAMPLING,
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role"],
+                "properties": {
+                    "role": {"type": "string", "enum": ["system", "user", "assistant", "developer", "tool"]},
+                    "content": {
+                        "oneOf": [
+                            {"type": "string"},
+                            {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["type", "text"],
+                                    "properties": {
+                                        "type": {"type": "string", "enum": ["text"]},
+                                        "text": {"type": "string"},
+                                    },
+                                },
+                            },
+                        ]
+                    },
+                    "tool_call_id": {"type": "string"},
+                },
+            },
+        },
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+    },
+}
+_COMPLETION = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {
+        **_OPENAI_SAMPLING,
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 8}]},
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
+    },
+}
+_GENERATE = {
+    "type": "object",
+    "required": ["text_input"],
+    "properties": {
+        "text_input": {"type": "string"},
+        "id": {"type": "string"},
+        "parameters": {
+            "type": "object",
+            "properties": {
+                **_SAMPLING,
+                "stop_words": _STOP,
+                "ignore_eos": {"type": "boolean"},
+                "exclude_input_in_output": {"type": "boolean"},
+            },
+        },
+    },
+}
 _UPDATE = {
     "type": "object",
     "properties": {
@@ -155,6 +241,12 @@ def _model_paths(prefix: str) -> dict[str, Any]:
         f"{prefix}/ready": {"get": _op("model readiness", params=params)},
         f"{prefix}/config": {"get": _op("Triton-shaped model config", params=params)},
         f"{prefix}/infer": {"post": _op("run one request (JSON or binary tensors)", body=_INFER, params=params)},
+        f"{prefix}/generate": {
+            "post": _op("Triton's generate extension: text_input -> text_output", body=_GENERATE, params=params)
+        },
+        f"{prefix}/generate_stream": {
+            "post": _op("the same, streamed as server-sent events (text/event-stream)", body=_GENERATE, params=params)
+        },
     }
 
 
@@ -185,8 +277,12 @@ SCHEMA: dict[str, Any] = {
             "post": _op("demote to cool, or to parameters.tier (warm, cool)", body=_UNLOAD, params=["name"])
         },
         "/v1/embeddings": {"post": _op("OpenAI embeddings", body=_EMBEDDINGS)},
-        "/v1/chat/completions": {"post": _op("not served yet: 400 in the OpenAI error shape", body=_EMPTY)},
-        "/v1/completions": {"post": _op("not served yet: 400 in the OpenAI error shape", body=_EMPTY)},
+        "/v1/chat/completions": {
+            "post": _op("OpenAI chat completions of a generative model (stream: server-sent events)", body=_CHAT)
+        },
+        "/v1/completions": {
+            "post": _op("OpenAI completions of a generative model (stream: server-sent events)", body=_COMPLETION)
+        },
         "/v1/models": {"get": _op("OpenAI model list")},
         "/v1/models/{name}": {"get": _op("one OpenAI model", params=["name"])},
         "/admin/models": {

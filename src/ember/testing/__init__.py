@@ -5,7 +5,8 @@ with a latency profile on that clock (and a token stream for generative models,
 ``FakeWorker.generate``, timed by a ``GenerationProfile``); ``FakeRunner`` stands in for a model's runner where the
 controller is tested alone; ``stage_weights`` puts a model's bytes in a store;
 ``poisson_arrivals`` builds a repeatable arrival trace; ``simfaas_scenario`` the scenario of SimFaaS's
-one-function model.
+one-function model; ``ScriptedGeneration`` stands in for the service's ``generate`` (token streams)
+where what sits above it is tested.
 """
 
 from ember.clock import VirtualClock
@@ -18,6 +19,7 @@ from ember.testing.fakes import (
     run_in_virtual_time,
     stage_weights,
 )
+from ember.testing.generation import ScriptedGeneration
 from ember.testing.runner import FakeRunner
 from ember.testing.traces import SIMFAAS_COLD_S, SIMFAAS_WARM_S, poisson_arrivals, simfaas_scenario
 
@@ -29,6 +31,7 @@ __all__ = [
     "FakeWorker",
     "GenerationProfile",
     "LatencyProfile",
+    "ScriptedGeneration",
     "VirtualClock",
     "generative_description",
     "poisson_arrivals",
