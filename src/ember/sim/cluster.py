@@ -17,6 +17,7 @@ from enum import StrEnum
 
 from ember.errors import InvalidInput
 from ember.sim.calibration import Calibration, LatencyCurve
+from ember.sim.tokens import GenSpec
 
 __all__ = ["ClusterSpec", "Distribution", "Loader", "ModelSpec", "ServiceTime"]
 
@@ -87,6 +88,17 @@ class ModelSpec:
     #: it at the end of the draw; under a shared queue the draw is the load, as ``cold_start``.
     cold_service: ServiceTime | None = None
     cold_service_mean_s: float = 0.0
+    #: A generative model: its objectives, limits and step model (``ember.sim.tokens``). Its ``curve``
+    #: is then the time a batch of typical requests holds an instance (what the autoscaler and
+    #: placement read), and ``slo_s`` a typical request's end-to-end objective.
+    generation: GenSpec | None = None
+
+    @property
+    def device_bytes(self) -> int:
+        """What an instance holds on its device: the weights, and a generative model's KV cache."""
+        if self.generation is None:
+            return self.weights_bytes
+        return self.weights_bytes + self.generation.kv_budget_tokens * self.generation.step.kv_bytes_per_token
 
     def __post_init__(self) -> None:
         if self.weights_bytes <= 0 or self.slo_s <= 0 or self.max_batch_size < 1 or self.work_per_request <= 0:

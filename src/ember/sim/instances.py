@@ -73,7 +73,7 @@ def scale(e: Engine, m: _Model) -> None:
 
 
 def start_instance(e: Engine, m: _Model, preloaded: bool = False) -> _Instance | None:
-    need = m.spec.weights_bytes
+    need = m.spec.device_bytes
     demand = 0.0 if preloaded else device_share(max(m.rate, m.arrivals / e.window_s), m.latency, m.max_batch)
     hosts = candidate_devices(e, m, need)
     place = e.p.placement.choose
@@ -114,7 +114,7 @@ def candidate_devices(e: Engine, m: _Model, need: int) -> list[_Device]:
 
 def place_on(e: Engine, m: _Model, dev: _Device, demand: float, preloaded: bool = False) -> _Instance | None:
     """Load ``m`` on ``dev``, evicting idle residents if it must; None if it cannot."""
-    need = m.spec.weights_bytes
+    need = m.spec.device_bytes
     short = dev.used + need - dev.capacity
     if short > 0 and (preloaded or not evict(e, dev, short)):  # pinning evicts nothing
         return None
@@ -149,9 +149,9 @@ def place_on(e: Engine, m: _Model, dev: _Device, demand: float, preloaded: bool 
     e._arm_tick()
     if not preloaded:
         dev.loading_bytes += need
-        e.loaded_bytes += need
+        e.loaded_bytes += m.spec.weights_bytes
         if source is _COOL:
-            e.loaded_from_disk += need
+            e.loaded_from_disk += m.spec.weights_bytes
         e._push(ready, LOAD, inst)
     return inst
 

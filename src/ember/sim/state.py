@@ -22,6 +22,7 @@ from ember.policies import (
 )
 from ember.policies.tiers import Tier
 from ember.sim.cluster import ModelSpec
+from ember.sim.tokens import GenStats
 
 __all__ = [
     "COOL",
@@ -70,6 +71,8 @@ class RunResult:
     #: Weight bytes moved onto devices by loads, all of them and those read from disk (cool).
     bytes_loaded: int = 0
     bytes_loaded_from_disk: int = 0
+    #: Generative requests' figures (TTFT, TPOT, tokens); None when the scenario has no generative model.
+    generative: GenStats | None = None
 
 
 class Model:
@@ -116,7 +119,7 @@ class Instance:
         self.ready_at, self.load_s, self.source, self.started_at = ready_at, load_s, source, started_at
         #: Under a router (FaaS): the request bound to this instance, from its arrival until answered.
         self.bound: Request | None = None
-        self.bytes = model.spec.weights_bytes
+        self.bytes = model.spec.device_bytes
         self.last_used = ready_at
         self.running = False
         #: Device seconds its batches took since the last tick, and its share of the device (smoothed).
