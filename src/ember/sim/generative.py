@@ -230,8 +230,10 @@ def run_chosen(e: Engine, dev: _Device, steps: list[Step], proposals: list[tuple
 def _start(e: Engine, dev: _Device, step: Step) -> None:
     m, inst, plan, g = step.model, step.inst, step.plan, e.gen
     b, waiting = g.batch(inst), g.queue(m)
+    preempted: list[Seq] = []
     for _ in range(plan.preempt):
         s = b.seqs.pop()
+        preempted.append(s)
         if s.need:
             b.kv_prefilling -= s.kv
         else:
@@ -240,8 +242,6 @@ def _start(e: Engine, dev: _Device, step: Step) -> None:
             b.decoding -= 1
             s.epoch += 1  # its finish entry is stale
         s.need = s.kv = 0
-        waiting.appendleft(s)
-        m.queue.appendleft((s.deadline, s.prompt, s.arrival))
         m.running -= 1
         g.stats.preemptions += 1
     for s, take in zip(b.seqs[b.decoding :], plan.chunks, strict=True):
@@ -256,6 +256,9 @@ def _start(e: Engine, dev: _Device, step: Step) -> None:
         b.kv_prefilling += s.kv
         b.seqs.append(s)
         m.running += 1
+    for s in preempted:  # back to the queue's front, oldest first, after the plan took the queued ones it names
+        waiting.appendleft(s)
+        m.queue.appendleft((s.deadline, s.prompt, s.arrival))
     if plan.preempt or plan.admit:
         m.version += 1
     seconds = step.seconds
@@ -265,7 +268,8 @@ def _start(e: Engine, dev: _Device, step: Step) -> None:
     g.stats.steps += 1
     if e.record:
         tokens = sum(plan.chunks) + sum(plan.admit)
-        e.events.append((e.now, "step", inst.key, dev.id, b.decoding, tokens, b.kv, seconds))
+        # The cache the step ends with, before finished sequences free theirs: at most the budget.
+        e.events.append((e.now, "step", inst.key, dev.id, b.decoding, tokens, b.kv + b.decoding, seconds))
     e._push(e.now + seconds, STEP, (inst, b.decoding))
 
 

@@ -211,7 +211,8 @@ def plan_step(view: StepView) -> StepPlan:
     """One step under the token budget: every decoding sequence decodes, then prefill chunks fill the
     rest, first those already in the batch, then queued ones in order while a sequence slot and the
     KV cache (their whole prefill reserved) have room. When the decodes do not fit the cache, the
-    newest sequences are preempted until they do (vLLM's recompute preemption)."""
+    newest sequences are preempted until they do (vLLM's recompute preemption), and the step then
+    admits no queued sequence."""
     decoding, kv = view.decoding, view.kv_used
     preempt = 0
     prefilling = list(view.prefilling)
@@ -233,7 +234,7 @@ def plan_step(view: StepView) -> StepPlan:
     admit: list[int] = []
     seqs = decoding + len(prefilling)
     kv += decoding
-    for need in view.waiting:
+    for need in () if preempt else view.waiting:  # a step that preempts admits nobody (vLLM's rule): no thrash
         if left <= 0 or seqs >= view.max_seqs or kv + need > view.kv_budget:
             break
         admit.append(min(need, left))
