@@ -293,11 +293,10 @@ class Engine:
             if len(proposals) + len(steps) == MAX_CANDIDATES:
                 break
             if m.spec.generation is not None:  # a generative model proposes its instance's next step
-                step = propose(self, m, dev)
-                if step is None:
+                mine = propose(self, m, dev)
+                if not mine:
                     del dev.pending[m.idx]
-                else:
-                    steps.append(step)
+                steps += mine
                 continue
             q = m.queue
             inst = None

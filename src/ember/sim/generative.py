@@ -5,7 +5,8 @@ prompt tokens, arrival)`` for the code that counts work, and :class:`GenRun` the
 in the same order). Each of its instances keeps a batch of running sequences. When the instance's
 device frees, the model proposes the instance's next step (:func:`propose`, planned by
 ``tokens.plan_step``) and the device scheduler chooses among it and the other residents' batches
-(:func:`run_chosen`); a step ends with a ``STEP`` event (:func:`step_done`). Tiers, loads, placement,
+(:func:`run_chosen`: several instances of one model on a device take turns, as the device runs
+one step or batch at a time); a step ends with a ``STEP`` event (:func:`step_done`). Tiers, loads, placement,
 keep-alive and the autoscaler are the engine's, as for one-shot models: an instance holding
 sequences counts as running, so nothing demotes or evicts it mid-generation.
 
@@ -88,6 +89,9 @@ class Step:
     candidate: Candidate
 
 
+_DECODE_ONLY = StepPlan(0, (), ())
+
+
 class GenRun:
     """The engine's generative state: each model's queued sequences, each instance's batch, the tally."""
 
@@ -164,25 +168,39 @@ def _admission_view(e: Engine, m: _Model, prompt: int, deadline: float) -> Admis
     )  # fmt: skip
 
 
-def propose(e: Engine, m: _Model, dev: _Device) -> Step | None:
-    """The next step of ``m``'s instance on ``dev``, or None when it has nothing to run there now."""
+def propose(e: Engine, m: _Model, dev: _Device) -> list[Step]:
+    """The next step of each of ``m``'s ready instances on ``dev`` that has something to run now."""
+    now, steps = e.now, []
+    for inst in m.instances:
+        if inst.device is dev and inst.ready_at <= now:
+            step = _propose(e, m, inst)
+            if step is not None:
+                steps.append(step)
+    return steps
+
+
+def _propose(e: Engine, m: _Model, inst: _Instance) -> Step | None:
     now, g = e.now, e.gen
-    inst = next((x for x in m.instances if x.device is dev and x.ready_at <= now), None)
-    if inst is None:
-        return None
     b = g.batch(inst)
     waiting = g.queue(m)
     if not b.seqs and not waiting:
         return None
     gen = _spec(m)
-    if not waiting and b.decoding == len(b.seqs) and b.kv + b.decoding <= gen.kv_budget_tokens:
-        plan = StepPlan(0, (), ())  # only decodes: the common step, planned without a view
+    room = min(m.max_batch - len(b.seqs), LOOKAHEAD) if waiting else 0  # queued sequences that could join
+    fits = b.kv + b.decoding <= gen.kv_budget_tokens
+    if room <= 0 and b.decoding == len(b.seqs) and fits:
+        if not b.seqs:
+            return None
+        # Only decodes: the common step, planned without a view.
+        seconds = gen.step.decode_s(b.decoding, b.kv_decoding)
+        candidate = Candidate(inst.key, now + gen.tpot_slo_s, seconds, 0.0, b.decoding)
+        return Step(m, inst, _DECODE_ONLY, seconds, candidate)
     else:
         view = StepView(
             b.decoding, b.kv, gen.kv_budget_tokens, m.max_batch, gen.step_tokens,
             tuple(s.need for s in b.seqs[b.decoding :]),
-            tuple(s.prompt + s.produced for s in itertools.islice(waiting, LOOKAHEAD)),
-            tuple(_held(b, s) for s in reversed(b.seqs)),
+            tuple(s.prompt + s.produced for s in itertools.islice(waiting, max(room, 0))),
+            () if fits else tuple(_held(b, s) for s in reversed(b.seqs)),
         )  # fmt: skip
         plan = plan_step(view)
         if not plan.preempt and not plan.admit and not b.seqs:
@@ -200,7 +218,7 @@ def propose(e: Engine, m: _Model, dev: _Device) -> Step | None:
         due.append(now + gen.tpot_slo_s)
     earliest = min(due) if due else now + gen.tpot_slo_s
     requests = len(b.seqs) - plan.preempt + len(plan.admit)
-    return Step(m, inst, plan, seconds, Candidate(m.name, earliest, seconds, 0.0, max(requests, 1)))
+    return Step(m, inst, plan, seconds, Candidate(inst.key, earliest, seconds, 0.0, max(requests, 1)))
 
 
 def _held(b: Batch, s: Seq) -> int:
