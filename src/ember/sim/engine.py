@@ -16,8 +16,9 @@ ones the server's runner and controller use.
 
 This module is the loop and the requests' path; the rest of the engine is split by concept, as
 functions of the :class:`Engine` they act on: ``instances.py`` (how many instances, where, what
-leaves), ``control.py`` (the control ticks on the grid ``k * tick_s``) and ``faas.py`` (requests
-bound to instances under a router, exact keep-alive expiry events).
+leaves), ``control.py`` (the control ticks on the grid ``k * tick_s``), ``faas.py`` (requests
+bound to instances under a router, exact keep-alive expiry events) and ``generative.py`` (generative
+requests: each instance's continuous batch, its steps on the device, a ``STEP`` event per step).
 """
 
 from __future__ import annotations
