@@ -173,6 +173,13 @@ def test_a_generative_model_without_a_size_is_refused_with_what_to_give(tmp_path
         parse_scenario(text, tmp_path, origin="bad")
 
 
+def test_one_shot_fields_on_a_generative_model_are_refused_by_name(tmp_path: Path) -> None:
+    text = (HERE.parent.parent / "src/ember/sim/scenarios/llm.yaml").read_text()
+    text = text.replace("    profile: llama1b\n", "    profile: llama1b\n    slo_ms: 100\n")
+    with pytest.raises(InvalidInput, match="slo_ms do\\(es\\) not apply to a generative model"):
+        parse_scenario(text, tmp_path, origin="bad")
+
+
 def test_a_one_shot_scenario_reports_no_generative_figures(tmp_path: Path) -> None:
     from sim_cases import SMALL
 

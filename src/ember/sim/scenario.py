@@ -101,6 +101,13 @@ class ModelIn(_Strict):
     @model_validator(mode="after")
     def _shape(self) -> ModelIn:
         if self.generative is not None:
+            ignored = sorted(self.model_fields_set & {"slo_ms", "max_batch_size", "work_per_request", "service",
+                                                      "cold_start", "cold_service"})  # fmt: skip
+            if ignored:
+                raise ValueError(
+                    f"model '{self.name}': {', '.join(ignored)} do(es) not apply to a generative model; its "
+                    "objectives and limits go in its generative section (ttft_slo_ms, tpot_slo_ms, max_num_seqs)"
+                )
             if self.profile is None and (self.weights_gb is None or self.generative.params_b is None):
                 raise ValueError(f"model '{self.name}': a generative model needs a profile, or weights_gb and params_b")
             return self
