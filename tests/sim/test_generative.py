@@ -58,19 +58,29 @@ def test_two_requests_on_one_instance_have_the_ttft_and_tpot_of_their_steps() ->
     assert [(ev[4], ev[5]) for ev in steps] == [(0, 100), (1, 50), (2, 0)]  # (decoding, prefill tokens)
     assert [ev[0] for ev in steps] == pytest.approx([0.0, 0.020, 0.040], rel=1e-12)
     assert [ev[7] for ev in steps] == pytest.approx([0.020, 0.020, 0.010], rel=1e-12)
+    # The cache each step ends with: A's 100-token prompt; + its decode and B's 50; + both decodes.
+    assert [ev[6] for ev in steps] == [100, 151, 153]
     assert result.met_slo == 2 and g.both_met == 2
 
 
 def test_a_full_cache_preempts_the_newest_sequence_and_recomputes_it() -> None:
-    # A cache of 12 tokens: A (prompt 4, 6 outputs) and B (prompt 4, 6 outputs) both join, then their
-    # decodes outgrow it; B (the newest) is preempted, rejoins after A finishes, and still finishes
-    # every token, its first token's time unchanged.
+    # A cache of 12 tokens; A and B (4-token prompts, 6 output tokens) both arrive at 0; A's prefill starts alone.
+    #   0-20 ms A prefills (4)             -> A 1 token; cache 4
+    #  20-40    A decodes, B prefills (4)  -> A 2, B 1 (B's first token at 40 ms); cache 5 + 4 = 9
+    #  40-50    both decode                -> A 3, B 2; cache 11
+    #  50-60    11 + 2 > 12: B (newest) is preempted, its 5 tokens freed; A decodes -> A 4; cache 7
+    #  60-80    A decodes twice; B would need 4 + 2 = 6 tokens again, no room -> A 6: done at 80 ms
+    #  80-100   B recomputes prompt + its 2 tokens (6) -> B 3; then decodes 100-130 -> B 6: done at 130 ms
     result = _one_instance(Workload([0.0, 0.0], [0, 0], [4, 4], outputs=[6, 6]), kv_budget=12)
     g = result.generative
     assert g is not None
-    assert g.requests == 2 and g.preemptions >= 1 and g.output_tokens == 12
-    assert all(ev[6] <= 12 for ev in result.events if ev[1] == "step")
-    assert g.ttft_s[1] <= result.latencies_s[1]
+    assert (g.requests, g.preemptions, g.steps, g.output_tokens) == (2, 1, 10, 12)
+    assert g.ttft_s == pytest.approx([0.020, 0.040], rel=1e-12)  # B keeps its first token's time
+    assert g.tpot_s == pytest.approx([(0.080 - 0.020) / 5, (0.130 - 0.040) / 5], rel=1e-12)
+    assert result.latencies_s == pytest.approx([0.080, 0.130], rel=1e-12)
+    steps = [ev for ev in result.events if ev[1] == "step"]
+    assert [ev[6] for ev in steps] == [4, 9, 11, 7, 8, 9, 6, 7, 8, 9]  # never past 12
+    assert [(ev[4], ev[5]) for ev in steps][3:7] == [(1, 0), (1, 0), (1, 0), (0, 6)]
 
 
 def test_a_request_that_cannot_fit_is_refused_not_truncated() -> None:
