@@ -183,10 +183,11 @@ def _propose(e: Engine, m: _Model, inst: _Instance) -> Step | None:
     now, g = e.now, e.gen
     b = g.batch(inst)
     waiting = g.queue(m)
-    if not b.seqs and not waiting:
+    if not b.seqs and (not waiting or inst.retiring):
         return None
     gen = _spec(m)
-    room = min(m.max_batch - len(b.seqs), LOOKAHEAD) if waiting else 0  # queued sequences that could join
+    # Queued sequences that could join (none on an instance that is moving away: it drains).
+    room = min(m.max_batch - len(b.seqs), LOOKAHEAD) if waiting and not inst.retiring else 0
     fits = b.kv + b.decoding <= gen.kv_budget_tokens
     if room <= 0 and b.decoding == len(b.seqs) and fits:
         if not b.seqs:
