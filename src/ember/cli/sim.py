@@ -37,7 +37,7 @@ _err = Console(stderr=True, soft_wrap=True)
 
 def sim(
     scenario: Annotated[
-        str, typer.Argument(help="A scenario YAML file, or a built-in one: default, faas_single, large.")
+        str, typer.Argument(help="A scenario YAML file, or a built-in one: default, faas_single, large, llm.")
     ],
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
     only: Annotated[list[str] | None, typer.Option("--only", help="Run only this policy set (repeatable).")] = None,
@@ -53,6 +53,7 @@ def sim(
     ] = None,
 ) -> None:
     """Replay a workload against always-on, classic FaaS, Ray-Serve-like and Ember policies in virtual time."""
+    from ember.sim.genreport import generative_table
     from ember.sim.plots import RunSeries, prepare_plots_dir, series_of, write_plots
     from ember.sim.report import table, write_json
     from ember.sim.runner import run_scenario
@@ -85,6 +86,9 @@ def sim(
         _err.print(Text(f"error: {exc.message}", style="red"))
         raise typer.Exit(1) from None
     print_table(table(loaded.name, reports), _console)
+    generative = [(r.policy_set, r.generative, r.gpu_seconds, r.usd) for r in reports if r.generative is not None]
+    if generative:
+        print_table(generative_table(loaded.name, generative), _console)
     total_wall = sum(r.wall_s for r in reports)
     simulated = sum(r.requests for r in reports)
     _console.print(

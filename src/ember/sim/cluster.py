@@ -17,6 +17,7 @@ from enum import StrEnum
 
 from ember.errors import InvalidInput
 from ember.sim.calibration import Calibration, LatencyCurve
+from ember.sim.tokens import GenSpec
 
 __all__ = ["ClusterSpec", "Distribution", "Loader", "ModelSpec", "ServiceTime"]
 
@@ -88,13 +89,21 @@ class ModelSpec:
     cold_service: ServiceTime | None = None
     cold_service_mean_s: float = 0.0
     #: A generative model's KV-cache budget per instance (``policies.kv_cache_bytes``), held on the
-    #: device beside its weights; never in the warm tier, never loaded (0: a one-shot model).
+    #: device beside its weights; never in the warm tier, never loaded (0: a one-shot model, or the
+    #: budget ``generation`` implies).
     kv_bytes: int = 0
+    #: A generative model: its objectives, limits and step model (``ember.sim.tokens``). Its ``curve``
+    #: is then the time a batch of typical requests holds an instance (what the autoscaler and
+    #: placement read), and ``slo_s`` a typical request's end-to-end objective.
+    generation: GenSpec | None = None
 
     @property
     def device_bytes(self) -> int:
-        """What an instance holds on its device: weights and KV cache."""
-        return self.weights_bytes + self.kv_bytes
+        """What an instance holds on its device: the weights, and a generative model's KV cache."""
+        kv = self.kv_bytes
+        if not kv and self.generation is not None:
+            kv = self.generation.kv_budget_tokens * self.generation.step.kv_bytes_per_token
+        return self.weights_bytes + kv
 
     def __post_init__(self) -> None:
         if self.weights_bytes <= 0 or self.slo_s <= 0 or self.max_batch_size < 1 or self.work_per_request <= 0:

@@ -16,8 +16,9 @@ ones the server's runner and controller use.
 
 This module is the loop and the requests' path; the rest of the engine is split by concept, as
 functions of the :class:`Engine` they act on: ``instances.py`` (how many instances, where, what
-leaves), ``control.py`` (the control ticks on the grid ``k * tick_s``) and ``faas.py`` (requests
-bound to instances under a router, exact keep-alive expiry events).
+leaves), ``control.py`` (the control ticks on the grid ``k * tick_s``), ``faas.py`` (requests
+bound to instances under a router, exact keep-alive expiry events) and ``generative.py`` (generative
+requests: each instance's continuous batch, its steps on the device, a ``STEP`` event per step).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ember.policies import (
 from ember.sim.cluster import ClusterSpec, ModelSpec
 from ember.sim.control import retire, tick
 from ember.sim.faas import ask_keepalive, bind, expire, run_bound
+from ember.sim.generative import STEP, GenRun, Step, arrive, propose, run_chosen, step_done
 from ember.sim.instances import keep_warm, pin_all, scale
 from ember.sim.policysets import PolicySet
 from ember.sim.state import COOL as _COOL
@@ -80,7 +82,7 @@ class Engine:
         if too_big is not None:
             raise InvalidInput(
                 f"model '{too_big.name}' ({too_big.device_bytes / 1e9:.1f} GB"
-                f"{' with its KV cache' if too_big.kv_bytes else ''}) does not fit a device of"
+                f"{' with its KV cache' if too_big.device_bytes > too_big.weights_bytes else ''}) does not fit a device of"
                 f" {cluster.device_memory_bytes / 1e9:.1f} GB; give the cluster more device memory"
             )
         self.cluster, self.workload, self.p = cluster, workload, policies
@@ -112,6 +114,8 @@ class Engine:
         self.events: list[tuple[Any, ...]] = []
         self.latencies: list[float] = []
         self.occupancy: list[tuple[float, int, int, int]] = []
+        #: Generative requests: queued sequences, each instance's batch, what they measured (``generative.py``).
+        self.gen = GenRun()
         self.met = self.refused = self.batches = self.outstanding = 0
         self.cold = {_WARM.value: 0, _COOL.value: 0}
         self.missed: dict[str, int] = {}
@@ -145,6 +149,7 @@ class Engine:
             pin_all(self)
         self._arm_tick()
         times, owners, sizes = self.workload.times, self.workload.models, self.workload.sizes
+        outputs = self.workload.outputs
         n, i, heap = len(times), 0, self.heap
         models, pop = self.models, heapq.heappop
         while True:
@@ -160,11 +165,17 @@ class Engine:
                     self._wake(obj)
                 elif kind == EXPIRE:
                     expire(self, obj)
+                elif kind == STEP:
+                    step_done(self, obj)
                 else:
                     tick(self, obj)
             elif i < n:
                 self.now = t_next
-                self._arrive(models[owners[i]], sizes[i])
+                m = models[owners[i]]
+                if m.spec.generation is None:
+                    self._arrive(m, sizes[i])
+                else:
+                    arrive(self, m, sizes[i], outputs[i])
                 i += 1
             else:
                 break
@@ -190,6 +201,7 @@ class Engine:
             self.host_gb_s,
             self.loaded_bytes,
             self.loaded_from_disk,
+            self.gen.stats if any(m.spec.generation for m in self.models) else None,
         )
 
     def _push(self, t: float, kind: int, obj: Any) -> None:
@@ -271,16 +283,23 @@ class Engine:
             return
         now, batcher = self.now, self.p.batcher
         proposals: list[tuple[_Model, _Instance, int, int]] = []
+        steps: list[Step] = []
         pending = list(dev.pending.values())
         if len(pending) > MAX_CANDIDATES:  # ask the models due first; a busy device may hold hundreds
             for m in pending:
-                if not m.queue:
+                if not m.queue and not m.running:
                     del dev.pending[m.idx]
-            due = [(m.queue[0][0], m.idx, m) for m in dev.pending.values()]
+            due = [(m.queue[0][0] if m.queue else now, m.idx, m) for m in dev.pending.values()]
             pending = [m for _, _, m in heapq.nsmallest(MAX_CANDIDATES, due)]
         for m in pending:
-            if len(proposals) == MAX_CANDIDATES:
+            if len(proposals) + len(steps) == MAX_CANDIDATES:
                 break
+            if m.spec.generation is not None:  # a generative model proposes its instance's next step
+                mine = propose(self, m, dev)
+                if not mine:
+                    del dev.pending[m.idx]
+                steps += mine
+                continue
             q = m.queue
             inst = None
             if q:
@@ -310,6 +329,9 @@ class Engine:
                 self._push(decision.wake_at, WAKE, m)
             if not q:
                 dev.pending.pop(m.idx, None)
+        if steps:
+            run_chosen(self, dev, steps, proposals)
+            return
         if not proposals:
             return
         if len(proposals) > 1:

@@ -149,9 +149,9 @@ def place_on(e: Engine, m: _Model, dev: _Device, demand: float, preloaded: bool 
     e._arm_tick()
     if not preloaded:
         dev.loading_bytes += need
-        e.loaded_bytes += need
+        e.loaded_bytes += m.spec.weights_bytes
         if source is _COOL:
-            e.loaded_from_disk += need
+            e.loaded_from_disk += m.spec.weights_bytes
         e._push(ready, LOAD, inst)
     return inst
 

@@ -11,6 +11,7 @@ import numpy as np
 from rich.table import Table
 
 from ember.sim.engine import RunResult
+from ember.sim.genreport import GenerativeFigures, generative_figures
 from ember.sim.prices import DEFAULT_PRICES, Prices, bill
 
 __all__ = ["PolicyReport", "summarise", "table", "write_json", "write_sweep_json"]
@@ -45,6 +46,8 @@ class PolicyReport:
     host_memory_usd: float
     usd: float
     usd_per_million_requests: float
+    #: Generative requests' figures (TTFT, TPOT, goodput); None when the scenario has no generative model.
+    generative: GenerativeFigures | None = None
 
 
 def summarise(
@@ -79,6 +82,7 @@ def summarise(
         host_memory_usd=dollars.host_memory_usd,
         usd=dollars.total_usd,
         usd_per_million_requests=dollars.total_usd / total * 1e6 if total else 0.0,
+        generative=generative_figures(result, dollars.total_usd),
     )
 
 

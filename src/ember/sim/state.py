@@ -22,6 +22,7 @@ from ember.policies import (
 )
 from ember.policies.tiers import Tier
 from ember.sim.cluster import ModelSpec
+from ember.sim.tokens import GenStats
 
 __all__ = [
     "COOL",
@@ -70,6 +71,8 @@ class RunResult:
     #: Weight bytes moved onto devices by loads, all of them and those read from disk (cool).
     bytes_loaded: int = 0
     bytes_loaded_from_disk: int = 0
+    #: Generative requests' figures (TTFT, TPOT, tokens); None when the scenario has no generative model.
+    generative: GenStats | None = None
 
 
 class Model:

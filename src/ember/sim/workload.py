@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -48,6 +48,9 @@ class Workload:
     sizes: list[int]
     #: The arrival pattern each model was given (synthetic workloads only).
     patterns: tuple[Pattern, ...] = ()
+    #: Generative requests: output tokens of each arrival, whose ``sizes`` are then its prompt tokens
+    #: (``ember.sim.llmtrace``); empty when every model is one-shot.
+    outputs: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.times)
