@@ -122,15 +122,25 @@ class ClusterSpec:
 
     def load_s(self, model: ModelSpec, warm: bool, loader: Loader, rng: random.Random) -> float:
         """Seconds to make ``model`` hot on a device of a node where it is warm (or only on disk)."""
+        start_s, copy_s = self.load_phases(model, warm, loader, rng)
+        return start_s + copy_s
+
+    def load_phases(self, model: ModelSpec, warm: bool, loader: Loader, rng: random.Random) -> tuple[float, float]:
+        """A load's two phases, in seconds: the process start (CPU work, which overlaps other loads) and
+        the copy of the weights onto the device (which shares the device's host link with its other loads).
+
+        Only a plain function starts a process; Ember's loads come from a pool of started runtimes. A
+        scenario's own ``cold_start`` or ``cold_service`` draw, or a measured load time, is one copy phase.
+        """
         if model.cold_start is not None:
-            return model.cold_start.draw(model.cold_start_mean_s, rng)
+            return 0.0, model.cold_start.draw(model.cold_start_mean_s, rng)
         if model.cold_service is not None:
-            return model.cold_service.draw(model.cold_service_mean_s, rng)
+            return 0.0, model.cold_service.draw(model.cold_service_mean_s, rng)
         if model.measured_load_s is not None and loader is Loader.EMBER:
-            return model.measured_load_s[0 if warm else 1]
+            return 0.0, model.measured_load_s[0 if warm else 1]
         cal = self.calibration
         if loader is Loader.PLAIN:
-            return cal.runtime_start_s + model.weights_bytes / cal.torch_load_bytes_per_s
+            return cal.runtime_start_s, model.weights_bytes / cal.torch_load_bytes_per_s
         if warm:
-            return model.weights_bytes / cal.h2d_pinned_bytes_per_s
-        return model.weights_bytes / cal.disk_to_device_bytes_per_s
+            return 0.0, model.weights_bytes / cal.h2d_pinned_bytes_per_s
+        return 0.0, model.weights_bytes / cal.disk_to_device_bytes_per_s

@@ -10,9 +10,10 @@ The engine is the loop of DESIGN.md principle 1: it builds each policy's snapsho
 applies the decision, and folds measurements back into the per-model state the policies keep
 (``LatencyModel``, ``IdleHistogram``, ``ScaleState``). A device runs one batch at a time: when it
 frees, each resident model with queued requests asks its batching policy for a batch and the device
-scheduler picks which one runs. Loads on a device are serialised (one host link) and overlap its
-compute. The policies' inputs come from the state layer's builders (``ember.state``), the same
-ones the server's runner and controller use.
+scheduler picks which one runs. Copies of weights onto a device are serialised (one host link), in
+the order their loads begin, and overlap its compute; a plain function's process start, before its
+copy, overlaps everything (``ClusterSpec.load_phases``). The policies' inputs come from the state
+layer's builders (``ember.state``), the same ones the server's runner and controller use.
 
 This module is the loop and the requests' path; the rest of the engine is split by concept, as
 functions of the :class:`Engine` they act on: ``instances.py`` (how many instances, where, what

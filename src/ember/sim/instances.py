@@ -120,8 +120,10 @@ def place_on(e: Engine, m: _Model, dev: _Device, demand: float, preloaded: bool 
         return None
     node, warm = dev.node, e.warm[dev.node]
     source = _HOT if preloaded else (_WARM if e.p.warm_tier and m.idx in warm else _COOL)
-    load_s = 0.0 if preloaded else e.cluster.load_s(m.spec, source is _WARM, e.p.loader, e.rng)
-    ready = e.now if preloaded else max(e.now, dev.load_free_at) + load_s
+    # A process start overlaps the device's other loads; the copy waits for its host link.
+    start_s, copy_s = (0.0, 0.0) if preloaded else e.cluster.load_phases(m.spec, source is _WARM, e.p.loader, e.rng)
+    load_s = start_s + copy_s
+    ready = e.now if preloaded else max(e.now + start_s, dev.load_free_at) + copy_s
     if not preloaded:
         dev.load_free_at = ready
     key = f"{m.name}#{m.next_key}"
