@@ -54,7 +54,7 @@ def sim(
 ) -> None:
     """Replay a workload against always-on, classic FaaS, Ray-Serve-like and Ember policies in virtual time."""
     from ember.sim.plots import RunSeries, prepare_plots_dir, series_of, write_plots
-    from ember.sim.report import table, write_json
+    from ember.sim.report import class_table, table, write_json
     from ember.sim.runner import run_scenario
     from ember.sim.scenario import load_scenario
 
@@ -85,6 +85,7 @@ def sim(
         _err.print(Text(f"error: {exc.message}", style="red"))
         raise typer.Exit(1) from None
     print_table(table(loaded.name, reports), _console)
+    print_table(class_table(loaded.name, reports), _console)
     total_wall = sum(r.wall_s for r in reports)
     simulated = sum(r.requests for r in reports)
     _console.print(

@@ -87,6 +87,8 @@ class ModelSpec:
     #: it at the end of the draw; under a shared queue the draw is the load, as ``cold_start``.
     cold_service: ServiceTime | None = None
     cold_service_mean_s: float = 0.0
+    #: The model class it is billed under (a scenario's model entry); empty: its own name.
+    group: str = ""
 
     def __post_init__(self) -> None:
         if self.weights_bytes <= 0 or self.slo_s <= 0 or self.max_batch_size < 1 or self.work_per_request <= 0:
@@ -97,6 +99,10 @@ class ModelSpec:
             raise InvalidInput(
                 f"model '{self.name}': give cold_start (the load) or cold_service (the whole cold request), not both"
             )
+
+    @property
+    def model_class(self) -> str:
+        return self.group or self.name
 
     def batch_s(self, rows: int, rng: random.Random) -> float:
         return self.service.draw(self.curve.batch_s(rows) * self.work_per_request, rng)

@@ -142,6 +142,7 @@ def place_on(e: Engine, m: _Model, dev: _Device, demand: float, preloaded: bool 
     dev.shortest_slo_s = min(dev.shortest_slo_s, m.slo_s)
     dev.longest_batch_s = max(dev.longest_batch_s, m.latency.predict(1))
     e.used_total += need
+    e.class_used[e.class_of[m.idx]] += need
     m.instances.append(inst)
     e.instances[key] = inst
     if e.p.warm_tier:
@@ -194,6 +195,7 @@ def remove(e: Engine, inst: _Instance, to: Tier) -> None:
     dev.shortest_slo_s = min((r.slo_s for r in residents), default=math.inf)
     dev.longest_batch_s = max((r.latency.predict(1) for r in residents), default=0.0)
     e.used_total -= inst.bytes
+    e.class_used[e.class_of[m.idx]] -= inst.bytes
     if not dev.instances:
         e.held -= 1
         dev.util = 0.0
@@ -216,6 +218,7 @@ def keep_warm(e: Engine, node: int, m: _Model) -> None:
     e._account_host()
     warm[m.idx] = None
     e.warm_bytes[node] += m.spec.weights_bytes
+    e.class_warm[e.class_of[m.idx]] += m.spec.weights_bytes
     over = e.warm_bytes[node] - e.cluster.host_memory_bytes
     if over > 0:
         # Free a tenth of the host memory beyond what is needed: a full node would otherwise ask the
@@ -240,6 +243,7 @@ def drop_warm(e: Engine, node: int, idx: int) -> None:
     e._account_host()
     del e.warm[node][idx]
     e.warm_bytes[node] -= e.models[idx].spec.weights_bytes
+    e.class_warm[e.class_of[idx]] -= e.models[idx].spec.weights_bytes
 
 
 def device_view(e: Engine, dev: _Device, model: _Model | None = None, evictable_gone: bool = False) -> WorkerView:
