@@ -103,11 +103,9 @@ def test_the_baselines_pack_onto_the_first_device_while_it_has_room(policy_set: 
     assert isinstance(build_policy_set(policy_set, options).placement, PackByMemory)
     run = run_policy_set(scenario, policy_set, options, scenario.workload(), record_events=True)
     devices = [event[3] for event in run.events if event[1] == "load"]
-    if policy_set == "ray_serve":
-        assert set(devices) == {"n0/cuda:0"}  # the small scenario's 34 models fit one H200's memory
-    else:  # an instance per request in flight: the second device opens only once the first is full
-        first_other = devices.index("n0/cuda:1")
-        assert first_other > 300 and devices.count("n0/cuda:1") < devices.count("n0/cuda:0") / 10
+    # The small scenario's 34 models fit one H200's memory, and so do classic FaaS's instances (one per
+    # request in flight): the second device is never opened.
+    assert len(devices) > 34 and set(devices) == {"n0/cuda:0"}
 
 
 def test_ray_serve_takes_a_fractional_gpu_per_replica() -> None:

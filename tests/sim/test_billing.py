@@ -88,14 +88,17 @@ def test_the_bill_is_gpu_hours_and_host_gb_hours_at_their_prices() -> None:
 
 
 def test_the_report_prices_a_run_with_the_scenarios_prices() -> None:
+    """Ember's warm copies sit in pinned memory, with its loader's staging buffers (128 MiB per device)."""
     scenario = parse_scenario(TWO.format(start_warm="true"), HERE)
     result = _run("ember", start_warm=True)
     report = summarise(result, 0.0, None, scenario.prices)
     gpu_usd = result.gpu_seconds / 3600 * 3.6
-    host_usd = 2 * 0.5 * 100 / 3600 * 0.036
+    pinned_gb_s = 2 * 0.5 * 100 + 2 * (128 << 20) / 1e9 * 100
+    host_usd = pinned_gb_s / 3600 * 0.036
     assert report.host_memory_gb_seconds == pytest.approx(100.0)
+    assert report.pinned_memory_gb_seconds == pytest.approx(pinned_gb_s)
     assert report.gpu_usd == pytest.approx(gpu_usd)
-    assert report.host_memory_usd == pytest.approx(host_usd)
+    assert report.host_memory_usd == report.pinned_memory_usd == pytest.approx(host_usd)
     assert report.usd == pytest.approx(gpu_usd + host_usd)
     assert report.usd_per_million_requests == pytest.approx((gpu_usd + host_usd) / 4 * 1e6)
     assert report.load_gb == pytest.approx(result.bytes_loaded / 1e9)
@@ -105,3 +108,57 @@ def test_a_scenario_without_prices_bills_at_the_defaults_the_default_scenario_ci
     bare = parse_scenario(TWO.format(start_warm="true").replace(
         "prices: {gpu_hour_usd: 3.6, host_memory_gb_hour_usd: 0.036}\n", ""), HERE)  # fmt: skip
     assert bare.prices == DEFAULT_PRICES == load_scenario("default").prices
+
+
+def test_pinned_memory_is_priced_apart_from_pageable() -> None:
+    """At $0.036 a pinned GB-hour and $0.0036 a pageable one, 36,000 pinned GB-seconds cost $0.36 and
+    36,000 pageable ones $0.036; a set without Ember's loader holds no pinned memory."""
+    b = bill(0.0, 36_000.0, Prices(host_memory_gb_hour_usd=0.0036, pinned_memory_gb_hour_usd=0.036), 36_000.0)
+    assert b.pinned_memory_usd == pytest.approx(0.36)
+    assert b.host_memory_usd == pytest.approx(0.396)
+    assert b.total_usd == pytest.approx(0.396)
+    assert Prices(host_memory_gb_hour_usd=0.01).pinned_gb_hour_usd == 0.01  # by default the same DRAM
+    text = TWO.format(start_warm="true").replace("0.036}", "0.036, pinned_memory_gb_hour_usd: 0.072}")
+    priced = parse_scenario(text, HERE)
+    assert priced.prices.pinned_gb_hour_usd == 0.072
+    faas = _run("classic_faas", start_warm=True)
+    assert faas.pinned_memory_gb_seconds == faas.pageable_memory_gb_seconds == 0.0
+
+
+CLASSES = """
+name: classes
+seed: 1
+duration_s: 100
+tick_s: 1
+start_warm: true
+cluster: {nodes: 1, devices_per_node: 1, host_memory_gb: 10}
+models:
+  - {name: small, count: 2, weights_gb: 0.5, slo_ms: 60000, max_batch_size: 1, service: {mean_ms: 1000}}
+  - {name: big, weights_gb: 1.5, slo_ms: 60000, max_batch_size: 1, service: {mean_ms: 1000}}
+workload:
+  synthetic: {total_rate_per_s: 1}
+prices: {gpu_hour_usd: 3.6, host_memory_gb_hour_usd: 0.036}
+policy_sets:
+  - always_on
+"""
+
+
+def test_the_bill_is_split_per_model_class_by_the_weights_each_keeps_on_the_devices() -> None:
+    """Always-on pins 2 x 0.5 GB of ``small`` and 1.5 GB of ``big`` on one device for 100 s: the device's
+    $0.10 splits 1.0 : 1.5, and so do its staging buffers; nothing is warm."""
+    scenario = parse_scenario(CLASSES, HERE)
+    trace = Workload([10.0, 20.0, 30.0], [0, 1, 2], [1, 1, 1])
+    result = run_policy_set(scenario, "always_on", {}, trace)
+    report = summarise(result, 0.0, None, scenario.prices)
+    assert list(report.classes) == ["small", "big"]
+    small, big = report.classes["small"], report.classes["big"]
+    assert (small.requests, big.requests) == (2, 1)
+    assert small.gpu_memory_gb_seconds == pytest.approx(100.0)
+    assert big.gpu_memory_gb_seconds == pytest.approx(150.0)
+    assert report.gpu_usd == pytest.approx(0.1)
+    assert small.gpu_usd == pytest.approx(0.04) and big.gpu_usd == pytest.approx(0.06)
+    staging_usd = (128 << 20) / 1e9 * 100 / 3600 * 0.036
+    assert small.pinned_memory_usd == pytest.approx(0.4 * staging_usd)
+    assert big.pinned_memory_usd == pytest.approx(0.6 * staging_usd)
+    assert small.usd + big.usd == pytest.approx(report.usd)
+    assert small.usd_per_million_requests == pytest.approx(small.usd / 2 * 1e6)

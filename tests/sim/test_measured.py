@@ -53,11 +53,19 @@ def test_known_answer_cold_warm_and_hot_requests() -> None:
     """Requests at 0, 1, 5 and 20 s; keep-alive hot 2 s, warm 6 s, tick 0.1 s, load warm 10 ms, cool 30 ms.
 
     0 s: cool load (30 ms) + batch (20 ms) = 50 ms. 1 s: hot, 20 ms. 5 s: idle 4 s > 2 s, so warm:
-    10 + 20 = 30 ms. 20 s: idle 15 s > 2 + 6 s, so cool again: 50 ms. All within the 100 ms SLO.
+    10 + 20 = 30 ms. 20 s: idle 15 s > 2 + 6 s, but a load from cool (30 ms) takes more than a quarter
+    of the 100 ms SLO, so the keep-alive kept the warm copy: 30 ms again. With a 200 ms SLO the load
+    from cool is cheap and the copy goes after 2 + 6 s: cool again, 50 ms. All within the SLO.
     """
     workload = Workload([0.0, 1.0, 5.0, 20.0], [0, 0, 0, 0], [1, 1, 1, 1])
     outcome, _ = simulate(_profile(), workload, duration_s=25.0)
     assert outcome.requests == 4 and outcome.refused == 0 and outcome.slo_attainment == 1.0
+    assert outcome.loads == {"warm": 2, "cool": 1}
+    assert outcome.p50_ms == pytest.approx(30.0)  # of 20, 30, 30, 50
+    lax = _profile()
+    lax = replace(lax, models=(replace(lax.models[0], slo_s=0.2),))
+    outcome, _ = simulate(lax, workload, duration_s=25.0)
+    assert outcome.slo_attainment == 1.0
     assert outcome.loads == {"warm": 1, "cool": 2}
     assert outcome.p50_ms == pytest.approx(40.0)  # of 20, 30, 50, 50
 

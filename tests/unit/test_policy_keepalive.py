@@ -177,3 +177,44 @@ def test_recheck_s_is_the_keepalive_for_an_idle_hot_model_and_never_for_a_busy_o
     assert FixedKeepAlive().recheck_s(_view(Tier.WARM, 400.0, IdleHistogram())) == 900.0
     busy = ModelView("m", Tier.HOT, 0.0, True, 300.0, 600.0)
     assert HybridHistogramKeepAlive().recheck_s(busy) == math.inf
+
+
+def test_a_model_that_reloads_from_warm_within_its_slo_leaves_the_device_after_the_fixed_keepalive():
+    """Warm load 0.01 s against a 1 s SLO: a warm start costs no deadline, so the histogram's hour-long
+    window (a request an hour) does not keep it on the device, and nothing is pre-warmed."""
+    policy = HybridHistogramKeepAlive()
+    hist = _hist([3600.0] * 30)
+    cheap = policy.windows(_view(Tier.HOT, 0.0, hist, load_s=0.01, slo_s=1.0, keepalive_hot_s=60.0))
+    assert cheap.from_histogram and cheap.keepalive_s == 60.0 and cheap.prewarm_s == 0.0
+    assert policy.decide((_view(Tier.HOT, 60.0, hist, load_s=0.01, slo_s=1.0, keepalive_hot_s=60.0),)) == (
+        Demotion("m", Tier.WARM),
+    )
+    assert policy.decide((_view(Tier.WARM, 3000.0, hist, load_s=0.01, slo_s=1.0),)) == ()  # no pre-warm
+    # A load of 0.3 s is more than a quarter of the SLO: the histogram's windows stand.
+    slow = policy.windows(_view(Tier.HOT, 0.0, hist, load_s=0.3, slo_s=1.0, keepalive_hot_s=60.0))
+    assert slow.keepalive_s > 3600.0 and slow.prewarm_s > 0.0
+
+
+def test_a_warm_copy_stays_while_a_load_from_cool_would_cost_the_deadline():
+    """Cool load 1.2 s against a 1 s SLO: however long the model idles, it is never demoted to cool."""
+    policy = HybridHistogramKeepAlive()
+    for hist in (IdleHistogram(), _hist([600.0] * 30)):
+        view = _view(Tier.WARM, 1e6, hist, load_s=0.01, slo_s=1.0, cool_load_s=1.2)
+        assert policy.windows(view).cool_s == math.inf
+        assert policy.decide((view,)) == ()
+        assert policy.recheck_s(view) == math.inf
+
+
+def test_a_model_that_reloads_from_cool_within_its_slo_leaves_host_memory_past_its_idle_times():
+    """Cool load 0.1 s against a 1 s SLO: the warm copy goes once idle past the 99th percentile of the
+    idle times (with the margin); with too few idle times, after the fixed warm keep-alive."""
+    policy = HybridHistogramKeepAlive()
+    hist = _hist([600.0] * 30)
+    view = _view(Tier.WARM, 0.0, hist, load_s=0.01, slo_s=1.0, cool_load_s=0.1, keepalive_hot_s=60.0)
+    w = policy.windows(view)
+    assert w.cool_s == pytest.approx(hist.percentile(0.99, upper=True) * 1.1)
+    assert 600.0 < w.cool_s < 1000.0
+    at = ModelView(**{**view.__dict__, "idle_s": w.cool_s})
+    assert policy.decide((at,)) == (Demotion("m", Tier.COOL),)
+    few = _view(Tier.WARM, 0.0, _hist([600.0] * 3), load_s=0.01, slo_s=1.0, cool_load_s=0.1, keepalive_hot_s=60.0)
+    assert policy.windows(few).cool_s == 60.0 + 600.0

@@ -55,7 +55,7 @@ def sim(
     """Replay a workload against always-on, classic FaaS, Ray-Serve-like and Ember policies in virtual time."""
     from ember.sim.genreport import generative_table
     from ember.sim.plots import RunSeries, prepare_plots_dir, series_of, write_plots
-    from ember.sim.report import table, write_json
+    from ember.sim.report import class_table, table, write_json
     from ember.sim.runner import run_scenario
     from ember.sim.scenario import load_scenario
 
@@ -86,6 +86,7 @@ def sim(
         _err.print(Text(f"error: {exc.message}", style="red"))
         raise typer.Exit(1) from None
     print_table(table(loaded.name, reports), _console)
+    print_table(class_table(loaded.name, reports), _console)
     generative = [(r.policy_set, r.generative, r.gpu_seconds, r.usd) for r in reports if r.generative is not None]
     if generative:
         print_table(generative_table(loaded.name, generative), _console)

@@ -16,7 +16,20 @@ growing geometrically so one histogram covers seconds to hours). Decision rule, 
   predictably far away: the model is demoted to warm as soon as it goes idle, and pre-warmed back
   to hot ``load_s`` (its predicted load time) before ``lo * (1 - margin)``.
   A model pre-warmed during an idle period is not demoted early again in that period.
-- The warm tier keeps the fixed ``keepalive_warm_s`` after the hot keep-alive (host memory is cheap).
+- A model whose load from warm (``load_s``) takes at most ``cheap_reload_fraction`` of its SLO loses
+  no deadline to a warm start, so holding it on a device buys nothing: its hot keep-alive is the
+  shorter of the deployment's fixed one and the histogram's, with no pre-warm. Keeping such models
+  hot for hours is what grows a node's loaded-model count through a day: under Zipf popularity most
+  models' 99th-percentile idle time is hours, so once their histograms are representative they
+  would never leave the device.
+- The warm tier's keep-alive follows the same test one tier down. A model whose load from cool
+  (``cool_load_s``) would cost it its deadline keeps its warm copy however long it idles: the copy
+  is what lets its next request meet the SLO, and host memory is bounded apart from this (the
+  caller evicts warm copies by expected cost when it fills: ``policies.eviction``). Any other
+  model leaves host memory once idle past ``keepalive_percentile`` of its idle times (with the
+  margin, within ``[min_keepalive_s, max_warm_s]``), never before it leaves the device; while its
+  histogram is not representative, or when its SLO is not known, after the fixed
+  ``keepalive_warm_s`` past the hot keep-alive.
 
 :class:`FixedKeepAlive` is the baseline: fixed idle times per tier, no pre-warm. Both are pure:
 the histogram is a frozen value that ``observe`` replaces.
@@ -123,6 +136,10 @@ class ModelView:
     load_s: float = 0.0
     #: Whether a pre-warm brought the model up during this idle period (it is not demoted early again).
     prewarmed: bool = False
+    #: Its latency SLO (inf: none known; a warm start is then never counted as free).
+    slo_s: float = math.inf
+    #: Predicted seconds to bring the model to hot from cool (local disk); inf: unknown.
+    cool_load_s: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -161,6 +178,8 @@ class KeepAliveWindows:
     prewarm_s: float
     #: Whether these came from the histogram (False: the fixed fallback).
     from_histogram: bool
+    #: Idle seconds after which the model leaves the warm tier (host memory) for cool (inf: never).
+    cool_s: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -201,18 +220,37 @@ class HybridHistogramKeepAlive:
     max_keepalive_s: float = 4 * 3600.0
     #: A predicted gap shorter than this is not worth demoting for.
     min_gap_s: float = 10.0
+    #: A load taking at most this fraction of the model's SLO costs it no deadline (see the module).
+    cheap_reload_fraction: float = 0.25
+    #: The longest the warm tier keeps an idle model chosen from its histogram.
+    max_warm_s: float = 24 * 3600.0
 
     def windows(self, model: ModelView) -> KeepAliveWindows:
-        """The hot tier's keep-alive and pre-warm windows for ``model``."""
+        """The hot tier's keep-alive and pre-warm windows for ``model``, and when it leaves the warm tier."""
         hist = model.histogram
         total = hist.total
+        known = math.isfinite(model.slo_s)
+        keep_warm = known and not self._cheap(model.cool_load_s, model.slo_s)
         if total < self.min_samples or hist.out_of_range > self.max_out_of_range * total:
-            return KeepAliveWindows(model.keepalive_hot_s, 0.0, False)
-        high = hist.percentile(self.keepalive_percentile, upper=True) * (1 + self.margin)
-        keepalive = min(max(high, self.min_keepalive_s), self.max_keepalive_s)
+            hot = model.keepalive_hot_s
+            return KeepAliveWindows(hot, 0.0, False, math.inf if keep_warm else hot + model.keepalive_warm_s)
+        high = max(hist.percentile(self.keepalive_percentile, upper=True) * (1 + self.margin), self.min_keepalive_s)
+        keepalive = min(high, self.max_keepalive_s)
+        if keep_warm:
+            cool = math.inf
+        elif known:
+            cool = max(keepalive, min(high, self.max_warm_s))
+        else:
+            cool = keepalive + model.keepalive_warm_s
+        if self._cheap(model.load_s, model.slo_s):
+            return KeepAliveWindows(min(keepalive, model.keepalive_hot_s), 0.0, True, cool)
         low = hist.percentile(self.prewarm_percentile, upper=False) * (1 - self.margin)
         prewarm = low if low > self.min_gap_s and low < keepalive else 0.0
-        return KeepAliveWindows(keepalive, prewarm, True)
+        return KeepAliveWindows(keepalive, prewarm, True, cool)
+
+    def _cheap(self, load_s: float, slo_s: float) -> bool:
+        """Whether a load of ``load_s`` costs a model with SLO ``slo_s`` no deadline."""
+        return math.isfinite(slo_s) and load_s <= self.cheap_reload_fraction * slo_s
 
     def decide(self, models: tuple[ModelView, ...]) -> tuple[Demotion | Prewarm, ...]:
         out: list[Demotion | Prewarm] = []
@@ -228,9 +266,9 @@ class HybridHistogramKeepAlive:
             elif model.tier in (Tier.WARM, Tier.COOL) and w.prewarm_s and w.prewarm_s - model.load_s <= idle:
                 if idle < w.keepalive_s:
                     out.append(Prewarm(model.name))
-                elif model.tier is Tier.WARM and idle >= w.keepalive_s + model.keepalive_warm_s:
+                elif model.tier is Tier.WARM and idle >= w.cool_s:
                     out.append(Demotion(model.name, Tier.COOL))
-            elif model.tier is Tier.WARM and idle >= w.keepalive_s + model.keepalive_warm_s:
+            elif model.tier is Tier.WARM and idle >= w.cool_s:
                 out.append(Demotion(model.name, Tier.COOL))
         return tuple(out)
 
@@ -238,7 +276,7 @@ class HybridHistogramKeepAlive:
         if model.busy:
             return math.inf
         w = self.windows(model)
-        thresholds: tuple[float, ...] = (w.keepalive_s, w.keepalive_s + model.keepalive_warm_s)
+        thresholds: tuple[float, ...] = (w.keepalive_s, w.cool_s)
         if w.prewarm_s:
             thresholds = (*thresholds, w.prewarm_s - model.load_s)
         return _next_threshold(model.idle_s, thresholds)

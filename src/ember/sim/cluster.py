@@ -104,6 +104,8 @@ class ModelSpec:
         if not kv and self.generation is not None:
             kv = self.generation.kv_budget_tokens * self.generation.step.kv_bytes_per_token
         return self.weights_bytes + kv
+    #: The model class it is billed under (a scenario's model entry); empty: its own name.
+    group: str = ""
 
     def __post_init__(self) -> None:
         if self.weights_bytes <= 0 or self.slo_s <= 0 or self.max_batch_size < 1 or self.work_per_request <= 0:
@@ -116,6 +118,10 @@ class ModelSpec:
             raise InvalidInput(
                 f"model '{self.name}': give cold_start (the load) or cold_service (the whole cold request), not both"
             )
+
+    @property
+    def model_class(self) -> str:
+        return self.group or self.name
 
     def batch_s(self, rows: int, rng: random.Random) -> float:
         return self.service.draw(self.curve.batch_s(rows) * self.work_per_request, rng)
@@ -141,15 +147,25 @@ class ClusterSpec:
 
     def load_s(self, model: ModelSpec, warm: bool, loader: Loader, rng: random.Random) -> float:
         """Seconds to make ``model`` hot on a device of a node where it is warm (or only on disk)."""
+        start_s, copy_s = self.load_phases(model, warm, loader, rng)
+        return start_s + copy_s
+
+    def load_phases(self, model: ModelSpec, warm: bool, loader: Loader, rng: random.Random) -> tuple[float, float]:
+        """A load's two phases, in seconds: the process start (CPU work, which overlaps other loads) and
+        the copy of the weights onto the device (which shares the device's host link with its other loads).
+
+        Only a plain function starts a process; Ember's loads come from a pool of started runtimes. A
+        scenario's own ``cold_start`` or ``cold_service`` draw, or a measured load time, is one copy phase.
+        """
         if model.cold_start is not None:
-            return model.cold_start.draw(model.cold_start_mean_s, rng)
+            return 0.0, model.cold_start.draw(model.cold_start_mean_s, rng)
         if model.cold_service is not None:
-            return model.cold_service.draw(model.cold_service_mean_s, rng)
+            return 0.0, model.cold_service.draw(model.cold_service_mean_s, rng)
         if model.measured_load_s is not None and loader is Loader.EMBER:
-            return model.measured_load_s[0 if warm else 1]
+            return 0.0, model.measured_load_s[0 if warm else 1]
         cal = self.calibration
         if loader is Loader.PLAIN:
-            return cal.runtime_start_s + model.weights_bytes / cal.torch_load_bytes_per_s
+            return cal.runtime_start_s, model.weights_bytes / cal.torch_load_bytes_per_s
         if warm:
-            return model.weights_bytes / cal.h2d_pinned_bytes_per_s
-        return model.weights_bytes / cal.disk_to_device_bytes_per_s
+            return 0.0, model.weights_bytes / cal.h2d_pinned_bytes_per_s
+        return 0.0, model.weights_bytes / cal.disk_to_device_bytes_per_s

@@ -172,6 +172,7 @@ def hot_view(e: Engine, x: _Instance, idle_s: float | None = None) -> ModelView:
         model_bytes=x.model.spec.weights_bytes,
         bandwidths=e.bandwidths,
         prewarmed=m.prewarmed,
+        slo_s=m.slo_s,
     )
 
 
@@ -197,6 +198,7 @@ def warm_tick(e: Engine) -> None:
                 model_bytes=m.spec.weights_bytes,
                 bandwidths=bw,
                 prewarmed=m.prewarmed,
+                slo_s=m.slo_s,
             )
             views.append(view)
     assert p.keepalive is not None

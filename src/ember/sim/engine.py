@@ -10,9 +10,10 @@ The engine is the loop of DESIGN.md principle 1: it builds each policy's snapsho
 applies the decision, and folds measurements back into the per-model state the policies keep
 (``LatencyModel``, ``IdleHistogram``, ``ScaleState``). A device runs one batch at a time: when it
 frees, each resident model with queued requests asks its batching policy for a batch and the device
-scheduler picks which one runs. Loads on a device are serialised (one host link) and overlap its
-compute. The policies' inputs come from the state layer's builders (``ember.state``), the same
-ones the server's runner and controller use.
+scheduler picks which one runs. Copies of weights onto a device are serialised (one host link), in
+the order their loads begin, and overlap its compute; a plain function's process start, before its
+copy, overlaps everything (``ClusterSpec.load_phases``). The policies' inputs come from the state
+layer's builders (``ember.state``), the same ones the server's runner and controller use.
 
 This module is the loop and the requests' path; the rest of the engine is split by concept, as
 functions of the :class:`Engine` they act on: ``instances.py`` (how many instances, where, what
@@ -38,14 +39,14 @@ from ember.policies import (
     Candidate,
     admission,
 )
-from ember.sim.cluster import ClusterSpec, ModelSpec
+from ember.sim.cluster import ClusterSpec, Loader, ModelSpec
 from ember.sim.control import retire, tick
 from ember.sim.faas import ask_keepalive, bind, expire, run_bound
 from ember.sim.generative import STEP, GenRun, Step, arrive, propose, run_chosen, step_done
 from ember.sim.instances import keep_warm, pin_all, scale
 from ember.sim.policysets import PolicySet
 from ember.sim.state import COOL as _COOL
-from ember.sim.state import DONE, EXPIRE, LOAD, TICK, WAKE, Request, RunResult
+from ember.sim.state import DONE, EXPIRE, LOAD, STAGING_BYTES, TICK, WAKE, ClassUsage, Request, RunResult
 from ember.sim.state import WARM as _WARM
 from ember.sim.state import Device as _Device
 from ember.sim.state import Instance as _Instance
@@ -126,6 +127,13 @@ class Engine:
         self.held = self.used_total = 0
         self.gpu_s = self.byte_s = self.inst_s = self.host_gb_s = 0.0
         self.loaded_bytes = self.loaded_from_disk = 0
+        # The same per model class: requests, weights on devices and warm copies (bytes now, integrals).
+        self.classes = list(dict.fromkeys(s.model_class for s in models))
+        at = {name: i for i, name in enumerate(self.classes)}
+        self.class_of = [at[s.model_class] for s in models]
+        self.class_requests = [0] * len(self.classes)
+        self.class_used, self.class_warm = [0] * len(self.classes), [0] * len(self.classes)
+        self.class_byte_s, self.class_host_gb_s = [0.0] * len(self.classes), [0.0] * len(self.classes)
         if start_warm and policies.warm_tier:
             for node in range(cluster.nodes):
                 for m in self.models:
@@ -183,6 +191,12 @@ class Engine:
         self.now = end
         self._account()
         self._account_host()
+        pinned_warm = self.p.loader is Loader.EMBER  # Ember's warm arena is registered as pinned memory
+        staging = len(self.devices) * STAGING_BYTES / 1e9 * end if self.p.loader is Loader.EMBER else 0.0
+        classes = {
+            name: ClassUsage(self.class_requests[i], self.class_byte_s[i] / 1e9, self.class_host_gb_s[i])
+            for i, name in enumerate(self.classes)
+        }
         return RunResult(
             self.p.name,
             end,
@@ -201,7 +215,11 @@ class Engine:
             self.host_gb_s,
             self.loaded_bytes,
             self.loaded_from_disk,
-            self.gen.stats if any(m.spec.generation for m in self.models) else None,
+            (self.host_gb_s if pinned_warm else 0.0) + staging,
+            0.0 if pinned_warm else self.host_gb_s,
+            staging,
+            classes,
+            generative=self.gen.stats if any(m.spec.generation for m in self.models) else None,
         )
 
     def _push(self, t: float, kind: int, obj: Any) -> None:
@@ -228,6 +246,7 @@ class Engine:
     def _arrive(self, m: _Model, rows: int) -> None:
         now = self.now
         m.arrivals += 1
+        self.class_requests[self.class_of[m.idx]] += 1
         if self.learns and not m.queue and not m.running:
             m.histogram = m.histogram.observe(now - m.last_used)  # an idle period ends
             m.prewarmed = False
@@ -455,6 +474,9 @@ class Engine:
             self.gpu_s += self.held * dt
             self.byte_s += self.used_total * dt
             self.inst_s += len(self.instances) * dt
+            for g, used in enumerate(self.class_used):
+                if used:
+                    self.class_byte_s[g] += used * dt
             self._t_acc = self.now
 
     def _account_host(self) -> None:
@@ -465,4 +487,7 @@ class Engine:
         dt = self.now - self._t_host
         if dt > 0:
             self.host_gb_s += accrue(Holding(host_bytes=sum(self.warm_bytes)), dt).host_gb_seconds
+            for g, held in enumerate(self.class_warm):
+                if held:
+                    self.class_host_gb_s[g] += accrue(Holding(host_bytes=held), dt).host_gb_seconds
             self._t_host = self.now

@@ -120,8 +120,10 @@ def place_on(e: Engine, m: _Model, dev: _Device, demand: float, preloaded: bool 
         return None
     node, warm = dev.node, e.warm[dev.node]
     source = _HOT if preloaded else (_WARM if e.p.warm_tier and m.idx in warm else _COOL)
-    load_s = 0.0 if preloaded else e.cluster.load_s(m.spec, source is _WARM, e.p.loader, e.rng)
-    ready = e.now if preloaded else max(e.now, dev.load_free_at) + load_s
+    # A process start overlaps the device's other loads; the copy waits for its host link.
+    start_s, copy_s = (0.0, 0.0) if preloaded else e.cluster.load_phases(m.spec, source is _WARM, e.p.loader, e.rng)
+    load_s = start_s + copy_s
+    ready = e.now if preloaded else max(e.now + start_s, dev.load_free_at) + copy_s
     if not preloaded:
         dev.load_free_at = ready
     key = f"{m.name}#{m.next_key}"
@@ -140,6 +142,7 @@ def place_on(e: Engine, m: _Model, dev: _Device, demand: float, preloaded: bool 
     dev.shortest_slo_s = min(dev.shortest_slo_s, m.slo_s)
     dev.longest_batch_s = max(dev.longest_batch_s, m.latency.predict(1))
     e.used_total += need
+    e.class_used[e.class_of[m.idx]] += need
     m.instances.append(inst)
     e.instances[key] = inst
     if e.p.warm_tier:
@@ -192,6 +195,7 @@ def remove(e: Engine, inst: _Instance, to: Tier) -> None:
     dev.shortest_slo_s = min((r.slo_s for r in residents), default=math.inf)
     dev.longest_batch_s = max((r.latency.predict(1) for r in residents), default=0.0)
     e.used_total -= inst.bytes
+    e.class_used[e.class_of[m.idx]] -= inst.bytes
     if not dev.instances:
         e.held -= 1
         dev.util = 0.0
@@ -214,6 +218,7 @@ def keep_warm(e: Engine, node: int, m: _Model) -> None:
     e._account_host()
     warm[m.idx] = None
     e.warm_bytes[node] += m.spec.weights_bytes
+    e.class_warm[e.class_of[m.idx]] += m.spec.weights_bytes
     over = e.warm_bytes[node] - e.cluster.host_memory_bytes
     if over > 0:
         # Free a tenth of the host memory beyond what is needed: a full node would otherwise ask the
@@ -238,6 +243,7 @@ def drop_warm(e: Engine, node: int, idx: int) -> None:
     e._account_host()
     del e.warm[node][idx]
     e.warm_bytes[node] -= e.models[idx].spec.weights_bytes
+    e.class_warm[e.class_of[idx]] -= e.models[idx].spec.weights_bytes
 
 
 def device_view(e: Engine, dev: _Device, model: _Model | None = None, evictable_gone: bool = False) -> WorkerView:

@@ -205,7 +205,8 @@ def _cost_vs_attainment(scenario: str, reports: Sequence[PolicyReport], styles: 
         attained = 100 * r.slo_attainment
         ax.scatter([cost], [attained], s=60, color=styles[r.policy_set].color, zorder=3)
         shown = f"{cost:.2f}x" if relative else f"{cost:,.0f} GPU-s"
-        billed = f"\\${r.usd:,.2f} (host memory \\${r.host_memory_usd:,.2f})"  # \\$: a dollar, not mathtext
+        # \\$: a dollar, not mathtext
+        billed = f"\\${r.usd:,.2f} (host memory \\${r.host_memory_usd:,.2f}, pinned \\${r.pinned_memory_usd:,.2f})"
         ax.annotate(f"{r.policy_set}\n{attained:.2f}% at {shown}\n{billed}", (cost, attained), xytext=(8, -4),
                     textcoords="offset points", fontsize=9, va="top")  # fmt: skip
     if relative:

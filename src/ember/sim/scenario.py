@@ -196,6 +196,8 @@ class WorkloadIn(_Strict):
 class PricesIn(_Strict):
     gpu_hour_usd: float = Field(GPU_HOUR_USD, ge=0)
     host_memory_gb_hour_usd: float = Field(HOST_MEMORY_GB_HOUR_USD, ge=0)
+    #: Default: the host memory price.
+    pinned_memory_gb_hour_usd: float | None = Field(None, ge=0)
 
 
 class PolicySetIn(_Strict):
@@ -303,7 +305,7 @@ def parse_scenario(text: str, folder: Path, origin: str = "<scenario>") -> Scena
         for n in names:
             models.append(ModelSpec(n, curve, weights, m.slo_ms / 1000, m.max_batch_size, m.work_per_request,
                                     m.service.build(), cold, cold_mean, cold_service=whole,
-                                    cold_service_mean_s=whole_mean))  # fmt: skip
+                                    cold_service_mean_s=whole_mean, group=m.name))  # fmt: skip
     if len({m.name for m in models}) != len(models):
         raise InvalidInput(f"{origin}: model names must be unique")
     sets = tuple((p, {}) if isinstance(p, str) else (p.name, dict(p.options)) for p in s.policy_sets)
@@ -324,7 +326,8 @@ def parse_scenario(text: str, folder: Path, origin: str = "<scenario>") -> Scena
             raise InvalidInput(f"{origin}: workload.llm needs at least one model with a generative section")
     return Scenario(
         s.name, s.seed, s.duration_s, s.tick_s, s.warm_tick_s, s.start_warm, cluster, tuple(models), sets, syn,
-        s.workload.trace, folder, Prices(s.prices.gpu_hour_usd, s.prices.host_memory_gb_hour_usd), llm,
+        s.workload.trace, folder,
+        Prices(s.prices.gpu_hour_usd, s.prices.host_memory_gb_hour_usd, s.prices.pinned_memory_gb_hour_usd), llm,
     )  # fmt: skip
 
 

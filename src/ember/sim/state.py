@@ -30,9 +30,11 @@ __all__ = [
     "EXPIRE",
     "HOT",
     "LOAD",
+    "STAGING_BYTES",
     "TICK",
     "WAKE",
     "WARM",
+    "ClassUsage",
     "Device",
     "Instance",
     "Model",
@@ -44,6 +46,19 @@ Request = tuple[float, int, float]  # (deadline, rows, arrival)
 #: The kinds of event in the engine's heap.
 LOAD, DONE, WAKE, TICK, EXPIRE = 0, 1, 2, 3, 4
 HOT, WARM, COOL = Tier.HOT, Tier.WARM, Tier.COOL
+#: Pinned host memory Ember's loader keeps per device's worker for staging reads: 8 buffers of 16 MiB
+#: (``ember.store.loader.LoaderConfig``'s ``pinned_buffers`` and ``chunk_bytes``).
+STAGING_BYTES = 8 * (16 << 20)
+
+
+@dataclass
+class ClassUsage:
+    """What the models of one class (a scenario's model entry) were asked and held over a run."""
+
+    requests: int
+    #: Their weights on devices, and their warm copies in host memory, GB x seconds.
+    gpu_memory_gb_seconds: float
+    host_memory_gb_seconds: float
 
 
 @dataclass
@@ -71,6 +86,13 @@ class RunResult:
     #: Weight bytes moved onto devices by loads, all of them and those read from disk (cool).
     bytes_loaded: int = 0
     bytes_loaded_from_disk: int = 0
+    #: Host memory by kind, GB x seconds: pinned (warm copies in a pinned warm tier, and the loader's
+    #: staging buffers: ``staging_gb_seconds``) and pageable (warm copies in a pageable one).
+    pinned_memory_gb_seconds: float = 0.0
+    pageable_memory_gb_seconds: float = 0.0
+    staging_gb_seconds: float = 0.0
+    #: Per model class, in the order the scenario names them.
+    classes: dict[str, ClassUsage] = field(default_factory=dict)
     #: Generative requests' figures (TTFT, TPOT, tokens); None when the scenario has no generative model.
     generative: GenStats | None = None
 

@@ -76,12 +76,15 @@ def model_view(
     model_bytes: int,
     bandwidths: Bandwidths,
     prewarmed: bool,
+    slo_s: float = math.inf,
 ) -> ModelView:
     """The keep-alive policy's view of ``name`` on ``tier``, idle for ``idle_s`` unless ``busy``; its load
-    time is predicted from the tier below hot (warm, when it is hot)."""
+    time is predicted from the tier below hot (warm, when it is hot), and from cool when ``slo_s`` is given."""
     load_s = latency.predict_load(Tier.WARM if tier is Tier.HOT else tier, model_bytes, bandwidths)
+    cool_s = latency.predict_load(Tier.COOL, model_bytes, bandwidths) if math.isfinite(slo_s) else math.inf
     idle = 0.0 if busy or idle_s < 0.0 else idle_s
-    return ModelView(name, tier, idle, busy, keepalive_hot_s, keepalive_warm_s, histogram, load_s, prewarmed)
+    return ModelView(name, tier, idle, busy, keepalive_hot_s, keepalive_warm_s, histogram, load_s, prewarmed, slo_s,
+                     cool_s)  # fmt: skip
 
 
 @dataclass(frozen=True)
