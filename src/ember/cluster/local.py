@@ -229,7 +229,7 @@ class LocalWorker:
             self._pending.pop(msg_id, None)
             self._progress.pop(msg_id, None)
         if not reply.ok:
-            raise _error_from(reply)
+            raise error_from(reply)
         return reply
 
     def _watch(self, msg_id: int, future: asyncio.Future[Reply], timeout_s: float) -> None:
@@ -303,7 +303,7 @@ class LocalWorker:
             self._writer.close()
 
 
-def _error_from(reply: Reply) -> EmberError:
+def error_from(reply: Reply) -> EmberError:
     if reply.error_kind in ("KeyError", "InternalError"):
         return InternalError(f"worker: {reply.error}")
     if reply.extra.get("errno") == errno.ENOSPC:
