@@ -198,6 +198,8 @@ class EmberService:
             spares=options.spare_workers,
             warm_arena=self.store.arena_path,
             cpus_per_worker=options.cpus_per_worker,
+            store_root=home / "store",
+            node_root=home / "nodes",
         )
         #: The links first loads are predicted with: HOME/bandwidths.json (`ember store bench`), or defaults.
         self.bandwidths: HostBandwidths = read_bandwidths(home)

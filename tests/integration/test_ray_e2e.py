@@ -123,9 +123,7 @@ def test_node_removed_under_load_answers_every_request(server: Server, cluster: 
         assert len(response.json()["error"]) > 20, response.text
     assert statuses.count(200) >= 80, statuses
     assert server.infer_json("sleepy", one).status_code == 200
-    nodes = server.status()["workers"]["nodes"]
-    assert victim.node_id not in {n["id"] for n in nodes if n["alive"]}
-    assert {w["node"] for w in _workers(server)} == {n["id"] for n in nodes if n["alive"] and n["workers"]}
+    assert victim.node_id not in {w["node"] for w in _workers(server)}
 
 
 def test_unreachable_cluster_fails_clearly(tmp_path: Path) -> None:

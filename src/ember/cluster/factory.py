@@ -37,12 +37,24 @@ def backend_for(
     spares: int,
     warm_arena: Path | None,
     cpus_per_worker: float = 1.0,
+    store_root: Path | None = None,
+    node_root: Path | None = None,
 ) -> ClusterBackend:
     """``size`` and ``spares`` size the local pool; a Ray cluster sizes itself by its nodes (one
-    worker per GPU, or per ``cpus_per_worker`` CPUs)."""
+    worker per GPU, or per ``cpus_per_worker`` CPUs), and keeps a store on each node: the service's
+    (``store_root``) on its own node, ``node_root/<node>`` on the others."""
     if cluster == LOCAL:
         return LocalBackend(size, log_dir, device, threads, preload, limits, spares, warm_arena)
     check_cluster(cluster)
     from ember.cluster.ray import RayBackend, ray_address
 
-    return RayBackend(ray_address(cluster), device, threads, preload, limits, cpus_per_worker=cpus_per_worker)
+    return RayBackend(
+        ray_address(cluster),
+        device,
+        threads,
+        preload,
+        limits,
+        cpus_per_worker=cpus_per_worker,
+        store_root=store_root,
+        node_root=node_root,
+    )

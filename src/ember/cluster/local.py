@@ -117,6 +117,10 @@ class LocalWorker:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def holds(self, key: str) -> None:
+        """A local worker loads from the controller's own store."""
+        return None
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None

@@ -23,12 +23,15 @@ import os
 import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ember.api import Arrays
 from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.cluster.local import START_TIMEOUT_S, WorkerLimits, error_from
+from ember.cluster.stores import NodeStores
 from ember.errors import ClusterUnreachable, ModelFailed, WorkerCrashed
+from ember.policies.tiers import Tier
 from ember.worker.protocol import Batch, Import, Infer, Load, Message, Reply, Unload
 
 __all__ = ["RayBackend", "RayWorker", "connect", "ray_address"]
@@ -123,8 +126,10 @@ class RayWorker:
         info: dict[str, Any],
         limits: WorkerLimits,
         on_lost: Callable[[RayWorker], None],
+        stores: NodeStores | None = None,
     ) -> None:
         self._id = worker_id
+        self._stores = stores
         self.node_id = node_id
         self.actor = actor
         self.pid = int(info["pid"])
@@ -165,9 +170,20 @@ class RayWorker:
             progress(size, size)
         return value
 
+    def holds(self, key: str) -> Tier | None:
+        """The tier of ``key`` in this worker's node store; None on the node of ``ember serve``, whose
+        store is the service's own."""
+        if self._stores is None or self._stores.is_home(self.node_id):
+            return None
+        return self._stores.tier(self.node_id, key)
+
     async def load(
         self, key: str, model_ref: str, options: dict[str, Any], weights_path: str, assets: dict[str, bytes]
     ) -> float:
+        """Load ``key`` from this node's store: on another node than the service's, the node's store
+        first makes it warm there (fetching it from another node if it lacks it)."""
+        if self._stores is not None and not self._stores.is_home(self.node_id):
+            weights_path = await self._stores.ensure(self.node_id, key)
         reply = await self._call(Load(next(self._ids), key, model_ref, options, weights_path, assets, self._device))
         self.loaded.add(key)
         return float(reply.value)
@@ -223,6 +239,10 @@ class RayWorker:
             raise error_from(reply)
         return reply
 
+    def stopping(self) -> None:
+        """The pool is stopping: its death is expected, and reported to no one."""
+        self._alive = False
+
     def died(self, reason: str) -> None:
         """The actor is gone: fail what it owed, and tell the pool (once)."""
         if not self._alive:
@@ -277,7 +297,12 @@ class RayBackend:
         cpus_per_worker: float = 1.0,
         workers_per_node: int = 0,
         poll_s: float = POLL_S,
+        store_root: Path | None = None,
+        node_root: Path | None = None,
     ) -> None:
+        """``store_root``: the service's store, which the node of ``ember serve`` shares; ``node_root``:
+        where every other node keeps its store (one folder per node under it, on that node's disk).
+        Without them, every worker loads from the path the controller gives (one shared filesystem)."""
         if cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker={cpus_per_worker}: use a positive number of CPUs")
         self.address = address
@@ -302,10 +327,19 @@ class RayBackend:
         self._stopping = False
         self._owns_ray = False
         self.restarts = 0
+        #: The node stores, once connected (with ``store_root`` and ``node_root``).
+        self.stores: NodeStores | None = None
+        self._store_root = store_root
+        self._node_root = node_root
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._owns_ray = await loop.run_in_executor(None, connect, self.address)
+        if self._store_root is not None and self._node_root is not None:
+            import ray
+
+            home = str(ray.get_runtime_context().get_node_id())
+            self.stores = NodeStores(home, self._store_root, self._node_root)
         await self._poll()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if not self._workers:
@@ -323,8 +357,11 @@ class RayBackend:
             if task not in watching:
                 task.cancel()
         for worker in list(self._workers.values()):
+            worker.stopping()
             with contextlib.suppress(Exception):
                 ray.kill(worker.actor, no_restart=True)
+        if self.stores is not None:
+            await self.stores.close(STOP_WAIT_S)
         if watching:
             await asyncio.wait(watching, timeout=STOP_WAIT_S)
         for task in list(self._tasks):
@@ -362,6 +399,7 @@ class RayBackend:
                     "alive": bool(node.get("Alive")),
                     "resources": {k: v for k, v in node.get("Resources", {}).items() if k in ("CPU", "GPU")},
                     "workers": sorted(w.id for w in self._workers.values() if w.node_id == node_id),
+                    "store": None if self.stores is None else self.stores.describe(node_id),
                 }
             )
         return {
@@ -409,6 +447,11 @@ class RayBackend:
         for worker in list(self._workers.values()):
             if worker.node_id not in alive:
                 worker.died("its node left the Ray cluster")
+        if self.stores is not None:
+            for node_id in self.stores.nodes() - alive:
+                self.stores.forget(node_id)
+            for node_id in alive - self.stores.nodes():
+                self._background(self.stores.open(node_id))
         now = asyncio.get_running_loop().time()  # clock-ok: back-off of a real start
         for node_id in alive:
             if self._retry_at.get(node_id, 0.0) > now:
@@ -450,7 +493,7 @@ class RayBackend:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
             return
-        worker = RayWorker(f"{node_id[:6]}-w{n}", node_id, actor, info, self._limits, self._lost)
+        worker = RayWorker(f"{node_id[:6]}-w{n}", node_id, actor, info, self._limits, self._lost, self.stores)
         self._workers[worker.id] = worker
         self._background(self._watch(worker), _WATCH)
         if self._started:

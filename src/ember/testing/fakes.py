@@ -14,7 +14,7 @@ from ember.api import Arrays, TensorSpec, check_answer
 from ember.clock import Clock, VirtualClock
 from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.errors import ModelFailed, WorkerCrashed
-from ember.store import Store, StoredModel
+from ember.store import Store, StoredModel, Tier
 from ember.store.format import write_raw
 from ember.store.store import WEIGHTS
 from ember.worker.protocol import Batch, rows_of
@@ -65,8 +65,13 @@ class FakeWorker:
     loaded: set[str] = field(default_factory=set)
     batches: list[tuple[str, int]] = field(default_factory=list)
     in_flight: int = 0
+    #: The tiers of the models in its node's store; None: it loads from the controller's own store.
+    node_tiers: dict[str, Tier] | None = None
     _on_lost: Callable[[FakeWorker], None] | None = None
     _crash: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def holds(self, key: str) -> Tier | None:
+        return None if self.node_tiers is None else self.node_tiers.get(key, Tier.COLD)
 
     async def import_model(
         self, model_ref: str, options: dict[str, Any], staging: str, progress: ProgressCallback | None = None
