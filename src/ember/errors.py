@@ -17,6 +17,7 @@
     ├── ModelFailed                 500  the model's own code raised
     ├── CorruptCheckpoint           500  stored weights fail their checksum
     ├── StorageFull                 507  the disk under Ember's home has no room for the weights
+    ├── ClusterUnreachable          503  ``ember serve --cluster`` cannot reach the cluster named
     └── InternalError               500  a bug in Ember
 
 Every message says what happened and what to do next. The gateway turns an error into
@@ -28,6 +29,7 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "ClusterUnreachable",
     "CorruptCheckpoint",
     "DeadlineUnmeetable",
     "EmberError",
@@ -144,6 +146,10 @@ class CorruptCheckpoint(EmberError):
 
 class StorageFull(EmberError):
     http_status = 507
+
+
+class ClusterUnreachable(EmberError):
+    http_status = 503
 
 
 class InternalError(EmberError):

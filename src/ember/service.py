@@ -36,7 +36,8 @@ from pydantic import ValidationError
 from ember.api import Arrays
 from ember.clock import Clock, WallClock, run_blocking
 from ember.cluster.base import ClusterBackend
-from ember.cluster.local import LocalBackend, WorkerLimits, storage_full
+from ember.cluster.factory import LOCAL, backend_for
+from ember.cluster.local import WorkerLimits, storage_full
 from ember.config import (
     Deployment,
     DeploySpec,
@@ -126,6 +127,11 @@ class ServeOptions:
     request_log: bool = True
     #: Export OpenTelemetry spans over OTLP (``ember.tracing``; needs the ``otel`` extra).
     otel: bool = False
+    #: Where the workers run: ``local`` (processes of this machine, ``workers`` of them) or a Ray
+    #: cluster (``ray``: RAY_ADDRESS or the cluster this host is a node of; ``ray://HOST:PORT``;
+    #: ``HOST:PORT``), one worker per GPU or per ``cpus_per_worker`` CPUs of each node.
+    cluster: str = LOCAL
+    cpus_per_worker: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -192,19 +198,22 @@ class EmberService:
         #: Seconds the store took to open: allocating and touching the warm arena, where there is one.
         self.store_open_s = self.clock.now() - started
         memory = options.worker_memory_bytes
-        limits = WorkerLimits(
-            options.batch_timeout_s,
-            WorkerLimits.default_memory_bytes(options.workers) if memory is None else memory,
-        )
-        self.backend: ClusterBackend = backend or LocalBackend(
-            options.workers,
-            home / "logs",
-            options.device,
-            options.threads,
-            options.preload,
-            limits,
-            options.spare_workers,
-            self.store.arena_path,
+        if memory is None:  # a share of this host's memory; other nodes' hosts differ: no default there
+            memory = WorkerLimits.default_memory_bytes(options.workers) if options.cluster == LOCAL else 0
+        limits = WorkerLimits(options.batch_timeout_s, memory)
+        self.backend: ClusterBackend = backend or backend_for(
+            options.cluster,
+            size=options.workers,
+            log_dir=home / "logs",
+            device=options.device,
+            threads=options.threads,
+            preload=options.preload,
+            limits=limits,
+            spares=options.spare_workers,
+            warm_arena=self.store.arena_path,
+            cpus_per_worker=options.cpus_per_worker,
+            store_root=home / "store",
+            node_root=home / "nodes",
         )
         #: The links first loads are predicted with: HOME/bandwidths.json (`ember store bench`), or defaults.
         self.bandwidths: HostBandwidths = read_bandwidths(home)

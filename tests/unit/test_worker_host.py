@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ember.api import ANSWER_MISMATCH, Batch, ModelAPI, TensorSpec
-from ember.cluster.local import _error_from as local_error_from
+from ember.cluster.local import error_from as local_error_from
 from ember.errors import InvalidInput
 from ember.worker.host import ClassNotFound, ModelHost, resolve_class
 from ember.worker.protocol import Reply
@@ -147,7 +147,7 @@ def test_an_answer_as_declared_passes() -> None:
 
 
 def test_an_import_tells_the_parent_its_progress_before_its_reply(tmp_path: Path) -> None:
-    from ember.worker.main import _handle
+    from ember.worker.main import handle
     from ember.worker.protocol import Import, Progress, recv_message
 
     path = _model_file(
@@ -162,7 +162,7 @@ def test_an_import_tells_the_parent_its_progress_before_its_reply(tmp_path: Path
     (tmp_path / "staging").mkdir()
     parent, child = socket.socketpair()
     with parent, child:
-        reply = _handle(ModelHost(torch.device("cpu")), Import(7, f"{path}:Big", {}, str(tmp_path / "staging")), child)
+        reply = handle(ModelHost(torch.device("cpu")), Import(7, f"{path}:Big", {}, str(tmp_path / "staging")), child)
         child.shutdown(socket.SHUT_WR)
         heard = []
         while (message := recv_message(parent)) is not None:

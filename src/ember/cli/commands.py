@@ -364,6 +364,16 @@ def status(
             alive = Text("yes", style="green") if w.get("alive") else Text("no", style="red")
             table.add_row(str(w.get("id")), str(w.get("pid")), str(w.get("device")), alive, str(w.get("in_flight")))
         print_table(table)
+    for node in workers.get("nodes", []):
+        state_text = "up" if node.get("alive") else "gone"
+        held = node.get("store") or {}
+        tiers = ", ".join(f"{tier}: {', '.join(keys) or '-'}" for tier, keys in sorted(held.get("models", {}).items()))
+        refused = f"; takes no new models: {held['refusing']}" if held.get("refusing") else ""
+        console.print(
+            f"node {str(node.get('id'))[:12]} ({node.get('address')}, {state_text}): "
+            f"workers {', '.join(node.get('workers', [])) or '-'}" + (f"; {tiers}" if tiers else "") + refused,
+            highlight=False,
+        )
     for tier in ("warm", "cool"):
         t = store.get(tier, {})
         console.print(

@@ -95,6 +95,16 @@ def serve(
             help="Export OpenTelemetry spans over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT); needs ember-serve[otel].",
         ),
     ] = False,
+    cluster: Annotated[
+        str,
+        typer.Option(
+            help="Where workers run: local (--workers processes here), or a Ray cluster: ray (RAY_ADDRESS, or "
+            "the cluster this host is a node of), ray://HOST:PORT or HOST:PORT; needs ember-serve[ray].",
+        ),
+    ] = "local",
+    cpus_per_worker: Annotated[
+        float, typer.Option(min=0.01, help="With a Ray cluster: CPUs per worker on nodes without a GPU.")
+    ] = 1.0,
 ) -> None:
     """Run the Ember server until Ctrl-C or SIGTERM.
 
@@ -109,6 +119,12 @@ def serve(
             f"--insecure serves without API keys, so it listens only on a loopback address (127.0.0.1, ::1, "
             f"localhost), not on {host}; drop --insecure and send keys, or use --host 127.0.0.1"
         )
+    from ember.cluster.factory import check_cluster
+
+    try:
+        check_cluster(cluster)
+    except EmberError as exc:
+        fail(exc.message)
     specs = [_startup_spec(source) for source in deploy or ()]
     options = ServeOptions(
         home=home.expanduser(),
@@ -123,6 +139,8 @@ def serve(
         insecure=insecure,
         request_log=request_log,
         otel=otel,
+        cluster=cluster,
+        cpus_per_worker=cpus_per_worker,
     )
     try:
         sock = _bind(host, port)
@@ -251,7 +269,7 @@ async def _serve(options: ServeOptions, sock: socket.socket, specs: Sequence[Dep
             # What start-up built lives as long as the server: keep it out of every full collection.
             gc.freeze()
             url = _url(sock)
-            console.print(f"Ember serving on {url} ({options.workers} workers)", highlight=False)
+            console.print(f"Ember serving on {url} ({_pool_text(service)})", highlight=False)
             console.print(f"first loads predicted with {service.bandwidths.describe()}", highlight=False)
             if (arena := service.store.statistics().arena) is not None:
                 console.print(
@@ -313,6 +331,16 @@ async def _deploy_at_startup(
         console.print("call it:", highlight=False)
         console.print(Text("  " + curl_example(url, name, deployment.metadata.task, inputs, key_file)))
         console.print(Text("  ember ls"))
+
+
+def _pool_text(service: EmberService) -> str:
+    """``2 workers``, or for a cluster ``6 workers on 3 Ray nodes``."""
+    stats = service.backend.statistics()
+    ready = int(stats.get("ready", 0))
+    nodes = [n for n in stats.get("nodes", ()) if n.get("alive")]
+    if stats.get("backend") == "ray":
+        return f"{ready} workers on {len(nodes)} Ray nodes at {stats.get('address')}"
+    return f"{ready} workers"
 
 
 def _url(sock: socket.socket) -> str:

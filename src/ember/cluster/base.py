@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from ember.api import Arrays
 from ember.generation import GenerateRequest, TokenChunk
+from ember.policies.tiers import Tier
 from ember.worker.protocol import Batch
 
 __all__ = ["ClusterBackend", "ProgressCallback", "WorkerHandle"]
@@ -31,6 +32,11 @@ class WorkerHandle(Protocol):
 
     @property
     def in_flight(self) -> int: ...
+
+    def holds(self, key: str) -> Tier | None:
+        """The tier of ``key``'s weights in the store of the machine this worker runs on; None when that
+        is the controller's own store (ask it)."""
+        ...
 
     async def import_model(
         self, model_ref: str, options: dict[str, Any], staging: str, progress: ProgressCallback | None = None

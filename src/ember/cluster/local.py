@@ -132,6 +132,10 @@ class LocalWorker:
     def in_flight(self) -> int:
         return len(self._pending) + len(self._streams)
 
+    def holds(self, key: str) -> None:
+        """A local worker loads from the controller's own store."""
+        return None
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
@@ -270,7 +274,7 @@ class LocalWorker:
             self._pending.pop(msg_id, None)
             self._progress.pop(msg_id, None)
         if not reply.ok:
-            raise _error_from(reply)
+            raise error_from(reply)
         return reply
 
     def _watch(self, msg_id: int, future: asyncio.Future[Reply], timeout_s: float) -> None:
@@ -355,7 +359,7 @@ class LocalWorker:
             self._writer.close()
 
 
-def _error_from(reply: Reply) -> EmberError:
+def error_from(reply: Reply) -> EmberError:
     if reply.error_kind in ("KeyError", "InternalError"):
         return InternalError(f"worker: {reply.error}")
     if reply.extra.get("errno") == errno.ENOSPC:

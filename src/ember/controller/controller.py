@@ -37,6 +37,7 @@ from ember.policies.placement import (
     Placement,
     PlacementRequest,
     Rebalancer,
+    transfer_s,
 )
 from ember.policies.tiers import Tier
 from ember.scope import TaskScope
@@ -318,7 +319,17 @@ class Controller:
         )
 
     def _load_s(self, model: _Model, tier: Tier) -> float:
-        return model.runner.latency.predict_load(tier, model.deployment.metadata.bytes, self._bandwidths)
+        size = model.deployment.metadata.bytes
+        load_s = model.runner.latency.predict_load(tier, size, self._bandwidths)
+        if tier is not Tier.HOT and self._must_fetch(model.deployment.key):
+            load_s += transfer_s(size, self._bandwidths.network_bytes_per_s)
+        return load_s
+
+    def _must_fetch(self, key: str) -> bool:
+        """Whether no worker's machine holds ``key``'s weights: each node of a cluster has its own store,
+        and a cold start must copy them from another node first."""
+        held = [w.holds(key) for w in self._backend.workers()]
+        return bool(held) and all(h is Tier.COLD for h in held)
 
     # -- autoscaling -------------------------------------------------------------------------------
 

@@ -159,7 +159,11 @@ def view_of_worker(c: Controller, worker: WorkerHandle, deployment: Deployment |
         for m in c._models.values()
         if worker in m.workers
     )
-    warm = deployment is not None and c._store.tier(deployment.key) is Tier.WARM  # host memory, shared
+    # Where the weights are, for this worker: its node's store, or else the controller's (shared).
+    held = None if deployment is None else worker.holds(deployment.key)
+    if held is None and deployment is not None:
+        held = Tier.WARM if c._store.tier(deployment.key) is Tier.WARM else None
+    name = None if deployment is None else deployment.name
     return worker_view(
         worker.id,
         worker.device,
@@ -167,6 +171,7 @@ def view_of_worker(c: Controller, worker: WorkerHandle, deployment: Deployment |
         ready=worker.alive,
         in_flight=worker.in_flight,
         capacity_bytes=c._device_memory_bytes,
-        warm_model=deployment.name if deployment is not None and warm else None,
+        warm_model=name if held is Tier.WARM else None,
+        cool_model=name if held is Tier.COOL else None,
         tenants_seen=c._tenants_seen.get(worker.id, ()),
     )

@@ -88,6 +88,8 @@ class Bandwidths:
     host_to_device_bytes_per_s: float = 5.0e9
     #: Building the model around its weights, per load.
     setup_s: float = 0.05
+    #: Node to node, for a cluster whose nodes each keep a store (10 Gb/s Ethernet).
+    network_bytes_per_s: float = 1.25e9
 
     def load_s(self, num_bytes: int, tier: Tier) -> float:
         """Seconds to bring a model of ``num_bytes`` from ``tier`` to hot (0 when already hot)."""

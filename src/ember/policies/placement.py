@@ -12,6 +12,8 @@ does), prefer
    however idle the device is on average. A 200 ms language-model step does not join 100 ms-SLO
    vision models while another device has time;
 2. a worker where the model's weights already sit in a warm tier (its host memory): no disk read;
+   then, on a cluster whose nodes each keep a store, one whose node holds them on its disk (cool):
+   no copy from another node (:func:`locality`);
 3. on workers of known capacity, the tightest fit (least free memory left after placing): packing
    keeps large holes for large models and lets idle devices stay empty;
 4. then the least loaded (fewest batches in flight, fewest bytes, fewest models), then the id, so
@@ -61,6 +63,8 @@ __all__ = [
     "device_fits",
     "device_share",
     "kv_cache_bytes",
+    "locality",
+    "transfer_s",
 ]
 
 DEFAULT_TENANT = "default"
@@ -130,6 +134,9 @@ class WorkerView:
     capacity_bytes: int | None = None
     #: Models whose weights sit in this worker's warm tier (host memory).
     warm_models: tuple[str, ...] = ()
+    #: Models whose weights sit in this worker's cool tier only (its node's disk), on a cluster where
+    #: each node has its own store; elsewhere a model missing here is fetched from another node.
+    cool_models: tuple[str, ...] = ()
 
     @property
     def free_bytes(self) -> int | None:
@@ -204,10 +211,10 @@ class MemoryAwarePlacement:
         if not roomy:
             return min(together or fits, key=lambda w: (w.utilization, w.in_flight, w.id)).id
 
-        def score(w: WorkerView) -> tuple[bool, float, int, int, int, str]:
+        def score(w: WorkerView) -> tuple[int, float, int, int, int, str]:
             free = w.free_bytes
             left = float("inf") if free is None else float(free - model_bytes)
-            return (model not in w.warm_models, left, w.in_flight, w.bytes_loaded, len(w.models), w.id)
+            return (locality(model, w), left, w.in_flight, w.bytes_loaded, len(w.models), w.id)
 
         return min(together or roomy, key=score).id
 
@@ -374,3 +381,20 @@ def device_share(rate: float, latency: LatencyModel, max_batch_size: int) -> flo
 def kv_cache_bytes(max_num_seqs: int, max_model_len: int, kv_bytes_per_token: int) -> int:
     """The KV-cache budget of one instance of a generative model: every sequence at full length."""
     return max_num_seqs * max_model_len * kv_bytes_per_token
+
+
+def locality(model: str | None, worker: WorkerView) -> int:
+    """How far ``model``'s weights are from ``worker``: 0 warm in its host memory, 1 on its node's disk
+    (cool), 2 elsewhere (the shared store's disk, or another node's store)."""
+    if model in worker.warm_models:
+        return 0
+    return 1 if model in worker.cool_models else 2
+
+
+def transfer_s(model_bytes: int, bytes_per_s: float, setup_s: float = 0.0) -> float:
+    """Seconds to copy ``model_bytes`` of weights from another node at ``bytes_per_s`` (the measured
+    node-to-node rate), plus ``setup_s``; what a cold start on a node lacking the weights adds to its
+    predicted load time."""
+    if bytes_per_s <= 0:
+        raise ValueError(f"bytes_per_s={bytes_per_s}: use a positive rate")
+    return setup_s + model_bytes / bytes_per_s

@@ -113,9 +113,11 @@ def worker_view(
     capacity_bytes: int | None = None,
     warm_model: str | None = None,
     tenants_seen: Iterable[str] = (),
+    cool_model: str | None = None,
 ) -> WorkerView:
     """Placement's view of a worker from the models it hosts; ``warm_model``: the model being placed, when
-    its weights sit in this worker's host memory; ``tenants_seen``: tenants whose code ran there before."""
+    its weights sit in this worker's host memory; ``cool_model``: when they sit on its node's disk only;
+    ``tenants_seen``: tenants whose code ran there before."""
     models = tuple(hosted)
     return WorkerView(
         id=id,
@@ -126,6 +128,7 @@ def worker_view(
         in_flight=in_flight,
         capacity_bytes=capacity_bytes,
         warm_models=() if warm_model is None else (warm_model,),
+        cool_models=() if cool_model is None else (cool_model,),
         tenants=frozenset(m.tenant for m in models) | frozenset(tenants_seen),
         utilization=sum(m.share for m in models),
         shortest_slo_s=min((m.slo_s for m in models), default=math.inf),

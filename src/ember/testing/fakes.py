@@ -15,7 +15,7 @@ from ember.clock import Clock, VirtualClock
 from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.errors import InvalidInput, ModelFailed, WorkerCrashed
 from ember.generation import FinishReason, GenerateRequest, TokenChunk
-from ember.store import Store, StoredModel
+from ember.store import Store, StoredModel, Tier
 from ember.store.format import write_raw
 from ember.store.store import WEIGHTS
 from ember.worker.protocol import Batch, rows_of
@@ -130,8 +130,13 @@ class FakeWorker:
     sequences: dict[str, int] = field(default_factory=dict)
     generations: list[tuple[str, int]] = field(default_factory=list)
     cancelled: int = 0
+    #: The tiers of the models in its node's store; None: it loads from the controller's own store.
+    node_tiers: dict[str, Tier] | None = None
     _on_lost: Callable[[FakeWorker], None] | None = None
     _crash: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def holds(self, key: str) -> Tier | None:
+        return None if self.node_tiers is None else self.node_tiers.get(key, Tier.COLD)
 
     async def import_model(
         self, model_ref: str, options: dict[str, Any], staging: str, progress: ProgressCallback | None = None

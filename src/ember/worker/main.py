@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -65,23 +65,33 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = _pick_device(args.device)
-    if device.type == "cuda":
-        start_libraries(device)
-        if args.warm_arena is not None:  # map and pin the warm arena once, before any load needs it
-            register_arena(args.warm_arena)
-    for module in args.preload:
-        with contextlib.suppress(ImportError):
-            importlib.import_module(module)
+    host = start_runtime(args.device, args.threads, args.preload, args.warm_arena)
+    device = host.device
     sock = socket.socket(fileno=args.fd)
-    host = ModelHost(device)
     send_message(
         sock,
         WorkerReady(os.getpid(), str(device), str(torch.__version__), time.perf_counter() - start),  # clock-ok
     )
     serve(sock, host, args.max_memory_bytes)
+
+
+def start_runtime(
+    wanted_device: str, threads: int = 0, preload: Iterable[str] = (), warm_arena: Path | None = None
+) -> ModelHost:
+    """Start what every worker needs before its first message, wherever it runs (a subprocess of
+    ``ember serve`` or a Ray actor): torch's threads, the device's libraries, the warm arena's pinning
+    and the preloaded modules; returns the empty model host."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = _pick_device(wanted_device)
+    if device.type == "cuda":
+        start_libraries(device)
+        if warm_arena is not None:  # map and pin the warm arena once, before any load needs it
+            register_arena(warm_arena)
+    for module in preload:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    return ModelHost(device)
 
 
 def serve(sock: socket.socket, host: ModelHost, max_memory_bytes: int = 0) -> None:
@@ -103,7 +113,7 @@ def _serve(sock: socket.socket, host: ModelHost, max_memory_bytes: int) -> None:
         if isinstance(message, Generate | Cancel):
             _sequence(sock, host, message)
             continue
-        send_message(sock, _handle(host, message, sock))
+        send_message(sock, handle(host, message, sock))
         if max_memory_bytes and isinstance(message, Infer):
             rss = resident_bytes()
             if rss > max_memory_bytes:
@@ -157,7 +167,10 @@ def resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _handle(host: ModelHost, message: Message, sock: socket.socket | None = None) -> Reply:
+def handle(host: ModelHost, message: Message, sock: socket.socket | None = None) -> Reply:
+    """Answer one message (an Import, Load, Unload, Infer or Ping) with its Reply; a failure becomes a
+    Reply that says what was raised, and its traceback goes to stderr (the worker log). ``sock``: where
+    an Import's Progress messages go (None: nowhere)."""
     msg_id = getattr(message, "id", -1)
     try:
         if isinstance(message, Infer):
