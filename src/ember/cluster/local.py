@@ -324,7 +324,7 @@ class LocalWorker:
                 elif isinstance(message, Reply):
                     stream = self._streams.get(message.id)
                     if stream is not None:  # a sequence the worker refused or failed
-                        stream.put_nowait(_error_from(message))
+                        stream.put_nowait(error_from(message))
                         continue
                     self._last_reply_at = asyncio.get_running_loop().time()  # clock-ok: for _watch
                     future = self._pending.get(message.id)

@@ -21,7 +21,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ from ember.api import Arrays
 from ember.cluster.base import ProgressCallback, WorkerHandle
 from ember.cluster.local import START_TIMEOUT_S, WorkerLimits, error_from
 from ember.cluster.stores import NodeStores
-from ember.errors import ClusterUnreachable, ModelFailed, WorkerCrashed
+from ember.errors import ClusterUnreachable, InvalidInput, ModelFailed, WorkerCrashed
+from ember.generation import GenerateRequest, TokenChunk
 from ember.policies.tiers import Tier
 from ember.worker.protocol import Batch, Import, Infer, Load, Message, Reply, Unload
 
@@ -204,6 +205,15 @@ class RayWorker:
             ) from None
         batch: Batch = reply.value
         return batch
+
+    async def generate(self, key: str, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """Generative models run on ``ember serve``'s local workers: an actor call answers once, and a
+        token stream needs the worker's step loop beside its socket."""
+        raise InvalidInput(
+            f"model '{key.partition('@')[0]}' is generative; the Ray backend serves one-shot models only: "
+            "serve generative models without --cluster"
+        )
+        yield TokenChunk("")  # pragma: no cover - makes this an async generator
 
     async def _call(self, message: Message, timeout_s: float | None = None) -> Reply:
         """Send ``message`` and wait for its reply; with ``timeout_s``, TimeoutError once the actor has

@@ -104,6 +104,7 @@ class ModelSpec:
         if not kv and self.generation is not None:
             kv = self.generation.kv_budget_tokens * self.generation.step.kv_bytes_per_token
         return self.weights_bytes + kv
+
     #: The model class it is billed under (a scenario's model entry); empty: its own name.
     group: str = ""
 

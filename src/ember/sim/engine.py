@@ -83,7 +83,8 @@ class Engine:
         if too_big is not None:
             raise InvalidInput(
                 f"model '{too_big.name}' ({too_big.device_bytes / 1e9:.1f} GB"
-                f"{' with its KV cache' if too_big.device_bytes > too_big.weights_bytes else ''}) does not fit a device of"
+                f"{' with its KV cache' if too_big.device_bytes > too_big.weights_bytes else ''})"
+                " does not fit a device of"
                 f" {cluster.device_memory_bytes / 1e9:.1f} GB; give the cluster more device memory"
             )
         self.cluster, self.workload, self.p = cluster, workload, policies
