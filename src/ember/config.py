@@ -372,6 +372,11 @@ class Deployment:
         return self.metadata.task == "generate"
 
     @property
+    def start_slo_s(self) -> float:
+        """The objective a start from a lower tier counts against: a generative model's TTFT, else its SLO."""
+        return (self.ttft_slo_ms if self.generative else self.slo_ms) / 1000.0
+
+    @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
 

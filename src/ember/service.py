@@ -829,8 +829,8 @@ def _deployment(record: DeploymentRecord) -> Deployment:
 def generate_routes(name: str) -> InvalidInput:
     """The answer to an infer request for generative model ``name``: the routes it does answer."""
     return InvalidInput(
-        f"model '{name}' is generative: it answers POST /v1/chat/completions, /v1/completions and "
-        f"/v2/models/{name}/generate (or generate_stream), not infer"
+        f"model '{name}' is generative: it answers POST /v1/chat/completions, /v1/completions, "
+        f"/v2/models/{name}/generate and /v2/models/{name}/generate_stream, not infer"
     )
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import tritonclient.http as triton_http
-from harness import EXAMPLES, BearerAuth, Server, served
+from harness import EXAMPLES, MAX_MODEL_LEN, BearerAuth, Server, served, smollm2_gguf
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +46,12 @@ def linear(server: Server) -> str:
     """
     server.deploy(EXAMPLES / "linear.py:Linear", "--on-unmeetable", "best-effort")
     return "linear"
+
+
+@pytest.fixture(scope="session")
+def smollm2(server: Server) -> str:
+    """SmolLM2 deployed once (the GGUF is converted at deploy, once), its length held to 512 tokens."""
+    server.deploy(
+        smollm2_gguf(), "--name", "smollm2", "--max-model-len", str(MAX_MODEL_LEN), "--on-unmeetable", "best-effort"
+    )
+    return "smollm2"

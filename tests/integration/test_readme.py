@@ -37,3 +37,13 @@ def test_the_tritonclient_snippet_works_and_leaves_its_headers_reusable(server: 
     answer = client.infer("linear", [x], outputs=[wanted], headers=dict(auth))
     assert answer.as_numpy("y").shape == (1, 16)
     client.close()
+
+
+def test_the_openai_chat_snippet_streams_an_answer(server: Server, smollm2: str) -> None:
+    block = _block("openai.OpenAI")
+    block = block.replace('os.path.expanduser("~/.ember/admin.key")', repr(str(server.home / "admin.key")))
+    block = block.replace("http://localhost:8000/v1", f"{server.url}/v1")
+    assert 'model="smollm2"' in block and server.url in block
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(block, "README.md", "exec"), {})
+    assert "paris" in printed.getvalue().lower()

@@ -128,7 +128,9 @@ def test_idle_models_are_demoted_tier_by_tier_and_come_back_on_demand(tmp_path, 
     async def main(clock: VirtualClock) -> None:
         service, _ = _service(tmp_path, clock)
         async with service:
-            await service.deploy(_spec(model_file, keepalive_hot_s=10, keepalive_warm_s=20))
+            # A lax SLO: a load from cool costs no deadline, so the warm copy goes after its keep-alive
+            # (with a tight one, policies.keepalive keeps it: test_policy_keepalive).
+            await service.deploy(_spec(model_file, keepalive_hot_s=10, keepalive_warm_s=20, slo_ms=10_000))
             await service.infer("m", _x(1))
             await clock.sleep(5)
             assert service.info("m").tier == "hot"

@@ -76,7 +76,10 @@ def serve(
     ] = 0,
     deploy: Annotated[
         list[str] | None,
-        typer.Option("--deploy", help="Deploy SOURCE at startup unless a model of its name exists (repeatable)."),
+        typer.Option(
+            "--deploy",
+            help="Deploy SOURCE (or NAME=SOURCE) at startup unless a model of its name exists (repeatable).",
+        ),
     ] = None,
     insecure: Annotated[
         bool,
@@ -170,8 +173,12 @@ def _startup_spec(source: str) -> DeploySpec:
 
     from ember.config import DeploySpec
 
+    name, _, path = source.partition("=") if "=" in source else ("", "", source)
+    fields: dict[str, str] = {"source": absolute_source(path)}
+    if name:
+        fields["name"] = name
     try:
-        return DeploySpec.model_validate({"source": absolute_source(source)})
+        return DeploySpec.model_validate(fields)
     except (ValidationError, ValueError) as exc:
         raise typer.BadParameter(f"{source}: {_validation_message(exc)}", param_hint="--deploy") from None
 
@@ -353,13 +360,17 @@ def _url(sock: socket.socket) -> str:
 def curl_example(
     url: str, name: str, task: str | None, inputs: Sequence[Mapping[str, Any]], key_file: Path | None = None
 ) -> str:
-    """A ready-to-paste ``curl`` for the model: ``/v1/embeddings`` for embedding models, else v2 infer.
+    """A ready-to-paste ``curl`` for the model: ``/v1/embeddings`` for embedding models,
+    ``/v1/chat/completions`` for generative ones, else v2 infer.
 
     With ``key_file`` it sends the key in that file as ``Authorization: Bearer``.
     """
     if task == "embeddings":
         body: dict[str, Any] = {"model": name, "input": ["Ember keeps models warm."]}
         path = "/v1/embeddings"
+    elif task == "generate":
+        body = {"model": name, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        path = "/v1/chat/completions"
     else:
         body = {"inputs": [_example_tensor(spec) for spec in inputs]}
         path = f"/v2/models/{name}/infer"

@@ -315,7 +315,7 @@ class Controller:
             model_bytes=d.metadata.bytes,
             bandwidths=self._bandwidths,
             prewarmed=state.prewarmed,
-            slo_s=d.slo_ms / 1000.0,
+            slo_s=d.start_slo_s,
         )
 
     def _load_s(self, model: _Model, tier: Tier) -> float:
