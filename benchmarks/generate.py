@@ -28,6 +28,7 @@ import contextlib
 import csv
 import importlib.util
 import json
+import math
 import random
 import sys
 import tempfile
@@ -81,6 +82,10 @@ def prepare(model: str, cache: Path) -> Path:
     if model == "smollm2":
         gguf = smollm2_gguf()
         lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF is dequantized on load: what is saved is a plain float32 model.
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
     else:  # random weights from a fixed seed, SmolLM2's tokenizer
         sizes = {"decoder-1b": (2048, 16, 32, 8, 8192), "tiny": (128, 2, 4, 2, 256)}[model]
         hidden, layers, heads, kv_heads, inner = sizes
@@ -204,6 +209,9 @@ def summarise(results: list[dict[str, Any]], duration_s: float, ttft_slo: float,
         "goodput_rps": met / duration_s,
         "ttft_p50_ms": 1000 * c.percentile(ttft, 50),
         "ttft_p99_ms": 1000 * c.percentile(ttft, 99),
+        # Over every request, a refused or failed one counting as never answered (inf): what a
+        # comparison at equal load reads, so that refusing requests cannot lower a system's p99.
+        "ttft_p99_all_ms": 1000 * c.percentile(ttft + [math.inf] * (len(results) - len(ok)), 99),
         "tpot_p50_ms": 1000 * c.percentile(tpot, 50),
         "tpot_p99_ms": 1000 * c.percentile(tpot, 99),
         "output_tok_s": sum(r["tokens"] for r in ok) / span,
@@ -328,15 +336,20 @@ def main() -> None:
                         warm = warm_check(server.url, client, MODEL_NAME)
     load.append(c.load_average())
     report = verdicts(rows, warm)
-    headers = ["system", "rate/s", "met both", "goodput/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "tok/s"]
+    headers = [
+        "system", "rate/s", "refused", "met both", "goodput/s", "TTFT p50", "TTFT p99", "p99 all", "TPOT p50",
+        "TPOT p99", "tok/s",
+    ]  # fmt: skip
     table = [
         [
             r["system"],
             r["rate"],
+            r["refused_or_failed"],
             f"{r['met_share']:.0%}",
             r["goodput_rps"],
             r["ttft_p50_ms"],
             r["ttft_p99_ms"],
+            r["ttft_p99_all_ms"],
             r["tpot_p50_ms"],
             r["tpot_p99_ms"],
             r["output_tok_s"],
@@ -389,11 +402,16 @@ def verdicts(rows: list[dict[str, Any]], warm: dict[str, Any] | None) -> dict[st
     lower = [
         rate
         for (system, rate), r in by.items()
-        if system == "ember" and ("baseline", rate) in by and r["ttft_p99_ms"] < by[("baseline", rate)]["ttft_p99_ms"]
+        if system == "ember"
+        and ("baseline", rate) in by
+        and r["ttft_p99_all_ms"] < by[("baseline", rate)]["ttft_p99_all_ms"]
     ]
     both = sorted(rate for (system, rate) in by if system == "ember" and ("baseline", rate) in by)
     out["p99_ttft_lower_at"] = sorted(lower)
-    out["lines"].append(f"goal: Ember's p99 TTFT lower at equal load: at {len(lower)} of {len(both)} rates {both}")
+    out["lines"].append(
+        f"goal: Ember's p99 TTFT (refusals counted as never answered) lower at equal load: at {len(lower)} of "
+        f"{len(both)} rates {both}"
+    )
     if warm is not None:
         out["warm_met"] = warm["met"]
         out["lines"].append(
