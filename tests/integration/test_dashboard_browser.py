@@ -79,9 +79,11 @@ def test_the_dashboard_shows_live_models_tiers_and_tenants(own: Server, tmp_path
             assert page.locator("#cluster table").count() == 1  # admin keys see the workers
             assert page.locator("#cluster details").count() == 2  # and the end of each one's log
 
+            # The traffic stops first: a request after the unload would load the model back to hot.
+            stop.set()
+            sender.join(timeout=30)
             answer = own.http.post(f"{own.url}/admin/models/linear/unload", params={"tier": "warm"})
             assert answer.status_code == 200, answer.text
-            stop.set()
             page.wait_for_function(
                 f"document.querySelector('{card}').dataset.tier === 'warm'"
                 f" && document.querySelector('{card} .timeline [data-tier=warm]') !== null",

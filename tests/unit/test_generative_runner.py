@@ -112,6 +112,11 @@ def test_infer_on_a_generative_model_names_the_generate_routes_and_generate_on_o
                 await anext(service.generate("nope", _ask()))
             with pytest.raises(InvalidInput, match="max_model_len"):
                 await anext(service.generate("llm", _ask(max_tokens=4096)))
+            # Asking for the whole length (the gateway's default without max_tokens) runs until prompt
+            # and answer fill it.
+            whole = await _collect(service, _ask(max_tokens=2048))
+            assert whole[-1].finish_reason == "length"
+            assert whole[0].prompt_tokens + whole[-1].completion_tokens == 2048
 
     run_in_virtual_time(main)
 

@@ -286,8 +286,10 @@ class GenerativeRunner:
         return measured
 
     def _check(self, request: GenerateRequest) -> None:
+        # max_tokens == max_model_len is the gateway's default for a request that asks for no limit:
+        # the sequence runs until prompt and answer fill the model's length, then ends with "length".
         limit = self.deployment.max_model_len
-        if limit is not None and request.params.max_tokens >= limit:
+        if limit is not None and request.params.max_tokens > limit:
             raise InvalidInput(
                 f"max_tokens is {request.params.max_tokens}, but model '{self.deployment.name}' holds at most "
                 f"{limit} tokens of prompt and answer together (its max_model_len); ask for fewer tokens"
