@@ -5,44 +5,23 @@ must be closed."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from generative_gateway import GENERATIVE, HELLO, RAW
+from threaded_gateway import gateway_in_thread
 from typer.testing import CliRunner
 
-from ember.auth.keys import ADMIN_KEY_FILE
 from ember.cli import commands as cli
 from ember.client import Client
-from ember.clock import WallClock
 from ember.config import DeploySpec
 from ember.errors import InvalidInput, ModelNotFound
-from ember.gateway.app import build_app
-from ember.service import EmberService, ServeOptions
-from ember.testing import FakeBackend, LatencyProfile
+from ember.service import EmberService
+from ember.testing import FakeBackend
 from ember.testing.generation import WORDS, ScriptedGeneration
-
-GENERATIVE = {
-    "inputs": [],
-    "outputs": [],
-    "max_batch_size": 1,
-    "task": "generate",
-    "generation": {"max_model_len": 64, "kv_bytes_per_token": 1024, "vocab_size": 100, "chat_template": True},
-}
-HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # not the main thread: leave signals alone
-        yield
 
 
 class Live:
@@ -62,42 +41,19 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     home = tmp_path_factory.mktemp("chat")
     model = home / "model.py"
     model.write_text("class M: ...\n")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     fake = ScriptedGeneration(hold_after=None)
-    state: dict[str, object] = {}
 
-    async def serve() -> None:
-        clock = WallClock()
-        backend = FakeBackend(clock, profile=LatencyProfile(base_s=0.001, load_s=0.001))
-        service = EmberService(ServeOptions(home=home / "home", warm_root=home / "shm"), clock=clock, backend=backend)
-        app = build_app(service, manage_lifetime=False)
-        async with service:
-            for worker in backend.workers():
-                worker.described = GENERATIVE
-            await service.deploy(DeploySpec(source=f"{model}:M", name="llm", warmup=False))
-            for worker in backend.workers():
-                worker.described = {**GENERATIVE, "generation": {**GENERATIVE["generation"], "chat_template": False}}
-            await service.deploy(DeploySpec(source=f"{model}:M", name="raw", warmup=False))
-            service.generate = fake.generate  # type: ignore[attr-defined]
-            server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
-            state["server"] = server
-            await server.serve()
+    async def prepare(service: EmberService, backend: FakeBackend) -> None:
+        for worker in backend.workers():
+            worker.described = GENERATIVE
+        await service.deploy(DeploySpec(source=f"{model}:M", name="llm", warmup=False))
+        for worker in backend.workers():
+            worker.described = RAW
+        await service.deploy(DeploySpec(source=f"{model}:M", name="raw", warmup=False))
+        service.generate = fake.generate  # type: ignore[attr-defined]
 
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):  # up to 30 s for the service to start
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
-                break
-        thread.join(0.05)
-    yield Live(url, (home / "home" / ADMIN_KEY_FILE).read_text().strip(), fake)
-    server = state.get("server")
-    if isinstance(server, uvicorn.Server):
-        server.should_exit = True
-    thread.join(30)
+    with gateway_in_thread(home, prepare) as (url, key):
+        yield Live(url, key, fake)
 
 
 @pytest.fixture

@@ -8,37 +8,25 @@ rather than stopping at 401) and must get an answer below 500, within the timeou
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings
 from starlette.routing import Route
+from threaded_gateway import gateway_in_thread
 
-from ember.auth.keys import ADMIN_KEY_FILE
 from ember.config import DeploySpec
 from ember.gateway.app import build_app
 from ember.gateway.openapi import SCHEMA
 from ember.service import EmberService, ServeOptions
-from ember.testing import FakeBackend, LatencyProfile, VirtualClock
+from ember.testing import FakeBackend, VirtualClock
 
 MAX_EXAMPLES = 5
 CASES: list[int] = []
 
 schema = schemathesis.openapi.from_dict(SCHEMA)
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # not the main thread: leave signals alone
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -47,38 +35,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     home = tmp_path_factory.mktemp("openapi")
     model = home / "model.py"
     model.write_text("class M: ...\n")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    state: dict[str, object] = {}
 
-    async def serve() -> None:
-        from ember.clock import WallClock
+    async def prepare(service: EmberService, backend: FakeBackend) -> None:
+        await service.deploy(DeploySpec(source=f"{model}:M", name="m"))
 
-        clock = WallClock()
-        backend = FakeBackend(clock, profile=LatencyProfile(base_s=0.001, load_s=0.001))
-        service = EmberService(ServeOptions(home=home / "home", warm_root=home / "shm"), clock=clock, backend=backend)
-        app = build_app(service, manage_lifetime=False)
-        async with service:
-            await service.deploy(DeploySpec(source=f"{model}:M", name="m"))
-            server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
-            state["server"] = server
-            await server.serve()
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):  # up to 30 s for the service to start
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
-                break
-        thread.join(0.05)
-    key = (home / "home" / ADMIN_KEY_FILE).read_text().strip()
-    yield url, key
-    server = state.get("server")
-    if isinstance(server, uvicorn.Server):
-        server.should_exit = True
-    thread.join(30)
+    with gateway_in_thread(home, prepare) as served:
+        yield served
     print(f"\nschemathesis: {len(CASES)} cases, none answered 5xx")
 
 
