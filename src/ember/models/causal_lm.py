@@ -27,6 +27,7 @@ import torch
 
 from ember.api import GenerativeModel, SeqChunk
 from ember.generation import ChatMessage, GenerationInfo
+from ember.models.embedding import assign_hf_weights
 from ember.models.kv_attention import ATTENTION, Segment, SeqCache, register
 from ember.models.torchscript import independent
 
@@ -109,7 +110,7 @@ class CausalLM(GenerativeModel):
         config = AutoConfig.for_model(**config_dict)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION)  # type: ignore[no-untyped-call]
-        _assign(model, weights)
+        assign_hf_weights(model, weights, "network")
         self._model = model.eval().requires_grad_(False)
         self._device = device
         self._tokenizer = _tokenizer(tuple(sorted((k, v) for k, v in assets.items() if k != "config.json")))
@@ -201,24 +202,6 @@ def _tied_output(model: Any) -> str | None:
         return None
     owner = next((name for name, m in model.named_modules(remove_duplicate=False) if m is output), None)
     return None if owner is None else f"{owner}.weight"
-
-
-def _assign(model: Any, weights: Mapping[str, torch.Tensor]) -> None:
-    """Put ``weights`` into a meta-built ``model``, tying the output embedding where the config says."""
-    persistent = model.state_dict(keep_vars=True).keys()
-    model.load_state_dict({n: weights[n] for n in persistent if n in weights}, strict=False, assign=True)
-    buffers = dict(model.named_buffers())
-    for name in weights.keys() - persistent:
-        if name not in buffers:
-            raise ValueError(f"weights hold {name!r}, which the network does not have; deploy the model again")
-        owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner).register_buffer(leaf, weights[name], persistent=False)
-    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
-    if output is not None and inputs is not None and output.weight.is_meta and not inputs.weight.is_meta:
-        output.weight = inputs.weight  # tied: stored once
-    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise ValueError(f"weights lack {len(left)} tensors of the network (first: {left[:3]}); deploy it again")
 
 
 @functools.lru_cache(maxsize=4)

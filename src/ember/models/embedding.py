@@ -31,7 +31,7 @@ from ember.models.torchscript import independent
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-__all__ = ["SentenceEmbedding"]
+__all__ = ["SentenceEmbedding", "assign_hf_weights"]
 
 _POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 # sentence-transformers' legacy boolean keys, in the order it concatenates them.
@@ -118,7 +118,7 @@ class SentenceEmbedding(ModelAPI):
         self._describe(recipe)
         with torch.device("meta"):
             model = AutoModel.from_config(_config(assets))  # type: ignore[no-untyped-call]
-        _assign(model, weights)
+        assign_hf_weights(model, weights, "encoder")
         self._model = model.eval().requires_grad_(False).to(device)
         self._device = device
         self._takes_token_types = "token_type_ids" in _forward_parameters(model)
@@ -251,19 +251,24 @@ def _config(assets: Mapping[str, bytes]) -> Any:
     return AutoConfig.for_model(**config)
 
 
-def _assign(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-    """Put ``weights`` into a meta-built ``model``: every tensor it holds must come from there."""
+def assign_hf_weights(model: Any, weights: Mapping[str, torch.Tensor], network: str) -> None:
+    """Put ``weights`` into a meta-built Hugging Face ``model`` (``network`` names it in errors:
+    "encoder", "network"): every tensor it holds must come from there; an output embedding tied to
+    the input one is stored once and tied again here."""
     persistent = model.state_dict(keep_vars=True).keys()
     model.load_state_dict({name: weights[name] for name in persistent if name in weights}, strict=False, assign=True)
     buffers = dict(model.named_buffers())
     for name in weights.keys() - persistent:
         if name not in buffers:
-            raise ValueError(f"weights hold {name!r}, which the encoder does not have; deploy the model again")
+            raise ValueError(f"weights hold {name!r}, which the {network} does not have; deploy the model again")
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner).register_buffer(leaf, weights[name], persistent=False)
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is not None and inputs is not None and output.weight.is_meta and not inputs.weight.is_meta:
+        output.weight = inputs.weight  # tied: stored once
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise ValueError(f"weights lack {len(left)} tensors of the encoder (first: {left[:3]}); deploy it again")
+        raise ValueError(f"weights lack {len(left)} tensors of the {network} (first: {left[:3]}); deploy it again")
 
 
 def _forward_parameters(model: torch.nn.Module) -> set[str]:
