@@ -33,6 +33,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,8 @@ def summarise(results: list[dict[str, Any]], duration_s: float, ttft_slo: float,
         "requests": len(results),
         "served": len(ok),
         "refused_or_failed": len(results) - len(ok),
+        # How the others ended: an HTTP status (429: refused by admission) or a client error's name.
+        "not_served": dict(Counter(str(r["status"]) for r in results if r["status"] != 200)),
         "met_both": met,
         "met_share": met / len(results) if results else float("nan"),
         "goodput_rps": met / duration_s,
@@ -295,6 +298,7 @@ def main() -> None:
     parser.add_argument("--systems", default="baseline,ember", help="which to run: baseline, ember or both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "ember-bench")
+    parser.add_argument("--keep", type=Path, help="keep the servers' homes and logs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
@@ -306,8 +310,12 @@ def main() -> None:
         folder = prepare(args.model, args.cache_dir)
     rows: list[dict[str, Any]] = []
     warm: dict[str, Any] | None = None
-    with tempfile.TemporaryDirectory(prefix="ember-generate-") as tmp:
-        scratch = Path(tmp)
+    with contextlib.ExitStack() as kept:
+        if args.keep is None:
+            scratch = Path(kept.enter_context(tempfile.TemporaryDirectory(prefix="ember-generate-")))
+        else:
+            scratch = args.keep
+            scratch.mkdir(parents=True, exist_ok=True)
         for system in systems:
             stack = contextlib.ExitStack()
             with stack:

@@ -108,12 +108,16 @@ def test_ember_invoke_streams_the_answer(server: Server, smollm2: str) -> None:
 
 
 def test_streaming_over_raw_sse_ends_with_done(server: Server, smollm2: str) -> None:
+    before = server.model(smollm2)
     body = {"model": smollm2, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=server.auth, timeout=300)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     blocks = r.text.split("\n\n")
     assert blocks[-2] == "data: [DONE]" and blocks[-1] == ""
     assert all(block.startswith("data: ") for block in blocks[:-1])
+    # The stream ran to its finish: counted as a success, not as a client that left.
+    wait_until(lambda: server.model(smollm2)["succeeded"] == before["succeeded"] + 1, 30.0, "the success count")
+    assert server.model(smollm2)["failed"] == before["failed"]
 
 
 def test_a_conversation_goes_on_after_the_model_scales_to_zero(

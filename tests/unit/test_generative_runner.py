@@ -51,6 +51,20 @@ async def _collect(service: EmberService, request: GenerateRequest, timeout_s: f
     return [chunk async for chunk in service.generate("llm", request, timeout_s)]
 
 
+async def _until_finish(service: EmberService, request: GenerateRequest) -> list[TokenChunk]:
+    """What the gateway does: read up to the chunk with a finish reason, then close the stream."""
+    stream = service.generate("llm", request)
+    chunks = []
+    try:
+        async for chunk in stream:
+            chunks.append(chunk)
+            if chunk.finish_reason is not None:
+                break
+    finally:
+        await stream.aclose()
+    return chunks
+
+
 def test_a_generative_deploy_carries_its_limits_into_the_deployment_and_its_load(tmp_path, model_file):
     async def main(clock: VirtualClock) -> None:
         service, backend = _service(tmp_path, clock, max_model_len=1024)
@@ -268,11 +282,14 @@ def test_a_worker_lost_before_the_first_token_is_retried_on_its_replacement(tmp_
 
 def test_metrics_have_vllms_names_and_info_shows_attainment_and_tokens_per_second(tmp_path, model_file):
     async def main(clock: VirtualClock) -> None:
-        service, _ = _service(tmp_path, clock)
+        service, backend = _service(tmp_path, clock)
         async with service:
             await service.deploy(_spec(model_file, ttft_slo_ms=1000, tpot_slo_ms=100))
-            for _ in range(2):
-                await _collect(service, _ask("z" * 80, max_tokens=5))
+            await _collect(service, _ask("z" * 80, max_tokens=5))
+            # A stream closed once its finish came (as the gateway closes it) ran to its end too.
+            await _until_finish(service, _ask("z" * 80, max_tokens=5))
+            assert backend.workers()[0].cancelled == 0
+            assert service.info("llm").succeeded == 2 and service.info("llm").failed == 0
             text = service.metrics.render().decode()
             label = '{model_name="llm"}'
             assert f"vllm:time_to_first_token_seconds_count{label} 2.0" in text

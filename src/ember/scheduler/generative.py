@@ -248,6 +248,8 @@ class GenerativeRunner:
                 stream = self._stream(instance, seq)
                 try:
                     async for chunk in stream:
+                        # Ran to its end once its finish comes: the consumer may close the stream there.
+                        done = done or chunk.finish_reason is not None
                         yield chunk
                     done = True
                     return

@@ -212,6 +212,7 @@ class FakeWorker:
                 finish: FinishReason | None = None
                 if made >= limit:
                     finish = "stop" if ends is not None and made >= ends else "length"
+                    finished = True  # a consumer may close the stream at its last chunk
                 yield TokenChunk(
                     f" t{made}" if texts is None else (texts[made - 1] if made <= len(texts) else ""),
                     (made,),
@@ -220,7 +221,6 @@ class FakeWorker:
                     finish_reason=finish,
                 )
                 if finish is not None:
-                    finished = True
                     return
                 await self._take(profile.step_s(sum(self.sequences.values())))
         finally:
