@@ -163,8 +163,8 @@ async def one(client: httpx.AsyncClient, url: str, ask: Ask, model: str) -> dict
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
-                await response.aread()
-                return {"status": response.status_code, "ttft_s": None, "e2e_s": None, "tokens": 0}
+                said = (await response.aread()).decode(errors="replace")[:400]
+                return {"status": response.status_code, "ttft_s": None, "e2e_s": None, "tokens": 0, "said": said}
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -207,6 +207,7 @@ def summarise(results: list[dict[str, Any]], duration_s: float, ttft_slo: float,
         "refused_or_failed": len(results) - len(ok),
         # How the others ended: an HTTP status (429: refused by admission) or a client error's name.
         "not_served": dict(Counter(str(r["status"]) for r in results if r["status"] != 200)),
+        "not_served_said": sorted({r["said"] for r in results if r.get("said")})[:5],
         "met_both": met,
         "met_share": met / len(results) if results else float("nan"),
         "goodput_rps": met / duration_s,
