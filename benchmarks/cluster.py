@@ -266,6 +266,55 @@ def cold_rows(samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
+# -- the floors ------------------------------------------------------------------------------------
+
+
+class Echo:
+    """An actor that answers its argument, threaded and with a concurrency group as Ember's worker actor."""
+
+    def handle(self, message: Any) -> Any:
+        return message
+
+
+def ray_floor(address: str, iterations: int) -> dict[str, float]:
+    """The round trip of a bare Ray actor call from an asyncio driver, as the Ray backend calls its
+    actors (``ObjectRef.future()``), carrying one request of Linear; beside it the local backend's
+    floor, a socketpair echo between two processes (``warm_path.socket_echo_p50_s``)."""
+    import asyncio
+    import pickle
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ray.init(address=address, namespace="ember-bench", log_to_driver=False, configure_logging=False)
+    try:
+        node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+        actor = (
+            ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"watch": 1})(Echo)
+            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote()
+        )
+        message = [{"x": np.ones((1, 16), dtype=np.float32)}]
+
+        async def trips() -> list[float]:
+            took = []
+            for _ in range(iterations + iterations // 10):  # the first tenth warms up
+                start = time.perf_counter()
+                await asyncio.wrap_future(actor.handle.remote(message).future())
+                took.append(time.perf_counter() - start)
+            return took[iterations // 10 :]
+
+        took: list[float] = c.run_async(trips)
+    finally:
+        ray.shutdown()
+    frame = len(pickle.dumps(message, protocol=5)) + 64
+    return {
+        "ray_actor_call_p50_us": 1e6 * c.percentile(took, 50),
+        "ray_actor_call_p99_us": 1e6 * c.percentile(took, 99),
+        "socketpair_echo_p50_us": 1e6 * warm_path.socket_echo_p50_s(frame, iterations),
+    }
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -297,7 +346,11 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                     client.unload(warm_path.MODEL, tier="cool")
                 samples = measure_cold(args, cluster, servers, clients)
                 load_average.append(c.load_average())
-    return {"warm": warm_rows(cells), "cold": samples, "load_average": load_average}
+        floors: dict[str, float] = {}
+        if args.floor_iterations > 0:
+            with c.step(f"the floors: {args.floor_iterations} bare Ray actor calls, and socketpair echoes"):
+                floors = ray_floor(cluster.address, args.floor_iterations)
+    return {"warm": warm_rows(cells), "cold": samples, "floors": floors, "load_average": load_average}
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -361,6 +414,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             for r in ratios
         ],
     )
+    floors = results["floors"]
+    if floors:
+        print(
+            f"floors, nothing else running: a bare Ray actor call from an asyncio driver "
+            f"{floors['ray_actor_call_p50_us']:.0f} us p50 ({floors['ray_actor_call_p99_us']:.0f} us p99); "
+            f"a socketpair echo between two processes {floors['socketpair_echo_p50_us']:.0f} us p50"
+        )
     if "hop_met" in goals:
         print(
             f"goal: the Ray hop adds <= {HOP_GOAL_MS:g} ms at p50 (c={min(args.concurrency)}): "
@@ -412,6 +472,9 @@ def main() -> None:
     )
     parser.add_argument("--cold-repeats", type=int, default=3, help="Rounds of the three cold starts (0: skip).")
     parser.add_argument("--settle-s", type=float, default=1.5, help="Pause after a demotion, before the request.")
+    parser.add_argument(
+        "--floor-iterations", type=int, default=2000, help="Bare Ray actor calls for the floor (0: skip)."
+    )
     parser.add_argument("--json", type=Path, help="Write the figures here.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ember-cluster-") as scratch:
@@ -425,6 +488,7 @@ def main() -> None:
             "settings": {k: v for k, v in vars(args).items() if k != "json"},
             "warm_rows": results["warm"],
             **summary,
+            "floors": results["floors"],
             "cold_samples": results["cold"],
             "load_average": results["load_average"],
         },
