@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+import pytest
 import tritonclient.http as triton_http
 from tritonclient._plugin import InferenceServerClientPlugin
 
@@ -381,6 +382,23 @@ def embed_binary(triton: triton_http.InferenceServerClient, model: str, texts: l
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@contextlib.contextmanager
+def ray_cluster(nodes: int = 2) -> Iterator[Any]:
+    """Ray's multi-node test cluster on this host: a head without worker CPUs (as on a real cluster,
+    where it runs ``ember serve``) and ``nodes`` nodes of one CPU each. Skips the test without Ray."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    running = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(nodes):
+            running.add_node(num_cpus=1)
+        running.wait_for_nodes()
+        yield running
+    finally:
+        running.shutdown()
 
 
 @contextlib.contextmanager

@@ -1,9 +1,15 @@
-"""Open Inference Protocol v2 against a real server, spoken by ``tritonclient.http`` (and httpx for raw JSON)."""
+"""Open Inference Protocol v2 against a real server, spoken by ``tritonclient.http`` (and httpx for raw JSON).
+
+The tests that take ``backend`` run twice: on the shared server (worker processes of this machine)
+and on a server whose workers are Ray actors (``--cluster``) on Ray's test cluster, one for the
+module (marked ``ray``; skipped without Ray).
+"""
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +17,18 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton_http
-from harness import EXAMPLES, MODELS, Server, cosine, embed_binary, json_output, linear_weights
+from harness import (
+    EXAMPLES,
+    MODELS,
+    BearerAuth,
+    Server,
+    cosine,
+    embed_binary,
+    json_output,
+    linear_weights,
+    ray_cluster,
+    served,
+)
 
 import ember
 
@@ -25,10 +42,52 @@ DATATYPES = ["BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT
 DATATYPES += ["FP16", "FP32", "FP64", "BYTES"]
 
 
+# -- the backends -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A server, a tritonclient for it, and the names MiniLM (SLO 250 ms) and Linear are deployed as."""
+
+    server: Server
+    triton: triton_http.InferenceServerClient
+    minilm: str
+    linear: str
+
+
+@pytest.fixture(scope="module")
+def ray_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """``ember serve --cluster`` on a head and two nodes of one CPU, MiniLM and Linear deployed as the
+    shared server's fixtures deploy them."""
+    home = tmp_path_factory.mktemp("oip-ray") / "home"
+    with ray_cluster(nodes=2) as cluster, served(Server(home, args=("--cluster", cluster.address))) as server:
+        server.deploy_many(
+            {
+                "minilm": (f"{EXAMPLES / 'minilm.py'}:MiniLM", "--slo-ms", "250"),
+                "linear": (f"{EXAMPLES / 'linear.py'}:Linear", "--on-unmeetable", "best-effort"),
+            }
+        )
+        triton = triton_http.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=120.0)
+        triton.register_plugin(BearerAuth(server.key))
+        try:
+            yield Backend(server, triton, "minilm", "linear")
+        finally:
+            triton.close()
+
+
+@pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "ray":
+        ray: Backend = request.getfixturevalue("ray_backend")
+        return ray
+    return Backend(*(request.getfixturevalue(name) for name in ("server", "triton", "minilm", "linear")))
+
+
 # -- server -------------------------------------------------------------------------------------------
 
 
-def test_server_is_live_and_ready_and_describes_itself(triton: triton_http.InferenceServerClient) -> None:
+def test_server_is_live_and_ready_and_describes_itself(backend: Backend) -> None:
+    triton = backend.triton
     assert triton.is_server_live()
     assert triton.is_server_ready()
     metadata = triton.get_server_metadata()
@@ -40,7 +99,8 @@ def test_server_is_live_and_ready_and_describes_itself(triton: triton_http.Infer
 # -- MiniLM -------------------------------------------------------------------------------------------
 
 
-def test_minilm_metadata_and_config(triton: triton_http.InferenceServerClient, server: Server, minilm: str) -> None:
+def test_minilm_metadata_and_config(backend: Backend) -> None:
+    triton, server, minilm = backend.triton, backend.server, backend.minilm
     assert triton.is_model_ready(minilm)
     metadata = triton.get_model_metadata(minilm)
     version = str(server.model(minilm)["version"])
@@ -58,8 +118,8 @@ def test_minilm_metadata_and_config(triton: triton_http.InferenceServerClient, s
     assert float(config["parameters"]["slo_ms"]["string_value"]) == 250.0
 
 
-def test_minilm_embeddings_binary(triton: triton_http.InferenceServerClient, minilm: str) -> None:
-    vectors = embed_binary(triton, minilm, SENTENCES)
+def test_minilm_embeddings_binary(backend: Backend) -> None:
+    vectors = embed_binary(backend.triton, backend.minilm, SENTENCES)
     assert vectors.dtype == np.float32
     assert vectors.shape == (len(SENTENCES), 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
@@ -69,7 +129,8 @@ def test_minilm_embeddings_binary(triton: triton_http.InferenceServerClient, min
     assert cosine(guitar, guitar_too) > cosine(guitar_too, bank)
 
 
-def test_minilm_json_matches_binary(triton: triton_http.InferenceServerClient, server: Server, minilm: str) -> None:
+def test_minilm_json_matches_binary(backend: Backend) -> None:
+    triton, server, minilm = backend.triton, backend.server, backend.minilm
     binary = embed_binary(triton, minilm, SENTENCES)
 
     text = triton_http.InferInput("text", [len(SENTENCES)], "BYTES")
@@ -167,15 +228,15 @@ def infer_linear(triton: triton_http.InferenceServerClient, model: str, x: np.nd
     return y
 
 
-def test_linear_matches_local_computation(triton: triton_http.InferenceServerClient, linear: str) -> None:
+def test_linear_matches_local_computation(backend: Backend) -> None:
     weight, bias = linear_weights()
     x = np.random.default_rng(7).standard_normal((5, 16)).astype(np.float32)
-    np.testing.assert_allclose(infer_linear(triton, linear, x), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    y = infer_linear(backend.triton, backend.linear, x)
+    np.testing.assert_allclose(y, x @ weight.T + bias, rtol=1e-5, atol=1e-5)
 
 
-def test_repository_index_load_and_unload(
-    triton: triton_http.InferenceServerClient, server: Server, linear: str
-) -> None:
+def test_repository_index_load_and_unload(backend: Backend) -> None:
+    triton, server, linear = backend.triton, backend.server, backend.linear
     index = triton.get_model_repository_index()
     deployed = server.get_json("/admin/models")
     assert sorted(m["name"] for m in index) == sorted(m["name"] for m in deployed)

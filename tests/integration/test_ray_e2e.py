@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from harness import EXAMPLES, HTTP_TIMEOUT_S, REPO, Server, served, wait_until
+from harness import EXAMPLES, HTTP_TIMEOUT_S, REPO, Server, ray_cluster, served, wait_until
 
 pytest.importorskip("ray")
 from ray.cluster_utils import Cluster
@@ -30,14 +30,8 @@ MODELS = Path(__file__).parent / "models"
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """A head without worker CPUs and two nodes of one CPU each."""
-    running = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        for _ in range(2):
-            running.add_node(num_cpus=1)
-        running.wait_for_nodes()
+    with ray_cluster(nodes=2) as running:
         yield running
-    finally:
-        running.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import EXAMPLES
+from harness import EXAMPLES, ray_cluster
 
 pytest.importorskip("ray")
 from ray.cluster_utils import Cluster
@@ -30,14 +30,9 @@ X = {"x": np.ones((2, 16), dtype=np.float32)}
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    running = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        for _ in range(2):
-            running.add_node(num_cpus=1)
-        running.wait_for_nodes()
+    """A head without worker CPUs and two nodes of one CPU each."""
+    with ray_cluster(nodes=2) as running:
         yield running
-    finally:
-        running.shutdown()
 
 
 def _hosting(service: EmberService, key: str) -> list[str]:
@@ -98,5 +93,45 @@ def test_weights_travel_node_to_node_checked_and_cold_starts_stay_local(cluster:
             await stores.ensure(third.node_id, key)
             (last,) = [f for f in stores.fetches if f.node == third.node_id]
             assert last.source == other
+
+    asyncio.run(main())
+
+
+def test_a_node_whose_store_cannot_be_written_takes_no_new_models_and_says_why(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """One node's store folder cannot be made (a file stands in its place): its workers get no model,
+    the service's status says why, and once the folder can be made the node takes models again."""
+    home = tmp_path / "home"
+    bad = min(node.node_id for node in cluster.list_all_nodes() if not node.head)
+    (home / "nodes").mkdir(parents=True)
+    blocker = home / "nodes" / bad[:16]
+    blocker.write_text("not a folder")
+
+    def refusing(service: EmberService) -> str | None:
+        (node,) = [n for n in service.status()["workers"]["nodes"] if n["id"] == bad]
+        reason: str | None = node["store"]["refusing"]
+        return reason
+
+    async def main() -> None:
+        options = ServeOptions(home=home, cluster=cluster.address, request_log=False)
+        async with EmberService(options) as service:
+            assert any(w["node"] == bad for w in service.status()["workers"]["workers"]), "no worker on the node"
+            reason = refusing(service)
+            assert reason is not None and "cannot be opened" in reason and str(blocker) in reason, reason
+            source = f"{EXAMPLES / 'linear.py'}:Linear"
+            for name in ("one", "two", "three"):
+                await service.deploy(DeploySpec(source=source, name=name))
+                key = service.deployment(name).key
+                assert _hosting(service, key) and bad not in _hosting(service, key), (name, _hosting(service, key))
+                assert (await service.infer(name, X))["y"].shape == (2, 16)
+
+            blocker.unlink()  # fixed: the backend's poll asks the node again
+            for _ in range(600):
+                if refusing(service) is None:
+                    break
+                await asyncio.sleep(0.1)
+            assert refusing(service) is None, "the node still refuses 60 s after its folder could be made"
+            assert (home / "nodes" / bad[:16] / "models").is_dir()
 
     asyncio.run(main())

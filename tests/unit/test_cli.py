@@ -592,6 +592,28 @@ def test_connection_refused_suggests_ember_serve(serve_with: Callable[[Handler],
     assert "error: cannot reach Ember" in result.output and "ember serve" in result.output
 
 
+def test_status_says_why_a_node_takes_no_new_models(serve_with: Callable[[Handler], None]) -> None:
+    reason = "its store at /srv/ember/nodes/ab12 cannot be written (No space left on device)"
+    node = {"id": "ab12cd34ef56", "address": "10.0.0.7", "alive": True, "workers": ["ab12cd-w0"]}
+    state = {
+        "ready": True,
+        "workers": {
+            "backend": "ray",
+            "nodes": [
+                {**node, "store": {"models": {"warm": ["linear@1"], "cool": []}, "refusing": reason}},
+                {**node, "id": "ff00ee11dd22", "store": {"models": {"warm": [], "cool": []}, "refusing": None}},
+            ],
+        },
+    }
+    serve_with(lambda request: httpx.Response(200, json=state))
+    result = runner.invoke(cli.app, ["status"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("node ")]
+    assert len(lines) == 2, result.output
+    assert "warm: linear@1" in lines[0] and f"takes no new models: {reason}" in lines[0], lines[0]
+    assert "takes no new models" not in lines[1], lines[1]
+
+
 def test_unload_names_the_tier_to_demote_to(serve_with: Callable[[Handler], None]) -> None:
     seen: list[tuple[str, str, dict[str, str]]] = []
 

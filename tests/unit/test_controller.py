@@ -226,3 +226,29 @@ def test_refusing_the_head_of_the_queue_does_not_shorten_the_batch_behind_it(tmp
             assert worker.batches[-1][1] == 2
 
     run_in_virtual_time(main)
+
+
+def test_a_worker_whose_node_store_refuses_takes_no_new_model_but_still_loads_one_it_holds(tmp_path, model_file):
+    """A node whose store is full or unwritable: placement passes its workers over for a model the node
+    lacks (the load would fail there), and still uses them for one the node holds."""
+
+    async def main(clock: VirtualClock) -> None:
+        service, backend = _service(tmp_path, clock, size=2)
+        async with service:
+            full, spare = backend.workers()
+            full.node_tiers, spare.node_tiers = {}, {}
+            full.refusing = "its store at /nodes/a cannot be written (No space left on device)"
+            for name in ("a", "b", "c"):
+                await service.deploy(_spec(model_file, name=name))
+                assert service.deployment(name).key in spare.loaded
+            assert not full.loaded
+
+            # Both nodes refuse now, and only the full one holds "a" (on its disk): that is where it goes.
+            key = service.deployment("a").key
+            await service.unload("a", "cool")
+            spare.refusing = full.refusing
+            full.node_tiers[key] = Tier.COOL
+            await service.infer("a", _x(1.0))
+            assert key in full.loaded and key not in spare.loaded
+
+    run_in_virtual_time(main)

@@ -38,6 +38,11 @@ class WorkerHandle(Protocol):
         is the controller's own store (ask it)."""
         ...
 
+    def refuses(self, key: str) -> str | None:
+        """Why this worker cannot take ``key`` as a new model (its machine's store lacks the weights and
+        cannot be written), or None: placement then passes it over for ``key``."""
+        ...
+
     async def import_model(
         self, model_ref: str, options: dict[str, Any], staging: str, progress: ProgressCallback | None = None
     ) -> dict[str, Any]:

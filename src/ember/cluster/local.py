@@ -136,6 +136,10 @@ class LocalWorker:
         """A local worker loads from the controller's own store."""
         return None
 
+    def refuses(self, key: str) -> None:
+        """The controller's own store refuses at import time, not at placement."""
+        return None
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None

@@ -11,8 +11,11 @@ The copy lands in a staging folder and is committed as an import is: every chunk
 and the weights' and assets' sha256 must equal the source's manifest. A copy that fails either is
 discarded and fetched again from the next source.
 
-A node whose store directory cannot be written (or whose disk filled up during a fetch) says why in
-:meth:`NodeStore.refusing`; the backend stops placing new models there.
+A node whose store directory cannot be opened or written (or whose disk filled up during a fetch)
+says why in :meth:`NodeStore.refusing`; placement then gives it no model it does not already hold,
+and ``ember status`` shows the reason. Asked again, a refusing store looks again (it opens its
+directory, writes a probe file and, after a full disk, checks that the model that did not fit now
+would), so a node whose disk was freed or fixed takes models again without a restart.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -43,30 +47,41 @@ FETCH_AHEAD = 4
 class NodeStore:
     def __init__(self, root: str, warm_budget_bytes: int | None = None) -> None:
         self.root = Path(root)
-        self._store = Store(self.root, warm_budget_bytes=warm_budget_bytes)
+        self._warm_budget_bytes = warm_budget_bytes
+        self._store: Store | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        self._refusing = _probe(self.root)
+        #: After a full disk: the bytes of the copy that did not fit, which must fit before it takes more.
+        self._need_bytes = 0
+        self._refusing = self._open()
 
     def node_id(self) -> str:
         return str(ray.get_runtime_context().get_node_id())
 
     def refusing(self) -> str | None:
-        """Why this node takes no new models (its store cannot be written), or None."""
-        return self._refusing
+        """Why this node takes no new models (its store cannot be opened or written, or its disk is
+        full), or None. A store that refuses looks again first: a freed or fixed disk is noticed."""
+        with self._guard:
+            if self._refusing is not None:
+                self._refusing = self._open()
+                if self._refusing is None:
+                    self._need_bytes = 0
+            return self._refusing
 
     def holdings(self) -> dict[str, str]:
         """Each model key held here -> its tier (``warm`` or ``cool``)."""
+        if self._store is None:
+            return {}
         return {key: self._store.tier(key).value for key in self._store.keys()}  # noqa: SIM118
 
     def manifest(self, key: str) -> dict[str, Any]:
         """The cool copy's manifest (sizes and sha256 of the weights and each asset)."""
-        raw: dict[str, Any] = json.loads((self._store.get(key).path / MANIFEST).read_bytes())
+        raw: dict[str, Any] = json.loads((self._opened().get(key).path / MANIFEST).read_bytes())
         return raw
 
     def read(self, key: str, name: str, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of the cool copy's file ``name`` (``weights.ember`` or ``assets/X``)."""
-        folder = self._store.get(key).path
+        folder = self._opened().get(key).path
         path = (folder / name).resolve()
         if folder.resolve() not in path.parents:
             raise ValueError(f"{name!r} is not a file of model '{key}'")
@@ -79,15 +94,16 @@ class NodeStore:
         gives a sound copy if this node lacks it. Returns the warm weights path, the tier the model was
         in here before, the node it came from (None: it was here) and the seconds the fetch took."""
         with self._lock(key):
-            before = self._store.tier(key)
+            store = self._opened()
+            before = store.tier(key)
             source, fetch_s = None, 0.0
             if before is Tier.COLD:
                 if self._refusing is not None:
                     raise StorageFull(f"node {self.node_id()[:8]} takes no new models: {self._refusing}")
-                source, fetch_s = self._fetch(key, sources)
-            self._store.promote(key)
+                source, fetch_s = self._fetch(store, key, sources)
+            store.promote(key)
             return {
-                "weights_path": str(self._store.weights_path(key)),
+                "weights_path": str(store.weights_path(key)),
                 "from_tier": before.value,
                 "source": source,
                 "fetch_s": fetch_s,
@@ -95,41 +111,61 @@ class NodeStore:
 
     def close(self) -> None:
         """Close the store: the last store open on its root removes its warm copies (host memory)."""
-        self._store.close()
+        if self._store is not None:
+            self._store.close()
 
     def demote(self, key: str) -> None:
-        self._store.demote(key)
+        self._opened().demote(key)
 
     def remove(self, key: str) -> None:
-        if self._store.tier(key) is not Tier.COLD:
-            self._store.remove(key)
+        store = self._opened()
+        if store.tier(key) is not Tier.COLD:
+            store.remove(key)
 
-    def _fetch(self, key: str, sources: list[tuple[str, Any]]) -> tuple[str, float]:
+    def _open(self) -> str | None:
+        """Open the store if it is not open yet, then probe it; None if it takes new models, else why not."""
+        if self._store is None:
+            try:
+                self._store = Store(self.root, warm_budget_bytes=self._warm_budget_bytes)
+            except OSError as exc:
+                return f"its store at {self.root} cannot be opened ({exc.strerror or exc})"
+        return _probe(self.root, self._need_bytes)
+
+    def _opened(self) -> Store:
+        if self._store is None:
+            raise StorageFull(f"node {self.node_id()[:8]} has no store: {self._refusing}")
+        return self._store
+
+    def _fetch(self, store: Store, key: str, sources: list[tuple[str, Any]]) -> tuple[str, float]:
         problems: list[str] = []
         for node, actor in sources:
             started = time.perf_counter()  # clock-ok: measures a real transfer
-            staging = self._store.staging(key)
+            staging = store.staging(key)
+            size = 0
             try:
                 manifest = ray.get(actor.manifest.remote(key))
-                _pull(actor, key, WEIGHTS, int(manifest["bytes"]), staging / WEIGHTS)
+                size = int(manifest["bytes"])
+                _pull(actor, key, WEIGHTS, size, staging / WEIGHTS)
                 (staging / ASSETS).mkdir()
                 for name in manifest["assets"]:  # small files: one read each
                     data = ray.get(actor.read.remote(key, f"{ASSETS}/{name}", 0, -1))
                     (staging / ASSETS / name).write_bytes(data)
-                stored = self._store.commit(key, staging)  # checks every chunk's crc32
+                stored = store.commit(key, staging)  # checks every chunk's crc32
                 mine = self.manifest(key)
                 if stored.sha256 != manifest["sha256"] or mine["assets"] != manifest["assets"]:
-                    self._store.remove(key)
+                    store.remove(key)
                     raise CorruptCheckpoint(f"the copy of '{key}' from node {node[:8]} differs from its manifest")
                 return node, time.perf_counter() - started  # clock-ok
             except OSError as exc:
-                self._store.abort(staging)
+                store.abort(staging)
                 if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
-                    self._refusing = f"its store at {self.root} cannot be written ({exc.strerror})"
+                    with self._guard:
+                        self._need_bytes = size if exc.errno == errno.ENOSPC else 0
+                        self._refusing = f"its store at {self.root} cannot be written ({exc.strerror})"
                     raise StorageFull(f"node {self.node_id()[:8]}: {self._refusing}") from None
                 problems.append(f"{node[:8]}: {exc}")
             except Exception as exc:  # a corrupt copy, a source that died: discard it, try the next
-                self._store.abort(staging)
+                store.abort(staging)
                 _log.warning("fetching %s from node %s failed: %s", key, node[:8], exc)
                 problems.append(f"{node[:8]}: {type(exc).__name__}: {exc}")
         raise CorruptCheckpoint(
@@ -153,14 +189,17 @@ def _pull(actor: Any, key: str, name: str, size: int, target: Path) -> None:
             pending[i] = None  # its bytes are written: let Ray free them
 
 
-def _probe(root: Path) -> str | None:
-    """None if a file can be written under ``root``, else why not."""
+def _probe(root: Path, need_bytes: int = 0) -> str | None:
+    """None if a file can be written under ``root`` and its disk has ``need_bytes`` free, else why not."""
     probe = root / "staging" / ".probe"
     try:
         probe.write_bytes(b"ember")
         probe.unlink()
+        free = shutil.disk_usage(root).free
     except OSError as exc:
         return f"its store at {root} cannot be written ({exc.strerror or exc})"
+    if free < need_bytes:
+        return f"its disk at {root} is full ({free} bytes free; a model of {need_bytes} bytes did not fit)"
     return None
 
 

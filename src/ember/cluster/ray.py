@@ -178,6 +178,15 @@ class RayWorker:
             return None
         return self._stores.tier(self.node_id, key)
 
+    def refuses(self, key: str) -> str | None:
+        """Why this worker's node takes no new model ``key``: its store lacks the weights and cannot be
+        written (see :meth:`NodeStores.refusing`); None otherwise, and always on ``ember serve``'s node."""
+        if self._stores is None or self._stores.is_home(self.node_id):
+            return None
+        if self._stores.tier(self.node_id, key) is not Tier.COLD:
+            return None
+        return self._stores.refusing(self.node_id)
+
     async def load(
         self, key: str, model_ref: str, options: dict[str, Any], weights_path: str, assets: dict[str, bytes]
     ) -> float:
@@ -462,6 +471,8 @@ class RayBackend:
                 self.stores.forget(node_id)
             for node_id in alive - self.stores.nodes():
                 self._background(self.stores.open(node_id))
+            for node_id in self.stores.refusing_nodes() & alive:  # a disk freed or fixed is noticed
+                self._background(self.stores.recheck(node_id))
         now = asyncio.get_running_loop().time()  # clock-ok: back-off of a real start
         for node_id in alive:
             if self._retry_at.get(node_id, 0.0) > now:

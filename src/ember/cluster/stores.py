@@ -5,6 +5,10 @@ The node of ``ember serve`` (the *home* node) shares the service's store: import
 is every fetch's last resort. Any other node's store lives under ``node_root/<node id>`` on that
 node's disk. :meth:`NodeStores.ensure` asks a node's store to make a model warm there, naming as
 sources the nodes that hold it (warm ones first), then the home node.
+
+A node's store that cannot be written, or whose disk filled up during a fetch, *refuses*:
+:meth:`NodeStores.refusing` says why, the node's workers take no model it lacks, and the backend's
+poll asks it again (:meth:`NodeStores.recheck`) until it takes models again.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class NodeStores:
         self._opening: dict[str, asyncio.Future[None]] = {}
         self._held: dict[str, dict[str, Tier]] = {}
         self._refusing: dict[str, str | None] = {}
+        self._rechecking: set[str] = set()
         self.fetches: deque[Fetch] = deque(maxlen=FETCHES_KEPT)
 
     def nodes(self) -> set[str]:
@@ -67,7 +72,28 @@ class NodeStores:
         return self._held.get(node_id, {}).get(key, Tier.COLD)
 
     def refusing(self, node_id: str) -> str | None:
+        """Why the node takes no new models (its store cannot be written), or None."""
         return self._refusing.get(node_id)
+
+    def refusing_nodes(self) -> set[str]:
+        """The nodes whose open store refuses new models."""
+        return {node_id for node_id in self._actors if self._refusing.get(node_id) is not None}
+
+    async def recheck(self, node_id: str) -> None:
+        """Ask a node's store whether it still refuses (its disk may have been freed or fixed)."""
+        actor = self._actors.get(node_id)
+        if actor is None or node_id in self._rechecking:
+            return
+        self._rechecking.add(node_id)
+        try:
+            refusing = await asyncio.wrap_future(actor.refusing.remote().future())
+        except Exception as exc:  # the node is leaving: the poll forgets it
+            _log.warning("could not ask the store of Ray node %s again: %s", node_id[:8], type(exc).__name__)
+            return
+        finally:
+            self._rechecking.discard(node_id)
+        if self._actors.get(node_id) is actor:
+            self._refusing[node_id] = refusing
 
     async def open(self, node_id: str) -> None:
         """Start the node's store actor and learn what it holds."""
@@ -141,6 +167,8 @@ class NodeStores:
             result = await asyncio.wrap_future(actor.ensure.remote(key, sources).future())
         except Exception as exc:
             cause = getattr(exc, "cause", None)
+            if isinstance(cause, StorageFull) and self._actors.get(node_id) is actor:
+                self._refusing[node_id] = cause.message.partition(": ")[2] or cause.message
             if isinstance(cause, EmberError):
                 raise cause from None
             raise WorkerCrashed(f"the store of node {node_id[:8]} failed: {type(exc).__name__}") from None

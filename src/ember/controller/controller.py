@@ -27,7 +27,7 @@ from ember.cluster.base import ClusterBackend, WorkerHandle
 from ember.config import Deployment
 from ember.controller.moves import measure_shares, rebalance, unload_left
 from ember.controller.placing import WORKER_WAIT_S, choose_worker, recycle_for, view_of_worker, wait_for_workers
-from ember.errors import EmberError, ModelNotFound, ModelUnavailable, WorkerCrashed
+from ember.errors import EmberError, ModelNotFound, ModelUnavailable, StorageFull, WorkerCrashed
 from ember.metrics import Metrics
 from ember.policies.autoscaler import Autoscaler, SloAutoscaler
 from ember.policies.eviction import Eviction, ExpectedCostEviction
@@ -440,7 +440,8 @@ class Controller:
         return worker
 
     async def _load_on_a_worker(self, deployment: Deployment, weights: str, assets: dict[str, bytes]) -> WorkerHandle:
-        """Build ``deployment`` on the worker placement chooses (once more on another if that one dies)."""
+        """Build ``deployment`` on the worker placement chooses (once more on another if that one dies,
+        or if its node's store filled up fetching the weights: that node now refuses new models)."""
         for attempt in range(2):
             worker = await choose_worker(self, deployment)
             if worker is None:  # only when told not to wait
@@ -448,7 +449,7 @@ class Controller:
             try:
                 await worker.load(deployment.key, deployment.model_ref, deployment.options, weights, assets)
                 return worker
-            except WorkerCrashed:
+            except (WorkerCrashed, StorageFull):
                 if attempt == 1:
                     raise
         raise AssertionError("unreachable")

@@ -159,8 +159,10 @@ def view_of_worker(c: Controller, worker: WorkerHandle, deployment: Deployment |
         for m in c._models.values()
         if worker in m.workers
     )
-    # Where the weights are, for this worker: its node's store, or else the controller's (shared).
+    # Where the weights are, for this worker: its node's store, or else the controller's (shared). A
+    # worker whose node's store lacks them and cannot be written is not ready for this model.
     held = None if deployment is None else worker.holds(deployment.key)
+    refused = deployment is not None and worker.refuses(deployment.key) is not None
     if held is None and deployment is not None:
         held = Tier.WARM if c._store.tier(deployment.key) is Tier.WARM else None
     name = None if deployment is None else deployment.name
@@ -168,7 +170,7 @@ def view_of_worker(c: Controller, worker: WorkerHandle, deployment: Deployment |
         worker.id,
         worker.device,
         hosted,
-        ready=worker.alive,
+        ready=worker.alive and not refused,
         in_flight=worker.in_flight,
         capacity_bytes=c._device_memory_bytes,
         warm_model=name if held is Tier.WARM else None,

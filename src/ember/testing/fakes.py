@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from ember.api import Arrays, TensorSpec, check_answer
 from ember.clock import Clock, VirtualClock
 from ember.cluster.base import ProgressCallback, WorkerHandle
-from ember.errors import InvalidInput, ModelFailed, WorkerCrashed
+from ember.errors import InvalidInput, ModelFailed, StorageFull, WorkerCrashed
 from ember.generation import FinishReason, GenerateRequest, TokenChunk
 from ember.store import Store, StoredModel, Tier
 from ember.store.format import write_raw
@@ -132,11 +132,16 @@ class FakeWorker:
     cancelled: int = 0
     #: The tiers of the models in its node's store; None: it loads from the controller's own store.
     node_tiers: dict[str, Tier] | None = None
+    #: Why its node's store takes no new models (None: it takes them); models it holds still load.
+    refusing: str | None = None
     _on_lost: Callable[[FakeWorker], None] | None = None
     _crash: asyncio.Event = field(default_factory=asyncio.Event)
 
     def holds(self, key: str) -> Tier | None:
         return None if self.node_tiers is None else self.node_tiers.get(key, Tier.COLD)
+
+    def refuses(self, key: str) -> str | None:
+        return None if self.holds(key) in (Tier.WARM, Tier.COOL) else self.refusing
 
     async def import_model(
         self, model_ref: str, options: dict[str, Any], staging: str, progress: ProgressCallback | None = None
@@ -156,6 +161,9 @@ class FakeWorker:
     async def load(
         self, key: str, model_ref: str, options: dict[str, Any], weights_path: str, assets: dict[str, bytes]
     ) -> float:
+        refused = self.refuses(key)
+        if refused is not None:  # as a node's store that cannot take the weights
+            raise StorageFull(f"worker {self.id} takes no new models: {refused}")
         await self._take(self.profile.load_s)
         if self.load_error is not None:
             raise ModelFailed(self.load_error)
