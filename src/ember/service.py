@@ -36,8 +36,9 @@ from pydantic import ValidationError
 from ember.api import Arrays
 from ember.clock import Clock, WallClock, run_blocking
 from ember.cluster.base import ClusterBackend
+from ember.cluster.channel import storage_full
 from ember.cluster.factory import LOCAL, backend_for
-from ember.cluster.local import WorkerLimits, storage_full
+from ember.cluster.local import WorkerLimits
 from ember.config import (
     Deployment,
     DeploySpec,

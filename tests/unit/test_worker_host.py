@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ember.api import ANSWER_MISMATCH, Batch, ModelAPI, TensorSpec
-from ember.cluster.local import error_from as local_error_from
+from ember.cluster.channel import error_from as local_error_from
 from ember.errors import InvalidInput
 from ember.worker.host import ClassNotFound, ModelHost, resolve_class
 from ember.worker.protocol import Reply

@@ -28,7 +28,8 @@ from typing import Any
 
 from ember.api import Arrays
 from ember.cluster.base import ProgressCallback, WorkerHandle
-from ember.cluster.local import START_TIMEOUT_S, WorkerLimits, error_from
+from ember.cluster.channel import error_from
+from ember.cluster.local import START_TIMEOUT_S, WorkerLimits
 from ember.cluster.stores import NodeStores
 from ember.errors import ClusterUnreachable, InvalidInput, ModelFailed, WorkerCrashed
 from ember.generation import GenerateRequest, TokenChunk

@@ -37,7 +37,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ember.clock import Clock, run_blocking
-from ember.cluster.local import storage_full
+from ember.cluster.channel import storage_full
 from ember.config import DeploySpec, UpdateSpec, validation_message
 from ember.errors import EmberError, Forbidden, InternalError, InvalidInput
 from ember.gateway import auth
