@@ -277,8 +277,9 @@ class Echo:
 
 
 def ray_floor(address: str, iterations: int) -> dict[str, float]:
-    """The round trip of a bare Ray actor call from an asyncio driver, as the Ray backend calls its
-    actors (``ObjectRef.future()``), carrying one request of Linear; beside it the local backend's
+    """The round trip of a bare Ray actor call from an asyncio driver (``ObjectRef.future()``),
+    carrying one request of Linear: the least a hop through Ray calls would cost (the Ray backend
+    sends requests over its own TCP connection to each actor instead); beside it the local backend's
     floor, a socketpair echo between two processes (``warm_path.socket_echo_p50_s``)."""
     import asyncio
     import pickle

@@ -73,6 +73,34 @@ def test_deploy_and_infer_through_oip_and_openai(server: Server) -> None:
     assert hosting, _workers(server)
 
 
+def _in_flight_on(server: Server, key_prefix: str) -> int:
+    return sum(w["in_flight"] for w in _workers(server) if any(m.startswith(key_prefix) for m in w["models"]))
+
+
+def test_a_generative_model_streams_from_a_worker_actor(server: Server) -> None:
+    """The worker actor runs the step loop and streams each step's tokens back over its connection;
+    a client that hangs up mid-stream leaves nothing running there."""
+    server.deploy(EXAMPLES / "byte_bigram.py:ByteBigram", "--name", "bigram", "--option", "step_delay_s=0.002")
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0, timeout=120.0) as client:
+        whole = client.completions.create(model="bigram", prompt="Hello", max_tokens=64, temperature=0)
+        assert whole.choices[0].text == "Hi, Ember!" and whole.choices[0].finish_reason == "stop"
+        stream = client.completions.create(model="bigram", prompt="Hello", max_tokens=64, temperature=0, stream=True)
+        pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
+    assert len([p for p in pieces if p]) > 1, pieces  # streamed, not answered at once
+    assert "".join(pieces) == "Hi, Ember!"
+    assert [w for w in _workers(server) if any(m.startswith("bigram@") for m in w["models"])], _workers(server)
+
+    body = {"model": "bigram", "prompt": "a", "max_tokens": 1_000_000, "stream": True, "ignore_eos": True}
+    with server.http.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = (line for line in r.iter_lines() if line.startswith("data: "))
+        for _ in range(50):
+            assert '"finish_reason":null' in next(events)
+        assert _in_flight_on(server, "bigram@") == 1
+    wait_until(lambda: _in_flight_on(server, "bigram@") == 0, 30.0, "the cut stream's sequence to stop")
+    assert server.model("bigram")["tier"] == "hot"
+
+
 def test_node_removed_under_load_answers_every_request(server: Server, cluster: Cluster) -> None:
     """A node that leaves takes its worker with it; every request sent meanwhile is answered (served,
     or a clear error), none hangs, and the model is served again from the other node."""

@@ -2,14 +2,17 @@
 
 Each node gets one :class:`~ember.cluster.ray_actor.WorkerActor` per GPU, or on nodes without one
 (or with ``device="cpu"``) one per ``cpus_per_worker`` CPUs, up to ``workers_per_node``. An actor is
-pinned to its node, started ahead with torch imported, and runs the same code as a local worker
-process. The backend polls ``ray.nodes()``: a node that joins gets its workers; a node that leaves
-takes its workers with it, and each is reported lost (the controller re-places its models; its
-in-flight batches fail with :class:`~ember.errors.WorkerCrashed`, which the runners retry on another
-worker). An actor that dies on a live node is replaced at the next poll.
+pinned to its node, started ahead with torch imported, and runs the same serve loop as a local
+worker process. Ray places the actors and reports their deaths; requests do not go through Ray: once
+an actor is ready, the backend opens a TCP connection to it (the address and a secret token come in
+the answer of ``ready``) and speaks the local worker's frames over it
+(:class:`~ember.cluster.channel.WorkerChannel`), generative streams included.
 
-Request tensors travel as numpy arrays in the actor call's arguments: Ray pickles them once
-(out-of-band buffers), inline for small batches and through the object store for large ones.
+The backend polls ``ray.nodes()``: a node that joins gets its workers; a node that leaves takes its
+workers with it, and each is reported lost (the controller re-places its models; its in-flight
+batches fail with :class:`~ember.errors.WorkerCrashed`, which the runners retry on another worker).
+A worker whose connection ends is lost too, and its actor exits. An actor that dies on a live node
+is replaced at the next poll.
 """
 
 from __future__ import annotations
@@ -21,20 +24,17 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.api import Arrays
-from ember.cluster.base import ProgressCallback, WorkerHandle
-from ember.cluster.channel import error_from
+from ember.cluster.base import WorkerHandle
+from ember.cluster.channel import WorkerChannel
 from ember.cluster.local import START_TIMEOUT_S, WorkerLimits
 from ember.cluster.stores import NodeStores
-from ember.errors import ClusterUnreachable, InvalidInput, ModelFailed, WorkerCrashed
-from ember.generation import GenerateRequest, TokenChunk
+from ember.errors import ClusterUnreachable, WorkerCrashed
 from ember.policies.tiers import Tier
-from ember.worker.protocol import Batch, Import, Infer, Load, Message, Reply, Unload
 
 __all__ = ["RayBackend", "RayWorker", "connect", "ray_address"]
 
@@ -42,7 +42,8 @@ _log = logging.getLogger(__name__)
 
 #: Seconds between two looks at the cluster's nodes.
 POLL_S = 1.0
-#: How long ``connect`` waits for a TCP connection to the address before calling it unreachable.
+#: How long ``connect`` waits for a TCP connection to the address before calling it unreachable (and a
+#: worker's connection to its actor before calling the start failed).
 CONNECT_TIMEOUT_S = 5.0
 #: A node whose worker failed to start is tried again after this many seconds.
 RETRY_S = 5.0
@@ -117,8 +118,8 @@ def node_slots(resources: dict[str, float], device: str, cpus_per_worker: float,
     return slots
 
 
-class RayWorker:
-    """One worker actor: its calls in flight, and what to do when it dies."""
+class RayWorker(WorkerChannel):
+    """One worker actor, spoken to over a TCP connection to it (see :class:`WorkerChannel`)."""
 
     def __init__(
         self,
@@ -130,47 +131,30 @@ class RayWorker:
         on_lost: Callable[[RayWorker], None],
         stores: NodeStores | None = None,
     ) -> None:
-        self._id = worker_id
+        super().__init__(worker_id, str(info["device"]), limits.batch_timeout_s)
         self._stores = stores
         self.node_id = node_id
         self.actor = actor
         self.pid = int(info["pid"])
-        self._device = str(info["device"])
         self.startup_s = float(info["startup_s"])
-        self._limits = limits
+        self._address = (str(info["host"]), int(info["port"]))
+        self._token = bytes(info["token"])
         self._on_lost = on_lost
-        self._ids = itertools.count(1)
-        #: Replies awaited, by message id (in the order sent: dicts keep it).
-        self._pending: dict[int, asyncio.Future[tuple[Reply, bool]]] = {}
-        self._alive = True
         #: The keys of the models loaded there.
         self.loaded: set[str] = set()
 
-    @property
-    def id(self) -> str:
-        return self._id
-
-    @property
-    def device(self) -> str:
-        return self._device
-
-    @property
-    def alive(self) -> bool:
-        return self._alive
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
-
-    async def import_model(
-        self, model_ref: str, options: dict[str, Any], staging: str, progress: ProgressCallback | None = None
-    ) -> dict[str, Any]:
-        reply = await self._call(Import(next(self._ids), model_ref, options, staging))
-        value: dict[str, Any] = reply.value
-        if progress is not None:  # an actor call streams nothing back: the import is whole or nothing
-            size = int(value.get("bytes", 0))
-            progress(size, size)
-        return value
+    async def connect(self) -> None:
+        """Open the connection to the actor and prove it is the gateway (the actor's token)."""
+        host, port = self._address
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            raise WorkerCrashed(f"cannot connect to worker {self._id} at {host}:{port}: {exc}") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(self._token)
+        self._attach(reader, writer)
 
     def holds(self, key: str) -> Tier | None:
         """The tier of ``key`` in this worker's node store; None on the node of ``ember serve``, whose
@@ -195,112 +179,44 @@ class RayWorker:
         first makes it warm there (fetching it from another node if it lacks it)."""
         if self._stores is not None and not self._stores.is_home(self.node_id):
             weights_path = await self._stores.ensure(self.node_id, key)
-        reply = await self._call(Load(next(self._ids), key, model_ref, options, weights_path, assets, self._device))
+        seconds = await super().load(key, model_ref, options, weights_path, assets)
         self.loaded.add(key)
-        return float(reply.value)
+        return seconds
 
     async def unload(self, key: str) -> None:
         self.loaded.discard(key)
-        await self._call(Unload(next(self._ids), key))
+        await super().unload(key)
 
-    async def infer(self, key: str, requests: list[Arrays]) -> Batch:
-        timeout_s = self._limits.batch_timeout_s
-        try:
-            reply = await self._call(Infer(next(self._ids), key, requests), timeout_s)
-        except TimeoutError:
-            self.kill("a batch ran past the batch timeout")
-            raise ModelFailed(
-                f"model '{key.partition('@')[0]}' ran a batch for over {timeout_s:g} s, the batch timeout; "
-                "its worker was stopped and replaced. Fix the model, or raise `ember serve --batch-timeout-s`"
-            ) from None
-        batch: Batch = reply.value
-        return batch
-
-    async def generate(self, key: str, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
-        """Generative models run on ``ember serve``'s local workers: an actor call answers once, and a
-        token stream needs the worker's step loop beside its socket."""
-        raise InvalidInput(
-            f"model '{key.partition('@')[0]}' is generative; the Ray backend serves one-shot models only: "
-            "serve generative models without --cluster"
-        )
-        yield TokenChunk("")  # pragma: no cover - makes this an async generator
-
-    async def _call(self, message: Message, timeout_s: float | None = None) -> Reply:
-        """Send ``message`` and wait for its reply; with ``timeout_s``, TimeoutError once the actor has
-        spent that long on it (counted from when the messages sent before it are answered)."""
-        if not self._alive:
-            raise WorkerCrashed(f"worker {self._id} is not running")
-        loop = asyncio.get_running_loop()
-        ahead = list(self._pending.values())
-        result: asyncio.Future[tuple[Reply, bool]] = loop.create_future()
-        msg_id = getattr(message, "id", 0)
-        self._pending[msg_id] = result
-        try:
-            sent = asyncio.wrap_future(self.actor.handle.remote(message).future())
-            sent.add_done_callback(lambda done: _settle(result, done))
-            if timeout_s is not None:
-                if ahead:
-                    await asyncio.wait(ahead)
-                reply, over = await asyncio.wait_for(asyncio.shield(result), timeout_s)
-            else:
-                reply, over = await result
-        except WorkerCrashed:
-            raise
-        except Exception as exc:
-            if not _is_ray_error(exc):
-                raise
-            self.died(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            raise WorkerCrashed(f"worker {self._id} on node {self.node_id[:8]} died: {type(exc).__name__}") from None
-        finally:
-            self._pending.pop(msg_id, None)
-        if over:  # past its memory limit after this batch: answered; now replaced
-            self.kill("its peak resident memory passed the worker limit")
-        if not reply.ok:
-            raise error_from(reply)
-        return reply
-
-    def stopping(self) -> None:
-        """The pool is stopping: its death is expected, and reported to no one."""
-        self._alive = False
+    async def stopping(self) -> None:
+        """The pool is stopping: its end is expected, and reported to no one."""
+        await self._close(shutdown=False)
 
     def died(self, reason: str) -> None:
-        """The actor is gone: fail what it owed, and tell the pool (once)."""
-        if not self._alive:
-            return
-        self._alive = False
-        _log.warning("worker %s (pid %d) on node %s was lost: %s", self._id, self.pid, self.node_id[:8], reason)
-        crash = WorkerCrashed(f"worker {self._id} on node {self.node_id[:8]} was lost ({reason}); retry the request")
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(crash)
-        self._on_lost(self)
+        """The actor is gone (its node left, or Ray reports it dead): fail what it owed, and tell the
+        pool (once)."""
+        self._lose(reason)
 
     def kill(self, reason: str) -> None:
         """Stop the actor; it is reported lost as for any death."""
+        self._kill_actor()
+        self._lose(reason)
+
+    def _crash(self, reason: str) -> WorkerCrashed:
+        return WorkerCrashed(f"worker {self._id} on node {self.node_id[:8]} was lost ({reason}); retry the request")
+
+    def _lost(self, reason: str) -> None:
+        _log.warning("worker %s (pid %d) on node %s was lost: %s", self._id, self.pid, self.node_id[:8], reason)
+        self._kill_actor()  # a worker without its connection serves no one: free its slot
+        self._on_lost(self)
+
+    async def _stop_stuck(self) -> None:
+        self.kill("a batch ran past the batch timeout")
+
+    def _kill_actor(self) -> None:
         import ray
 
         with contextlib.suppress(Exception):
             ray.kill(self.actor, no_restart=True)
-        self.died(reason)
-
-
-def _settle(result: asyncio.Future[tuple[Reply, bool]], done: asyncio.Future[Any]) -> None:
-    if result.done():
-        if not done.cancelled():
-            done.exception()  # retrieved: no "never retrieved" warning
-        return
-    if done.cancelled():
-        result.cancel()
-    elif (exc := done.exception()) is not None:
-        result.set_exception(exc)
-    else:
-        result.set_result(done.result())
-
-
-def _is_ray_error(exc: BaseException) -> bool:
-    import ray.exceptions
-
-    return isinstance(exc, ray.exceptions.RayError)
 
 
 class RayBackend:
@@ -376,8 +292,9 @@ class RayBackend:
         for task in list(self._tasks):
             if task not in watching:
                 task.cancel()
-        for worker in list(self._workers.values()):
-            worker.stopping()
+        workers = list(self._workers.values())
+        await asyncio.gather(*(worker.stopping() for worker in workers), return_exceptions=True)
+        for worker in workers:
             with contextlib.suppress(Exception):
                 ray.kill(worker.actor, no_restart=True)
         if self.stores is not None:
@@ -492,6 +409,7 @@ class RayBackend:
 
         n = next(self._seq)
         actor: Any = None
+        worker: RayWorker | None = None
         try:
             actor = WorkerActor.options(
                 num_cpus=slots.num_cpus,
@@ -500,6 +418,8 @@ class RayBackend:
             ).remote(self._device, self._threads, self._preload, self._limits.memory_bytes)
             ready = asyncio.wrap_future(actor.ready.remote().future())
             info = await asyncio.wait_for(ready, START_TIMEOUT_S)
+            worker = RayWorker(f"{node_id[:6]}-w{n}", node_id, actor, info, self._limits, self._lost, self.stores)
+            await worker.connect()
         except Exception as exc:
             if actor is not None:
                 with contextlib.suppress(Exception):
@@ -511,11 +431,11 @@ class RayBackend:
             return
         finally:
             self._starting[node_id] = self._starting.get(node_id, 1) - 1
-        if self._stopping:
+        if self._stopping or not worker.alive:
+            await worker.stopping()
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
             return
-        worker = RayWorker(f"{node_id[:6]}-w{n}", node_id, actor, info, self._limits, self._lost, self.stores)
         self._workers[worker.id] = worker
         self._background(self._watch(worker), _WATCH)
         if self._started:
@@ -523,11 +443,14 @@ class RayBackend:
                 callback(worker)
 
     async def _watch(self, worker: RayWorker) -> None:
-        """Wait on the actor's never-ending ``watch`` call: it raises when the actor dies."""
+        """Wait on the actor's ``watch`` call: it raises when the actor dies, or ends it once the
+        worker's connection has ended."""
         try:
             await asyncio.wrap_future(worker.actor.watch.remote().future())
         except Exception as exc:
             worker.died(f"{type(exc).__name__}")
+        else:
+            worker.died("its actor ended")
 
     def _lost(self, worker: RayWorker) -> None:
         if self._workers.get(worker.id) is not worker:

@@ -1,10 +1,13 @@
-"""The Ray actor that is one Ember worker: the runtime start and the message handling of
-``python -m ember.worker`` (:func:`ember.worker.main.start_runtime`, :func:`ember.worker.main.handle`),
-called through Ray instead of over a socketpair.
+"""The Ray actor that is one Ember worker: the runtime start and the serve loop of ``python -m
+ember.worker`` (:func:`ember.worker.main.start_runtime`, :func:`ember.worker.main.serve`), on a TCP
+connection from the gateway instead of a socketpair.
 
-The actor answers its messages one at a time, in the order they were sent (a threaded actor of
-concurrency 1), as a worker process does. :meth:`WorkerActor.watch` runs in its own concurrency
-group and never returns: its caller learns of the actor's death, idle or not, when it raises.
+Once its runtime is up, the actor listens on its node's address (:mod:`ember.worker.listener`);
+:meth:`WorkerActor.ready` tells the gateway where, and the token to open the connection with. A
+thread takes that one connection and serves frames on it until it ends (the gateway went away, a
+Shutdown, or the worker's memory limit passed after a batch); the actor then exits, and the pool
+starts a fresh one. :meth:`WorkerActor.watch` runs in its own concurrency group: it returns only by
+ending the actor, so its caller learns of the actor's death, idle or not, when it raises.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import ray
 
-from ember.worker.protocol import Infer, Message, Reply
+from ember.worker.listener import accept_one, listen, new_token
 
 __all__ = ["Worker", "WorkerActor"]
 
@@ -31,10 +34,16 @@ class Worker:
 
         self._host = start_runtime(device, threads, preload)
         self._max_memory_bytes = max_memory_bytes
+        self._address = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        self._listener = listen(self._address)
+        self._token = new_token()
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="ember-worker-serve", daemon=True)
+        self._thread.start()
         self._startup_s = time.perf_counter() - started  # clock-ok
-        self._stopped = threading.Event()
 
     def ready(self) -> dict[str, Any]:
+        """Who this worker is, and where the gateway connects to it (``host``, ``port``, ``token``)."""
         import torch
 
         context = ray.get_runtime_context()
@@ -44,21 +53,27 @@ class Worker:
             "torch_version": str(torch.__version__),
             "startup_s": self._startup_s,
             "node_id": context.get_node_id(),
+            "host": self._address,
+            "port": int(self._listener.getsockname()[1]),
+            "token": self._token,
         }
 
-    def handle(self, message: Message) -> tuple[Reply, bool]:
-        """The reply to ``message``, and whether this worker passed its memory limit (after a batch):
-        its handle then stops it once the reply is in, and the pool starts a fresh one."""
-        from ember.worker.main import handle, resident_bytes
+    def _serve(self) -> None:
+        from ember.worker.main import serve
 
-        reply = handle(self._host, message)
-        over = bool(self._max_memory_bytes) and isinstance(message, Infer)
-        return reply, over and resident_bytes() > self._max_memory_bytes
+        try:
+            sock = accept_one(self._listener, self._token)
+            if sock is not None:
+                with sock:
+                    serve(sock, self._host, self._max_memory_bytes)
+        finally:
+            self._ended.set()
 
     @ray.method(concurrency_group="watch")
     def watch(self) -> None:
-        """Block until the actor dies (the caller's reference then raises)."""
-        self._stopped.wait()
+        """Block until the worker's connection ends, then end the actor (the caller's reference raises)."""
+        self._ended.wait()
+        ray.actor.exit_actor()  # type: ignore[no-untyped-call]
 
 
 _ACTOR_OPTIONS: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0, "concurrency_groups": {"watch": 1}}

@@ -1,8 +1,10 @@
 """The messages between the gateway process and a worker process, and how they are framed.
 
 Each frame is a 4-byte little-endian length followed by a pickle (protocol 5) of one message.
-Both ends are Ember's own code on the same machine, over a socketpair the parent created, so pickle
-is safe here; no user input is unpickled (request tensors arrive as numpy arrays built by the codec).
+Both ends are Ember's own code: over a socketpair the parent created (a local worker), or over a TCP
+connection that the worker accepts only after it opens with the worker's secret token, which the
+gateway got through Ray (a Ray actor; :mod:`ember.worker.listener`). So pickle is safe here; no user
+input is unpickled (request tensors arrive as numpy arrays built by the codec).
 Every request message carries an ``id``; the worker answers each with a :class:`Reply` of the same id.
 """
 
